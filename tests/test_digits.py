@@ -202,3 +202,97 @@ def test_latency_is_positive_median() -> None:
     assert ms > 0.0 and model.training
     with pytest.raises(ValueError):
         latency_ms(model, repeats=0)
+
+
+# -- reports -----------------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_accuracy_vs_macs_writes_png_atomically(tmp_path) -> None:
+    from secateurs.demo.report import plot_accuracy_vs_macs
+
+    results = {
+        "l1": [(1.0, 0.99), (0.5, 0.97), (0.25, 0.90)],
+        "random": [(0.25, 0.70), (1.0, 0.99), (0.5, 0.92)],
+    }
+    path = tmp_path / "plots" / "acc_vs_macs.png"
+    written = plot_accuracy_vs_macs(results, path, baseline=0.99)
+    assert written == path
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+    assert data[12:16] == b"IHDR"
+    assert [p.name for p in path.parent.iterdir()] == ["acc_vs_macs.png"]  # no temp left
+    # Overwriting replaces the file in one step.
+    plot_accuracy_vs_macs({"l2": [(1.0, 0.98)]}, path)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert [p.name for p in path.parent.iterdir()] == ["acc_vs_macs.png"]
+
+
+def test_plot_rejects_empty_or_bad_results(tmp_path) -> None:
+    from secateurs.demo.report import plot_accuracy_vs_macs
+
+    with pytest.raises(ValueError, match="at least one criterion"):
+        plot_accuracy_vs_macs({}, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="'l1' has no"):
+        plot_accuracy_vs_macs({"l1": []}, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="finite"):
+        plot_accuracy_vs_macs({"l1": [(0.5, float("nan"))]}, tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_format_table_aligns_columns() -> None:
+    from secateurs.demo.report import format_table
+
+    table = format_table(
+        [["l1_norm", 0.5, 0.98125, 12], ["random", 0.25, 0.7, None], ["bn", 1.0, 1.0, 7]],
+        ["criterion", "macs", "accuracy", "n"],
+    )
+    expected = "\n".join(
+        [
+            "criterion    macs  accuracy   n",
+            "---------  ------  --------  --",
+            "l1_norm    0.5000    0.9812  12",
+            "random     0.2500    0.7000",
+            "bn         1.0000    1.0000   7",
+        ]
+    )
+    assert table == expected
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        format_table([["x"]], ["a", "b"])
+
+
+def test_progress_bar_tty_and_non_tty() -> None:
+    import io
+
+    from secateurs.demo.report import ProgressBar
+
+    class FakeTTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    quiet = io.StringIO()
+    with ProgressBar(5, "x", stream=quiet) as bar:
+        for _ in range(5):
+            bar.update()
+    assert quiet.getvalue() == "" and bar.count == 5  # not a TTY, not forced
+
+    forced = io.StringIO()
+    with ProgressBar(20, "x", stream=forced, force=True) as bar:
+        for _ in range(20):
+            bar.update(postfix="ok")
+    lines = forced.getvalue().splitlines()
+    assert len(lines) == 11 and "\r" not in forced.getvalue()
+    assert lines[-1] == "x [" + "#" * 30 + "] 20/20 ok"
+
+    tty = FakeTTY()
+    with ProgressBar(3, "t", stream=tty, min_interval_s=0.0) as bar:
+        for _ in range(3):
+            bar.update()
+    out = tty.getvalue()
+    assert out.startswith("\r") and out.endswith("3/3\x1b[K\n")
+
+    disabled = FakeTTY()
+    with ProgressBar(3, stream=disabled, enabled=False) as bar:
+        bar.update(3)
+    assert disabled.getvalue() == ""

@@ -1,4 +1,4 @@
-"""The accuracy-retention demo: a small digits CNN, its data, training and evaluation harness."""
+"""The accuracy-retention demo: a small digits CNN, its data, training, evaluation and reports."""
 
 from secateurs.demo.digits import (
     DigitsCNN,
@@ -11,6 +11,7 @@ from secateurs.demo.digits import (
     load_pretrained,
     train,
 )
+from secateurs.demo.report import ProgressBar, format_table, plot_accuracy_vs_macs
 
 __all__ = [
     "DigitsCNN",
@@ -22,4 +23,7 @@ __all__ = [
     "latency_ms",
     "load_pretrained",
     "example_input",
+    "plot_accuracy_vs_macs",
+    "ProgressBar",
+    "format_table",
 ]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from importlib import resources
 from typing import NamedTuple
@@ -26,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from secateurs.demo.report import ProgressBar
 
 __all__ = [
     "DigitsCNN",
@@ -237,16 +238,15 @@ def _fit(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
-    bar = _Progress(steps, desc, enabled=progress)
     model.train()
-    for index in _batches(len(split), batch_size, steps, generator):
-        loss = F.cross_entropy(model(split.x[index]), split.y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.update(f"loss {loss.item():.4f}")
-    bar.close()
+    with ProgressBar(steps, desc, enabled=progress, force=True) as bar:
+        for index in _batches(len(split), batch_size, steps, generator):
+            loss = F.cross_entropy(model(split.x[index]), split.y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(postfix=f"loss {loss.item():.4f}")
     model.eval()
     return model
 
@@ -393,30 +393,3 @@ def load_pretrained() -> DigitsCNN:
     model = DigitsCNN()
     model.load_state_dict(state)
     return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A minimal one-line progress bar on stderr."""
-
-    def __init__(self, total: int, desc: str, enabled: bool, width: int = 30) -> None:
-        self.total, self.desc, self.enabled, self.width = total, desc, enabled, width
-        self.count = 0
-
-    def update(self, postfix: str = "") -> None:
-        self.count += 1
-        if not self.enabled:
-            return
-        filled = self.width * self.count // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r{self.desc} [{bar}] {self.count}/{self.total} {postfix}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
