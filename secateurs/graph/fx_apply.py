@@ -1,0 +1,168 @@
+"""Apply a plan to a torch ``GraphModule`` (in place on the module it is given).
+
+1. Slice every tensor the plan names (parameters keep ``requires_grad``; tied tensors are
+   replaced everywhere they are referenced, so they stay one tensor).
+2. Rewrite constants: module attributes (``in_channels``, ``num_features``, ``normalized_shape``,
+   ``groups``...) and node arguments (view/reshape/expand sizes, split sizes — a ``chunk`` whose
+   pieces became unequal turns into a ``split`` — slice bounds, the sdpa ``scale``).
+3. Recompile the GraphModule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from secateurs.errors import PlanError
+from secateurs.graph.from_fx import _SIGS, call_key
+from secateurs.passes.plan import Plan
+
+__all__ = ["apply_plan_fx", "slice_tensors"]
+
+_SHAPE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand", "broadcast_to"}
+
+
+def slice_tensors(root: nn.Module, removed: dict[str, dict[int, list[int]]]) -> None:
+    """Replace each named tensor by its slice that keeps the non-removed indices."""
+    refs: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for mod in root.modules():
+        for attr, t in mod._parameters.items():
+            if t is not None:
+                refs.setdefault(id(t), []).append((mod, attr, True))
+        for attr, t in mod._buffers.items():
+            if t is not None:
+                refs.setdefault(id(t), []).append((mod, attr, False))
+    named = dict(root.named_parameters(remove_duplicate=False))
+    named.update(root.named_buffers(remove_duplicate=False))
+    for name, dims in removed.items():
+        t = named.get(name)
+        if t is None:
+            raise PlanError(f"plan removes channels of '{name}', which the model does not have; "
+                            "was the plan made for another model?")
+        new = t.detach()
+        for d, idx in sorted(dims.items()):
+            if d >= new.dim() or (idx and max(idx) >= new.shape[d]):
+                raise PlanError(f"plan removes index {max(idx)} of dim {d} of '{name}' with "
+                                f"shape {tuple(t.shape)}; was the plan made for another model?")
+            keep = torch.ones(new.shape[d], dtype=torch.bool)
+            keep[torch.as_tensor(idx, dtype=torch.long)] = False
+            new = new.index_select(d, torch.nonzero(keep).flatten().to(new.device)) \
+                if not new.is_meta else new.narrow(d, 0, int(keep.sum()))
+        for mod, attr, is_param in refs.get(id(t), []):
+            if is_param:
+                mod._parameters[attr] = nn.Parameter(new.clone(), requires_grad=t.requires_grad)
+            else:
+                mod._buffers[attr] = new.clone()
+        if len(refs.get(id(t), [])) > 1:  # keep tied tensors one object
+            first_mod, first_attr, is_param = refs[id(t)][0]
+            shared = (first_mod._parameters if is_param else first_mod._buffers)[first_attr]
+            for mod, attr, p in refs[id(t)][1:]:
+                (mod._parameters if p else mod._buffers)[attr] = shared
+
+
+def _set_arg(node: torch.fx.Node, key: str, name: str, value: Any) -> None:
+    target = node.target
+    if hasattr(target, "_schema"):
+        names = ["input" if a.name == "self" else a.name
+                 for a in target._schema.arguments]  # type: ignore[union-attr]
+    else:
+        names = list(_SIGS.get(key, ()))
+    if name in names and names.index(name) < len(node.args):
+        args = list(node.args)
+        args[names.index(name)] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _rewrite_shape(seq: Any, new: list[int]) -> Any:
+    out = []
+    for i, v in enumerate(seq):
+        out.append(new[i] if isinstance(v, int) and v != -1 and i < len(new) else v)
+    return type(seq)(out) if isinstance(seq, tuple) else out
+
+
+def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str, Any]) -> None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        for attr, value in consts.items():
+            if attr == "normalized_shape" and hasattr(mod, attr):
+                mod.normalized_shape = tuple(value)
+            elif hasattr(mod, attr):
+                setattr(mod, attr, value)
+        return
+    key = call_key(node)
+    if "shape" in consts and key in _SHAPE_ARG_OPS:
+        new = consts["shape"]
+        if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)):
+            node.args = (node.args[0], *_rewrite_shape(list(node.args[1:]), new))
+        else:
+            node.args = (node.args[0], _rewrite_shape(node.args[1], new), *node.args[2:])
+    elif "shape" in consts and key == "unflatten":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        nd = len(consts["shape"])
+        dim = int(dim) % nd
+        sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
+        _set_arg(node, key, "sizes", _rewrite_shape(sizes, consts["shape"][dim:]))
+    elif "sizes" in consts:
+        _apply_split(node, key, consts["sizes"])
+    elif "items" in consts:
+        _apply_index(node, key, consts["items"])
+    if "scale" in consts and key == "scaled_dot_product_attention":
+        node.kwargs = {**node.kwargs, "scale": consts["scale"]}
+    if "groups" in consts and key.startswith("conv"):
+        _set_arg(node, key, "groups", consts["groups"])
+    if "normalized_shape" in consts and key in ("layer_norm", "rms_norm"):
+        _set_arg(node, key, "normalized_shape", list(consts["normalized_shape"]))
+    if "num_groups" in consts and key == "group_norm":
+        _set_arg(node, key, "num_groups", consts["num_groups"])
+
+
+def _apply_split(node: torch.fx.Node, key: str, sizes: list[int]) -> None:
+    x = node.args[0]
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    if key == "chunk" and len(set(sizes)) == 1:
+        return
+    if hasattr(node.target, "_schema"):
+        node.target = torch.ops.aten.split_with_sizes.default
+        node.args, node.kwargs = (x, list(sizes), dim), {}
+    elif node.op == "call_method":
+        node.target = "split"
+        node.args, node.kwargs = (x, list(sizes)), {"dim": dim}
+    else:
+        node.target = torch.split
+        node.args, node.kwargs = (x, list(sizes)), {"dim": dim}
+
+
+def _apply_index(node: torch.fx.Node, key: str, items: list[Any]) -> None:
+    if key == "getitem":
+        node.args = (node.args[0], tuple(items))
+        return
+    dim = next(i for i, it in enumerate(items) if not (isinstance(it, slice) and
+                                                         it == slice(None)) or i == len(items) - 1)
+    it = items[dim]
+    if not isinstance(it, slice):
+        return
+    if key == "narrow":
+        _set_arg(node, key, "start", it.start or 0)
+        _set_arg(node, key, "length", it.stop - (it.start or 0))
+    elif key == "slice":
+        _set_arg(node, key, "start", it.start)
+        _set_arg(node, key, "end", it.stop)
+
+
+def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """Apply ``plan`` to ``gm`` in place and return it."""
+    slice_tensors(gm, plan.removed)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name, consts in plan.constants.items():
+        node = by_name.get(name)
+        if node is None:
+            raise PlanError(f"plan rewrites node '{name}', which the traced model does not have; "
+                            "was the plan made for another model or torch version?")
+        _apply_node(gm, node, consts)
+    gm.recompile()
+    return gm

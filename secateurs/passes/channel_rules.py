@@ -1,0 +1,646 @@
+"""The channel rule table: how every canonical op maps channel positions.
+
+ONE table, ``RULES``, keyed by canonical op name (the vocabulary frontends lower to). An entry
+has a ``propagate`` function, which receives the label vectors of the node's inputs (one
+``np.ndarray`` per dim, see ``labels.py``) and returns those of its outputs, recording
+unifications, pins and lossy marks on the way; and optionally a ``rewrite`` function, which
+computes the constants the node needs after pruning (new reshape sizes, split sizes, group
+counts) from the labels it kept.
+
+Families share helpers: ``_elementwise`` (numpy broadcasting), ``_norm`` (normalisation with
+affine parameters), ``_conv``/``_linear`` (weights with groups), ``_concat``/``_split``/
+``_index`` (offsets and slices fall out of slicing label vectors), ``_reshape`` (dims grouped by
+equal products; a split dim is *factored* so heads and head dims become units), ``_permute``,
+``_matmul`` (contraction), ``_reduce``.
+
+An op with no entry is *blocking*: ``opaque`` pins every dim of every operand, with a reason
+naming the op. Nothing is ever silently treated as elementwise.
+
+Lossiness: removing a position is exact when the removed channel is dead (its slices zeroed) and
+every op on the way maps zero to something the next parameter slice cancels. Ops that normalise
+or reduce over a dim (LayerNorm, softmax, mean, GroupNorm within a group) or are singular at
+zero (division, rsqrt) make removals along that dim lossy; they mark the dim, and the analysis
+reports the group ``lossy``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from secateurs.graph.ir import Node
+from secateurs.passes.labels import LabelSpace
+
+__all__ = ["Rule", "RuleContext", "RULES", "rule_for", "UNARY_OPS", "ELEMENTWISE_OPS"]
+
+Labels = list[np.ndarray]
+
+
+@dataclass
+class RuleContext:
+    """What a rule sees: the node, its inputs' labels and shapes, its outputs' shapes."""
+
+    node: Node
+    ins: list[Labels | None]
+    in_shapes: list[tuple[int, ...] | None]
+    out_shapes: list[tuple[int, ...] | None]
+    space: LabelSpace
+    keep: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return self.node.describe()
+
+    def fresh_dims(self, shape: tuple[int, ...], reason: str) -> Labels:
+        return [self.space.fresh(s, pin=reason) for s in shape]
+
+    def pin_all(self, labels: Labels | None, reason: str) -> None:
+        for vec in labels or []:
+            self.space.pin(vec, reason)
+
+
+Count = Callable[[np.ndarray], int]
+
+
+@dataclass(frozen=True)
+class Rule:
+    propagate: Callable[[RuleContext], list[Labels | None]]
+    rewrite: Callable[[Node, dict[str, Any], Count], dict[str, Any]] | None = None
+
+
+RULES: dict[str, Rule] = {}
+
+
+def _register(*ops: str, rewrite=None):
+    def deco(fn):
+        for op in ops:
+            RULES[op] = Rule(fn, rewrite)
+        return fn
+
+    return deco
+
+
+def rule_for(op: str) -> Rule:
+    return RULES.get(op, RULES["opaque"])
+
+
+# ---------------------------------------------------------------- blocking and sources
+
+
+@_register("opaque")
+def _opaque(ctx: RuleContext) -> list[Labels | None]:
+    reason = f"no channel rule for {ctx.where}"
+    if ctx.node.attrs.get("reason"):
+        reason = f"{ctx.node.attrs['reason']} ({ctx.where})"
+    for labels in ctx.ins:
+        ctx.pin_all(labels, reason)
+    return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
+
+
+@_register("source")
+def _source(ctx: RuleContext) -> list[Labels | None]:
+    """A tensor created inside the graph (arange, zeros, constants): no channel is born."""
+    for labels in ctx.ins:
+        ctx.pin_all(labels, f"consumed by tensor factory {ctx.where}")
+    reason = f"created by {ctx.where}"
+    return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
+
+
+# ---------------------------------------------------------------- elementwise families
+
+UNARY_OPS = (
+    "identity relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardswish "
+    "hardsigmoid hardtanh softplus softsign dropout neg abs pow_scalar sqrt square exp sin cos "
+    "erf clamp cast sign round floor ceil logsigmoid tanhshrink scalar_arith"
+).split()
+SINGULAR_OPS = ("rsqrt", "reciprocal", "log")
+ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "maximum", "minimum", "pow", "where",
+                   "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
+                   "logical_or", "logical_not", "atan2", "fmod", "remainder")
+
+
+@_register(*UNARY_OPS)
+def _unary(ctx: RuleContext) -> list[Labels | None]:
+    return [ctx.ins[0]]
+
+
+@_register(*SINGULAR_OPS)
+def _singular(ctx: RuleContext) -> list[Labels | None]:
+    for vec, size in zip(ctx.ins[0] or [], ctx.in_shapes[0] or ()):
+        if size > 1:
+            ctx.space.mark_lossy(vec, f"{ctx.where} is singular at zero")
+    return [ctx.ins[0]]
+
+
+@_register(*ELEMENTWISE_OPS)
+def _elementwise(ctx: RuleContext) -> list[Labels | None]:
+    """numpy broadcasting: dims aligned from the right; every operand of size > 1 on a dim
+    unifies with the others; size-1 dims broadcast and carry nothing."""
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None
+    operands = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes) if lab is not None]
+    out: Labels = []
+    for d in range(len(out_shape)):
+        back = len(out_shape) - d
+        vecs = [lab[len(shp) - back] for lab, shp in operands
+                if len(shp) >= back and shp[len(shp) - back] == out_shape[d]]
+        if not vecs:
+            out.append(ctx.space.fresh(out_shape[d], pin=f"broadcast in {ctx.where}"))
+            continue
+        for other in vecs[1:]:
+            ctx.space.unify(vecs[0], other)
+        out.append(vecs[0])
+    if ctx.node.op == "div" and len(ctx.ins) > 1 and ctx.ins[1] is not None:
+        for vec, size in zip(ctx.ins[1], ctx.in_shapes[1] or ()):
+            if size > 1:
+                ctx.space.mark_lossy(vec, f"{ctx.where} divides by these channels")
+    return [out]
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _linear_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"in_features": count(keep["in"]), "out_features": count(keep["out"])}
+
+
+@_register("linear", rewrite=_linear_rewrite)
+def _linear(ctx: RuleContext) -> list[Labels | None]:
+    """y = x Wᵀ + b: x[..., in] ~ W[:, in]; y[..., out] = W[out, :] ~ b."""
+    x, w = ctx.ins[0], ctx.ins[1]
+    assert x is not None and w is not None
+    ctx.space.unify(x[-1], w[1])
+    ctx.keep["in"], ctx.keep["out"] = w[1], w[0]
+    if len(ctx.ins) > 2 and ctx.ins[2] is not None:
+        ctx.space.unify(w[0], ctx.ins[2][0])
+    return [x[:-1] + [w[0]]]
+
+
+def _conv_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    out = {"in_channels": count(keep["in"]), "out_channels": count(keep["out"])}
+    out["groups"] = count(keep["groups"]) if "groups" in keep else 1
+    return out
+
+
+@_register("conv", rewrite=_conv_rewrite)
+def _conv(ctx: RuleContext) -> list[Labels | None]:
+    """Conv weight [K, C/g, *k] (transposed: [C, K/g, *k]). With g groups, input channels factor
+    as (group, channel-in-group), output channels as (group, filter-in-group); the group factor
+    is shared, so whole groups are units (depthwise: input channel c couples with its
+    outputs), and channel-in-group positions are removed in every group at once."""
+    x, w = ctx.ins[0], ctx.ins[1]
+    assert x is not None and w is not None
+    g = int(ctx.node.attrs.get("groups", 1))
+    transposed = bool(ctx.node.attrs.get("transposed", False))
+    sp = ctx.space
+    for vec in w[2:]:
+        sp.pin(vec, f"kernel window of {ctx.where}")
+    x_c, w_in, w_out = x[1], (w[0] if transposed else w[1]), (w[1] if transposed else w[0])
+    if g == 1:
+        sp.unify(x_c, w_in)
+        out_c = w_out
+    else:
+        grp, in_group = sp.factor(x_c, [g, len(x_c) // g])
+        ctx.keep["groups"] = grp
+        if transposed:
+            sp.unify(w_in, x_c)
+            out_c = sp.compose(grp, w_out)
+        else:
+            sp.unify(w_in, in_group)
+            grp_w, _ = sp.factor(w_out, [g, len(w_out) // g])
+            sp.unify(grp, grp_w)
+            out_c = w_out
+    if len(ctx.ins) > 2 and ctx.ins[2] is not None:
+        sp.unify(out_c, ctx.ins[2][0])
+    ctx.keep["in"], ctx.keep["out"] = x_c, out_c
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None
+    spatial = [sp.fresh(s, pin=f"spatial dim of {ctx.where}") for s in out_shape[2:]]
+    return [[x[0], out_c] + spatial]
+
+
+def _channel_dim(ctx: RuleContext) -> int:
+    shape = ctx.in_shapes[0] or ()
+    return 1 if len(shape) >= 2 else 0
+
+
+def _features_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"num_features": count(keep["c"])}
+
+
+@_register("batch_norm", "instance_norm", rewrite=_features_rewrite)
+def _batch_norm(ctx: RuleContext) -> list[Labels | None]:
+    """Per-channel affine and statistics: every per-channel tensor follows the channel."""
+    x = ctx.ins[0]
+    assert x is not None
+    c = x[_channel_dim(ctx)]
+    for p in ctx.ins[1:]:
+        if p is not None:
+            ctx.space.unify(c, p[0])
+    ctx.keep["c"] = c
+    return [x]
+
+
+def _layer_norm_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"normalized_shape": [count(v) for v in keep["dims"]]}
+
+
+@_register("layer_norm", "rms_norm", rewrite=_layer_norm_rewrite)
+def _layer_norm(ctx: RuleContext) -> list[Labels | None]:
+    """Normalises over the trailing ``ndim`` dims: their positions are lossy to remove."""
+    x = ctx.ins[0]
+    assert x is not None
+    nd = int(ctx.node.attrs.get("ndim", 1))
+    dims = x[len(x) - nd:]
+    for p in ctx.ins[1:]:
+        if p is None:
+            continue
+        for vec, pv in zip(dims, p):
+            ctx.space.unify(vec, pv)
+    for vec in dims:
+        ctx.space.mark_lossy(vec, f"{ctx.where} normalises over this dim")
+    ctx.keep["dims"] = dims
+    return [x]
+
+
+def _group_norm_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"num_groups": count(keep["groups"]), "num_channels": count(keep["c"])}
+
+
+@_register("group_norm", rewrite=_group_norm_rewrite)
+def _group_norm(ctx: RuleContext) -> list[Labels | None]:
+    """Channels factor as (group, channel-in-group): removing whole groups is exact, removing a
+    channel inside every group changes the group statistics (lossy)."""
+    x = ctx.ins[0]
+    assert x is not None
+    g = int(ctx.node.attrs["num_groups"])
+    c = x[1]
+    grp, within = ctx.space.factor(c, [g, len(c) // g])
+    if len(within) > 1:
+        ctx.space.mark_lossy(within, f"{ctx.where} normalises within each group")
+    for p in ctx.ins[1:]:
+        if p is not None:
+            ctx.space.unify(c, p[0])
+    ctx.keep["groups"], ctx.keep["c"] = grp, c
+    return [x]
+
+
+def _embedding_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"embedding_dim": count(keep["d"])}
+
+
+@_register("embedding", rewrite=_embedding_rewrite)
+def _embedding(ctx: RuleContext) -> list[Labels | None]:
+    idx, w = ctx.ins[0], ctx.ins[1]
+    assert idx is not None and w is not None
+    ctx.space.pin(w[0], f"vocabulary rows of {ctx.where} are addressed by index")
+    ctx.keep["d"] = w[1]
+    return [idx + [w[1]]]
+
+
+# ---------------------------------------------------------------- layout
+
+
+@_register("cat")
+def _concat(ctx: RuleContext) -> list[Labels | None]:
+    """Concatenation: the output dim is the inputs' label vectors end to end (concat offsets
+    fall out); every other dim unifies across inputs."""
+    ins = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes) if lab is not None and shp]
+    nd = len(ctx.out_shapes[0] or ())
+    dim = int(ctx.node.attrs["dim"]) % nd
+    first = ins[0][0]
+    for lab, _ in ins[1:]:
+        for d in range(nd):
+            if d != dim:
+                ctx.space.unify(first[d], lab[d])
+    out = list(first)
+    out[dim] = np.concatenate([lab[dim] for lab, _ in ins])
+    return [out]
+
+
+def _split_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"sizes": [count(v) for v in keep["pieces"]]}
+
+
+@_register("split", rewrite=_split_rewrite)
+def _split(ctx: RuleContext) -> list[Labels | None]:
+    x = ctx.ins[0]
+    assert x is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    outs: list[Labels | None] = []
+    start = 0
+    pieces = []
+    for shape in ctx.out_shapes:
+        if shape is None:
+            outs.append(None)
+            continue
+        piece = x[dim][start:start + shape[dim]]
+        start += shape[dim]
+        pieces.append(piece)
+        lab = list(x)
+        lab[dim] = piece
+        outs.append(lab)
+    ctx.keep["pieces"] = pieces
+    return outs
+
+
+@_register("unbind")
+def _unbind(ctx: RuleContext) -> list[Labels | None]:
+    x = ctx.ins[0]
+    assert x is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    return [x[:dim] + x[dim + 1:] for _ in ctx.out_shapes]
+
+
+def _index_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    items = []
+    for it, vec in keep["items"]:
+        if isinstance(it, slice) and vec is not None:
+            start = None if it.start is None else count(vec[: it.start])
+            stop = None if it.stop is None else count(vec[: it.stop])
+            items.append(slice(start, stop, it.step))
+        else:
+            items.append(it)
+    return {"items": items}
+
+
+@_register("index", rewrite=_index_rewrite)
+def _index(ctx: RuleContext) -> list[Labels | None]:
+    """Basic indexing: ``items`` holds one entry per indexed dim — a ``slice``, an ``int``
+    (drops the dim), ``None`` (new size-1 dim), ``Ellipsis``, or ``"tensor"`` (advanced
+    indexing, which pins the dim it gathers from). Slice bounds are rewritten to count only the
+    surviving positions before them; a constant integer index pins its dim."""
+    x = ctx.ins[0]
+    assert x is not None
+    items = list(ctx.node.attrs["items"])
+    n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(x) - n_real)
+    items += [slice(None)] * (len(x) - sum(1 for it in items if it is not None))
+    out: Labels = []
+    kept: list[tuple[Any, np.ndarray | None]] = []
+    d = 0
+    for it in items:
+        if it is None:
+            out.append(ctx.space.fresh(1, pin=f"new axis in {ctx.where}"))
+            kept.append((it, None))
+            continue
+        vec = x[d]
+        d += 1
+        kept.append((it, vec))
+        if isinstance(it, slice):
+            if it.step not in (None, 1):
+                ctx.space.pin(vec, f"strided slice in {ctx.where}")
+            out.append(vec[it])
+        elif isinstance(it, int):
+            ctx.space.pin(vec, f"constant index into this dim in {ctx.where}")
+        else:
+            out = []
+            break
+    shape = ctx.out_shapes[0]
+    assert shape is not None
+    if len(out) != len(shape) or any(len(v) != s for v, s in zip(out, shape)):
+        for vec in x:
+            ctx.space.pin(vec, f"advanced indexing in {ctx.where}")
+        return [ctx.fresh_dims(shape, f"advanced indexing in {ctx.where}")]
+    ctx.keep["items"] = kept
+    return [out]
+
+
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of source and destination dims with equal products (size-1 dims alone)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        if i >= len(src) or j >= len(dst):
+            raise ValueError(f"cannot reshape {src} to {dst}")
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= src[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= dst[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"shape": [count(v) for v in keep["out"]]}
+
+
+@_register("reshape", rewrite=_reshape_rewrite)
+def _reshape(ctx: RuleContext) -> list[Labels | None]:
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze. Merged dims become the composite of
+    their labels (flatten→linear expansion); a split dim is factored, which makes each factor's
+    positions units (heads and head dims)."""
+    x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
+    assert x is not None and src is not None and dst is not None
+    out: list[np.ndarray | None] = [None] * len(dst)
+    for gi, gj in reshape_groups(tuple(src), tuple(dst)):
+        if not gj:
+            continue
+        if not gi:
+            out[gj[0]] = ctx.space.fresh(1, pin=f"new axis in {ctx.where}")
+            continue
+        flat = ctx.space.compose_all([x[i] for i in gi])
+        if len(gj) == 1:
+            out[gj[0]] = flat
+            continue
+        for j, part in zip(gj, ctx.space.factor(flat, [dst[j] for j in gj])):
+            out[j] = part
+    result = [v for v in out if v is not None]
+    ctx.keep["out"] = result
+    return [result]
+
+
+@_register("permute")
+def _permute(ctx: RuleContext) -> list[Labels | None]:
+    x = ctx.ins[0]
+    assert x is not None
+    return [[x[p] for p in ctx.node.attrs["perm"]]]
+
+
+def _expand_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"shape": [count(v) for v in keep["out"]]}
+
+
+@_register("expand", rewrite=_expand_rewrite)
+def _expand(ctx: RuleContext) -> list[Labels | None]:
+    x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
+    assert x is not None and src is not None and dst is not None
+    lead = len(dst) - len(src)
+    out = []
+    for d, size in enumerate(dst):
+        if d >= lead and src[d - lead] == size:
+            out.append(x[d - lead])
+        else:
+            out.append(ctx.space.fresh(size, pin=f"broadcast by {ctx.where}"))
+    ctx.keep["out"] = out
+    return [out]
+
+
+@_register("repeat")
+def _repeat(ctx: RuleContext) -> list[Labels | None]:
+    """Tiling copies each position; copies share the label, so they go together."""
+    x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
+    assert x is not None and src is not None and dst is not None
+    lead = len(dst) - len(src)
+    out = [ctx.space.fresh(s, pin=f"new dim of {ctx.where}") for s in dst[:lead]]
+    for d in range(len(src)):
+        out.append(np.tile(x[d], dst[lead + d] // max(src[d], 1)))
+    return [out]
+
+
+# ---------------------------------------------------------------- contractions and reductions
+
+
+def _broadcast_batch(ctx: RuleContext, vecs: list[tuple[Labels, tuple[int, ...]]],
+                     out_shape: tuple[int, ...]) -> Labels:
+    out: Labels = []
+    for d in range(len(out_shape)):
+        back = len(out_shape) - d
+        same = [lab[len(lab) - back] for lab, shp in vecs
+                if len(shp) >= back and shp[len(shp) - back] == out_shape[d]]
+        if not same:
+            out.append(ctx.space.fresh(out_shape[d], pin=f"broadcast in {ctx.where}"))
+            continue
+        for other in same[1:]:
+            ctx.space.unify(same[0], other)
+        out.append(same[0])
+    return out
+
+
+@_register("matmul")
+def _matmul(ctx: RuleContext) -> list[Labels | None]:
+    """a[..., n, k] @ b[..., k, m]: the contraction dims unify; batch dims broadcast."""
+    a, b = ctx.ins[0], ctx.ins[1]
+    sa, sb = ctx.in_shapes[0], ctx.in_shapes[1]
+    assert a is not None and b is not None and sa is not None and sb is not None
+    if len(sa) == 1:
+        ctx.space.unify(a[0], b[-2] if len(sb) > 1 else b[0])
+        return [b[:-2] + [b[-1]] if len(sb) > 1 else []]
+    if len(sb) == 1:
+        ctx.space.unify(a[-1], b[0])
+        return [a[:-1]]
+    ctx.space.unify(a[-1], b[-2])
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None
+    batch = _broadcast_batch(ctx, [(a[:-2], sa[:-2]), (b[:-2], sb[:-2])], out_shape[:-2])
+    return [batch + [a[-2], b[-1]]]
+
+
+@_register("outer")
+def _outer(ctx: RuleContext) -> list[Labels | None]:
+    a, b = ctx.ins[0], ctx.ins[1]
+    assert a is not None and b is not None
+    return [[a[0], b[0]]]
+
+
+@_register("reduce")
+def _reduce(ctx: RuleContext) -> list[Labels | None]:
+    """mean/sum/max/var over ``dims``: positions along a reduced dim are lossy to remove."""
+    x, shape = ctx.ins[0], ctx.in_shapes[0]
+    assert x is not None and shape is not None
+    nd = len(x)
+    dims = ctx.node.attrs.get("dims")
+    dims = set(range(nd)) if dims is None else {int(d) % nd for d in dims}
+    keepdim = bool(ctx.node.attrs.get("keepdim", False))
+    kind = ctx.node.attrs.get("kind", "reduce")
+    out: Labels = []
+    for d in range(nd):
+        if d not in dims:
+            out.append(x[d])
+            continue
+        if shape[d] > 1:
+            ctx.space.mark_lossy(x[d], f"{ctx.where} takes the {kind} over this dim")
+        if keepdim:
+            out.append(ctx.space.fresh(1, pin=f"reduced by {ctx.where}"))
+    return [out] + [out for _ in ctx.out_shapes[1:]]
+
+
+@_register("softmax")
+def _softmax(ctx: RuleContext) -> list[Labels | None]:
+    x, shape = ctx.ins[0], ctx.in_shapes[0]
+    assert x is not None and shape is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    if shape[dim] > 1:
+        ctx.space.mark_lossy(x[dim], f"{ctx.where} normalises over this dim")
+    return [x]
+
+
+@_register("pool", "resize")
+def _pool(ctx: RuleContext) -> list[Labels | None]:
+    """Pooling and interpolation act on the trailing ``spatial`` dims; channels pass."""
+    x = ctx.ins[0]
+    out_shape = ctx.out_shapes[0]
+    assert x is not None and out_shape is not None
+    n = int(ctx.node.attrs.get("spatial", 2))
+    reason = f"spatial dim of {ctx.where}"
+    return [x[: len(x) - n] + [ctx.space.fresh(s, pin=reason) for s in out_shape[len(x) - n:]]]
+
+
+def _sdpa_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    e = keep["e"]
+    if node.attrs.get("scale") is not None or count(e) == len(e):
+        return {}
+    return {"scale": 1.0 / math.sqrt(len(e))}
+
+
+@_register("sdpa", rewrite=_sdpa_rewrite)
+def _sdpa(ctx: RuleContext) -> list[Labels | None]:
+    """softmax(q kᵀ · scale) v: q and k contract over head dim E; k and v share the key axis;
+    batch/head dims broadcast. The default scale 1/sqrt(E) is made explicit when E shrinks."""
+    q, k, v = ctx.ins[0], ctx.ins[1], ctx.ins[2]
+    sq, sk, sv = ctx.in_shapes[0], ctx.in_shapes[1], ctx.in_shapes[2]
+    assert q is not None and k is not None and v is not None
+    assert sq is not None and sk is not None and sv is not None
+    ctx.space.unify(q[-1], k[-1])
+    ctx.space.unify(k[-2], v[-2])
+    for extra in ctx.ins[3:]:
+        ctx.pin_all(extra, f"attention mask of {ctx.where}")
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None
+    if sq[:-2] == sk[:-2] == sv[:-2]:
+        batch = _broadcast_batch(ctx, [(q[:-2], sq[:-2]), (k[:-2], sk[:-2]), (v[:-2], sv[:-2])],
+                                 out_shape[:-2])
+    else:
+        for lab in (q, k, v):
+            ctx.pin_all(lab[:-2], f"unequal head counts in {ctx.where}")
+        batch = q[:-2]
+    ctx.keep["e"] = q[-1]
+    return [batch + [q[-2], v[-1]]]
+
+
+@_register("mha")
+def _mha(ctx: RuleContext) -> list[Labels | None]:
+    """nn.MultiheadAttention checks that the query width equals ``embed_dim`` and splits it into
+    heads internally: its channels and heads stay (rewrite it as explicit attention to prune
+    heads)."""
+    reason = (f"{ctx.where} requires query width == embed_dim; its heads and width are "
+              "kept (write attention explicitly to prune them)")
+    for labels in ctx.ins:
+        ctx.pin_all(labels, reason)
+    q = ctx.ins[0]
+    assert q is not None
+    outs: list[Labels | None] = []
+    for shape in ctx.out_shapes:
+        outs.append(None if shape is None else ctx.fresh_dims(shape, reason))
+    return outs

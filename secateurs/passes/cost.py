@@ -1,0 +1,51 @@
+"""Cost model: parameter counts and multiply-accumulates from the channel graph's shapes.
+
+MACs are counted for the ops that dominate inference (conv, linear, matmul, attention);
+elementwise ops and normalisations are ignored, as in the usual FLOP counters. The same
+function counts before and after pruning by taking the shapes as an argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from secateurs.graph.ir import ChannelGraph
+
+__all__ = ["count_macs"]
+
+Shape = tuple[int, ...]
+
+
+def _prod(xs: Shape) -> int:
+    return int(math.prod(xs)) if xs else 1
+
+
+def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int:
+    total = 0
+    for node in graph.nodes:
+        ins = [None if i is None else shape(i) for i in node.inputs]
+        out = shape(node.outputs[0]) if node.outputs else None
+        if out is None:
+            continue
+        if node.op == "conv" and ins[1] is not None:
+            w = ins[1]
+            if node.attrs.get("transposed"):
+                x = ins[0] or ()
+                total += _prod(x) * _prod(w[1:])
+            else:
+                total += _prod(out) * _prod(w[1:])
+        elif node.op == "linear" and ins[1] is not None:
+            total += _prod(out) * ins[1][1]
+        elif node.op == "matmul" and ins[0] is not None:
+            total += _prod(out) * ins[0][-1]
+        elif node.op == "sdpa" and ins[0] is not None and ins[1] is not None:
+            q, k = ins[0], ins[1]
+            total += _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
+        elif node.op == "mha" and ins[0] is not None:
+            q = ins[0]
+            e = q[-1]
+            tokens = _prod(q[:-1])
+            seq = q[1] if len(q) > 2 else q[0]
+            total += tokens * 4 * e * e + 2 * tokens * seq * e
+    return total

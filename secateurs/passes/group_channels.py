@@ -1,0 +1,215 @@
+"""Dependency analysis: channel groups from label propagation.
+
+Walks the channel graph once in topological order, applying each node's channel rule to its
+inputs' label vectors (``channel_rules``), then resolves the recorded unifications with
+union-find (``labels.resolve``). The result is pure, frozen data:
+
+* a **unit** is an atom of the resolution — one output channel of a conv (and everything
+  coupled to it), one attention head, one head dim across all heads;
+* a **channel group** is the set of units born together on one dim (plus everything unified
+  with them); each group lists its **members**: for every parameter dim it touches, which
+  positions belong to which unit;
+* units are **pinned** (with the reason: graph input/output, an op without a rule, a constant
+  index) or **lossy** (normalisation over the dim), per unit.
+
+Graph inputs and outputs are pinned. Parameters are born with fresh, unpinned labels on every
+dim; a parameter dim no rule unifies with anything stays a group of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from secateurs.errors import TraceError
+from secateurs.graph.ir import ChannelGraph
+from secateurs.passes.channel_rules import RuleContext, rule_for
+from secateurs.passes.labels import LabelSpace, Resolution
+
+__all__ = ["Member", "ChannelGroup", "Analysis", "group_channels"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """Positions of one parameter dim that belong to a group: ``positions[i]`` is removed when
+    unit ``units[i]`` of the group is removed."""
+
+    param: str
+    dim: int
+    positions: np.ndarray
+    units: np.ndarray
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    id: int
+    size: int
+    members: tuple[Member, ...]
+    pinned: np.ndarray  # bool per unit
+    lossy: np.ndarray  # bool per unit
+    pin_reasons: tuple[str, ...]
+    lossy_reasons: tuple[str, ...]
+    atoms: np.ndarray  # atom id per unit
+
+    @property
+    def prunable(self) -> int:
+        return int((~self.pinned).sum())
+
+    @property
+    def is_lossy(self) -> bool:
+        return bool(self.lossy.any())
+
+    @property
+    def is_pinned(self) -> bool:
+        return bool(self.pinned.all())
+
+    def params(self) -> list[str]:
+        return sorted({m.param for m in self.members})
+
+    def describe(self) -> str:
+        mem = ", ".join(f"{m.param}[{m.dim}]" for m in self.members[:6])
+        more = f" +{len(self.members) - 6}" if len(self.members) > 6 else ""
+        return f"group {self.id}: {self.size} units over {mem}{more}"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The frozen result of dependency analysis over one channel graph."""
+
+    graph: ChannelGraph
+    groups: tuple[ChannelGroup, ...]
+    resolution: Resolution
+    labels: dict[str, list[np.ndarray]]
+    keep: dict[str, dict[str, Any]]
+    param_values: dict[str, str] = field(default_factory=dict)  # source name -> value name
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+    def removed_atoms(self, removed_units: dict[int, np.ndarray]) -> np.ndarray:
+        removed = np.zeros(len(self.resolution.is_atom), dtype=bool)
+        for gid, units in removed_units.items():
+            removed[self.groups[gid].atoms[np.asarray(units, dtype=np.int64)]] = True
+        return removed
+
+    def alive(self, value: str, dim: int, removed: np.ndarray) -> np.ndarray:
+        return self.resolution.alive(self.labels[value][dim], removed)
+
+    def new_shape(self, value: str, removed: np.ndarray) -> tuple[int, ...]:
+        return tuple(int(self.resolution.alive(v, removed).sum()) for v in self.labels[value])
+
+
+def group_channels(graph: ChannelGraph) -> Analysis:
+    """Propagate labels through ``graph`` and resolve them into channel groups."""
+    space = LabelSpace()
+    labels: dict[str, list[np.ndarray]] = {}
+    for name in graph.inputs:
+        shape = graph.values[name].shape
+        if shape is not None:
+            labels[name] = [space.fresh(s, pin=f"graph input '{name}'") for s in shape]
+    for value in graph.values.values():
+        if value.name in labels or value.shape is None:
+            continue
+        if value.param is not None:
+            labels[value.name] = [space.fresh(s) for s in value.shape]
+        elif value.kind == "constant":
+            labels[value.name] = [space.fresh(s, pin=f"constant '{value.name}'")
+                                  for s in value.shape]
+    keep: dict[str, dict[str, Any]] = {}
+    for node in graph.nodes:
+        ins = []
+        for name in node.inputs:
+            if name is None or graph.values[name].shape is None:
+                ins.append(None)
+                continue
+            if name not in labels:  # produced by something no rule saw: keep it whole
+                shape = graph.values[name].shape or ()
+                labels[name] = [space.fresh(s, pin=f"value '{name}' of unknown origin")
+                                for s in shape]
+            ins.append(labels[name])
+        ctx = RuleContext(
+            node=node,
+            ins=ins,
+            in_shapes=[None if i is None else graph.values[i].shape for i in node.inputs],
+            out_shapes=[graph.values[o].shape for o in node.outputs],
+            space=space,
+        )
+        try:
+            outs = rule_for(node.op).propagate(ctx)
+        except (ValueError, IndexError, KeyError, AssertionError) as exc:
+            raise TraceError(f"channel rule for {node.describe()} failed: {exc!r}") from exc
+        for out_name, lab in zip(node.outputs, outs):
+            if lab is None:
+                continue
+            shape = graph.values[out_name].shape
+            if shape is None or tuple(len(v) for v in lab) != tuple(shape):
+                got = tuple(len(v) for v in lab)
+                raise TraceError(f"channel rule for {node.describe()} produced labels of shape "
+                                 f"{got} for '{out_name}' of shape {shape}")
+            labels[out_name] = lab
+        keep[node.name] = ctx.keep
+    for name in graph.outputs:
+        for vec in labels.get(name, []):
+            space.pin(vec, f"graph output '{name}'")
+    res = space.resolve()
+    groups, param_values = _collect_groups(graph, labels, res)
+    log.debug("analysis: %d labels, %d groups", space.count, len(groups))
+    return Analysis(graph, groups, res, labels, keep, param_values)
+
+
+def _collect_groups(graph: ChannelGraph, labels: dict[str, list[np.ndarray]], res: Resolution):
+    rows_p, rows_d, rows_pos, rows_atom = [], [], [], []
+    param_names: list[str] = []
+    param_values: dict[str, str] = {}
+    for value in graph.params():
+        if value.name not in labels:
+            continue
+        assert value.param is not None
+        param_values[value.param] = value.name
+        pidx = len(param_names)
+        param_names.append(value.param)
+        for d, vec in enumerate(labels[value.name]):
+            mat = res.atoms_of(vec)
+            pos, col = np.nonzero(mat >= 0)
+            rows_p.append(np.full(len(pos), pidx))
+            rows_d.append(np.full(len(pos), d))
+            rows_pos.append(pos)
+            rows_atom.append(mat[pos, col])
+    if not rows_p:
+        return (), param_values
+    p, d = np.concatenate(rows_p), np.concatenate(rows_d)
+    pos, atom = np.concatenate(rows_pos), np.concatenate(rows_atom)
+    gid = res.group[atom]
+    # units: the atoms of each group in creation order
+    touched = np.unique(gid)
+    groups = []
+    order = np.lexsort((pos, d, p, gid))
+    p, d, pos, atom, gid = p[order], d[order], pos[order], atom[order], gid[order]
+    bounds = np.searchsorted(gid, touched)
+    bounds = np.r_[bounds, len(gid)]
+    atom_ids = np.nonzero(res.is_atom)[0]
+    by_group = atom_ids[np.argsort(res.group[atom_ids], kind="stable")]
+    gstart = np.searchsorted(res.group[by_group], np.arange(res.n_groups + 1))
+    unit_index = np.full(len(res.is_atom), -1, dtype=np.int64)
+    unit_index[by_group] = np.arange(len(by_group)) - gstart[res.group[by_group]]
+    for new_id, (g, lo, hi) in enumerate(zip(touched, bounds[:-1], bounds[1:])):
+        atoms = by_group[gstart[g]:gstart[g + 1]]
+        members = []
+        gp, gd, gpos, gatom = p[lo:hi], d[lo:hi], pos[lo:hi], atom[lo:hi]
+        keys = gp * 64 + gd
+        for key in np.unique(keys):
+            sel = keys == key
+            members.append(Member(param_names[int(key) // 64], int(key) % 64, gpos[sel],
+                                  unit_index[gatom[sel]]))
+        pinned = np.array([int(a) in res.pin_reason for a in atoms], dtype=bool)
+        lossy = np.array([int(a) in res.lossy_reason for a in atoms], dtype=bool)
+        pin_reasons = tuple(dict.fromkeys(res.pin_reason[int(a)] for a in atoms[pinned]))
+        lossy_reasons = tuple(dict.fromkeys(res.lossy_reason[int(a)] for a in atoms[lossy]))
+        groups.append(ChannelGroup(new_id, len(atoms), tuple(members), pinned, lossy,
+                                   pin_reasons, lossy_reasons, atoms))
+    return tuple(groups), param_values

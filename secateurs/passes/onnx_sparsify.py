@@ -1,0 +1,175 @@
+"""Magnitude sparsification of ONNX initializer weights along their reduction axis.
+
+Which initializer, which axis (the axis a runtime reduces over, where N:M groups must run):
+
+* ``Conv`` input 1, ``W[K, C/g, *k]``: axis 1 (C); grouped convs (``group > 1``) are skipped;
+* ``Gemm`` input 1: ``transB=1`` stores ``B[N, K]`` → axis 1; ``transB=0`` stores ``B[K, N]`` → axis 0;
+* ``MatMul`` input 1 of rank 2, ``B[K, N]``: axis 0.
+
+An initializer used by several nodes must agree on its axis, else it is skipped with the reason.
+The result is a new ``ModelProto`` (the input is never modified) that passes
+``onnx.checker.check_model(full_check=True)``; files are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from secateurs.errors import InputError
+from secateurs.passes.masks import Pattern, mask_from_scores, parse_pattern
+from secateurs.passes.sparsify import LayerSparsity, SkippedLayer, SparsityReport, is_nm_sparse
+
+__all__ = ["sparsify_onnx", "sparsify_onnx_with_report", "save_onnx_atomic", "onnx_weight_axes"]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return default
+
+
+def onnx_weight_axes(graph: onnx.GraphProto) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+    """Initializer name -> ``(op_type, reduction axis)`` for every eligible weight, and skip reasons."""
+    inits = {init.name: init for init in graph.initializer}
+    axes: dict[str, tuple[str, int]] = {}
+    reasons: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name not in inits:
+            continue
+        rank = len(inits[name].dims)
+        if node.op_type == "Conv":
+            if _attr(node, "group", 1) != 1:
+                reasons[name] = f"Conv '{node.name}' has group={_attr(node, 'group', 1)}: N:M along C does not apply"
+                continue
+            found = ("Conv", 1)
+        elif node.op_type == "Gemm":
+            found = ("Gemm", 1 if _attr(node, "transB", 0) else 0)
+        else:
+            if rank != 2:
+                reasons[name] = f"MatMul '{node.name}' weight has rank {rank}, expected 2"
+                continue
+            found = ("MatMul", 0)
+        if name in axes and axes[name][1] != found[1]:
+            reasons[name] = f"initializer '{name}' is read along different axes by different nodes"
+            continue
+        axes.setdefault(name, found)
+    for name in reasons:
+        axes.pop(name, None)
+    return axes, reasons
+
+
+def _scores_2d(weight: np.ndarray, axis: int) -> torch.Tensor:
+    """Move ``axis`` last and flatten the rest, so N:M groups run along the columns."""
+    moved = np.moveaxis(np.abs(weight.astype(np.float64)), axis, -1)
+    return torch.from_numpy(np.ascontiguousarray(moved.reshape(-1, moved.shape[-1])))
+
+
+def _skip_reason(name: str, op: str, weight: np.ndarray, axis: int, pattern: Pattern, min_numel: int) -> str | None:
+    if weight.size < min_numel:
+        return f"{op} weight '{name}' has {weight.size} weights, below min_numel={min_numel}"
+    if not np.issubdtype(weight.dtype, np.floating):
+        return f"{op} weight '{name}' has dtype {weight.dtype}, not floating point"
+    if pattern.kind == "nm" and weight.shape[axis] % pattern.m:
+        return f"{op} weight '{name}' has {weight.shape[axis]} along its reduction axis {axis}, not a multiple of {pattern.m}"
+    if pattern.kind == "bsr":
+        return f"{op} weight '{name}': block sparsity is not supported for ONNX weights"
+    return None
+
+
+def sparsify_onnx_with_report(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    pattern: str = "2:4",
+    sparsity: float = 0.5,
+    ignore: Sequence[str] = (),
+    min_numel: int = 0,
+    output_path: str | os.PathLike[str] | None = None,
+) -> tuple[onnx.ModelProto, SparsityReport]:
+    """Like :func:`sparsify_onnx`, also returning the per-initializer report."""
+    parsed = parse_pattern(pattern)
+    if parsed.kind != "nm" and not 0.0 <= sparsity < 1.0:
+        raise InputError(f"sparsity={sparsity} is out of range; use 0 <= sparsity < 1")
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+    else:
+        if not Path(model_or_path).is_file():
+            raise InputError(f"ONNX model {model_or_path} does not exist")
+        model = onnx.load(os.fspath(model_or_path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    unknown = [x for x in ignore if x not in inits and x not in {n.name for n in graph.node}]
+    if unknown:
+        raise InputError(f"ignore names {unknown} are neither initializers nor nodes of the model")
+    ignored_inits = set(ignore) | {n.input[1] for n in graph.node if n.name in ignore and len(n.input) > 1}
+
+    axes, reasons = onnx_weight_axes(graph)
+    layers: list[LayerSparsity] = []
+    skipped = [SkippedLayer(name, reason) for name, reason in reasons.items()]
+    for name, (op, axis) in axes.items():
+        if name in ignored_inits:
+            skipped.append(SkippedLayer(name, "ignored by request"))
+            continue
+        weight = numpy_helper.to_array(inits[name])
+        reason = _skip_reason(name, op, weight, axis, parsed, min_numel)
+        if reason:
+            skipped.append(SkippedLayer(name, reason))
+            continue
+        keep2 = mask_from_scores(_scores_2d(weight, axis), parsed, sparsity).numpy()
+        moved_shape = np.moveaxis(weight, axis, -1).shape
+        keep = np.moveaxis(keep2.reshape(moved_shape), -1, axis)
+        sparse = np.where(keep, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
+        inits[name].CopyFrom(numpy_helper.from_array(sparse, name))
+        tensor = torch.from_numpy(np.ascontiguousarray(sparse))
+        valid = is_nm_sparse(tensor, parsed.n, parsed.m, axis) if parsed.kind == "nm" else True
+        layers.append(LayerSparsity(name, op, tuple(weight.shape), int(weight.size), int((~keep).sum()), valid))
+
+    total = sum(int(np.prod(init.dims)) for init in graph.initializer)
+    target = parsed.nm_sparsity if parsed.kind == "nm" else sparsity
+    report = SparsityReport(str(parsed), "magnitude", target, tuple(layers), tuple(skipped), total)
+    if output_path is not None:
+        save_onnx_atomic(model, output_path)
+    return model, report
+
+
+def sparsify_onnx(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    pattern: str = "2:4",
+    sparsity: float = 0.5,
+    ignore: Sequence[str] = (),
+    min_numel: int = 0,
+    output_path: str | os.PathLike[str] | None = None,
+) -> onnx.ModelProto:
+    """Magnitude N:M / unstructured sparsity on Conv/Gemm/MatMul weights; returns a new model.
+
+    ``pattern``: ``"2:4"`` (any ``"N:M"``) or ``"unstructured"`` (with ``sparsity``); ``ignore``:
+    initializer or node names to leave dense; ``output_path``: also write the model atomically.
+    """
+    return sparsify_onnx_with_report(model_or_path, pattern, sparsity, ignore, min_numel, output_path)[0]
+
+
+def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
+    """Check the model (``full_check=True``) and write it via a temp file + ``os.replace``."""
+    onnx.checker.check_model(model, full_check=True)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -1,0 +1,379 @@
+"""Structured pruning of torch models: the pipeline as one flat list of named stages.
+
+    trace -> shapes -> lower -> group_channels -> importance -> select -> plan -> apply -> verify
+
+``prune`` runs them and returns a ``PruneResult``; ``analyze`` stops after grouping;
+``apply_plan`` re-applies a saved plan. A failure names the stage it happened in.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from secateurs.errors import InputError, PlanError, SecateursError
+from secateurs.graph import from_fx
+from secateurs.graph.fx_apply import apply_plan_fx
+from secateurs.passes.cost import count_macs
+from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
+from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
+from secateurs.passes.plan import Plan, build_plan
+
+__all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
+           "GroupRow", "verify_mask_equivalence", "zero_plan_slices"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    id: int
+    members: str
+    units_before: int
+    units_after: int
+    lossy: bool
+    pinned: str
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: tuple[GroupRow, ...]
+    seconds: dict[str, float]
+    tracer: str
+    exact: bool | None = None
+    max_abs_diff: float | None = None
+
+    @property
+    def macs_kept(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_kept(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params_before": self.params_before, "params_after": self.params_after,
+            "macs_before": self.macs_before, "macs_after": self.macs_after,
+            "macs_kept": self.macs_kept, "params_kept": self.params_kept,
+            "seconds": self.seconds, "tracer": self.tracer, "exact": self.exact,
+            "max_abs_diff": self.max_abs_diff,
+            "groups": [row.__dict__ for row in self.groups],
+        }
+
+    def table(self, max_groups: int = 40) -> str:
+        lines = [
+            f"{'':<10}{'before':>16}{'after':>16}{'kept':>8}",
+            f"{'params':<10}{self.params_before:>16,}{self.params_after:>16,}"
+            f"{self.params_kept:>8.1%}",
+            f"{'MACs':<10}{self.macs_before:>16,}{self.macs_after:>16,}{self.macs_kept:>8.1%}",
+            "",
+            f"{'group':>5}  {'units':>11}  {'lossy':<5}  members / pinned because",
+        ]
+        changed = [r for r in self.groups if r.units_after != r.units_before]
+        rest = [r for r in self.groups if r.units_after == r.units_before]
+        for row in (changed + rest)[:max_groups]:
+            note = row.members + (f"  [pinned: {row.pinned}]" if row.pinned else "")
+            lines.append(f"{row.id:>5}  {row.units_before:>5}->{row.units_after:<5}  "
+                         f"{'yes' if row.lossy else 'no':<5}  {note}")
+        if len(self.groups) > max_groups:
+            lines.append(f"  ... {len(self.groups) - max_groups} more groups")
+        timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds.items())
+        lines += ["", f"time: {timing} (traced with {self.tracer})"]
+        if self.exact is not None:
+            lines.append(f"mask-equivalence: {'exact' if self.exact else 'NOT exact'} "
+                         f"(max |diff| {self.max_abs_diff:.3g})")
+        return "\n".join(lines)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: Plan
+    report: PruneReport
+    analysis: Analysis = field(repr=False)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.stage = ""
+
+    def run(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.stage = stage
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        except SecateursError:
+            raise
+        except Exception as exc:
+            done = ", ".join(self.seconds) or "none"
+            raise SecateursError(f"stage '{stage}' failed (stages done: {done}): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
+    """Dependency analysis of ``model`` (not modified; meta-device weights are fine)."""
+    graph, _, _ = from_fx.from_fx(model, example_inputs, copy_model=False)
+    return group_channels(graph)
+
+
+def _check_ratio(name: str, ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise InputError(f"{name} must be in [0, 1), got {ratio!r}")
+
+
+def _ignored_groups(analysis: Analysis, model: nn.Module, ignore: Iterable[Any]) -> set[int]:
+    names: list[str] = []
+    module_names = {id(m): n for n, m in model.named_modules()}
+    for item in ignore:
+        if isinstance(item, nn.Module):
+            if id(item) not in module_names:
+                raise InputError(f"ignore: module {type(item).__name__} is not part of the model")
+            names.append(module_names[id(item)])
+        else:
+            names.append(str(item))
+    params = set(analysis.param_values)
+    known = {n for n, _ in model.named_modules()} | params
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InputError(f"ignore names {unknown} match no module or parameter of the model; "
+                         f"module names look like {sorted(known)[:5]}")
+    out = set()
+    for g in analysis.groups:
+        for p in g.params():
+            if any(p == n or p.startswith(n + ".") or n == "" for n in names):
+                out.add(g.id)
+    return out
+
+
+def _plain(group: ChannelGroup) -> bool:
+    """Units are single channels (not heads): round_to applies to their count."""
+    return all(len(m.units) == len(np.unique(m.units)) for m in group.members)
+
+
+def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: float,
+                 round_to: int | None = None, global_pruning: bool = False,
+                 allow_lossy: bool = False, skip: set[int] | None = None,
+                 ratios: Mapping[int, float] | None = None,
+                 min_units: int = 1) -> dict[int, np.ndarray]:
+    """Choose the units to remove, per group (or ranked globally)."""
+    skip = skip or set()
+    eligible: dict[int, np.ndarray] = {}
+    for g in analysis.groups:
+        if g.id in skip or g.size < 2 or g.id not in scores:
+            continue
+        if g.is_lossy and not allow_lossy:
+            continue
+        ok = ~g.pinned
+        if ok.any():
+            eligible[g.id] = np.nonzero(ok)[0]
+    targets: dict[int, int] = {}
+    if global_pruning:
+        pool = [(float(scores[gid][u]), gid, int(u)) for gid, units in eligible.items()
+                for u in units]
+        pool.sort()
+        budget = int(ratio * sum(analysis.groups[g].size for g in eligible))
+        for _, gid, _ in pool[:budget]:
+            targets[gid] = targets.get(gid, 0) + 1
+    else:
+        for gid in eligible:
+            r = (ratios or {}).get(gid, ratio)
+            targets[gid] = int(math.floor(r * analysis.groups[gid].size))
+    removed: dict[int, np.ndarray] = {}
+    for gid, n_remove in targets.items():
+        g = analysis.groups[gid]
+        keep = g.size - n_remove
+        if round_to and round_to > 1 and _plain(g) and g.size > round_to:
+            keep = min(g.size, max(round_to, int(math.ceil(keep / round_to)) * round_to))
+        keep = max(keep, min_units, int(g.pinned.sum()))
+        n_remove = min(g.size - keep, len(eligible[gid]))
+        if n_remove <= 0:
+            continue
+        units = eligible[gid]
+        order = np.argsort(scores[gid][units], kind="stable")
+        removed[gid] = np.sort(units[order[:n_remove]])
+    return removed
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters())
+    out.update(model.named_buffers())
+    return out
+
+
+def _report(analysis: Analysis, removed: dict[int, np.ndarray], model_before: nn.Module,
+            model_after: nn.Module, seconds: dict[str, float], tracer: str) -> PruneReport:
+    graph = analysis.graph
+    gone = analysis.removed_atoms(removed)
+
+    def before(v: str):
+        return graph.values[v].shape
+
+    def after(v: str):
+        if v in analysis.labels:
+            return analysis.new_shape(v, gone)
+        return graph.values[v].shape
+
+    rows = []
+    for g in analysis.groups:
+        n_rm = len(removed.get(g.id, ()))
+        mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members[:3])
+        if len(g.members) > 3:
+            mem += f" +{len(g.members) - 3}"
+        pinned = "; ".join(g.pin_reasons[:2]) if g.is_pinned else ""
+        rows.append(GroupRow(g.id, mem, g.size, g.size - n_rm, g.is_lossy, pinned))
+    n_before = sum(p.numel() for p in model_before.parameters())
+    n_after = sum(p.numel() for p in model_after.parameters())
+    return PruneReport(n_before, n_after, count_macs(graph, before), count_macs(graph, after),
+                       tuple(rows), dict(seconds), tracer)
+
+
+def zero_plan_slices(model: nn.Module, plan: Plan) -> nn.Module:
+    """A copy of ``model`` with every slice the plan removes set to zero (the contract's
+    reference)."""
+    ref = copy.deepcopy(model)
+    tensors = _tensors(ref)
+    with torch.no_grad():
+        for name, dims in plan.removed.items():
+            t = tensors[name]
+            for d, idx in dims.items():
+                t.index_fill_(d, torch.as_tensor(idx, dtype=torch.long, device=t.device), 0)
+    return ref
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flat_outputs(o)]
+    return []
+
+
+def verify_mask_equivalence(original: nn.Module, pruned: nn.Module, plan: Plan,
+                            example_inputs: Any, rtol: float = 1e-4,
+                            atol: float = 1e-5) -> tuple[bool, float]:
+    """The correctness contract: original with the plan's slices zeroed == pruned model."""
+    args = from_fx._as_tuple(example_inputs)
+    ref = zero_plan_slices(original, plan).eval()
+    with torch.no_grad():
+        expected = _flat_outputs(ref(*args))
+        got = _flat_outputs(pruned.eval()(*args))
+    if len(expected) != len(got):
+        return False, float("inf")
+    worst, ok = 0.0, True
+    for e, g in zip(expected, got):
+        if e.shape != g.shape:
+            return False, float("inf")
+        if e.is_floating_point():
+            diff = (e - g).abs()
+            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
+            ok &= bool(torch.allclose(e, g, rtol=rtol, atol=atol))
+        else:
+            ok &= bool(torch.equal(e, g))
+    return ok, worst
+
+
+def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
+          importance: str | Criterion = "l2", round_to: int | None = None,
+          ignore: Iterable[Any] = (), global_pruning: bool = False, allow_lossy: bool = False,
+          verify: bool = False, inplace: bool = False,
+          ratios: Mapping[str, float] | None = None, reduction: str = "sum",
+          normalization: str = "mean", min_units: int = 1,
+          score_context: ScoreContext | None = None) -> PruneResult:
+    """Remove the least important ``ratio`` of units in every exact channel group.
+
+    ``ratios`` maps module (or parameter) names to their own ratio for the groups they belong
+    to. The caller's model is not modified unless ``inplace=True``.
+    """
+    _check_ratio("ratio", ratio)
+    for name, r in (ratios or {}).items():
+        _check_ratio(f"ratios[{name!r}]", r)
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+    criterion = get_criterion(importance)
+    timer = _Timer()
+    work = model if inplace else timer.run("copy", copy.deepcopy, model)
+    gm, tracer = timer.run("trace", from_fx.trace, work, example_inputs)
+    timer.run("shapes", from_fx.propagate_shapes, gm, example_inputs)
+    graph = timer.run("lower", from_fx.lower_graph_module, gm)
+    analysis = timer.run("group_channels", group_channels, graph)
+    skip = _ignored_groups(analysis, work, ignore)
+    ctx = score_context or ScoreContext(_tensors(gm), reduction=reduction)
+    scores = timer.run("importance", lambda: {
+        g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
+        for g in analysis.groups if g.prunable and g.size > 1})
+    group_ratios = _group_ratios(analysis, ratios or {})
+    removed = timer.run("select", select_units, analysis, scores, ratio, round_to,
+                        global_pruning, allow_lossy, skip, group_ratios, min_units)
+    meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
+            "round_to": round_to, "global_pruning": global_pruning, "allow_lossy": allow_lossy,
+            "tracer": tracer, "torch": torch.__version__}
+    plan = timer.run("plan", build_plan, analysis, removed, meta)
+    before_model = model if not inplace else None
+    n_params_before = sum(p.numel() for p in model.parameters())
+    pruned = timer.run("apply", apply_plan_fx, gm, plan)
+    report = _report(analysis, removed, model if before_model is not None else gm, pruned,
+                     timer.seconds, tracer)
+    if inplace:
+        report = PruneReport(n_params_before, report.params_after, report.macs_before,
+                             report.macs_after, report.groups, report.seconds, tracer)
+    if verify:
+        if inplace:
+            raise InputError("verify=True needs the original model; it cannot be combined with "
+                             "inplace=True")
+        ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
+                             example_inputs)
+        report = PruneReport(report.params_before, report.params_after, report.macs_before,
+                             report.macs_after, report.groups, dict(timer.seconds), tracer,
+                             ok, diff)
+        if not ok:
+            raise SecateursError(f"mask-equivalence check failed (max |diff| {diff:.3g}): the "
+                                 "pruned model differs from the original with the removed "
+                                 "slices zeroed. Please report this model.")
+    log.info("pruned: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
+             100 * report.params_kept)
+    return PruneResult(pruned, plan, report, analysis)
+
+
+def _group_ratios(analysis: Analysis, ratios: Mapping[str, float]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    if not ratios:
+        return out
+    known = set(analysis.param_values)
+    for name in ratios:
+        if not any(p == name or p.startswith(name + ".") for p in known):
+            raise InputError(f"ratios: '{name}' matches no parameter of the model")
+    for g in analysis.groups:
+        for name, r in ratios.items():
+            if any(p == name or p.startswith(name + ".") for p in g.params()):
+                out[g.id] = max(out.get(g.id, 0.0), r)
+    return out
+
+
+def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan,
+               inplace: bool = False) -> nn.Module:
+    """Re-apply a saved plan to (a copy of) the model it was made for."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"expected a secateurs.Plan, got {type(plan).__name__}")
+    work = model if inplace else copy.deepcopy(model)
+    gm, _ = from_fx.trace(work, example_inputs)
+    from_fx.propagate_shapes(gm, example_inputs)
+    return apply_plan_fx(gm, plan)

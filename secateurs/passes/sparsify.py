@@ -1,0 +1,772 @@
+"""Sparsify: rewrite weights to unstructured, N:M or block (BSR) sparsity.
+
+Which weights, along which axis
+    Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` weight is a candidate. Hardware reads
+    N:M groups along the *reduction* axis, so groups of ``M`` run along ``in`` of a Linear
+    weight ``[out, in]`` and along ``C`` of a Conv weight ``[K, C, R, S]`` for each
+    ``(k, r, s)``. Internally a weight is viewed as a 2-D matrix whose columns run along the
+    reduction axis: a Linear weight as is, a Conv weight as its im2col matrix in *channel-last*
+    order, ``W2[k, (r·S + s)·C + c] = W[k, c, r, s]``, so every group of ``M`` consecutive
+    columns is ``M`` consecutive input channels at one kernel position. Calibration inputs are
+    unfolded into the same column order, so ``W2 @ X2ᵀ`` is the layer's output.
+
+Methods
+    ``magnitude`` keeps the largest ``|W|``; ``wanda`` keeps the largest ``|W_ij|·‖X_j‖₂``
+    (see :mod:`secateurs.passes.wanda`); ``sparsegpt`` chooses the mask and updates the kept
+    weights with the OBS update (see :mod:`secateurs.passes.sparsegpt`). Calibrated methods run
+    layer by layer in execution order: each layer's statistics are collected from the model in
+    which every earlier layer is already sparse (a forward pre-hook accumulates the layer's
+    input and stops the forward, so only the model prefix runs).
+
+Layers a pattern cannot serve are skipped with a reason (``Conv 'layer1.conv' has C=3, not a
+multiple of 4``, grouped convs, layers under ``min_numel`` weights) and listed in the report.
+
+Streaming (:func:`sparsify_streaming`) runs the same per-layer procedure one block at a time,
+loading just that block's tensors from ``*.safetensors`` shards (:class:`ShardedCheckpoint`),
+writing the sparse block out and keeping only the activations between blocks in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateurs.errors import InputError
+from secateurs.passes.masks import (
+    Masks,
+    Pattern,
+    mask_from_scores,
+    parse_pattern,
+    save_masks,
+    unstructured_mask,
+)
+from secateurs.passes.sparsegpt import HessianAccumulator, SparseGPTOptions, sparsegpt_prune
+from secateurs.passes.wanda import ColumnNormAccumulator, wanda_mask
+
+__all__ = [
+    "is_nm_sparse",
+    "is_block_sparse",
+    "Sparsify",
+    "sparsify",
+    "SparsifyResult",
+    "SparsityReport",
+    "LayerSparsity",
+    "SkippedLayer",
+    "ShardedCheckpoint",
+    "save_sharded",
+    "sparsify_streaming",
+    "StreamingResult",
+    "weight_to_2d",
+    "weight_from_2d",
+]
+
+log = logging.getLogger(__name__)
+
+Method = Literal["magnitude", "wanda", "sparsegpt"]
+METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# --------------------------------------------------------------------------- pattern checks
+
+
+def is_nm_sparse(weight: torch.Tensor, n: int, m: int, axis: int = 1) -> bool:
+    """True when every group of ``m`` consecutive entries along ``axis`` has at most ``n`` non-zeros.
+
+    Pure: reads ``weight`` only. ``axis`` is the reduction axis (1 for Linear ``[out, in]`` and
+    Conv ``[K, C, R, S]``; 0 for an ONNX MatMul weight ``[K, N]``). A size along ``axis`` that
+    is not a multiple of ``m`` is not N:M sparse.
+    """
+    if weight.dim() == 0 or not 1 <= n < m:
+        return False
+    moved = torch.movedim(weight.detach(), axis, -1)
+    if moved.shape[-1] % m:
+        return False
+    groups = (moved != 0).reshape(-1, moved.shape[-1] // m, m)
+    return bool((groups.sum(-1) <= n).all())
+
+
+def is_block_sparse(weight: torch.Tensor, block: int, min_zero_blocks: float = 0.0) -> bool:
+    """True when a 2-D ``weight`` tiles into ``block×block`` blocks and at least a
+    ``min_zero_blocks`` fraction of those blocks are entirely zero. Pure."""
+    if weight.dim() != 2 or block < 1 or weight.shape[0] % block or weight.shape[1] % block:
+        return False
+    rows, cols = weight.shape
+    nz = (weight.detach() != 0).reshape(rows // block, block, cols // block, block).any(dim=(1, 3))
+    zero_fraction = float((~nz).float().mean())
+    return zero_fraction >= min_zero_blocks - 1e-9
+
+
+# --------------------------------------------------------------------------- layer views
+
+
+def weight_to_2d(weight: torch.Tensor) -> torch.Tensor:
+    """Linear ``[out, in]`` as is; Conv ``[K, C, *k]`` as ``[K, prod(k)·C]`` in channel-last order."""
+    if weight.dim() == 2:
+        return weight
+    perm = (0, *range(2, weight.dim()), 1)
+    return weight.permute(perm).reshape(weight.shape[0], -1)
+
+
+def weight_from_2d(w2: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`weight_to_2d` for a weight of ``shape``."""
+    if len(shape) == 2:
+        return w2.reshape(shape)
+    k, c, *spatial = shape
+    nd = len(shape)
+    return w2.reshape(k, *spatial, c).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
+
+
+def _conv_columns(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Unfold a conv input into rows ``[N·L, prod(k)·C]`` matching :func:`weight_to_2d`."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, stride, dilation = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        padding = module.padding if isinstance(module.padding, str) else (0, *module.padding)
+    else:
+        kernel, stride, dilation, padding = module.kernel_size, module.stride, module.dilation, module.padding
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if isinstance(padding, str):
+        pads: list[int] = []
+        for k, d in zip(reversed(kernel), reversed(dilation)):
+            total = d * (k - 1) if padding == "same" else 0
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+        padding = (0, 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    n, _, length = cols.shape
+    c = x.shape[1]
+    return cols.reshape(n, c, -1, length).permute(0, 3, 2, 1).reshape(n * length, -1)
+
+
+def _layer_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, module.in_features)
+    return _conv_columns(module, x)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One sparsified weight: its shape, the fraction zeroed, and whether the pattern holds."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    numel: int
+    zeros: int
+    valid: bool
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A candidate weight the pattern could not serve, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer outcome of a sparsify run, plus totals over the sparsified weights."""
+
+    pattern: str
+    method: str
+    target_sparsity: float
+    layers: tuple[LayerSparsity, ...]
+    skipped: tuple[SkippedLayer, ...]
+    model_params: int = 0
+
+    @property
+    def total_numel(self) -> int:
+        return sum(layer.numel for layer in self.layers)
+
+    @property
+    def total_zeros(self) -> int:
+        return sum(layer.zeros for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over all sparsified weights."""
+        return self.total_zeros / self.total_numel if self.total_numel else 0.0
+
+    @property
+    def model_sparsity(self) -> float:
+        """Zeros introduced over all the model's parameters."""
+        return self.total_zeros / self.model_params if self.model_params else 0.0
+
+    @property
+    def all_valid(self) -> bool:
+        return all(layer.valid for layer in self.layers)
+
+    def table(self) -> str:
+        """A fixed-width text table: one line per layer, the skipped layers, and totals."""
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [
+            f"sparsify pattern={self.pattern} method={self.method}",
+            f"{'layer':<{width}}  {'type':<7} {'shape':<20} {'sparsity':>8}  pattern",
+        ]
+        for layer in self.layers:
+            shape = "x".join(str(d) for d in layer.shape)
+            ok = "ok" if layer.valid else "VIOLATED"
+            lines.append(f"{layer.name:<{width}}  {layer.kind:<7} {shape:<20} {layer.sparsity:>8.1%}  {ok}")
+        for skip in self.skipped:
+            lines.append(f"{skip.name:<{width}}  skipped: {skip.reason}")
+        lines.append(
+            f"total: {len(self.layers)} layers sparsified, {len(self.skipped)} skipped; "
+            f"{self.total_zeros}/{self.total_numel} weights zero ({self.sparsity:.1%}); "
+            f"{self.model_sparsity:.1%} of all {self.model_params} parameters"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "pattern": self.pattern,
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+            "layers": [
+                {"name": x.name, "kind": x.kind, "shape": list(x.shape), "numel": x.numel,
+                 "zeros": x.zeros, "sparsity": x.sparsity, "valid": x.valid}
+                for x in self.layers
+            ],
+            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
+            "total_numel": self.total_numel,
+            "total_zeros": self.total_zeros,
+            "sparsity": self.sparsity,
+            "model_params": self.model_params,
+            "model_sparsity": self.model_sparsity,
+        }
+
+
+@dataclass(frozen=True)
+class SparsifyResult:
+    """The sparse model, its keep-masks (``param_name -> bool``) and the report."""
+
+    model: nn.Module
+    masks: Masks
+    report: SparsityReport
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class _StopForward(Exception):
+    """Raised by a pre-hook once the layer being calibrated has seen its input."""
+
+
+def _call(model: nn.Module, sample: Any) -> Any:
+    if isinstance(sample, Mapping):
+        return model(**sample)
+    if isinstance(sample, (tuple, list)):
+        return model(*sample)
+    return model(sample)
+
+
+def _materialise(calibration: Iterable[Any] | torch.Tensor | None) -> list[Any]:
+    if calibration is None:
+        return []
+    if isinstance(calibration, torch.Tensor):
+        return [calibration]
+    return list(calibration)
+
+
+def _execution_order(model: nn.Module, layers: Mapping[str, nn.Module], sample: Any) -> dict[str, int]:
+    """Layer name -> number of calls in one forward, in first-call order."""
+    calls: dict[str, int] = {}
+    handles = [
+        mod.register_forward_pre_hook(lambda _m, _a, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for name, mod in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            _call(model, sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _collect(
+    model: nn.Module, module: nn.Module, samples: Sequence[Any], acc: Any, stop: bool
+) -> None:
+    """Run the model prefix over ``samples``, feeding ``module``'s input columns to ``acc``."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        acc.add(_layer_columns(mod, args[0].detach()).float())
+        if stop:
+            raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                try:
+                    _call(model, sample)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _kind(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _skip_reason(name: str, module: nn.Module, pattern: Pattern, method: str, min_numel: int) -> str | None:
+    kind = _kind(module)
+    weight = module.weight
+    if isinstance(module, nn.Conv3d):
+        return f"Conv3d '{name}' is not supported"
+    if weight.numel() < min_numel:
+        return f"{kind} '{name}' has {weight.numel()} weights, below min_numel={min_numel}"
+    is_conv = not isinstance(module, nn.Linear)
+    if is_conv and module.groups != 1 and (pattern.kind != "unstructured" or method != "magnitude"):
+        return f"Conv '{name}' has groups={module.groups} (grouped/depthwise): {pattern} along C does not apply"
+    if pattern.kind == "nm":
+        size = weight.shape[1]
+        if size % pattern.m:
+            dim = "C" if is_conv else "in_features"
+            return f"{'Conv' if is_conv else 'Linear'} '{name}' has {dim}={size}, not a multiple of {pattern.m}"
+    if pattern.kind == "bsr":
+        if is_conv:
+            return f"Conv '{name}': block sparsity applies to Linear layers only"
+        b = pattern.block
+        if weight.shape[0] % b or weight.shape[1] % b:
+            return f"Linear '{name}' has shape {tuple(weight.shape)}, not divisible into {b}x{b} blocks"
+    return None
+
+
+def _resolve_ignore(model: nn.Module, ignore: Sequence[str]) -> set[str]:
+    modules = {name for name, _ in model.named_modules()}
+    params = {name for name, _ in model.named_parameters()}
+    unknown = [x for x in ignore if x not in modules and x not in params]
+    if unknown:
+        known = sorted(n for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES))[:8]
+        raise InputError(
+            f"ignore names {unknown} not found in the model; give module or parameter names, e.g. {known}"
+        )
+    return set(ignore)
+
+
+def _param_name(prefix: str, module_name: str) -> str:
+    return f"{prefix}{module_name}.weight" if module_name else f"{prefix}weight"
+
+
+def _ignored(name: str, ignore: set[str]) -> bool:
+    return any(name == x or name.startswith(x + ".") or f"{name}.weight" == x for x in ignore)
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """The sparsify pass; fields are its options.
+
+    ``pattern``: ``"2:4"`` (any ``"N:M"``), ``"unstructured"`` or ``"bsr"``; ``sparsity``: the
+    target for unstructured/bsr (N:M implies ``1 - N/M``); ``method``: ``magnitude``, ``wanda``
+    or ``sparsegpt``; ``ignore``: module or parameter names to leave dense (a module name covers
+    its submodules); ``block_size``: BSR block; ``global_``: one magnitude threshold over all
+    layers (unstructured only); ``min_numel``: skip weights smaller than this; ``sequential``:
+    calibrate each layer on the already-sparse prefix (``False``: one pass on the dense model);
+    ``percdamp``/``obs_blocksize``: SparseGPT dampening and column block.
+    """
+
+    pattern: str | Pattern = "2:4"
+    sparsity: float = 0.5
+    method: str = "magnitude"
+    ignore: tuple[str, ...] = ()
+    block_size: int = 16
+    global_: bool = False
+    min_numel: int = 0
+    sequential: bool = True
+    percdamp: float = 0.01
+    obs_blocksize: int = 128
+
+    def parsed(self) -> Pattern:
+        """Validate the options; returns the parsed pattern."""
+        pattern = parse_pattern(self.pattern, self.block_size)
+        if self.method not in METHODS:
+            raise InputError(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if pattern.kind != "nm" and not 0.0 <= self.sparsity < 1.0:
+            raise InputError(f"sparsity={self.sparsity} is out of range; use 0 <= sparsity < 1")
+        if self.global_ and (self.method != "magnitude" or pattern.kind != "unstructured"):
+            raise InputError("global_=True needs pattern='unstructured' and method='magnitude'")
+        if not self.percdamp > 0:
+            raise InputError(f"percdamp={self.percdamp} must be positive")
+        return pattern
+
+    @property
+    def target_sparsity(self) -> float:
+        pattern = parse_pattern(self.pattern, self.block_size)
+        return pattern.nm_sparsity if pattern.kind == "nm" else self.sparsity
+
+    def __call__(
+        self, model: nn.Module, calibration: Iterable[Any] | torch.Tensor | None = None, inplace: bool = False
+    ) -> SparsifyResult:
+        pattern = self.parsed()
+        samples = _materialise(calibration)
+        if self.method != "magnitude" and not samples:
+            raise InputError(f"method={self.method!r} needs calibration=<iterable of model inputs>")
+        ignore = _resolve_ignore(model, self.ignore)
+        work = model if inplace else copy.deepcopy(model)
+        masks, layers, skipped = self._run(work, samples, pattern, ignore, prefix="")
+        report = SparsityReport(
+            pattern=str(pattern), method=self.method, target_sparsity=self.target_sparsity,
+            layers=tuple(layers), skipped=tuple(skipped),
+            model_params=sum(p.numel() for p in work.parameters()),
+        )
+        return SparsifyResult(work, masks, report)
+
+    # -- the per-model procedure, shared by in-memory and streaming runs
+
+    def _run(
+        self, model: nn.Module, samples: Sequence[Any], pattern: Pattern, ignore: set[str], prefix: str
+    ) -> tuple[Masks, list[LayerSparsity], list[SkippedLayer]]:
+        candidates: dict[str, nn.Module] = {}
+        skipped: list[SkippedLayer] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, _LAYER_TYPES):
+                continue
+            full = (prefix + name).rstrip(".")
+            pname = _param_name(prefix, name)
+            if _ignored(full, ignore):
+                skipped.append(SkippedLayer(pname, "ignored by request"))
+                continue
+            reason = _skip_reason(full or "(root)", module, pattern, self.method, self.min_numel)
+            if reason:
+                skipped.append(SkippedLayer(pname, reason))
+                continue
+            candidates[name] = module
+
+        calls: dict[str, int] = {}
+        order = list(candidates)
+        was_training = model.training
+        if self.method != "magnitude":
+            model.eval()
+            calls = _execution_order(model, candidates, samples[0])
+            for name in order:
+                if name not in calls:
+                    skipped.append(SkippedLayer(_param_name(prefix, name), "not executed on the calibration inputs"))
+            order = list(calls)
+        global_masks = self._global_masks(candidates) if self.global_ else {}
+
+        masks: Masks = {}
+        layers: list[LayerSparsity] = []
+        stats: dict[str, Any] = {}
+        if self.method != "magnitude" and not self.sequential:
+            for name in order:
+                stats[name] = self._stats(model, candidates[name], samples, stop=False)
+        for name in order:
+            module = candidates[name]
+            if self.method != "magnitude" and name not in stats:
+                stats[name] = self._stats(model, module, samples, stop=calls[name] == 1)
+            keep = self._sparsify_layer(module, pattern, global_masks.get(name), stats.pop(name, None))
+            masks[_param_name(prefix, name)] = keep
+            layers.append(self._layer_report(_param_name(prefix, name), module, keep, pattern))
+            log.debug("sparsified %s%s: %.1f%% zeros", prefix, name, 100 * layers[-1].sparsity)
+        model.train(was_training)
+        return masks, layers, skipped
+
+    def _stats(self, model: nn.Module, module: nn.Module, samples: Sequence[Any], stop: bool) -> Any:
+        cols = weight_to_2d(module.weight).shape[1]
+        acc = ColumnNormAccumulator(cols) if self.method == "wanda" else HessianAccumulator(cols)
+        _collect(model, module, samples, acc, stop)
+        return acc
+
+    def _global_masks(self, candidates: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+        names = list(candidates)
+        flat = [candidates[n].weight.detach().abs().float().reshape(1, -1) for n in names]
+        if not flat:
+            return {}
+        keep = unstructured_mask(torch.cat(flat, dim=1), self.sparsity).reshape(-1)
+        out: dict[str, torch.Tensor] = {}
+        start = 0
+        for name, scores in zip(names, flat):
+            size = scores.numel()
+            out[name] = weight_to_2d(keep[start : start + size].reshape(candidates[name].weight.shape))
+            start += size
+        return out
+
+    @torch.no_grad()
+    def _sparsify_layer(
+        self, module: nn.Module, pattern: Pattern, global_keep: torch.Tensor | None, stats: Any
+    ) -> torch.Tensor:
+        weight = module.weight
+        w2 = weight_to_2d(weight.detach()).float()
+        if global_keep is not None:
+            keep2 = global_keep
+            new2 = w2 * keep2
+        elif self.method == "magnitude":
+            keep2 = mask_from_scores(w2.abs(), pattern, self.sparsity)
+            new2 = w2 * keep2
+        elif self.method == "wanda":
+            keep2 = wanda_mask(w2, stats.norm_sq(), pattern, self.sparsity)
+            new2 = w2 * keep2
+        else:
+            opts = SparseGPTOptions(percdamp=self.percdamp, blocksize=self.obs_blocksize)
+            new2, keep2 = sparsegpt_prune(w2, stats.hessian(), pattern, self.sparsity, opts)
+        shape = tuple(weight.shape)
+        weight.copy_(weight_from_2d(new2, shape).to(weight.dtype))
+        return weight_from_2d(keep2.to(torch.bool), shape).cpu()
+
+    @staticmethod
+    def _layer_report(name: str, module: nn.Module, keep: torch.Tensor, pattern: Pattern) -> LayerSparsity:
+        weight = module.weight.detach().cpu()
+        zeros_where_masked = bool((weight[~keep] == 0).all())
+        if pattern.kind == "nm":
+            valid = is_nm_sparse(weight, pattern.n, pattern.m, axis=1)
+        elif pattern.kind == "bsr":
+            b = pattern.block
+            keep_tiles = keep.reshape(keep.shape[0] // b, b, keep.shape[1] // b, b).any(dim=(1, 3))
+            tile_constant = bool((keep == keep_tiles.repeat_interleave(b, 0).repeat_interleave(b, 1)).all())
+            valid = tile_constant and is_block_sparse(weight, b, float((~keep_tiles).float().mean()))
+        else:
+            valid = True
+        return LayerSparsity(
+            name=name, kind=_kind(module), shape=tuple(weight.shape), numel=weight.numel(),
+            zeros=int((~keep).sum()), valid=valid and zeros_where_masked,
+        )
+
+
+def sparsify(
+    model: nn.Module,
+    pattern: str = "2:4",
+    sparsity: float = 0.5,
+    method: str = "magnitude",
+    calibration: Iterable[Any] | torch.Tensor | None = None,
+    ignore: Sequence[str] = (),
+    block_size: int = 16,
+    global_: bool = False,
+    inplace: bool = False,
+    min_numel: int = 0,
+    sequential: bool = True,
+    percdamp: float = 0.01,
+    obs_blocksize: int = 128,
+) -> SparsifyResult:
+    """Sparsify ``model``'s Linear/Conv weights; see :class:`Sparsify` for the options.
+
+    ``calibration`` is an iterable of model inputs (a tensor, a tuple of positional args, or a
+    dict of keyword args per item) and is required by ``wanda`` and ``sparsegpt``. The caller's
+    model is deep-copied unless ``inplace=True``.
+    """
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    options = Sparsify(
+        pattern=pattern, sparsity=sparsity, method=method, ignore=tuple(ignore), block_size=block_size,
+        global_=global_, min_numel=min_numel, sequential=sequential, percdamp=percdamp,
+        obs_blocksize=obs_blocksize,
+    )
+    return options(model, calibration, inplace=inplace)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class ShardedCheckpoint:
+    """Lazy access to a directory of ``*.safetensors`` shards (+ optional ``*.index.json``).
+
+    Only the tensors asked for are read, so a block can be loaded without the rest of the model.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise InputError(f"checkpoint directory {self.directory} does not exist")
+        indexes = sorted(self.directory.glob("*.safetensors.index.json"))
+        if indexes:
+            data = json.loads(indexes[0].read_text())
+            self.weight_map: dict[str, str] = dict(data["weight_map"])
+        else:
+            self.weight_map = {}
+            for shard in sorted(self.directory.glob("*.safetensors")):
+                with safe_open(str(shard), framework="pt") as f:
+                    self.weight_map.update({k: shard.name for k in f.keys()})
+        if not self.weight_map:
+            raise InputError(f"no *.safetensors tensors found in {self.directory}")
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Read exactly ``names``, opening each shard once."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise InputError(f"tensor {name!r} is not in the checkpoint {self.directory}")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            with safe_open(str(self.directory / file), framework="pt") as f:
+                out.update({k: f.get_tensor(k) for k in keys})
+        return out
+
+    def load_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors named ``prefix.*``, keyed without the prefix."""
+        names = [n for n in self.weight_map if n.startswith(prefix + ".")]
+        return {n[len(prefix) + 1 :]: t for n, t in self.load(names).items()}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _save_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> Path:
+    index = directory / "model.safetensors.index.json"
+    payload = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
+    _atomic_write_text(index, json.dumps(payload, indent=1, sort_keys=True))
+    return index
+
+
+def save_sharded(
+    state_dict: Mapping[str, torch.Tensor], directory: str | os.PathLike[str], max_shard_bytes: int = 1 << 30
+) -> Path:
+    """Write ``state_dict`` as ``model-XXXXX.safetensors`` shards plus ``model.safetensors.index.json``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _save_shard(shard, out / file)
+        weight_map.update({k: file for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    return _write_index(out, weight_map, total)
+
+
+@dataclass(frozen=True)
+class StreamingResult:
+    """Masks and report of a streaming run; the sparse checkpoint lives in ``directory``."""
+
+    directory: Path
+    masks: Masks = field(repr=False)
+    report: SparsityReport
+
+
+def _next_inputs(output: Any) -> tuple[Any, ...]:
+    if isinstance(output, torch.Tensor):
+        return (output,)
+    if isinstance(output, (tuple, list)):
+        return tuple(output)
+    raise InputError(f"a streamed block returned {type(output).__name__}; return a tensor or a tuple")
+
+
+def sparsify_streaming(
+    blocks: Sequence[tuple[str, Callable[[], nn.Module]]],
+    checkpoint: str | os.PathLike[str] | ShardedCheckpoint,
+    calibration: Iterable[Any] | torch.Tensor | None,
+    out_dir: str | os.PathLike[str],
+    options: Sparsify | None = None,
+) -> StreamingResult:
+    """Sparsify a checkpoint one block at a time, holding one block's weights in memory.
+
+    ``blocks`` lists ``(prefix, factory)`` in execution order: ``factory()`` builds the empty
+    block (on CPU or ``meta``) whose parameters are the checkpoint tensors named ``prefix.*``;
+    block ``i`` takes block ``i-1``'s output (a tensor, or a tuple passed as positional args).
+    ``calibration`` holds the inputs of the first block. For each block: load its tensors, run
+    the per-layer procedure of :class:`Sparsify` on it with the current activations, write the
+    sparse block to ``out_dir`` as its own shard, then push the activations through the sparse
+    block and free it. Tensors outside every block are copied unchanged. The masks equal those
+    of an in-memory run on ``nn.Sequential`` of the same blocks.
+    """
+    opts = options or Sparsify()
+    pattern = opts.parsed()
+    samples = [s if isinstance(s, (tuple, list, Mapping)) else (s,) for s in _materialise(calibration)]
+    if opts.method != "magnitude" and not samples:
+        raise InputError(f"method={opts.method!r} needs calibration=<inputs of the first block>")
+    if opts.global_:
+        raise InputError("global_=True is not available when streaming; sparsify per layer instead")
+    ckpt = checkpoint if isinstance(checkpoint, ShardedCheckpoint) else ShardedCheckpoint(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ignore = set(opts.ignore)
+    masks: Masks = {}
+    layers: list[LayerSparsity] = []
+    skipped: list[SkippedLayer] = []
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    model_params = 0
+    for i, (prefix, factory) in enumerate(blocks):
+        block = factory()
+        tensors = ckpt.load_prefix(prefix)
+        if not tensors:
+            raise InputError(f"block {prefix!r}: the checkpoint has no tensors named '{prefix}.*'")
+        on_meta = any(p.is_meta for p in block.parameters())
+        block.load_state_dict(tensors, strict=True, assign=on_meta)
+        block_masks, block_layers, block_skipped = opts._run(block, samples, pattern, ignore, prefix=prefix + ".")
+        masks.update(block_masks)
+        layers += block_layers
+        skipped += block_skipped
+        file = f"block-{i:05d}.safetensors"
+        state = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+        _save_shard(state, out / file)
+        weight_map.update({k: file for k in state})
+        total_size += sum(t.numel() * t.element_size() for t in state.values())
+        model_params += sum(p.numel() for p in block.parameters())
+        if i + 1 < len(blocks) and samples:
+            block.eval()
+            with torch.no_grad():
+                samples = [_next_inputs(_call(block, s)) for s in samples]
+        del block, tensors, state
+    rest = [n for n in ckpt.names() if n not in weight_map]
+    for j, name in enumerate(rest):
+        tensor = ckpt.load([name])[name]
+        file = f"rest-{j:05d}.safetensors"
+        _save_shard({name: tensor}, out / file)
+        weight_map[name] = file
+        total_size += tensor.numel() * tensor.element_size()
+        model_params += tensor.numel()
+    _write_index(out, weight_map, total_size)
+    save_masks(masks, out / "masks.pt")
+    report = SparsityReport(
+        pattern=str(pattern), method=opts.method, target_sparsity=opts.target_sparsity,
+        layers=tuple(layers), skipped=tuple(skipped), model_params=model_params,
+    )
+    return StreamingResult(out, masks, report)
