@@ -10,7 +10,8 @@ N:M packing (2:4: values + 2-bit indices)
 
 CSR / CSC / BSR
     ``torch.sparse`` layouts of the 2-D view ``W.reshape(out, -1)``; their size is the sum of the
-    index and value buffers. ``torch.mm(W_csr, X)`` runs on them directly.
+    index and value buffers. ``torch.mm(W_csr, X)`` runs on them directly. Files store the
+    indices as int32 where they fit (torch builds them as int64).
 
 INT8 (Deep Compression style stacking)
     Per-output-channel symmetric quantization ``q = clamp(round(W / s_k), -127, 127)``,
@@ -245,14 +246,12 @@ def _encode(weight: torch.Tensor, fmt: Format, n: int, m: int, block: int) -> di
         p = pack_nm(weight, n, m, axis=1)
         return {"format": "nm", "values": p.values, "indices": p.indices, "shape": p.shape,
                 "n": n, "m": m, "axis": 1}
-    if fmt == "bsr":
-        t = to_bsr(weight, block)
-        return {"format": "bsr", "crow": t.crow_indices(), "col": t.col_indices(), "values": t.values(),
+    if fmt in ("csr", "bsr"):
+        t = to_bsr(weight, block) if fmt == "bsr" else to_csr(weight)
+        index_dtype = torch.int32 if t.col_indices().numel() < 2**31 else torch.int64
+        return {"format": fmt, "crow": t.crow_indices().to(index_dtype).clone(),
+                "col": t.col_indices().to(index_dtype).clone(), "values": t.values().clone(),
                 "shape": tuple(weight.shape), "block": block}
-    if fmt == "csr":
-        t = to_csr(weight)
-        return {"format": "csr", "crow": t.crow_indices(), "col": t.col_indices(), "values": t.values(),
-                "shape": tuple(weight.shape)}
     return {"format": "dense", "values": weight.detach().clone(), "shape": tuple(weight.shape)}
 
 
