@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 
 from secateurs.errors import PlanError
-from secateurs.graph.from_fx import _SIGS, call_key
+from secateurs.graph.from_fx import _SIGS, _node_shape, call_key
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_fx", "slice_tensors"]
@@ -78,10 +78,20 @@ def _set_arg(node: torch.fx.Node, key: str, name: str, value: Any) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def _rewrite_shape(seq: Any, new: list[int]) -> Any:
+def _rewrite_shape(seq: Any, new: list[int], old: Any = None) -> Any:
+    """Replace the integer sizes; a size computed at run time (``x.size(2)`` of another
+    tensor) whose dim shrank becomes the new constant."""
     out = []
     for i, v in enumerate(seq):
-        out.append(new[i] if isinstance(v, int) and v != -1 and i < len(new) else v)
+        if i >= len(new):
+            out.append(v)
+        elif isinstance(v, int) and v != -1:
+            out.append(new[i])
+        elif isinstance(v, torch.fx.Node) and isinstance(old, tuple) and i < len(old) \
+                and old[i] != new[i]:
+            out.append(new[i])
+        else:
+            out.append(v)
     return type(seq)(out) if isinstance(seq, tuple) else out
 
 
@@ -97,10 +107,11 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
     key = call_key(node)
     if "shape" in consts and key in _SHAPE_ARG_OPS:
         new = consts["shape"]
+        old = _node_shape(node)
         if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)):
-            node.args = (node.args[0], *_rewrite_shape(list(node.args[1:]), new))
+            node.args = (node.args[0], *_rewrite_shape(list(node.args[1:]), new, old))
         else:
-            node.args = (node.args[0], _rewrite_shape(node.args[1], new), *node.args[2:])
+            node.args = (node.args[0], _rewrite_shape(node.args[1], new, old), *node.args[2:])
     elif "shape" in consts and key == "unflatten":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
         nd = len(consts["shape"])

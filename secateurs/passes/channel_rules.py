@@ -174,6 +174,7 @@ def _linear(ctx: RuleContext) -> list[Labels | None]:
     x, w = ctx.ins[0], ctx.ins[1]
     assert x is not None and w is not None
     ctx.space.unify(x[-1], w[1])
+    ctx.space.declare_root(w[0])
     ctx.keep["in"], ctx.keep["out"] = w[1], w[0]
     if len(ctx.ins) > 2 and ctx.ins[2] is not None:
         ctx.space.unify(w[0], ctx.ins[2][0])
@@ -200,6 +201,7 @@ def _conv(ctx: RuleContext) -> list[Labels | None]:
     for vec in w[2:]:
         sp.pin(vec, f"kernel window of {ctx.where}")
     x_c, w_in, w_out = x[1], (w[0] if transposed else w[1]), (w[1] if transposed else w[0])
+    sp.declare_root(w_out)
     if g == 1:
         sp.unify(x_c, w_in)
         out_c = w_out
@@ -298,6 +300,7 @@ def _embedding(ctx: RuleContext) -> list[Labels | None]:
     idx, w = ctx.ins[0], ctx.ins[1]
     assert idx is not None and w is not None
     ctx.space.pin(w[0], f"vocabulary rows of {ctx.where} are addressed by index")
+    ctx.space.declare_root(w[1])
     ctx.keep["d"] = w[1]
     return [idx + [w[1]]]
 

@@ -116,7 +116,7 @@ def group_channels(graph: ChannelGraph) -> Analysis:
         if value.name in labels or value.shape is None:
             continue
         if value.param is not None:
-            labels[value.name] = [space.fresh(s) for s in value.shape]
+            labels[value.name] = [space.fresh(s, root=False) for s in value.shape]
         elif value.kind == "constant":
             labels[value.name] = [space.fresh(s, pin=f"constant '{value.name}'")
                                   for s in value.shape]

@@ -13,8 +13,11 @@ Three kinds of facts are recorded, never resolved eagerly:
   — the labels of a flattened ``(len(a), len(b))`` block. A reshape that splits a dim into
   ``(heads, head_dim)`` unifies the original labels with ``compose(heads, head_dim)``, which
   makes heads and head dims units of their own;
-* births: label vectors created together (a parameter dim, a factor of a reshape). Atoms born
-  together form one *channel group*.
+* births: label vectors created together. *Root* births introduce channels (a conv's or
+  linear's output dim, the factors of a reshape, a graph input); atoms born together on a
+  root form one *channel group*. Other births (a BN scale after a concat, a consumer's input
+  dim) only follow channels born elsewhere, so they never merge groups; they group atoms that
+  no root reaches (a free-standing parameter multiplied into the graph).
 
 ``resolve`` turns them into frozen data with vectorised union-find (scipy's connected
 components): every label maps to a component; a component that contains a composite stands for
@@ -47,6 +50,7 @@ class LabelSpace:
         self._comp_a: list[np.ndarray] = []
         self._comp_b: list[np.ndarray] = []
         self.births: list[np.ndarray] = []
+        self.roots: list[np.ndarray] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.lossy: list[tuple[np.ndarray, str]] = []
 
@@ -55,13 +59,17 @@ class LabelSpace:
         self.count += n
         return out
 
-    def fresh(self, n: int, pin: str | None = None) -> np.ndarray:
+    def fresh(self, n: int, pin: str | None = None, root: bool = True) -> np.ndarray:
         """``n`` new atom labels born together; pinned with ``pin`` as the reason if given."""
         labels = self._alloc(n)
-        self.births.append(labels)
+        (self.roots if root else self.births).append(labels)
         if pin is not None:
             self.pins.append((labels, pin))
         return labels
+
+    def declare_root(self, labels: np.ndarray) -> None:
+        """Mark labels (e.g. a weight's output dim) as where a channel group is born."""
+        self.roots.append(labels)
 
     def compose(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Composite labels of the row-major flattening of ``a × b``."""
@@ -189,7 +197,7 @@ def _resolve(space: LabelSpace) -> Resolution:
     if cyclic.any():  # a reshape cycle no factorisation explains: keep everything it touches
         for c in np.nonzero(cyclic)[0]:
             pin_reason.setdefault(int(c), "inconsistent reshapes")
-    group, n_groups = _groups(space.births, comp, is_atom)
+    group, n_groups = _groups(space.roots, space.births, comp, is_atom)
     return Resolution(comp, atoms, is_atom, group, n_groups, pin_reason, lossy_reason)
 
 
@@ -220,13 +228,23 @@ def _note(atoms: np.ndarray, comps: np.ndarray, reason: str, into: dict[int, str
         into.setdefault(a, reason)
 
 
-def _groups(births: list[np.ndarray], comp: np.ndarray, is_atom: np.ndarray):
-    """Atoms born together (on one dim) belong to one channel group."""
+def _groups(roots: list[np.ndarray], births: list[np.ndarray], comp: np.ndarray,
+            is_atom: np.ndarray):
+    """Atoms born together on a root belong to one channel group; atoms no root reaches are
+    grouped by the (non-root) dims they were born on."""
     n = len(is_atom)
     us, vs = [], []
-    for labels in births:
+    covered = np.zeros(n, dtype=bool)
+    for labels in roots:
         c = comp[labels]
         c = c[is_atom[c]]
+        covered[c] = True
+        if len(c) > 1:
+            us.append(c[:-1])
+            vs.append(c[1:])
+    for labels in births:
+        c = comp[labels]
+        c = c[is_atom[c] & ~covered[c]]
         if len(c) > 1:
             us.append(c[:-1])
             vs.append(c[1:])

@@ -207,8 +207,20 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
             continue
         units = eligible[gid]
         order = np.argsort(scores[gid][units], kind="stable")
-        removed[gid] = np.sort(units[order[:n_remove]])
+        removed[gid] = _keep_every_member(g, np.sort(units[order[:n_remove]]), scores[gid])
     return removed
+
+
+def _keep_every_member(group: ChannelGroup, chosen: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """No tensor may lose all of its positions: where a member's units are all chosen, keep
+    the best-scoring one (e.g. a conv feeding one half of a split that the ranking emptied)."""
+    gone = np.zeros(group.size, dtype=bool)
+    gone[chosen] = True
+    for m in group.members:
+        units = np.unique(m.units)
+        if len(units) and gone[units].all():
+            gone[units[np.argmax(scores[units])]] = False
+    return np.nonzero(gone)[0]
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -267,15 +279,24 @@ def _flat_outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _eval(model: nn.Module) -> nn.Module:
+    """eval() where the module supports it (an exported program's module was exported in the
+    mode it runs in and refuses mode switches)."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
 def verify_mask_equivalence(original: nn.Module, pruned: nn.Module, plan: Plan,
                             example_inputs: Any, rtol: float = 1e-4,
                             atol: float = 1e-5) -> tuple[bool, float]:
     """The correctness contract: original with the plan's slices zeroed == pruned model."""
     args = from_fx._as_tuple(example_inputs)
-    ref = zero_plan_slices(original, plan).eval()
+    ref = _eval(zero_plan_slices(original, plan))
     with torch.no_grad():
         expected = _flat_outputs(ref(*args))
-        got = _flat_outputs(pruned.eval()(*args))
+        got = _flat_outputs(_eval(pruned)(*args))
     if len(expected) != len(got):
         return False, float("inf")
     worst, ok = 0.0, True
