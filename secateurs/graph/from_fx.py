@@ -62,7 +62,9 @@ def trace(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, 
     log.info("symbolic_trace failed (%s); falling back to torch.export", fx_error)
     try:
         ep = torch.export.export(model, args, strict=False)
-        return ep.module(), "export"
+        gm = ep.module()
+        _inline_wrapped_regions(gm)
+        return gm, "export"
     except Exception as exc:  # noqa: BLE001 - report both failures together
         raise TraceError(
             f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
@@ -70,6 +72,54 @@ def trace(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, 
             f"{type(exc).__name__}: {_first_line(exc)}. Make the forward free of "
             f"data-dependent Python control flow, or pass a model that torch.export accepts."
         ) from exc
+
+
+# Higher-order ops that only wrap a region in a grad/autocast mode: (op name, index of the
+# submodule argument). Their body is inlined so the analysis sees through it (HF rotary
+# embeddings are computed under ``torch.no_grad``/autocast-off).
+_WRAPPING_HOPS = {"wrap_with_set_grad_enabled": 1, "wrap_with_autocast": 4}
+
+
+def _inline_wrapped_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline the bodies of ``wrap_with_set_grad_enabled``/``wrap_with_autocast`` in place."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        at = _WRAPPING_HOPS.get(getattr(node.target, "__name__", ""))
+        if at is None or len(node.args) <= at or not isinstance(node.args[at], torch.fx.Node):
+            continue
+        sub = _fetch_attr(gm, str(node.args[at].target), missing_ok=True)
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        operands = list(node.args[at + 1:])
+        env: dict[torch.fx.Node, Any] = {}
+        result: Any = None
+        with gm.graph.inserting_before(node):
+            for sn in sub.graph.nodes:
+                if sn.op == "placeholder":
+                    env[sn] = operands.pop(0)
+                elif sn.op == "output":
+                    result = torch.fx.node.map_arg(sn.args[0], lambda a: env[a])
+                elif sn.op == "get_attr":
+                    name = f"_inlined_{node.name}_{sn.target}".replace(".", "_")
+                    setattr(gm, name, _fetch_attr(sub, str(sn.target)))
+                    env[sn] = gm.graph.get_attr(name)
+                else:
+                    env[sn] = gm.graph.node_copy(sn, lambda a: env[a])
+        if isinstance(result, (list, tuple)):
+            for user in list(node.users):
+                if user.target is operator.getitem:
+                    user.replace_all_uses_with(result[user.args[1]])
+                    gm.graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(result)
+        if not node.users:
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -412,6 +462,8 @@ _CALLS.update({
     "broadcast_to": lambda n, b: ("expand", [n.args[0]], {}),
     "repeat": lambda n, b: ("repeat", [n.args[0]], {}),
     "matmul": _elementwise("matmul"), "mm": _elementwise("matmul"),
+    # addmm/baddbmm are lowered by ``emit_addmm`` (matmul + add); the entry makes them reachable
+    "addmm": _elementwise("matmul"), "baddbmm": _elementwise("matmul"),
     "bmm": _elementwise("matmul"),
     "outer": _elementwise("outer"), "ger": _elementwise("outer"),
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),
@@ -674,15 +726,45 @@ def _fetch_attr(root: nn.Module, target: str, missing_ok: bool = False) -> Any:
     return obj
 
 
+def _static_int(value: Any) -> int | None:
+    """Evaluate a size expression (``x.shape[-1] // 2``) from propagated shapes."""
+    if isinstance(value, int) or value is None:
+        return value
+    if not isinstance(value, torch.fx.Node):
+        return None
+    meta = value.meta.get("val")
+    if isinstance(meta, int):
+        return meta
+    args = [_static_int(a) if isinstance(a, torch.fx.Node) else a for a in value.args]
+    key = call_key(value) if value.op in ("call_function", "call_method") else ""
+    if key == "getattr" and args[1] == "shape":
+        shape = _node_shape(value.args[0])
+        return None if not isinstance(shape, tuple) else shape  # type: ignore[return-value]
+    if key == "size" and isinstance(value.args[0], torch.fx.Node):
+        shape = _node_shape(value.args[0])
+        if isinstance(shape, tuple):
+            return shape[args[1]] if len(args) > 1 else shape  # type: ignore[return-value]
+    if key == "getitem" and isinstance(args[0], tuple) and isinstance(args[1], int):
+        return args[0][args[1]]
+    ops = {"floordiv": operator.floordiv, "floor_divide": operator.floordiv,
+           "add": operator.add, "sub": operator.sub, "mul": operator.mul}
+    if key in ops and all(isinstance(a, int) for a in args[:2]):
+        return ops[key](args[0], args[1])
+    return None
+
+
 def _index_items(idx: Any) -> list[Any]:
     items = list(idx) if isinstance(idx, tuple) else [idx]
     out: list[Any] = []
     for it in items:
         if isinstance(it, slice):
-            if any(isinstance(v, torch.fx.Node) for v in (it.start, it.stop, it.step)):
+            bounds = [_static_int(v) for v in (it.start, it.stop, it.step)]
+            dynamic = [v is not None and b is None for v, b in
+                       zip((it.start, it.stop, it.step), bounds)]
+            if any(dynamic) or any(isinstance(b, tuple) for b in bounds):
                 out.append("tensor")  # bounds known only at run time: pin the dim
             else:
-                out.append(it)
+                out.append(slice(*bounds))
         elif it is None or it is Ellipsis or isinstance(it, int):
             out.append(it)
         else:

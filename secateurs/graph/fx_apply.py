@@ -150,6 +150,16 @@ def _apply_split(node: torch.fx.Node, key: str, sizes: list[int]) -> None:
 
 def _apply_index(node: torch.fx.Node, key: str, items: list[Any]) -> None:
     if key == "getitem":
+        orig = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if Ellipsis in orig:  # the rule expanded the ellipsis: fold it back
+            at = orig.index(Ellipsis)
+            tail = len(orig) - at - 1
+            items = list(items[:at]) + [Ellipsis] + (list(items[len(items) - tail:])
+                                                    if tail else [])
+        # a bound computed at run time (x.shape[-1] // 2) follows the pruned size by itself
+        items = [o if isinstance(o, slice) and any(isinstance(v, torch.fx.Node) for v in
+                                                  (o.start, o.stop, o.step)) else n
+                 for o, n in zip(orig, items)] if len(items) == len(orig) else items
         node.args = (node.args[0], tuple(items))
         return
     dim = next(i for i, it in enumerate(items) if not (isinstance(it, slice) and
