@@ -318,12 +318,23 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
           verify: bool = False, inplace: bool = False,
           ratios: Mapping[str, float] | None = None, reduction: str = "sum",
           normalization: str = "mean", min_units: int = 1,
-          score_context: ScoreContext | None = None) -> PruneResult:
+          score_context: ScoreContext | None = None,
+          target_macs: float | None = None) -> PruneResult:
     """Remove the least important ``ratio`` of units in every exact channel group.
 
     ``ratios`` maps module (or parameter) names to their own ratio for the groups they belong
-    to. The caller's model is not modified unless ``inplace=True``.
+    to. ``target_macs`` (a fraction of the dense MACs to keep) replaces ``ratio`` by the one
+    that meets it (``schedule.prune_to_macs``). The caller's model is not modified unless
+    ``inplace=True``.
     """
+    if target_macs is not None:
+        from secateurs.passes.schedule import prune_to_macs
+
+        return prune_to_macs(model, example_inputs, target_macs, importance, round_to=round_to,
+                             ignore=ignore, global_pruning=global_pruning,
+                             allow_lossy=allow_lossy, verify=verify, inplace=inplace,
+                             ratios=ratios, reduction=reduction, normalization=normalization,
+                             min_units=min_units, score_context=score_context)
     _check_ratio("ratio", ratio)
     for name, r in (ratios or {}).items():
         _check_ratio(f"ratios[{name!r}]", r)
