@@ -289,12 +289,24 @@ def _materialise(calibration: Iterable[Any] | torch.Tensor | None) -> list[Any]:
     return list(calibration)
 
 
-def _execution_order(model: nn.Module, layers: Mapping[str, nn.Module], sample: Any) -> dict[str, int]:
-    """Layer name -> number of calls in one forward, in first-call order."""
+def _execution_order(
+    model: nn.Module, layers: Mapping[str, nn.Module], sample: Any
+) -> tuple[dict[str, int], list[list[str]]]:
+    """Calls per layer in one forward (first-call order), and the layers grouped into runs.
+
+    A run is consecutive layers, each called once, that read the *same* input tensor (q, k, v
+    of an attention block): sparsifying one cannot change the others' input, so a run is
+    calibrated with one prefix pass. Inputs are held alive during the pass, so identity is exact.
+    """
     calls: dict[str, int] = {}
+    first_input: dict[str, Any] = {}
+
+    def record(name: str, args: tuple[Any, ...]) -> None:
+        calls[name] = calls.get(name, 0) + 1
+        first_input.setdefault(name, args[0] if args else None)
+
     handles = [
-        mod.register_forward_pre_hook(lambda _m, _a, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
-        for name, mod in layers.items()
+        mod.register_forward_pre_hook(lambda _m, args, n=name: record(n, args)) for name, mod in layers.items()
     ]
     try:
         with torch.no_grad():
@@ -302,20 +314,37 @@ def _execution_order(model: nn.Module, layers: Mapping[str, nn.Module], sample: 
     finally:
         for h in handles:
             h.remove()
-    return calls
+    groups: list[list[str]] = []
+    for name in calls:
+        last = groups[-1][-1] if groups else None
+        if last is not None and calls[name] == 1 and calls[last] == 1 and first_input[name] is first_input[last]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return calls, groups
 
 
 def _collect(
-    model: nn.Module, module: nn.Module, samples: Sequence[Any], acc: Any, stop: bool
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    samples: Sequence[Any],
+    accs: Mapping[str, Any],
+    stop_at: str | None,
 ) -> None:
-    """Run the model prefix over ``samples``, feeding ``module``'s input columns to ``acc``."""
+    """Run the model over ``samples``, feeding each module's input columns to its accumulator.
 
-    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-        acc.add(_layer_columns(mod, args[0].detach()).float())
-        if stop:
+    With ``stop_at``, the forward stops once that module has seen its input: only the model
+    prefix up to it runs.
+    """
+
+    def hook(name: str, mod: nn.Module, args: tuple[Any, ...]) -> None:
+        accs[name].add(_layer_columns(mod, args[0].detach()).float())
+        if name == stop_at:
             raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handles = [
+        mod.register_forward_pre_hook(lambda m, args, n=name: hook(n, m, args)) for name, mod in modules.items()
+    ]
     try:
         with torch.no_grad():
             for sample in samples:
@@ -324,7 +353,8 @@ def _collect(
                 except _StopForward:
                     pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- the pass
@@ -458,40 +488,43 @@ class Sparsify:
                 continue
             candidates[name] = module
 
+        groups = [[name] for name in candidates]
         calls: dict[str, int] = {}
-        order = list(candidates)
         was_training = model.training
-        if self.method != "magnitude":
+        calibrated = self.method != "magnitude"
+        if calibrated:
             model.eval()
-            calls = _execution_order(model, candidates, samples[0])
-            for name in order:
+            calls, groups = _execution_order(model, candidates, samples[0])
+            for name in candidates:
                 if name not in calls:
                     skipped.append(SkippedLayer(_param_name(prefix, name), "not executed on the calibration inputs"))
-            order = list(calls)
         global_masks = self._global_masks(candidates) if self.global_ else {}
 
         masks: Masks = {}
         layers: list[LayerSparsity] = []
         stats: dict[str, Any] = {}
-        if self.method != "magnitude" and not self.sequential:
-            for name in order:
-                stats[name] = self._stats(model, candidates[name], samples, stop=False)
-        for name in order:
-            module = candidates[name]
-            if self.method != "magnitude" and name not in stats:
-                stats[name] = self._stats(model, module, samples, stop=calls[name] == 1)
-            keep = self._sparsify_layer(module, pattern, global_masks.get(name), stats.pop(name, None))
-            masks[_param_name(prefix, name)] = keep
-            layers.append(self._layer_report(_param_name(prefix, name), module, keep, pattern))
-            log.debug("sparsified %s%s: %.1f%% zeros", prefix, name, 100 * layers[-1].sparsity)
+        if calibrated and not self.sequential:
+            stats = self._stats(model, {n: candidates[n] for n in calls}, samples, stop_at=None)
+        for group in groups:
+            if calibrated and self.sequential:
+                stop_at = group[-1] if calls[group[-1]] == 1 else None
+                stats = self._stats(model, {n: candidates[n] for n in group}, samples, stop_at)
+            for name in group:
+                module = candidates[name]
+                keep = self._sparsify_layer(module, pattern, global_masks.get(name), stats.get(name))
+                masks[_param_name(prefix, name)] = keep
+                layers.append(self._layer_report(_param_name(prefix, name), module, keep, pattern))
+                log.debug("sparsified %s%s: %.1f%% zeros", prefix, name, 100 * layers[-1].sparsity)
         model.train(was_training)
         return masks, layers, skipped
 
-    def _stats(self, model: nn.Module, module: nn.Module, samples: Sequence[Any], stop: bool) -> Any:
-        cols = weight_to_2d(module.weight).shape[1]
-        acc = ColumnNormAccumulator(cols) if self.method == "wanda" else HessianAccumulator(cols)
-        _collect(model, module, samples, acc, stop)
-        return acc
+    def _stats(
+        self, model: nn.Module, modules: Mapping[str, nn.Module], samples: Sequence[Any], stop_at: str | None
+    ) -> dict[str, Any]:
+        make = ColumnNormAccumulator if self.method == "wanda" else HessianAccumulator
+        accs = {name: make(weight_to_2d(mod.weight).shape[1]) for name, mod in modules.items()}
+        _collect(model, modules, samples, accs, stop_at)
+        return accs
 
     def _global_masks(self, candidates: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
         names = list(candidates)

@@ -8,7 +8,7 @@ from torch import nn
 
 from secateurs.passes.masks import parse_pattern
 from secateurs.passes.sparsegpt import HessianAccumulator, SparseGPTOptions, sparsegpt_prune
-from secateurs.passes.sparsify import is_block_sparse, is_nm_sparse, sparsify
+from secateurs.passes.sparsify import _execution_order, is_block_sparse, is_nm_sparse, sparsify
 
 torch.set_num_threads(1)
 
@@ -77,3 +77,25 @@ def test_sequential_calibration_uses_sparse_prefix() -> None:
     sparse_inputs = [seq.model[0](c).detach() for c in calibration]
     alone = sparsify(model[1], method="sparsegpt", calibration=sparse_inputs)
     assert torch.allclose(alone.model.weight, seq.model[1].weight, atol=1e-6)
+
+
+def test_layers_reading_the_same_input_are_calibrated_in_one_pass() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(self.q(x) * self.k(x) + self.v(x))
+
+    model = Attention()
+    calibration = [torch.randn(32, 16) for _ in range(2)]
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    calls, groups = _execution_order(model, linears, calibration[0])
+    assert groups == [["q", "k", "v"], ["o"]] and set(calls.values()) == {1}
+    result = sparsify(model, method="sparsegpt", calibration=calibration)
+    alone = sparsify(model.v, method="sparsegpt", calibration=calibration)
+    assert torch.equal(alone.model.weight, result.model.v.weight)
+    sparse_hidden = [(result.model.q(c) * result.model.k(c) + result.model.v(c)).detach() for c in calibration]
+    o_alone = sparsify(model.o, method="sparsegpt", calibration=sparse_hidden)
+    assert torch.allclose(o_alone.model.weight, result.model.o.weight, atol=1e-6)
