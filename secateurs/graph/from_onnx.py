@@ -1,0 +1,750 @@
+"""ONNX frontend: lower an ONNX model (opset 13+) to the channel graph.
+
+The same canonical ops as the torch frontend, so the same rule table applies:
+
+=====================================  =====================================================
+ONNX                                   canonical
+=====================================  =====================================================
+Conv / ConvTranspose                   ``conv`` {groups, transposed}
+Gemm                                   ``permute`` (transA) + ``linear`` (initializer B with
+                                       transB=1, i.e. ``[out, in]``) or ``matmul`` (+ ``add``
+                                       for a bias that is not a 1-D ``[N]`` initializer)
+MatMul                                 ``matmul`` (an initializer B ``[K, N]`` contracts on K)
+BatchNormalization / Instance-         ``batch_norm`` / ``instance_norm`` / ``layer_norm``
+Normalization / LayerNormalization /   {ndim = rank - axis} / ``group_norm`` {num_groups}
+GroupNormalization
+unary and binary elementwise ops       the unary / elementwise family (``Pow`` with a
+                                       constant exponent is ``pow_scalar``)
+Concat / Split / Slice / Gather        ``cat`` / ``split`` / ``index`` {items} (constant
+                                       bounds and indices; a 1-D index pins its dim)
+Reshape / Flatten / Squeeze /          ``reshape``
+Unsqueeze
+Transpose / Expand / Tile              ``permute`` / ``expand`` / ``repeat``
+pools / Resize / Reduce* / Softmax     ``pool`` / ``resize`` / ``reduce`` / ``softmax``
+Constant, Shape and shape arithmetic   folded to constants (no node); a float ``Constant``
+                                       of more than one element is a parameter
+anything else, custom domains          ``opaque`` (pins every channel it touches, with a
+                                       reason naming the op type and the node)
+=====================================  =====================================================
+
+Shapes come from ``onnx.shape_inference.infer_shapes(data_prop=True)`` on a copy whose graph
+inputs may be fixed by ``input_shapes``; every value the analysis needs must end up with a
+static shape, else an :class:`InputError` says which input to fix. Float initializers with
+more than one element are *parameters* (``Value.param`` is the initializer name, so plans are
+keyed by initializer names); integer initializers, ``Constant`` nodes and everything computed
+from them (``Shape`` → ``Gather`` → ``Concat`` chains) are folded into constants. A float
+``Constant`` node with more than one element is a parameter too, named by its output (the
+TorchScript exporter writes GroupNorm as InstanceNormalization whose per-group scale lives in
+such a node; pinning it would pin the whole channel group).
+
+Canonical nodes are named after their ONNX node (``onnx_node_names``: the node's name, or
+``OpType_i`` when it has none or a duplicate); helper nodes of one ONNX node get a ``/suffix``.
+Plans refer to ONNX nodes by these names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from secateurs.errors import InputError
+from secateurs.graph.ir import ChannelGraph, Node, Value
+
+__all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constants",
+           "graph_input_names", "with_input_shapes"]
+
+log = logging.getLogger(__name__)
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+# Ops folded when every input is a constant (shape arithmetic, constant factories).
+_FOLDABLE = set(
+    "Constant ConstantOfShape Shape Size Gather Unsqueeze Squeeze Concat Slice Cast CastLike "
+    "Add Sub Mul Div Neg Abs Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Where "
+    "Range Reshape ReduceProd ReduceSum ReduceMax ReduceMin Identity Min Max Floor Ceil Sqrt "
+    "Mod Expand Tile Transpose Flatten Sign".split())
+_MAX_FOLD = 1 << 20  # never materialise a folded constant larger than this many elements
+
+_UNARY = {
+    "Relu": "relu", "LeakyRelu": "leaky_relu", "Elu": "elu", "Selu": "selu", "Celu": "celu",
+    "Gelu": "gelu", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish",
+    "HardSigmoid": "hardsigmoid", "Softplus": "softplus", "Softsign": "softsign", "Neg": "neg",
+    "Abs": "abs", "Sqrt": "sqrt", "Exp": "exp", "Sin": "sin", "Cos": "cos", "Erf": "erf",
+    "Sign": "sign", "Round": "round", "Floor": "floor", "Ceil": "ceil", "Mish": "mish",
+    "Identity": "identity", "Dropout": "dropout", "Cast": "cast", "CastLike": "cast",
+    "Reciprocal": "reciprocal", "Log": "log", "Not": "logical_not",
+}
+_BINARY = {
+    "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "maximum",
+    "Min": "minimum", "Where": "where", "Equal": "eq", "Less": "lt", "LessOrEqual": "le",
+    "Greater": "gt", "GreaterOrEqual": "ge", "And": "logical_and", "Or": "logical_or",
+    "Mod": "remainder", "Sum": "add", "Mean": "add",
+    # PRelu(x, slope): a per-channel slope follows the channel like a scale.
+    "PRelu": "mul",
+}
+_POOLS = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+          "GlobalLpPool"}
+_REDUCES = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "ReduceMin": "min",
+            "ReduceProd": "prod", "ReduceL1": "l1", "ReduceL2": "l2",
+            "ReduceLogSumExp": "logsumexp", "ReduceSumSquare": "sumsquare",
+            "ReduceLogSum": "logsum", "ArgMax": "argmax", "ArgMin": "argmin"}
+_SOURCES = {"ConstantOfShape", "Range", "RandomNormal", "RandomUniform", "RandomNormalLike",
+            "RandomUniformLike", "EyeLike"}
+
+Shape = tuple[int, ...]
+
+
+# ---------------------------------------------------------------- naming and shapes
+
+
+def onnx_node_names(graph: onnx.GraphProto) -> list[str]:
+    """A unique name for every node of ``graph``: its own, else ``OpType_<index>``."""
+    seen: set[str] = set()
+    out = []
+    for i, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if name in seen:
+            name = f"{name}#{i}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+def graph_input_names(graph: onnx.GraphProto) -> list[str]:
+    """Graph inputs that are not initializers (IR < 4 lists initializers as inputs too)."""
+    inits = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits]
+
+
+def _dims(type_proto: onnx.TypeProto) -> list[int | str | None] | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    out: list[int | str | None] = []
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def with_input_shapes(model: onnx.ModelProto,
+                      input_shapes: Mapping[str, Sequence[int]] | None) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have the given static shapes."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    if not input_shapes:
+        return work
+    inputs = {i.name: i for i in work.graph.input}
+    known = graph_input_names(work.graph)
+    for name, shape in input_shapes.items():
+        if name not in known:
+            raise InputError(f"input_shapes names '{name}', which is not an input of the model; "
+                             f"its inputs are {known}")
+        dims = [int(s) for s in shape]
+        if any(s <= 0 for s in dims):
+            raise InputError(f"input_shapes['{name}'] = {dims}: every dim must be positive")
+        tt = inputs[name].type.tensor_type
+        tt.ClearField("shape")
+        for s in dims:
+            tt.shape.dim.add().dim_value = s
+    return work
+
+
+def _dynamic_inputs(graph: onnx.GraphProto) -> list[tuple[str, list[Any]]]:
+    out = []
+    inputs = {i.name: i for i in graph.input}
+    for name in graph_input_names(graph):
+        dims = _dims(inputs[name].type)
+        if dims is None or any(not isinstance(d, int) for d in dims):
+            out.append((name, dims))
+    return out
+
+
+def infer_static_shapes(model: onnx.ModelProto,
+                        input_shapes: Mapping[str, Sequence[int]] | None = None,
+                        ) -> tuple[onnx.ModelProto, dict[str, list[int | str | None]]]:
+    """Fix input shapes (on a copy), run ONNX shape inference with data propagation, and
+    return the copy and every value's dims (ints, symbolic names, or None)."""
+    work = with_input_shapes(model, input_shapes)
+    dynamic = _dynamic_inputs(work.graph)
+    if dynamic:
+        name, dims = dynamic[0]
+        sym = [d for d in (dims or []) if not isinstance(d, int)]
+        what = (f"a dynamic dim '{sym[0]}'" if sym and sym[0] is not None
+                else "an unknown dim" if dims is not None else "no shape")
+        example = ", ".join(f"'{n}': [{', '.join(str(d) if isinstance(d, int) else '1' for d in (ds or [1]))}]"
+                            for n, ds in dynamic)
+        raise InputError(f"input '{name}' has {what} (shape {dims}); pass "
+                         f"input_shapes={{{example}}} (--input-shape {name}=... on the CLI) "
+                         f"or re-export the model with static shapes")
+    shapes = _infer(work)
+    # ONNX data propagation stops at some shape arithmetic (Where, ConstantOfShape...): fold
+    # what we can, pin the folded values as initializers of a scratch copy, infer again.
+    for _ in range(4):
+        if all(_static(shapes.get(o)) is not None for n in work.graph.node for o in n.output if o):
+            break
+        consts = fold_constants(work, shapes)
+        scratch = _materialise(work, consts)
+        if scratch is None:
+            break
+        shapes = {**shapes, **_infer(scratch)}
+    return work, shapes
+
+
+def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    del work.graph.value_info[:]
+    for out in work.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False,
+                                                     data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; report them as one
+        raise InputError(f"ONNX shape inference failed: {type(exc).__name__}: {exc}") from exc
+    shapes: dict[str, list[int | str | None]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        dims = _dims(vi.type)
+        if dims is not None:
+            shapes[vi.name] = dims
+    for init in g.initializer:
+        shapes[init.name] = [int(d) for d in init.dims]
+    return shapes
+
+
+def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray]) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose folded node outputs are initializers (their nodes dropped)."""
+    inits = {t.name for t in model.graph.initializer}
+    folded = [n for n in model.graph.node
+              if n.output and all(o in consts for o in n.output if o)
+              and any(o not in inits for o in n.output if o)]
+    if not folded:
+        return None
+    scratch = onnx.ModelProto()
+    scratch.CopyFrom(model)
+    drop = {id(n) for n in folded}
+    keep = [n for n in model.graph.node if id(n) not in drop]
+    del scratch.graph.node[:]
+    scratch.graph.node.extend(keep)
+    for n in folded:
+        for o in n.output:
+            if o:
+                scratch.graph.initializer.append(numpy_helper.from_array(consts[o], o))
+    return scratch
+
+
+def _static(dims: list[int | str | None] | None) -> Shape | None:
+    if dims is None or any(not isinstance(d, int) for d in dims):
+        return None
+    return tuple(int(d) for d in dims)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- constant folding
+
+
+def _is_param_init(init: TensorProto) -> bool:
+    return init.data_type in _FLOAT_TYPES and int(np.prod(init.dims, dtype=np.int64)) > 1
+
+
+def _float_constant(node: onnx.NodeProto) -> bool:
+    """A ``Constant`` node holding a float tensor of more than one element: a parameter (an
+    exporter's decomposed norm keeps its affine vectors there)."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return False
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return a.t.data_type in _FLOAT_TYPES and int(np.prod(a.t.dims, dtype=np.int64)) > 1
+        if a.name == "value_floats":
+            return len(a.floats) > 1
+    return False
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 13
+
+
+def fold_constants(model: onnx.ModelProto,
+                   shapes: Mapping[str, list[int | str | None]]) -> dict[str, np.ndarray]:
+    """Values computable without running the network: integer and scalar initializers,
+    ``Constant`` nodes, ``Shape`` of statically shaped values and arithmetic on those. Float
+    initializers with more than one element are parameters and never folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    consts: dict[str, np.ndarray] = {}
+    for init in model.graph.initializer:
+        if not _is_param_init(init):
+            consts[init.name] = numpy_helper.to_array(init)
+    opsets = {"": _opset(model)}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE \
+                or _float_constant(node):
+            continue
+        ins = [i for i in node.input if i]
+        if node.op_type in ("Shape", "Size"):
+            shape = _static(shapes.get(node.input[0]))
+            if shape is None:
+                continue
+            feeds = {node.input[0]: np.zeros(shape, dtype=np.float32)} \
+                if int(np.prod(shape)) <= _MAX_FOLD else None
+            if feeds is None:
+                continue
+        elif all(i in consts for i in ins):
+            feeds = {i: consts[i] for i in ins}
+        else:
+            continue
+        try:
+            results = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - not foldable: lower it as a node instead
+            log.debug("cannot fold %s %s: %s", node.op_type, node.name, exc)
+            continue
+        if any(np.asarray(r).size > _MAX_FOLD for r in results):
+            continue
+        for out, r in zip(node.output, results):
+            if out:
+                consts[out] = np.asarray(r)
+    return consts
+
+
+# ---------------------------------------------------------------- lowering
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _subgraph_names(node: onnx.NodeProto) -> list[str]:
+    """Outer-scope values a control-flow node's subgraphs read."""
+    names: list[str] = []
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                names += [i for i in n.input if i and i not in local]
+                names += _subgraph_names(n)
+    return names
+
+
+class _Lowering:
+    def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, list[int | str | None]],
+                 consts: dict[str, np.ndarray]) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.shapes = shapes
+        self.consts = consts
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.values: dict[str, Value] = {}
+        self.nodes: list[Node] = []
+        self.opset = _opset(model)
+        self.producer: dict[str, str] = {}
+        self.onnx_name = ""
+        self.onnx_op = ""
+        self.const_params = {n.output[0]: n for n in self.graph.node if _float_constant(n)}
+
+    # values ---------------------------------------------------------------
+
+    def shape(self, name: str) -> Shape:
+        dims = self.shapes.get(name)
+        shape = _static(dims)
+        if shape is None:
+            made_by = self.producer.get(name, "an unknown producer")
+            what = "an unknown shape" if dims is None else f"a dynamic shape {dims}"
+            raise InputError(
+                f"value '{name}' (output of {made_by}) has {what} after shape inference; "
+                f"pass static input_shapes (--input-shape NAME=1,3,224,224) or re-export the "
+                f"model with static shapes")
+        return shape
+
+    def rank(self, name: str) -> int:
+        return len(self.shape(name))
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name) if name else None
+
+    def is_param(self, name: str) -> bool:
+        return (name in self.inits and _is_param_init(self.inits[name])) \
+            or name in self.const_params
+
+    def ref(self, name: str) -> str | None:
+        if not name:
+            return None
+        if name in self.values:
+            return name
+        if name in self.inits:
+            init = self.inits[name]
+            dtype = TensorProto.DataType.Name(init.data_type).lower()
+            shape = tuple(int(d) for d in init.dims)
+            if _is_param_init(init):
+                self.values[name] = Value(name, shape, dtype, param=name, kind="parameter")
+            else:
+                self.values[name] = Value(name, shape, dtype, kind="constant")
+        elif name in self.const_params:
+            arr = _constant_value(self.const_params[name])
+            self.values[name] = Value(name, tuple(arr.shape), str(arr.dtype), param=name,
+                                      kind="parameter")
+        elif name in self.consts:
+            arr = self.consts[name]
+            self.values[name] = Value(name, tuple(arr.shape), str(arr.dtype), kind="constant")
+        else:
+            self.values[name] = Value(name, self.shape(name))
+        return name
+
+    def tmp(self, base: str, suffix: str, shape: Shape) -> str:
+        name = f"{base}/{suffix}"
+        self.values[name] = Value(name, shape)
+        return name
+
+    # nodes ----------------------------------------------------------------
+
+    def emit(self, op: str, inputs: Sequence[str | None], outputs: Sequence[str],
+             attrs: dict[str, Any] | None = None, suffix: str = "") -> None:
+        for out in outputs:
+            if out not in self.values:
+                self.values[out] = Value(out, self.shape(out))
+        name = self.onnx_name + (f"/{suffix}" if suffix else "")
+        ins = [self.ref(i) if i else None for i in inputs]
+        self.nodes.append(Node(name, op, ins, list(outputs), dict(attrs or {}),
+                               f"ONNX {self.onnx_op}"))
+
+    def opaque(self, node: onnx.NodeProto, reason: str) -> None:
+        ins = [i for i in list(node.input) + _subgraph_names(node) if i]
+        self.emit("opaque", list(dict.fromkeys(ins)), [o for o in node.output if o],
+                  {"reason": reason})
+
+    def lower(self) -> ChannelGraph:
+        names = onnx_node_names(self.graph)
+        for node, name in zip(self.graph.node, names):
+            for out in node.output:
+                if out:
+                    self.producer[out] = f"{node.op_type} '{name}'"
+        inputs = graph_input_names(self.graph)
+        for name in inputs:
+            self.values[name] = Value(name, self.shape(name), kind="input")
+        for node, name in zip(self.graph.node, names):
+            outs = [o for o in node.output if o]
+            if outs and all(o in self.consts for o in outs):
+                continue  # folded
+            self.onnx_name, self.onnx_op = name, node.op_type
+            if node.domain not in ("", "ai.onnx"):
+                self.opaque(node, f"custom-domain op '{node.domain}::{node.op_type}' has no "
+                                  f"channel rule; it passes through untouched")
+                continue
+            lower = _LOWER.get(node.op_type)
+            if lower is None:
+                self.opaque(node, f"ONNX op '{node.op_type}' has no channel rule")
+                continue
+            lower(self, node)
+        outputs = [o.name for o in self.graph.output if self.ref(o.name)]
+        return ChannelGraph(self.values, self.nodes, inputs, outputs, frontend="onnx")
+
+
+Lower = Callable[[_Lowering, onnx.NodeProto], None]
+_LOWER: dict[str, Lower] = {}
+
+
+def _reg(*ops: str) -> Callable[[Lower], Lower]:
+    def deco(fn: Lower) -> Lower:
+        for op in ops:
+            _LOWER[op] = fn
+        return fn
+    return deco
+
+
+def _first_out(node: onnx.NodeProto) -> list[str]:
+    return [node.output[0]]
+
+
+@_reg("Constant")
+def _lower_constant(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """A float Constant node is a parameter value (see ``ref``); nothing to emit."""
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_floats":
+            return np.asarray(list(a.floats), dtype=np.float32)
+    raise InputError(f"Constant node '{node.name}' has no tensor value")
+
+
+@_reg(*_UNARY)
+def _lower_unary(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit(_UNARY[node.op_type], [node.input[0]], _first_out(node))
+
+
+@_reg("Clip")
+def _lower_clip(lw: _Lowering, node: onnx.NodeProto) -> None:
+    bounds = [i for i in node.input[1:] if i]
+    if any(lw.ref(b) and (lw.values[b].shape or ()) not in ((), (1,)) for b in bounds):
+        lw.opaque(node, "Clip with tensor-valued bounds")
+        return
+    lw.emit("clamp", [node.input[0]], _first_out(node))
+
+
+@_reg(*_BINARY)
+def _lower_binary(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit(_BINARY[node.op_type], [i for i in node.input if i], _first_out(node))
+
+
+@_reg("Pow")
+def _lower_pow(lw: _Lowering, node: onnx.NodeProto) -> None:
+    exponent = lw.const(node.input[1])
+    if exponent is not None and exponent.size == 1:
+        lw.emit("pow_scalar", [node.input[0]], _first_out(node))
+    else:
+        lw.emit("pow", list(node.input[:2]), _first_out(node))
+
+
+@_reg("Conv", "ConvTranspose")
+def _lower_conv(lw: _Lowering, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    if lw.rank(node.input[0]) < 3:
+        lw.opaque(node, f"{node.op_type} on a rank-{lw.rank(node.input[0])} input")
+        return
+    lw.emit("conv", [node.input[0], node.input[1], node.input[2] if len(node.input) > 2 else None],
+            _first_out(node), {"groups": int(a.get("group", 1)),
+                               "transposed": node.op_type == "ConvTranspose"})
+
+
+@_reg("MatMul")
+def _lower_matmul(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("matmul", list(node.input[:2]), _first_out(node))
+
+
+@_reg("Gemm")
+def _lower_gemm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """Y = alpha·A'·B' + beta·C. alpha/beta scale values, not channels."""
+    a = _attrs(node)
+    x, w = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    out_shape = lw.shape(out)
+    if a.get("transA", 0):
+        sx = lw.shape(x)
+        x_t = lw.tmp(lw.onnx_name, "transA", (sx[1], sx[0]))
+        lw.emit("permute", [x], [x_t], {"perm": [1, 0]}, suffix="transA")
+        x = x_t
+    bias_ok = c is not None and lw.is_param(c) and lw.shape(c) == (out_shape[1],)
+    mm_out = out if c is None or (bias_ok and lw.is_param(w) and a.get("transB", 0)) \
+        else lw.tmp(lw.onnx_name, "mm", out_shape)
+    if lw.is_param(w) and a.get("transB", 0):
+        lw.emit("linear", [x, w, c if bias_ok else None], [mm_out])
+    else:
+        if a.get("transB", 0):
+            sw = lw.shape(w)
+            w_t = lw.tmp(lw.onnx_name, "transB", (sw[1], sw[0]))
+            lw.emit("permute", [w], [w_t], {"perm": [1, 0]}, suffix="transB")
+            w = w_t
+        lw.emit("matmul", [x, w], [mm_out])
+    if mm_out != out:
+        lw.emit("add", [mm_out, c], [out], suffix="bias")
+
+
+@_reg("BatchNormalization")
+def _lower_batch_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("batch_norm", list(node.input[:5]), _first_out(node))
+
+
+@_reg("InstanceNormalization")
+def _lower_instance_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("instance_norm", list(node.input[:3]), _first_out(node))
+
+
+@_reg("LayerNormalization")
+def _lower_layer_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    rank = lw.rank(node.input[0])
+    axis = int(_attrs(node).get("axis", -1)) % rank
+    lw.emit("layer_norm", list(node.input[:3]), _first_out(node), {"ndim": rank - axis})
+
+
+@_reg("GroupNormalization")
+def _lower_group_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    groups = int(_attrs(node)["num_groups"])
+    channels = lw.shape(node.input[0])[1]
+    scale = lw.shape(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if scale is not None and scale != (channels,):
+        lw.opaque(node, f"GroupNormalization with per-group scale {list(scale)} (opset < 21)")
+        return
+    lw.emit("group_norm", list(node.input[:3]), _first_out(node), {"num_groups": groups})
+
+
+@_reg("LpNormalization")
+def _lower_lp_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("softmax", [node.input[0]], _first_out(node),
+            {"dim": int(_attrs(node).get("axis", -1))})
+
+
+@_reg("Softmax", "LogSoftmax")
+def _lower_softmax(lw: _Lowering, node: onnx.NodeProto) -> None:
+    rank = lw.rank(node.input[0])
+    default = -1 if lw.opset >= 13 else 1
+    axis = int(_attrs(node).get("axis", default)) % rank
+    if lw.opset < 13 and axis != rank - 1:
+        lw.opaque(node, f"{node.op_type}-{lw.opset} flattens the dims after axis {axis}")
+        return
+    lw.emit("softmax", [node.input[0]], _first_out(node), {"dim": axis})
+
+
+@_reg("Concat")
+def _lower_concat(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("cat", [i for i in node.input if i], _first_out(node),
+            {"dim": int(_attrs(node)["axis"])})
+
+
+@_reg("Split")
+def _lower_split(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("split", [node.input[0]], [o for o in node.output if o],
+            {"dim": int(_attrs(node).get("axis", 0))})
+
+
+def _slice_items(shape: Shape, starts: np.ndarray, ends: np.ndarray, axes: np.ndarray,
+                 steps: np.ndarray) -> list[Any]:
+    items: list[Any] = [slice(None)] * len(shape)
+    for s, e, ax, st in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+        ax = int(ax) % len(shape)
+        size = shape[ax]
+        if st <= 0:
+            items[ax] = "tensor"
+            continue
+        s = min(max(s + size if s < 0 else s, 0), size)
+        e = min(max(e + size if e < 0 else e, 0), size)
+        items[ax] = slice(s or None, e if e < size else None, st if st != 1 else None)
+    return items
+
+
+@_reg("Slice")
+def _lower_slice(lw: _Lowering, node: onnx.NodeProto) -> None:
+    shape = lw.shape(node.input[0])
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    starts, ends = lw.const(ins[1]), lw.const(ins[2])
+    if starts is None or ends is None or (ins[3] and lw.const(ins[3]) is None) or \
+            (ins[4] and lw.const(ins[4]) is None):
+        lw.opaque(node, "Slice with bounds computed at run time")
+        return
+    axes = lw.const(ins[3]) if ins[3] else np.arange(len(starts))
+    steps = lw.const(ins[4]) if ins[4] else np.ones(len(starts), dtype=np.int64)
+    assert axes is not None and steps is not None
+    items = _slice_items(shape, starts.reshape(-1), ends.reshape(-1), axes.reshape(-1),
+                         steps.reshape(-1))
+    lw.emit("index", [node.input[0]], _first_out(node), {"items": items})
+
+
+@_reg("Gather")
+def _lower_gather(lw: _Lowering, node: onnx.NodeProto) -> None:
+    data, idx = node.input[0], node.input[1]
+    rank = lw.rank(data)
+    axis = int(_attrs(node).get("axis", 0)) % rank
+    index = lw.const(idx)
+    if index is None:
+        if lw.is_param(data) and axis == 0 and rank == 2:
+            lw.emit("embedding", [idx, data], _first_out(node))
+        else:
+            lw.opaque(node, "Gather with indices computed at run time")
+        return
+    lead: list[Any] = [slice(None)] * axis
+    if index.ndim == 0:
+        i = int(index) % lw.shape(data)[axis]
+        lw.emit("index", [data], _first_out(node), {"items": lead + [i]})
+    else:
+        lw.emit("index", [data], _first_out(node), {"items": lead + ["tensor"]})
+
+
+@_reg("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _lower_reshape(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("reshape", [node.input[0]], _first_out(node))
+
+
+@_reg("Transpose")
+def _lower_transpose(lw: _Lowering, node: onnx.NodeProto) -> None:
+    rank = lw.rank(node.input[0])
+    perm = _attrs(node).get("perm") or list(reversed(range(rank)))
+    lw.emit("permute", [node.input[0]], _first_out(node), {"perm": [int(p) for p in perm]})
+
+
+@_reg("Expand")
+def _lower_expand(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("expand", [node.input[0]], _first_out(node))
+
+
+@_reg("Tile")
+def _lower_tile(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("repeat", [node.input[0]], _first_out(node))
+
+
+@_reg(*_POOLS)
+def _lower_pool(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("pool", [node.input[0]], _first_out(node),
+            {"spatial": max(lw.rank(node.input[0]) - 2, 1)})
+
+
+@_reg("Resize", "Upsample")
+def _lower_resize(lw: _Lowering, node: onnx.NodeProto) -> None:
+    sx, sy = lw.shape(node.input[0]), lw.shape(node.output[0])
+    if len(sx) < 3 or sx[:2] != sy[:2]:
+        lw.opaque(node, f"{node.op_type} that changes batch or channel dims")
+        return
+    lw.emit("resize", [node.input[0]], _first_out(node), {"spatial": len(sx) - 2})
+
+
+@_reg(*_REDUCES)
+def _lower_reduce(lw: _Lowering, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    kind = _REDUCES[node.op_type]
+    rank = lw.rank(node.input[0])
+    if kind in ("argmax", "argmin"):
+        dims: list[int] | None = [int(a.get("axis", 0)) % rank]
+    elif len(node.input) > 1 and node.input[1]:
+        axes = lw.const(node.input[1])
+        if axes is None:
+            lw.opaque(node, f"{node.op_type} over axes computed at run time")
+            return
+        dims = [int(d) % rank for d in axes.reshape(-1).tolist()]
+    elif "axes" in a:
+        dims = [int(d) % rank for d in a["axes"]]
+    else:
+        dims = None
+    if not dims and a.get("noop_with_empty_axes", 0):
+        lw.emit("identity", [node.input[0]], _first_out(node))
+        return
+    lw.emit("reduce", [node.input[0]], _first_out(node),
+            {"dims": dims or None, "keepdim": bool(a.get("keepdims", 1)), "kind": kind})
+
+
+@_reg(*_SOURCES)
+def _lower_source(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("source", [i for i in node.input if i], [o for o in node.output if o])
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def from_onnx(model: onnx.ModelProto,
+              input_shapes: Mapping[str, Sequence[int]] | None = None) -> ChannelGraph:
+    """Lower ``model`` (not modified) to the channel graph.
+
+    ``input_shapes`` fixes graph input shapes (``{"x": [1, 3, 224, 224]}``) before shape
+    inference; it is required when an input has a dynamic dim.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
+    work, shapes = infer_static_shapes(model, input_shapes)
+    consts = fold_constants(work, shapes)
+    graph = _Lowering(work, shapes, consts).lower()
+    log.debug("channel graph (onnx):\n%s", graph.summary())
+    return graph

@@ -1,0 +1,397 @@
+"""Apply a pruning plan to an ONNX model, and read/write ONNX files safely.
+
+``apply_plan_onnx(model, plan)`` returns a pruned copy (the input is never modified):
+
+* every tensor the plan names — an initializer, or a float ``Constant`` node's value — loses
+  the plan's indices along each dim (``numpy_helper``);
+* constants of layout ops are rewritten from the plan's ``constants`` (keyed by the node names
+  of ``from_onnx.onnx_node_names``): ``Reshape``/``Expand`` shapes, ``Split`` sizes, ``Slice``
+  starts/ends, ``Conv.group`` (depthwise and grouped convs lose whole groups),
+  ``GroupNormalization.num_groups``. Tokens that still hold keep their meaning:
+  ``-1`` stays ``-1``, ``0`` (copy the input dim) stays ``0`` where that dim did not change, and
+  an ``Expand`` ``1`` stays ``1``, so a dynamic batch dim survives. A constant that is an
+  initializer or ``Constant`` read by this node alone is rewritten in place; a shared one, or
+  one computed at run time (``Shape`` → ``Gather`` → ``Concat``), is replaced by a new
+  initializer for this node (computed shapes are then fixed to the analysed sizes, except one
+  dim the original model left dynamic, written as ``-1``), and nodes left without consumers
+  are removed;
+* shape inference runs again and the result must pass
+  ``onnx.checker.check_model(full_check=True)``.
+
+Layout ops whose constants do not depend on widths (Flatten, Squeeze, Unsqueeze, Transpose)
+and ops whose widths follow their initializers (Conv, Gemm, MatMul, norms) need nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from secateurs.errors import InputError, PlanError
+from secateurs.graph.from_onnx import _infer, _static, fold_constants, onnx_node_names
+from secateurs.passes.plan import Plan
+
+__all__ = ["apply_plan_onnx", "zero_plan_slices_onnx", "load_onnx", "save_onnx",
+           "uses_external_data"]
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- files
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    from onnx.external_data_helper import _get_all_tensors
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model))
+
+
+def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
+    """Load a model with its external data; return it and whether it used external data.
+
+    A missing file, a file that is not a (complete) ONNX protobuf, or a missing external data
+    file raises :class:`InputError` naming the file.
+    """
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    target = Path(path)
+    if not target.is_file():
+        raise InputError(f"ONNX model {target} does not exist")
+    try:
+        model = onnx.load(str(target), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and friends
+        raise InputError(f"{target} is not a readable ONNX model (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not model.HasField("graph") or not model.graph.node:
+        raise InputError(f"{target} holds no ONNX graph (truncated or not an ONNX file?)")
+    external = False
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        external = True
+        info = ExternalDataInfo(tensor)
+        data_file = target.parent / info.location
+        if not data_file.is_file():
+            raise InputError(f"{target}: initializer '{tensor.name}' keeps its data in "
+                             f"'{info.location}', which does not exist next to the model "
+                             f"({data_file}); copy the data file along with the model")
+        need = (info.offset or 0) + (info.length or 0)
+        if info.length and data_file.stat().st_size < need:
+            raise InputError(f"{target}: external data file {data_file} is truncated "
+                             f"({data_file.stat().st_size} bytes, initializer '{tensor.name}' "
+                             f"needs {need})")
+    if external:
+        try:
+            onnx.load_external_data_for_model(model, str(target.parent))
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read the external data of {target}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - ValidationError and C++ checker errors
+        raise InputError(f"{target} is not a valid ONNX model: {exc}") from exc
+    return model, external
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str],
+              external_data: bool | None = None) -> Path:
+    """Check (``full_check``) and write ``model`` atomically (temp file + ``os.replace``);
+    ``external_data=True`` keeps tensors in a data file next to it. On error nothing is left."""
+    from secateurs.runtime.io import atomic_save_onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise PlanError(f"refusing to write an invalid ONNX model: {exc}") from exc
+    return atomic_save_onnx(model, path, external_data=external_data)
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _float_constants(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.output
+            and any(a.name == "value" for a in n.attribute)}
+
+
+def _edit_tensors(model: onnx.ModelProto, plan: Plan, fn: Any) -> None:
+    """Replace every tensor the plan names by ``fn(array, dims)``."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = _float_constants(graph)
+    inputs = {i.name: i for i in graph.input}
+    for name, dims in plan.removed.items():
+        if name in inits:
+            arr = numpy_helper.to_array(inits[name])
+        elif name in consts:
+            attr = next(a for a in consts[name].attribute if a.name == "value")
+            arr = numpy_helper.to_array(attr.t)
+        else:
+            raise PlanError(f"the plan removes slices of '{name}', which is neither an "
+                            f"initializer nor a Constant of this model; was the plan made for "
+                            f"another model?")
+        for d, idx in dims.items():
+            if not 0 <= int(d) < arr.ndim:
+                raise PlanError(f"the plan removes dim {d} of '{name}', which has shape "
+                                f"{list(arr.shape)}")
+            if idx and (min(idx) < 0 or max(idx) >= arr.shape[int(d)]):
+                raise PlanError(f"the plan removes index {max(idx)} of dim {d} of '{name}' "
+                                f"(size {arr.shape[int(d)]})")
+        new = numpy_helper.from_array(np.ascontiguousarray(fn(arr, dims)), name)
+        if name in inits:
+            inits[name].CopyFrom(new)
+            if name in inputs:  # IR < 4: initializers are graph inputs too
+                tt = inputs[name].type.tensor_type
+                tt.ClearField("shape")
+                for s in new.dims:
+                    tt.shape.dim.add().dim_value = s
+        else:
+            attr = next(a for a in consts[name].attribute if a.name == "value")
+            attr.t.CopyFrom(new)
+
+
+def _delete(arr: np.ndarray, dims: Mapping[int, list[int]]) -> np.ndarray:
+    for d, idx in dims.items():
+        arr = np.delete(arr, np.asarray(idx, dtype=np.int64), axis=int(d))
+    return arr
+
+
+def _zero(arr: np.ndarray, dims: Mapping[int, list[int]]) -> np.ndarray:
+    arr = arr.copy()
+    for d, idx in dims.items():
+        sl: list[Any] = [slice(None)] * arr.ndim
+        sl[int(d)] = np.asarray(idx, dtype=np.int64)
+        arr[tuple(sl)] = 0
+    return arr
+
+
+def zero_plan_slices_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """A copy of ``model`` with every slice the plan removes set to zero (the contract's
+    reference)."""
+    out = _copy(model)
+    _edit_tensors(out, plan, _zero)
+    return out
+
+
+# ---------------------------------------------------------------- constants
+
+
+class _Constants:
+    """Reads and writes the constant inputs of nodes (initializer, Constant node, or computed)."""
+
+    def __init__(self, model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.shapes = _infer(original)
+        try:
+            self.folded = fold_constants(original, self.shapes)
+        except Exception as exc:  # noqa: BLE001 - folding is best effort here
+            log.debug("constant folding failed: %s", exc)
+            self.folded = {}
+        self.taken = {t.name for t in self.graph.initializer} | \
+            {o for n in self.graph.node for o in n.output} | {i.name for i in self.graph.input}
+        self.replaced: list[str] = []
+
+    def uses(self, name: str) -> int:
+        n = sum(list(node.input).count(name) for node in self.graph.node)
+        return n + sum(1 for o in self.graph.output if o.name == name)
+
+    def value(self, name: str) -> np.ndarray | None:
+        for t in self.graph.initializer:
+            if t.name == name:
+                return numpy_helper.to_array(t)
+        consts = _float_constants(self.graph)
+        if name in consts:
+            attr = next(a for a in consts[name].attribute if a.name == "value")
+            return numpy_helper.to_array(attr.t)
+        return self.folded.get(name)
+
+    def write(self, node: onnx.NodeProto, index: int, arr: np.ndarray) -> None:
+        """Give input ``index`` of ``node`` the value ``arr``."""
+        name = node.input[index] if index < len(node.input) else ""
+        if name and self.uses(name) == 1:
+            for t in self.graph.initializer:
+                if t.name == name:
+                    t.CopyFrom(numpy_helper.from_array(arr, name))
+                    return
+            consts = _float_constants(self.graph)
+            if name in consts:
+                attr = next(a for a in consts[name].attribute if a.name == "value")
+                attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
+                return
+        base = f"{name or node.name or node.op_type}__pruned"
+        new, k = base, 1
+        while new in self.taken:
+            new, k = f"{base}_{k}", k + 1
+        self.taken.add(new)
+        self.graph.initializer.append(numpy_helper.from_array(arr, new))
+        while len(node.input) <= index:
+            node.input.append("")
+        if name:
+            self.replaced.append(name)
+        node.input[index] = new
+
+
+def _reshape_tokens(old: np.ndarray | None, new: list[int], out_dims: list[Any] | None,
+                    allowzero: bool) -> list[int]:
+    if old is None or len(old) != len(new):
+        toks = list(new)
+        dynamic = [i for i, d in enumerate(out_dims or []) if not isinstance(d, int)]
+        if len(dynamic) == 1:
+            toks[dynamic[0]] = -1
+        return toks
+    toks = []
+    for i, (t, n) in enumerate(zip(old.tolist(), new)):
+        out = (out_dims or [None] * len(new))[i]
+        if t == n or t == -1:
+            toks.append(int(t))
+        elif t == 0 and not allowzero and (not isinstance(out, int) or out == n):
+            toks.append(0)
+        else:
+            toks.append(int(n))
+    return toks
+
+
+def _expand_tokens(old: np.ndarray | None, new: list[int]) -> list[int]:
+    if old is None:
+        return list(new)
+    lead = len(new) - len(old)
+    return [int(t) if t in (1, new[lead + i]) else int(new[lead + i])
+            for i, t in enumerate(old.tolist())]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _set_int_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
+             opset: int) -> None:
+    op = node.op_type
+    if op == "Reshape" and "shape" in consts:
+        old = io.value(node.input[1])
+        toks = _reshape_tokens(None if old is None else old.reshape(-1),
+                               [int(v) for v in consts["shape"]], io.shapes.get(node.output[0]),
+                               bool(_attr(node, "allowzero", 0)))
+        io.write(node, 1, np.asarray(toks, dtype=np.int64))
+    elif op == "Expand" and "shape" in consts:
+        old = io.value(node.input[1])
+        toks = _expand_tokens(None if old is None else old.reshape(-1),
+                              [int(v) for v in consts["shape"]])
+        io.write(node, 1, np.asarray(toks, dtype=np.int64))
+    elif op == "Split" and "sizes" in consts:
+        sizes = np.asarray([int(v) for v in consts["sizes"]], dtype=np.int64)
+        if opset >= 13:
+            io.write(node, 1, sizes)
+            for i, a in enumerate(node.attribute):
+                if a.name == "num_outputs":
+                    del node.attribute[i]
+                    break
+        else:
+            _set_int_attr(node, "split", sizes.tolist())
+    elif op == "Slice" and "items" in consts:
+        _rewrite_slice(node, list(consts["items"]), io)
+    elif op in ("Conv", "ConvTranspose") and "groups" in consts:
+        _set_int_attr(node, "group", int(consts["groups"]))
+    elif op == "GroupNormalization" and "num_groups" in consts:
+        _set_int_attr(node, "num_groups", int(consts["num_groups"]))
+
+
+def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> None:
+    starts, ends = io.value(node.input[1]), io.value(node.input[2])
+    if starts is None or ends is None:
+        raise PlanError(f"Slice '{node.name}' has bounds computed at run time")
+    starts, ends = starts.reshape(-1).copy(), ends.reshape(-1).copy()
+    axes_in = io.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    axes = np.arange(len(starts)) if axes_in is None else axes_in.reshape(-1)
+    rank = len(items)
+    for k, ax in enumerate(axes.tolist()):
+        it = items[int(ax) % rank]
+        if not isinstance(it, slice):
+            continue
+        starts[k] = 0 if it.start is None else it.start
+        if it.stop is not None:
+            ends[k] = it.stop
+    io.write(node, 1, starts)
+    io.write(node, 2, ends)
+
+
+def _drop_dead(model: onnx.ModelProto, roots: list[str]) -> None:
+    """Remove nodes and initializers left without consumers after ``roots`` were replaced."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    candidates = set(roots)
+    while candidates:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.output and all(o not in used for o in n.output)
+                and any(o in candidates for o in n.output)]
+        dead_inits = [t for t in graph.initializer if t.name in candidates and t.name not in used]
+        if not dead and not dead_inits:
+            return
+        candidates = {i for n in dead for i in n.input if i}
+        for n in dead:
+            graph.node.remove(n)
+        for t in dead_inits:
+            graph.initializer.remove(t)
+
+
+def apply_plan_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """A pruned copy of ``model`` (never modified) following ``plan``."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"expected a secateurs.Plan, got {type(plan).__name__}")
+    if plan.frontend != "onnx":
+        raise PlanError(f"this plan was made by the '{plan.frontend}' frontend; an ONNX model "
+                        "needs a plan made from ONNX (its tensors are keyed by initializer "
+                        "names)")
+    out = _copy(model)
+    io = _Constants(out, model)
+    _edit_tensors(out, plan, _delete)
+    names = dict(zip(onnx_node_names(out.graph), out.graph.node))
+    opset = _opset(out)
+    for node_name, consts in plan.constants.items():
+        node = names.get(node_name)
+        if node is None:
+            raise PlanError(f"the plan rewrites node '{node_name}', which this model lacks")
+        _rewrite(node, consts, io, opset)
+    _drop_dead(out, io.replaced)
+    del out.graph.value_info[:]
+    try:
+        out = onnx.shape_inference.infer_shapes(out, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
+        raise PlanError(f"the pruned model does not check: {type(exc).__name__}: {exc}") from exc
+    return out
+
+
+def static_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
+    """Graph input shapes (None where a dim is not static)."""
+    from secateurs.graph.from_onnx import _dims, graph_input_names
+
+    inputs = {i.name: i for i in model.graph.input}
+    return {n: _static(_dims(inputs[n].type)) for n in graph_input_names(model.graph)}

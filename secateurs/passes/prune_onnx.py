@@ -1,0 +1,261 @@
+"""Structured pruning of ONNX models: the torch pipeline with an ONNX frontend and apply.
+
+    load -> from_onnx -> group_channels -> importance -> select -> plan -> apply -> verify
+
+Everything between the frontend and the apply stage is the core's: ``group_channels``,
+``select_units``, ``build_plan``, the importance criteria and ``count_macs``. Plans are keyed
+by initializer names (``Plan.frontend == "onnx"``) and are applied by
+``secateurs.graph.onnx_apply.apply_plan_onnx``.
+
+Default ``round_to``: ONNX Runtime's CPU provider runs Conv in its blocked NCHWc layout (MLAS
+``nchwc`` kernels) when channel counts are multiples of the machine's vector block — 16 floats
+with AVX-512, 8 with AVX2 — and falls back to im2col + GEMM otherwise, which is markedly slower
+(``tools/bench/ort_rounding.py`` measures it; ``tools/bench/onnx_prune.py`` shows the end to end
+effect). ``ORT_ROUND_TO`` is 16: a multiple of both blocks, so a model pruned on one x86
+machine keeps the fast path on the other, and a multiple of 8 for GPU tensor cores too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from secateurs.errors import InputError, SecateursError
+from secateurs.graph.from_onnx import from_onnx, onnx_node_names
+from secateurs.graph.onnx_apply import (
+    apply_plan_onnx,
+    load_onnx,
+    save_onnx,
+    zero_plan_slices_onnx,
+)
+from secateurs.passes.cost import count_macs
+from secateurs.passes.group_channels import Analysis, group_channels
+from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
+from secateurs.passes.plan import Plan, build_plan
+from secateurs.passes.prune import GroupRow, PruneReport, select_units
+
+__all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
+           "load_model"]
+
+log = logging.getLogger(__name__)
+
+ORT_ROUND_TO = 16
+
+
+
+
+@dataclass
+class OnnxPruneResult:
+    model: onnx.ModelProto
+    plan: Plan
+    report: PruneReport
+    analysis: Analysis = field(repr=False)
+    external_data: bool = False
+
+    def save(self, path: str | os.PathLike[str], external_data: bool | None = None) -> None:
+        """Write the pruned model atomically (external data if the input used it)."""
+        save_onnx(self.model, path, self.external_data if external_data is None
+                  else external_data)
+
+
+def load_model(model_or_path: Any) -> tuple[onnx.ModelProto, bool]:
+    """A ModelProto (used as is) or a path (loaded with its external data)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, False
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return load_onnx(model_or_path)
+    raise InputError(f"expected an onnx.ModelProto or a path to an .onnx file, got "
+                     f"{type(model_or_path).__name__}")
+
+
+def analyze_onnx(model_or_path: Any,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
+    """Dependency analysis of an ONNX model (not modified)."""
+    model, _ = load_model(model_or_path)
+    return group_channels(from_onnx(model, input_shapes))
+
+
+def _param_tensors(model: onnx.ModelProto, analysis: Analysis) -> dict[str, torch.Tensor]:
+    wanted = set(analysis.param_values)
+    out: dict[str, torch.Tensor] = {}
+    for t in model.graph.initializer:
+        if t.name in wanted:
+            out[t.name] = torch.from_numpy(numpy_helper.to_array(t).astype(np.float32))
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] in wanted:
+            attr = next(a for a in n.attribute if a.name == "value")
+            out[n.output[0]] = torch.from_numpy(numpy_helper.to_array(attr.t).astype(np.float32))
+    return out
+
+
+def _ignored_groups(analysis: Analysis, model: onnx.ModelProto, ignore: Iterable[str]) -> set[int]:
+    """Groups touching any named initializer, or any initializer read by a named node."""
+    names = [str(n) for n in ignore]
+    if not names:
+        return set()
+    params = set(analysis.param_values)
+    nodes = dict(zip(onnx_node_names(model.graph), model.graph.node))
+    targets: set[str] = set()
+    unknown = []
+    for n in names:
+        if n in params:
+            targets.add(n)
+        elif n in nodes:
+            targets.update(i for i in nodes[n].input if i in params)
+        else:
+            unknown.append(n)
+    if unknown:
+        raise InputError(f"ignore names {unknown} match no initializer or node of the model; "
+                         f"initializers look like {sorted(params)[:5]}")
+    return {g.id for g in analysis.groups if targets & set(g.params())}
+
+
+def _n_params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+
+
+def _report(analysis: Analysis, removed: Mapping[int, np.ndarray], before: onnx.ModelProto,
+            after: onnx.ModelProto, seconds: dict[str, float]) -> PruneReport:
+    graph = analysis.graph
+    gone = analysis.removed_atoms(dict(removed))
+
+    def shape_before(v: str) -> tuple[int, ...] | None:
+        return graph.values[v].shape
+
+    def shape_after(v: str) -> tuple[int, ...] | None:
+        return analysis.new_shape(v, gone) if v in analysis.labels else graph.values[v].shape
+
+    rows = []
+    for g in analysis.groups:
+        n_rm = len(removed.get(g.id, ()))
+        mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members[:3])
+        if len(g.members) > 3:
+            mem += f" +{len(g.members) - 3}"
+        pinned = "; ".join(g.pin_reasons[:2]) if g.is_pinned else ""
+        rows.append(GroupRow(g.id, mem, g.size, g.size - n_rm, g.is_lossy, pinned))
+    return PruneReport(_n_params(before), _n_params(after), count_macs(graph, shape_before),
+                       count_macs(graph, shape_after), tuple(rows), dict(seconds), "onnx")
+
+
+def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    feeds = {}
+    for name in analysis.graph.inputs:
+        shape = analysis.graph.values[name].shape or ()
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(types[name])
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[name] = rng.random(shape) < 0.5
+        else:
+            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(feeds))
+
+
+def verify_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: Plan,
+                feeds: Mapping[str, np.ndarray], rtol: float = 1e-4,
+                atol: float = 1e-5) -> tuple[bool, float]:
+    """The correctness contract under ONNX Runtime: the original with the plan's slices
+    zeroed gives the same outputs as the pruned model."""
+    expected = _run(zero_plan_slices_onnx(original, plan), feeds)
+    got = _run(pruned, feeds)
+    if len(expected) != len(got):
+        return False, float("inf")
+    worst, ok = 0.0, True
+    for e, g in zip(expected, got):
+        e, g = np.asarray(e), np.asarray(g)
+        if e.shape != g.shape:
+            return False, float("inf")
+        if np.issubdtype(e.dtype, np.floating):
+            diff = float(np.abs(e - g).max()) if e.size else 0.0
+            worst = max(worst, diff)
+            ok &= bool(np.allclose(e, g, rtol=rtol, atol=atol))
+        else:
+            ok &= bool(np.array_equal(e, g))
+    return ok, worst
+
+
+def _stage(seconds: dict[str, float], stage: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    except SecateursError:
+        raise
+    except Exception as exc:
+        done = ", ".join(seconds) or "none"
+        raise SecateursError(f"stage '{stage}' failed (stages done: {done}): "
+                             f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criterion = "l2",
+               round_to: int | None = ORT_ROUND_TO, allow_lossy: bool = False,
+               ignore: Iterable[str] = (), global_pruning: bool = False,
+               input_shapes: Mapping[str, Sequence[int]] | None = None, verify: bool = False,
+               output_path: str | os.PathLike[str] | None = None, reduction: str = "sum",
+               normalization: str = "mean", min_units: int = 1) -> OnnxPruneResult:
+    """Remove the least important ``ratio`` of units in every exact channel group of an ONNX
+    model. The input is not modified; ``output_path`` also writes the pruned model atomically
+    (with external data when the input had it). ``ignore`` names initializers or nodes whose
+    groups stay whole."""
+    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+        raise InputError(f"ratio must be in [0, 1), got {ratio!r}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+    criterion = get_criterion(importance)
+    seconds: dict[str, float] = {}
+    model, external = _stage(seconds, "load", load_model, model_or_path)
+    graph = _stage(seconds, "lower", from_onnx, model, input_shapes)
+    analysis = _stage(seconds, "group_channels", group_channels, graph)
+    skip = _ignored_groups(analysis, model, ignore)
+    ctx = ScoreContext(_param_tensors(model, analysis), reduction=reduction)
+    scores = _stage(seconds, "importance", lambda: {
+        g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
+        for g in analysis.groups if g.prunable and g.size > 1})
+    removed = _stage(seconds, "select", select_units, analysis, scores, ratio, round_to,
+                     global_pruning, allow_lossy, skip, None, min_units)
+    meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
+            "round_to": round_to, "global_pruning": global_pruning, "allow_lossy": allow_lossy,
+            "tracer": "onnx", "onnx": onnx.__version__,
+            "input_shapes": {n: list(graph.values[n].shape or ()) for n in graph.inputs}}
+    plan = _stage(seconds, "plan", build_plan, analysis, removed, meta)
+    pruned = _stage(seconds, "apply", apply_plan_onnx, model, plan)
+    report = _report(analysis, removed, model, pruned, seconds)
+    if verify:
+        ok, diff = _stage(seconds, "verify", verify_onnx, model, pruned, plan,
+                          _feeds(model, analysis))
+        report = PruneReport(report.params_before, report.params_after, report.macs_before,
+                             report.macs_after, report.groups, dict(seconds), "onnx", ok, diff)
+        if not ok:
+            raise SecateursError(f"mask-equivalence check failed under ONNX Runtime (max |diff| "
+                                 f"{diff:.3g}): the pruned model differs from the original with "
+                                 f"the removed slices zeroed. Please report this model.")
+    result = OnnxPruneResult(pruned, plan, report, analysis, external)
+    if output_path is not None:
+        _stage(seconds, "save", result.save, output_path)
+    log.info("pruned ONNX: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
+             100 * report.params_kept)
+    return result
