@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from secateurs.cli import main
+
+
+def test_prune_cli_writes_model_and_plan(tmp_path, capsys):
+    out, plan = tmp_path / "r.pt2", tmp_path / "plan.json"
+    code = main(["prune", "zoo:resnet", "--ratio", "0.5", "--round-to", "4", "--verify",
+                 "-o", str(out), "--plan", str(plan)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "MACs" in text and "exact" in text
+    loaded = torch.export.load(str(out)).module()
+    from secateurs import zoo
+
+    x = zoo.get("resnet").example_inputs()
+    assert loaded(*x).shape == (1, 10)
+    doc = json.loads(plan.read_text())
+    assert doc["format"] == "secateurs-plan" and doc["removed"]
+
+
+def test_prune_cli_json(capsys):
+    assert main(["prune", "zoo:vgg", "--ratio", "0.3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs_after"] < report["macs_before"]
+
+
+def test_analyze_cli(capsys):
+    assert main(["analyze", "zoo:vit"]) == 0
+    assert "prunable units" in capsys.readouterr().out
+
+
+def test_bad_spec_exit_2_and_no_output(tmp_path, capsys):
+    out = tmp_path / "x.pt2"
+    assert main(["prune", "zoo:nonexistent", "-o", str(out)]) == 2
+    assert "nonexistent" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["prune", "zoo:resnet", "--ratio", "2", "-o", str(out)]) == 2
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_factory_spec(tmp_path, capsys):
+    src = tmp_path / "m.py"
+    src.write_text("import torch\n"
+                   "def make():\n"
+                   "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),"
+                   " torch.nn.Linear(16, 4))\n")
+    assert main(["prune", f"{src}:make", "--input-shape", "2,8"]) == 0
+    assert main(["prune", f"{src}:make"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+
+
+def test_help_runs():
+    res = subprocess.run([sys.executable, "-m", "secateurs", "--help"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and "prune" in res.stdout

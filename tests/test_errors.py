@@ -1,0 +1,84 @@
+"""Bad input: a clear error naming the problem, and the user's model untouched."""
+
+import pytest
+import torch
+from torch import nn
+
+import secateurs
+from secateurs import zoo
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # neither FX nor torch.export can follow this
+            return self.conv(x)
+        return self.conv(-x)
+
+
+def _resnet():
+    entry = zoo.get("resnet")
+    return entry.build(), entry.example_inputs()
+
+
+def test_untraceable_model_names_both_tracers():
+    with pytest.raises(secateurs.TraceError, match="symbolic_trace.*torch.export"):
+        secateurs.prune(DataDependent(), torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "half"])
+def test_ratio_out_of_range(ratio):
+    model, x = _resnet()
+    with pytest.raises(secateurs.InputError, match="ratio"):
+        secateurs.prune(model, x, ratio=ratio)
+
+
+def test_unknown_ignore_name():
+    model, x = _resnet()
+    with pytest.raises(secateurs.InputError, match="layer9"):
+        secateurs.prune(model, x, ignore=["layer9.conv"])
+
+
+def test_ignore_keeps_channels():
+    model, x = _resnet()
+    result = secateurs.prune(model, x, ratio=0.5, ignore=["conv1"])
+    assert not any(k.startswith("conv1.") for k in result.plan.removed)
+    assert result.plan.removed
+
+
+def test_wrong_input_shape_is_clear_and_model_untouched():
+    model, _ = _resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(secateurs.InputError, match=r"shapes \[\(1, 5, 32, 32\)\]"):
+        secateurs.prune(model, torch.randn(1, 5, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unknown_importance():
+    model, x = _resnet()
+    with pytest.raises(secateurs.InputError, match="importance"):
+        secateurs.prune(model, x, importance="nonsense")
+
+
+def test_inplace_modifies_the_model():
+    model, x = _resnet()
+    width = model.conv1.out_channels
+    secateurs.prune(model, x, ratio=0.5, inplace=True)
+    assert model.conv1.out_channels < width
+
+
+def test_plan_for_another_model():
+    model, x = _resnet()
+    plan = secateurs.Plan({"nope.weight": {0: [0]}})
+    with pytest.raises(secateurs.PlanError, match="nope.weight"):
+        secateurs.apply_plan(model, x, plan)
+
+
+def test_plan_from_bad_json():
+    with pytest.raises(secateurs.PlanError):
+        secateurs.Plan.from_json("{not json")
+    with pytest.raises(secateurs.PlanError, match="format"):
+        secateurs.Plan.from_json("{}")
