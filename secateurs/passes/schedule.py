@@ -143,13 +143,12 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
                     prune_kwargs.get("reduction", "sum"),
                     prune_kwargs.get("normalization", "mean"), _options(prune_kwargs))
     lo, hi = 0.0, MAX_RATIO
-    best_r, best_err = 0.0, abs(1.0 - target_macs)
+    best_r, best_kept = 0.0, 1.0
     for _ in range(iterations):
         mid = (lo + hi) / 2
         kept = sel.macs_kept(mid)
-        err = abs(kept - target_macs)
-        if err < best_err:
-            best_r, best_err = mid, err
+        if abs(kept - target_macs) < abs(best_kept - target_macs):
+            best_r, best_kept = mid, kept
         if kept > target_macs:
             lo = mid
         else:
@@ -157,10 +156,10 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
         if hi - lo < 1e-4:
             break
     floor = sel.macs_kept(MAX_RATIO)
-    if best_err > tolerance * target_macs:
+    if abs(best_kept - target_macs) > tolerance * target_macs:
         raise InputError(f"target_macs={target_macs:.3f} is out of reach: the nearest budget "
-                         f"is {target_macs + best_err:.3f} (pruning can keep between "
-                         f"{floor:.3f} and 1.0 of the MACs with these settings; pinned, "
+                         f"is {best_kept:.3f} (too few channels for a finer step, or pruning can keep between "
+                         f"{floor:.3f} and 1.0 of the MACs with these settings: pinned, "
                          f"ignored and lossy groups are not pruned)")
     result = prune(model, example_inputs, best_r, importance, **prune_kwargs)
     kept = result.report.macs_kept
