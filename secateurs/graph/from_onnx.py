@@ -93,6 +93,11 @@ _REDUCES = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "Reduc
             "ReduceProd": "prod", "ReduceL1": "l1", "ReduceL2": "l2",
             "ReduceLogSumExp": "logsumexp", "ReduceSumSquare": "sumsquare",
             "ReduceLogSum": "logsum", "ArgMax": "argmax", "ArgMin": "argmin"}
+# Ops whose output has the shape of their first input (a fallback where ONNX shape inference
+# has no answer, e.g. function ops such as GroupNormalization-21).
+_SAME_SHAPE = set(_UNARY) | {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                             "GroupNormalization", "Softmax", "LogSoftmax", "Clip", "PRelu",
+                             "LpNormalization"}
 _SOURCES = {"ConstantOfShape", "Range", "RandomNormal", "RandomUniform", "RandomNormalLike",
             "RandomUniformLike", "EyeLike"}
 
@@ -192,7 +197,7 @@ def infer_static_shapes(model: onnx.ModelProto,
         if all(_static(shapes.get(o)) is not None for n in work.graph.node for o in n.output if o):
             break
         consts = fold_constants(work, shapes)
-        scratch = _materialise(work, consts)
+        scratch = _materialise(work, consts, shapes)
         if scratch is None:
             break
         shapes = {**shapes, **_infer(scratch)}
@@ -202,7 +207,13 @@ def infer_static_shapes(model: onnx.ModelProto,
 def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    # Stale value_info may contradict new input shapes: drop it, except for outputs of
+    # custom-domain ops, which ONNX cannot infer, and shape hints of ``_materialise``.
+    custom = {o for n in work.graph.node
+              if n.domain not in ("", "ai.onnx") or n.op_type in _SAME_SHAPE for o in n.output}
+    keep = [vi for vi in work.graph.value_info if vi.name in custom]
     del work.graph.value_info[:]
+    work.graph.value_info.extend(keep)
     for out in work.graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
@@ -222,13 +233,19 @@ def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     return shapes
 
 
-def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray]) -> onnx.ModelProto | None:
-    """A copy of ``model`` whose folded node outputs are initializers (their nodes dropped)."""
+def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray],
+                 shapes: Mapping[str, list[int | str | None]]) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose folded node outputs are initializers (their nodes dropped) and
+    whose shape-preserving ops have their output shape declared where inference had none."""
     inits = {t.name for t in model.graph.initializer}
     folded = [n for n in model.graph.node
               if n.output and all(o in consts for o in n.output if o)
               and any(o not in inits for o in n.output if o)]
-    if not folded:
+    hints = [n for n in model.graph.node
+             if n.op_type in _SAME_SHAPE and n.domain in ("", "ai.onnx") and n.output
+             and _static(shapes.get(n.output[0])) is None
+             and _static(shapes.get(n.input[0])) is not None]
+    if not folded and not hints:
         return None
     scratch = onnx.ModelProto()
     scratch.CopyFrom(model)
@@ -240,6 +257,10 @@ def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray]) -> on
         for o in n.output:
             if o:
                 scratch.graph.initializer.append(numpy_helper.from_array(consts[o], o))
+    for n in hints:
+        shape = _static(shapes.get(n.input[0]))
+        scratch.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            n.output[0], TensorProto.FLOAT, list(shape or ())))
     return scratch
 
 
@@ -367,7 +388,7 @@ class _Lowering:
             raise InputError(
                 f"value '{name}' (output of {made_by}) has {what} after shape inference; "
                 f"pass static input_shapes (--input-shape NAME=1,3,224,224) or re-export the "
-                f"model with static shapes")
+                f"model with static shapes (outputs of custom ops need value_info entries)")
         return shape
 
     def rank(self, name: str) -> int:

@@ -1,0 +1,231 @@
+"""Hand-written ONNX graphs: each layout op's constants are rewritten and pruning stays exact;
+ops without a rule pin what they touch, with a reason naming them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from _onnx_testlib import init, make_model, rand
+from onnx import helper, numpy_helper
+
+from secateurs.graph.from_onnx import from_onnx
+from secateurs.passes.prune_onnx import analyze_onnx, prune_onnx
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _const(model: onnx.ModelProto, node_name: str, index: int) -> list[int]:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    inits = {t.name: t for t in model.graph.initializer}
+    return numpy_helper.to_array(inits[node.input[index]]).tolist()
+
+
+def _group_of(analysis, param: str, dim: int):
+    return next(g for g in analysis.groups
+                if any(m.param == param and m.dim == dim for m in g.members))
+
+
+def _prune(model: onnx.ModelProto, ratio: float = 0.5):
+    result = prune_onnx(model, ratio=ratio, round_to=1, verify=True)
+    assert result.report.exact is True
+    onnx.checker.check_model(result.model, full_check=True)
+    return result
+
+
+def test_split_sizes_are_rewritten() -> None:
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Split", ["r", "sizes"], ["a", "b"], name="split", axis=1),
+        helper.make_node("Gemm", ["a", "wa"], ["ya"], name="fca", transB=1),
+        helper.make_node("Gemm", ["b", "wb"], ["yb"], name="fcb", transB=1),
+        helper.make_node("Add", ["ya", "yb"], ["y"], name="add"),
+    ]
+    model = make_model(nodes, {"x": [2, 8]}, {"y": [2, 4]}, [
+        init("w1", rand(16, 8)), init("b1", rand(16)), init("sizes", np.array([10, 6])),
+        init("wa", rand(4, 10)), init("wb", rand(4, 6))])
+    result = _prune(model)
+    sizes = _const(result.model, "split", 1)
+    w1 = next(t for t in result.model.graph.initializer if t.name == "w1")
+    assert sum(sizes) == w1.dims[0] == 8
+    assert sizes != [10, 6] and all(s > 0 for s in sizes)
+
+
+def test_slice_bounds_are_rewritten() -> None:
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Slice", ["h", "starts", "ends", "axes"], ["s"], name="slice"),
+        helper.make_node("Gemm", ["s", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, {"x": [2, 8]}, {"y": [2, 4]}, [
+        init("w1", rand(16, 8)), init("b1", rand(16)), init("starts", np.array([2])),
+        init("ends", np.array([INT64_MAX])), init("axes", np.array([1])),
+        init("w2", rand(4, 14))])
+    result = _prune(model)
+    w1 = next(t for t in result.model.graph.initializer if t.name == "w1")
+    w2 = next(t for t in result.model.graph.initializer if t.name == "w2")
+    start = _const(result.model, "slice", 1)[0]
+    assert _const(result.model, "slice", 2) == [INT64_MAX]  # "to the end" keeps its token
+    assert w1.dims[0] - start == w2.dims[1]
+    assert w1.dims[0] < 16
+
+
+def test_gather_scalar_index_pins_its_dim_and_1d_index_pins() -> None:
+    for index, reason in ((np.array(2), "constant index"), (np.array([0, 2]), "advanced")):
+        nodes = [
+            helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", kernel_shape=[1, 1]),
+            helper.make_node("Gather", ["c", "idx"], ["g"], name="gather", axis=1),
+        ]
+        out = [1, 4, 4] if index.ndim == 0 else [1, 2, 4, 4]
+        model = make_model(nodes, {"x": [1, 3, 4, 4]}, {"g": out},
+                           [init("w1", rand(8, 3, 1, 1)), init("idx", index)])
+        group = _group_of(analyze_onnx(model), "w1", 0)
+        assert group.is_pinned
+        assert any(reason in r for r in group.pin_reasons), group.pin_reasons
+
+
+def test_expand_shape_is_rewritten() -> None:
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Unsqueeze", ["h", "ax1"], ["u"], name="unsq"),
+        helper.make_node("Expand", ["u", "shape"], ["e"], name="expand"),
+        helper.make_node("ReduceSum", ["e", "ax1"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Gemm", ["s", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, {"x": [1, 8]}, {"y": [1, 4]}, [
+        init("w1", rand(16, 8)), init("b1", rand(16)), init("ax1", np.array([1])),
+        init("shape", np.array([1, 3, 16])), init("w2", rand(4, 16))])
+    result = _prune(model)
+    assert _const(result.model, "expand", 1) == [1, 3, 8]
+
+
+def _attention_model(heads: int = 4, dim: int = 16, tokens: int = 6) -> onnx.ModelProto:
+    hd = dim // heads
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v0"], name="v"),
+        helper.make_node("Reshape", ["q0", "heads"], ["q1"], name="q_heads"),
+        helper.make_node("Reshape", ["k0", "heads"], ["k1"], name="k_heads"),
+        helper.make_node("Reshape", ["v0", "heads"], ["v1"], name="v_heads"),
+        helper.make_node("Transpose", ["q1"], ["q2"], name="qt", perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k1"], ["k2"], name="kt", perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v1"], ["v2"], name="vt", perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q2", "k2"], ["s0"], name="qk"),
+        helper.make_node("Mul", ["s0", "scale"], ["s1"], name="scale"),
+        helper.make_node("Softmax", ["s1"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v2"], ["o0"], name="pv"),
+        helper.make_node("Transpose", ["o0"], ["o1"], name="ot", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["o1", "merge"], ["o2"], name="merge"),
+        helper.make_node("MatMul", ["o2", "wo"], ["y"], name="proj"),
+    ]
+    return make_model(nodes, {"x": [1, tokens, dim]}, {"y": [1, tokens, dim]}, [
+        init("wq", rand(dim, dim)), init("wk", rand(dim, dim, seed=1)),
+        init("wv", rand(dim, dim, seed=2)), init("wo", rand(dim, dim, seed=3)),
+        init("heads", np.array([1, tokens, heads, hd])), init("merge", np.array([1, tokens, -1])),
+        init("scale", np.array(hd ** -0.5, dtype=np.float32))])
+
+
+def test_reshape_to_heads_finds_head_units_and_rewrites_shapes() -> None:
+    model = _attention_model()
+    analysis = analyze_onnx(model)
+    exact = sorted(g.size for g in analysis.groups
+                   if g.size > 1 and not g.pinned.any() and not g.is_lossy)
+    # heads (shared by q, k, v), q/k head dims, v head dims
+    assert exact == [4, 4, 4]
+    result = _prune(model)
+    for name in ("q_heads", "k_heads", "v_heads"):
+        node = next(n for n in result.model.graph.node if n.name == name)
+        shape = numpy_helper.to_array(
+            next(t for t in result.model.graph.initializer if t.name == node.input[1])).tolist()
+        assert shape[:2] == [1, 6] and shape[2] * shape[3] < 16
+    assert _const(result.model, "merge", 1) == [1, 6, -1]  # -1 stays -1
+
+
+def test_shared_shape_constant_gets_one_copy_per_user() -> None:
+    """q, k and v share one shape initializer; each Reshape gets the shape of its own width and
+    the shared original is dropped once nothing reads it."""
+    result = _prune(_attention_model())
+    model = result.model
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    for reshape, weight in (("q_heads", "wq"), ("k_heads", "wk"), ("v_heads", "wv")):
+        shape = inits[nodes[reshape].input[1]].tolist()
+        assert shape[2] * shape[3] == inits[weight].shape[1]
+    used = {i for n in model.graph.node for i in n.input}
+    assert set(inits) <= used, "dangling initializers left behind"
+
+
+def test_unknown_op_pins_with_a_reason_naming_it() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Hardmax", ["c1"], ["h"], name="mystery", axis=1),
+        helper.make_node("Conv", ["h", "w2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c2"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w3"], ["y"], name="conv3", kernel_shape=[1, 1]),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, [
+        init("w1", rand(8, 3, 1, 1)), init("b1", rand(8)), init("w2", rand(8, 8, 1, 1)),
+        init("w3", rand(2, 8, 1, 1))])
+    group = _group_of(analyze_onnx(model), "w1", 0)
+    assert group.is_pinned
+    assert any("Hardmax" in r and "mystery" in r for r in group.pin_reasons), group.pin_reasons
+    result = _prune(model)  # conv2 -> conv3 is still prunable
+    assert result.plan.removed.get("w2", {}).get(0)
+    assert "w1" not in result.plan.removed
+
+
+def test_custom_domain_op_passes_through_pinned() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Mystery", ["c1"], ["m"], name="custom", domain="com.example"),
+        helper.make_node("Conv", ["m", "w2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c2"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w3"], ["y"], name="conv3", kernel_shape=[1, 1]),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, [
+        init("w1", rand(8, 3, 1, 1)), init("w2", rand(8, 8, 1, 1)),
+        init("w3", rand(2, 8, 1, 1))], value_info={"m": [1, 8, 4, 4]},
+        extra_opsets=[("com.example", 1)])
+    graph = from_onnx(model)
+    assert graph.node("custom").op == "opaque"
+    group = _group_of(analyze_onnx(model), "w1", 0)
+    assert any("com.example::Mystery" in r and "custom" in r for r in group.pin_reasons)
+    result = prune_onnx(model, ratio=0.5, round_to=1)
+    assert any(n.op_type == "Mystery" and n.domain == "com.example"
+               for n in result.model.graph.node)
+    assert result.plan.removed["w2"][0]
+
+
+def test_gemm_variants_are_exact() -> None:
+    """transA, transB=0 with an initializer [K, N], and a 2-D bias."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[1, 0]),
+        helper.make_node("Gemm", ["xt", "w1", "b1"], ["h"], name="fc1", transA=1, alpha=0.5),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1, beta=2.0),
+    ]
+    model = make_model(nodes, {"x": [2, 8]}, {"y": [2, 4]}, [
+        init("w1", rand(8, 16)), init("b1", rand(1, 16)), init("w2", rand(4, 16)),
+        init("b2", rand(4))])
+    result = _prune(model)
+    assert result.plan.removed["w1"] == {1: result.plan.removed["w2"][1]}
+    assert 0 in result.plan.removed["b1"] or 1 in result.plan.removed["b1"]
+
+
+def test_group_normalization_num_groups_is_rewritten() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("GroupNormalization", ["c", "gs", "gb"], ["n"], name="gn",
+                         num_groups=4),
+        helper.make_node("Conv", ["n", "w2"], ["y"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 4, 4]}, {"y": [1, 2, 4, 4]}, [
+        init("w1", rand(8, 3, 1, 1)), init("gs", rand(8)), init("gb", rand(8)),
+        init("w2", rand(2, 8, 1, 1))])
+    model.opset_import[0].version = 21
+    model.ir_version = 10
+    result = _prune(model)
+    gn = next(n for n in result.model.graph.node if n.name == "gn")
+    groups = next(a.i for a in gn.attribute if a.name == "num_groups")
+    assert groups == 2
