@@ -124,7 +124,13 @@ def _hidden_size(config: Any) -> int:
 def analyze_hf(model: nn.Module, example_inputs: Any) -> HFAnalysis:
     """Trace ``model`` (through torch.export; weights may live on ``meta``) and name its units."""
     t0 = time.perf_counter()
-    graph, _, how = from_fx.from_fx(model, example_inputs, copy_model=False)
+    args = from_fx._as_tuple(example_inputs)
+    gm, how = from_fx.trace(model, args)
+    for n in gm.graph.nodes:  # export's guard check has no value; don't re-propagate for it
+        if n.op == "call_module" and n.target == "_guards_fn":
+            n.meta.setdefault("val", None)
+    from_fx.propagate_shapes(gm, args)
+    graph = from_fx.lower_graph_module(gm)
     analysis = group_channels(graph)
     lin = _linear_dims(model)
     hidden = _hidden_size(model.config)

@@ -197,17 +197,21 @@ def _collect_groups(graph: ChannelGraph, labels: dict[str, list[np.ndarray]], re
     gstart = np.searchsorted(res.group[by_group], np.arange(res.n_groups + 1))
     unit_index = np.full(len(res.is_atom), -1, dtype=np.int64)
     unit_index[by_group] = np.arange(len(by_group)) - gstart[res.group[by_group]]
+    pin_mask = np.zeros(len(res.is_atom), dtype=bool)
+    pin_mask[np.fromiter(res.pin_reason, dtype=np.int64, count=len(res.pin_reason))] = True
+    lossy_mask = np.zeros(len(res.is_atom), dtype=bool)
+    lossy_mask[np.fromiter(res.lossy_reason, dtype=np.int64, count=len(res.lossy_reason))] = True
     for new_id, (g, lo, hi) in enumerate(zip(touched, bounds[:-1], bounds[1:])):
         atoms = by_group[gstart[g]:gstart[g + 1]]
         members = []
         gp, gd, gpos, gatom = p[lo:hi], d[lo:hi], pos[lo:hi], atom[lo:hi]
-        keys = gp * 64 + gd
-        for key in np.unique(keys):
-            sel = keys == key
-            members.append(Member(param_names[int(key) // 64], int(key) % 64, gpos[sel],
-                                  unit_index[gatom[sel]]))
-        pinned = np.array([int(a) in res.pin_reason for a in atoms], dtype=bool)
-        lossy = np.array([int(a) in res.lossy_reason for a in atoms], dtype=bool)
+        keys = gp * 64 + gd  # sorted (lexsort above): one contiguous run per member
+        cuts = np.r_[0, np.nonzero(np.diff(keys))[0] + 1, len(keys)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            key = int(keys[a])
+            members.append(Member(param_names[key // 64], key % 64, gpos[a:b],
+                                  unit_index[gatom[a:b]]))
+        pinned, lossy = pin_mask[atoms], lossy_mask[atoms]
         pin_reasons = tuple(dict.fromkeys(res.pin_reason[int(a)] for a in atoms[pinned]))
         lossy_reasons = tuple(dict.fromkeys(res.lossy_reason[int(a)] for a in atoms[lossy]))
         groups.append(ChannelGroup(new_id, len(atoms), tuple(members), pinned, lossy,
