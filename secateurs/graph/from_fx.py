@@ -132,25 +132,42 @@ def _on_meta(gm: nn.Module) -> bool:
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
-    """Record output shapes on every node (``meta['val']``) without running real compute."""
+    """Record output shapes on every node without real compute.
+
+    The fast path runs ``ShapeProp`` on the ``meta`` device with the module's tensors swapped
+    for meta stand-ins (no copy of the weights); a graph that mixes in real tensors it creates
+    itself falls back to ``FakeTensorMode``, which is slower but accepts them.
+    """
     args = _as_tuple(example_inputs)
     if all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr")):
         return
     try:
-        if _on_meta(gm):
-            meta_args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
-            ShapeProp(gm).propagate(*meta_args)
-        else:
-            from torch._subclasses.fake_tensor import FakeTensorMode
+        _meta_shape_prop(gm, args)
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure: retry under FakeTensorMode
+        log.debug("meta shape propagation failed (%s); using FakeTensorMode", exc)
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-            ShapeProp(gm, mode).propagate(*fake)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        ShapeProp(gm, mode).propagate(*fake)
     except Exception as exc:  # noqa: BLE001 - ShapeProp wraps the failing node's error
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise InputError(f"the model does not run on example inputs of shapes {shapes}: "
                          f"{_first_line(exc)}. Pass inputs the model accepts "
                          f"(--input-shape on the CLI).") from exc
+
+
+def _meta_shape_prop(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> None:
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(gm.named_buffers(remove_duplicate=False))
+    meta = {k: v if v.is_meta else torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    meta_args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    with _reparametrize_module(gm, meta, tie_weights=True):
+        ShapeProp(gm).propagate(*meta_args)
 
 
 def _shape_of(meta: Any) -> Any:

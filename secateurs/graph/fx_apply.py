@@ -53,9 +53,9 @@ def slice_tensors(root: nn.Module, removed: dict[str, dict[int, list[int]]]) -> 
                 if not new.is_meta else new.narrow(d, 0, int(keep.sum()))
         for mod, attr, is_param in refs.get(id(t), []):
             if is_param:
-                mod._parameters[attr] = nn.Parameter(new.clone(), requires_grad=t.requires_grad)
+                mod._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
             else:
-                mod._buffers[attr] = new.clone()
+                mod._buffers[attr] = new
         if len(refs.get(id(t), [])) > 1:  # keep tied tensors one object
             first_mod, first_attr, is_param = refs[id(t)][0]
             shared = (first_mod._parameters if is_param else first_mod._buffers)[first_attr]
