@@ -1,0 +1,99 @@
+"""Bad input fails with a clear InputError and writes nothing; external data and dynamic
+batch dims survive pruning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from _onnx_testlib import export_zoo
+
+from secateurs.errors import InputError
+from secateurs.graph.onnx_apply import load_onnx, uses_external_data
+from secateurs.passes.prune_onnx import prune_onnx
+
+
+def _fails_cleanly(src: Path, tmp_path: Path, match: str, **kwargs) -> None:
+    out = tmp_path / "out" / "pruned.onnx"
+    with pytest.raises(InputError, match=match):
+        prune_onnx(src, ratio=0.5, output_path=out, **kwargs)
+    assert not out.exists()
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _fails_cleanly(tmp_path / "nope.onnx", tmp_path, "does not exist")
+
+
+def test_corrupt_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage\xff\xfe" * 50)
+    _fails_cleanly(bad, tmp_path, "corrupt|no ONNX graph|not a valid")
+
+
+def test_truncated_file(tmp_path: Path, export_dir: Path) -> None:
+    data = export_zoo("resnet", export_dir).read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    _fails_cleanly(cut, tmp_path, "truncated|corrupt|not a valid")
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=0)
+
+
+def test_missing_external_data(tmp_path: Path, export_dir: Path) -> None:
+    path = tmp_path / "ext.onnx"
+    _save_external(onnx.load(str(export_zoo("vgg", export_dir))), path)
+    (tmp_path / "ext.onnx.data").unlink()
+    _fails_cleanly(path, tmp_path, "ext.onnx.data")
+
+
+def test_external_data_round_trip(tmp_path: Path, export_dir: Path) -> None:
+    path = tmp_path / "ext.onnx"
+    _save_external(onnx.load(str(export_zoo("vgg", export_dir))), path)
+    out = tmp_path / "pruned" / "vgg.onnx"
+    result = prune_onnx(path, ratio=0.5, round_to=1, verify=True, output_path=out)
+    assert result.report.exact
+    assert uses_external_data(onnx.load(str(out), load_external_data=False))
+    reloaded, external = load_onnx(out)
+    assert external
+    onnx.checker.check_model(reloaded, full_check=True)
+    assert len(list(out.parent.glob("*.data"))) == 1
+
+
+def test_dynamic_batch_needs_input_shapes(tmp_path: Path, export_dir: Path) -> None:
+    path = export_zoo("vit", export_dir, dynamic_batch=True)
+    _fails_cleanly(path, tmp_path, r"input 'x' has a dynamic dim 'batch'.*input_shapes=")
+
+
+def test_input_shapes_prunes_and_keeps_dynamic_batch(tmp_path: Path, export_dir: Path) -> None:
+    path = export_zoo("vit", export_dir, dynamic_batch=True)
+    result = prune_onnx(path, ratio=0.5, round_to=1, verify=True,
+                        input_shapes={"x": [1, 3, 32, 32]})
+    assert result.report.exact and result.plan.n_removed > 0
+    sess = ort.InferenceSession(result.model.SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": np.zeros((3, 3, 32, 32), np.float32)})[0]
+    assert out.shape[0] == 3
+
+
+def test_input_shapes_must_name_an_input(export_dir: Path) -> None:
+    with pytest.raises(InputError, match="not an input"):
+        prune_onnx(export_zoo("vgg", export_dir), input_shapes={"y": [1, 3, 32, 32]})
+
+
+def test_plan_from_another_frontend_is_refused(export_dir: Path) -> None:
+    from secateurs.errors import PlanError
+    from secateurs.graph.onnx_apply import apply_plan_onnx
+    from secateurs.passes.plan import Plan
+
+    model = onnx.load(str(export_zoo("vgg", export_dir)))
+    with pytest.raises(PlanError, match="frontend"):
+        apply_plan_onnx(model, Plan({"features.0.weight": {0: [1]}}, frontend="fx"))
+    with pytest.raises(PlanError, match="neither an initializer"):
+        apply_plan_onnx(model, Plan({"nope": {0: [1]}}, frontend="onnx"))
