@@ -158,7 +158,8 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     floor = sel.macs_kept(MAX_RATIO)
     if abs(best_kept - target_macs) > tolerance * target_macs:
         raise InputError(f"target_macs={target_macs:.3f} is out of reach: the nearest budget "
-                         f"is {best_kept:.3f} (too few channels for a finer step, or pruning can keep between "
+                         f"is {best_kept:.3f} (too few channels for a finer step: try "
+                         f"global_pruning=True or a larger tolerance; or pruning can keep between "
                          f"{floor:.3f} and 1.0 of the MACs with these settings: pinned, "
                          f"ignored and lossy groups are not pruned)")
     result = prune(model, example_inputs, best_r, importance, **prune_kwargs)
@@ -292,7 +293,8 @@ def _group_key(analysis: Analysis, gid: int) -> str:
             for p in g.params():
                 owners.setdefault(p, set()).add(g.id)
     params = analysis.groups[gid].params()
-    unique = [p for p in params if owners.get(p) == {gid}]
+    unique = sorted((p for p in params if owners.get(p) == {gid}),
+                    key=lambda p: (not p.endswith(".weight"), p))
     return (unique or params)[0]
 
 
