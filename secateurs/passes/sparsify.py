@@ -269,6 +269,12 @@ class SparsifyResult:
 # --------------------------------------------------------------------------- calibration
 
 
+_NOT_RUN = (
+    "not executed on the calibration inputs (its forward is never called, e.g. "
+    "nn.MultiheadAttention.out_proj is applied functionally); use method='magnitude' for it"
+)
+
+
 class _StopForward(Exception):
     """Raised by a pre-hook once the layer being calibrated has seen its input."""
 
@@ -497,7 +503,7 @@ class Sparsify:
             calls, groups = _execution_order(model, candidates, samples[0])
             for name in candidates:
                 if name not in calls:
-                    skipped.append(SkippedLayer(_param_name(prefix, name), "not executed on the calibration inputs"))
+                    skipped.append(SkippedLayer(_param_name(prefix, name), _NOT_RUN))
         global_masks = self._global_masks(candidates) if self.global_ else {}
 
         masks: Masks = {}

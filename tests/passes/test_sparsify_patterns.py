@@ -181,7 +181,7 @@ def test_layer_not_run_in_calibration_is_skipped() -> None:
     model.unused = nn.Linear(8, 8)
     result = sparsify(model, method="wanda", calibration=_calib((4, 32)))
     reasons = {s.name: s.reason for s in result.report.skipped}
-    assert reasons["unused.weight"] == "not executed on the calibration inputs"
+    assert reasons["unused.weight"].startswith("not executed on the calibration inputs")
 
 
 def test_calibration_dict_and_tuple_inputs() -> None:
