@@ -6,11 +6,11 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from _onnx_testlib import export_zoo
 
 from secateurs import zoo
 from secateurs.passes.prune import analyze, prune
 from secateurs.passes.prune_onnx import analyze_onnx, prune_onnx
-from _onnx_testlib import export_zoo
 
 MODELS = ["resnet", "densenet", "mobilenetv2", "vgg", "vit", "vit_fused", "shufflenet",
           "groupnorm_cnn", "conv1d_net", "mlp"]
