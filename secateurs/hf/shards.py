@@ -1,0 +1,111 @@
+"""Apply a plan to a safetensors checkpoint shard by shard (models larger than memory).
+
+The plan is made on a ``meta``-device model (``prune_hf`` on
+``AutoModelForCausalLM.from_config(cfg)`` under ``torch.device("meta")``, or with real
+importance scores on a smaller machine). ``prune_checkpoint`` then:
+
+1. applies the plan to a meta model built from the checkpoint's config, which gives the new
+   config (heads, kv heads, head_dim, intermediate and hidden sizes, layer count) for free;
+2. streams every shard: each tensor is loaded alone, sliced by the plan (tied aliases follow
+   their canonical tensor), dropped layers are skipped and the remaining layers renumbered;
+3. writes the pruned shards, a new ``model.safetensors.index.json`` and ``config.json``.
+
+Peak memory is one tensor plus one output shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from secateurs.passes.plan import Plan
+
+__all__ = ["prune_checkpoint", "meta_model"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def meta_model(config: Any, model_cls: Any = None) -> torch.nn.Module:
+    """An HF model on the ``meta`` device (no weights materialised)."""
+    if model_cls is None:
+        from transformers import AutoModelForCausalLM as model_cls  # noqa: N813
+    with torch.device("meta"):
+        if hasattr(model_cls, "from_config"):
+            return model_cls.from_config(config).eval()
+        return model_cls(config).eval()
+
+
+def _slice(t: torch.Tensor, dims: dict[int, list[int]]) -> torch.Tensor:
+    for d, idx in sorted(dims.items()):
+        keep = torch.ones(t.shape[d], dtype=torch.bool)
+        keep[torch.as_tensor(idx, dtype=torch.long)] = False
+        t = t.index_select(d, torch.nonzero(keep).flatten())
+    return t.contiguous()
+
+
+def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> dict[str, Any]:
+    """Write the pruned checkpoint of ``src`` (a ``save_pretrained`` directory) to ``dst``."""
+    from transformers import AutoConfig
+
+    from secateurs.hf.prune_hf import _block_list, apply_hf_plan
+
+    os.makedirs(dst, exist_ok=True)
+    config = AutoConfig.from_pretrained(src)
+    model = meta_model(config, model_cls)
+    # aliases: every name of a tied tensor maps to the name the plan uses
+    canonical: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        alias[name] = canonical.setdefault(id(t), name)
+    block_name, blocks = _block_list(model)
+    n_layers = len(blocks)
+    drop = set(plan.meta.get("hf", {}).get("drop_layers", []))
+    renumber = {}
+    j = 0
+    for i in range(n_layers):
+        if i not in drop:
+            renumber[i] = j
+            j += 1
+    layer_re = re.compile(rf"^{re.escape(block_name)}\.(\d+)\.(.*)$")
+    changes = apply_hf_plan(model, plan)
+    model.config.save_pretrained(dst)
+    if os.path.exists(os.path.join(src, INDEX)):
+        with open(os.path.join(src, INDEX)) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+    else:
+        with safe_open(os.path.join(src, SINGLE), "pt") as f:
+            weight_map = {k: SINGLE for k in f.keys()}
+    new_map: dict[str, str] = {}
+    total = 0
+    for shard in sorted(set(weight_map.values())):
+        out: dict[str, torch.Tensor] = {}
+        with safe_open(os.path.join(src, shard), "pt") as f:
+            for key in f.keys():
+                name = key
+                m = layer_re.match(key)
+                if m:
+                    i = int(m.group(1))
+                    if i in drop:
+                        continue
+                    name = f"{block_name}.{renumber[i]}.{m.group(2)}"
+                t = f.get_tensor(key)
+                dims = plan.removed.get(alias.get(key, key))
+                if dims:
+                    t = _slice(t, dims)
+                out[name] = t
+                total += t.numel() * t.element_size()
+        save_file(out, os.path.join(dst, shard), metadata={"format": "pt"})
+        new_map.update({k: shard for k in out})
+        del out
+    with open(os.path.join(dst, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": new_map}, f, indent=2)
+    return {"config_changes": changes, "shards": len(set(new_map.values())),
+            "tensors": len(new_map), "bytes": total}
