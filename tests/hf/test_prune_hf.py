@@ -1,0 +1,148 @@
+"""Hugging Face models from tiny configs: units found, mask-equivalence, config updates,
+save/load round trip, GQA grouping, shard-by-shard application, meta analysis."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from secateurs import zero_plan_slices  # noqa: E402
+from secateurs.hf import analyze_hf, prune_hf, unit_counts  # noqa: E402
+from secateurs.hf.models import FAMILIES, example_inputs, tiny_config, tiny_model  # noqa: E402
+
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+
+def _out(model, x):
+    with torch.no_grad():
+        o = model(*x)
+    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_model(f) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mask_equivalence_heads_head_dim_mlp(models, family):
+    m, x = models[family], example_inputs(family)
+    r = prune_hf(m, x, heads=0.5, mlp=0.3, head_dim=0.25)
+    ref = zero_plan_slices(m, r.plan)
+    assert torch.allclose(_out(r.model, x), _out(ref, x), atol=1e-5)
+    cfg = r.model.config
+    assert cfg.num_attention_heads == 2
+    assert r.plan.meta["hf"]["head_dim_removed"] == 4
+    assert r.macs_kept < 0.7
+    counts = unit_counts(r.hf_analysis)
+    assert counts["heads_groups"] == 2 and counts["mlp_groups"] == 2
+    assert counts["mlp_units"] == 2 * 96
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_gqa_kv_head_takes_its_q_heads(models, family):
+    m, x = models[family], example_inputs(family)
+    hfa = analyze_hf(m, x)
+    heads = hfa.of_kind("heads")
+    assert len(heads) == 2 and all(u.size == 2 for u in heads)  # 2 kv heads per layer
+    qk = [u for u in hfa.of_kind("head_dim") if u.sub == "qk"]
+    assert len(qk) == 1 and qk[0].size == 8 and qk[0].dims_per_unit == 2  # rotary pairs
+    r = prune_hf(m, x, heads=0.5)
+    gid = heads[0].gid
+    kv = int(r.removed_units[gid][0])
+    layer = next(mm.param.split(".self_attn")[0] for mm in hfa.analysis.groups[gid].members)
+    q_rm = r.plan.removed[f"{layer}.self_attn.q_proj.weight"][0]
+    k_rm = r.plan.removed[f"{layer}.self_attn.k_proj.weight"][0]
+    assert q_rm == list(range(kv * 32, kv * 32 + 32))  # q heads 2kv, 2kv+1 (16 dims each)
+    assert k_rm == list(range(kv * 16, kv * 16 + 16))
+    assert r.model.config.num_key_value_heads == 1
+    assert r.model.model.layers[0].self_attn.num_key_value_groups == 2
+
+
+def test_hidden_lossy_runs_with_consistent_shapes(models):
+    m, x = models["llama"], example_inputs("llama")
+    with pytest.raises(Exception):
+        prune_hf(m, x, hidden=0.25)
+    r = prune_hf(m, x, hidden=0.25, allow_lossy=True)
+    assert r.model.config.hidden_size == 48
+    assert r.model.model.embed_tokens.weight.shape == (128, 48)
+    assert r.model.model.norm.weight.shape == (48,)
+    assert r.model.lm_head.weight.shape == (128, 48)
+    assert _out(r.model, x).shape == (2, 8, 128)
+
+
+def test_tied_embedding_stays_one_tensor():
+    m = tiny_model("gpt2")
+    x = example_inputs("gpt2")
+    r = prune_hf(m, x, hidden=0.25, mlp=0.5, allow_lossy=True)
+    assert r.model.lm_head.weight is r.model.transformer.wte.weight
+    assert r.model.lm_head.weight.shape == (128, 48)
+    assert _out(r.model, x).shape == (2, 8, 128)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "vit"])
+def test_save_pretrained_round_trip(tmp_path, models, family):
+    m, x = models[family], example_inputs(family)
+    r = prune_hf(m, x, heads=0.5 if family != "bert" else 0.0, mlp=0.5, importance="l1")
+    r.model.save_pretrained(tmp_path)
+    back = type(r.model).from_pretrained(tmp_path).eval()
+    assert torch.allclose(_out(back, x), _out(r.model, x), atol=1e-5)
+
+
+def test_blocks_and_shards_match_in_memory(tmp_path, models):
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.hf.shards import prune_checkpoint
+
+    m, x = models["llama"], example_inputs("llama")
+    r = prune_hf(m, x, heads=0.5, mlp=0.5, hidden=0.25, allow_lossy=True, blocks=1)
+    assert r.model.config.num_hidden_layers == 1 and len(r.model.model.layers) == 1
+    m.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    info = prune_checkpoint(str(tmp_path / "src"), str(tmp_path / "dst"), r.plan)
+    assert info["shards"] > 1
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    assert torch.allclose(_out(back, x), _out(r.model, x), atol=1e-5)
+
+
+def test_plan_made_on_meta_applies_to_shards(tmp_path, models):
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.hf.shards import meta_model, prune_checkpoint
+
+    m, x = models["qwen2"], example_inputs("qwen2")
+    meta = meta_model(tiny_config("qwen2"))
+    r = prune_hf(meta, x, heads=0.5, mlp=0.25, importance="random")
+    assert all(p.is_meta for p in r.model.parameters())
+    m.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    prune_checkpoint(str(tmp_path / "src"), str(tmp_path / "dst"), r.plan)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    ref = zero_plan_slices(m, r.plan)
+    assert torch.allclose(_out(back, x), _out(ref, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("importance", ["taylor", "activation"])
+def test_data_driven_criteria(models, importance):
+    m, x = models["llama"], example_inputs("llama")
+    r = prune_hf(m, x, heads=0.5, mlp=0.5, importance=importance)
+    ref = zero_plan_slices(m, r.plan)
+    assert torch.allclose(_out(r.model, x), _out(ref, x), atol=1e-5)
+
+
+def test_meta_many_layers_unit_counts():
+    cfg = tiny_config("llama", num_hidden_layers=32, hidden_size=128, num_attention_heads=8,
+                      num_key_value_heads=2, intermediate_size=256)
+    from secateurs.hf.shards import meta_model
+
+    hfa = analyze_hf(meta_model(cfg), (torch.zeros(1, 4, dtype=torch.long),))
+    c = unit_counts(hfa)
+    assert c["heads_groups"] == 32 and c["heads_units"] == 32 * 2
+    assert c["mlp_groups"] == 32 and c["mlp_units"] == 32 * 256
+    assert c["head_dim_qk_groups"] == 1 and c["head_dim_qk_units"] == 8  # 16 dims, rotary pairs
+    assert c["head_dim_v_groups"] == 32 and c["hidden_units"] == 128
