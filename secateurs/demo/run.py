@@ -187,7 +187,8 @@ def run_demo(seed: int = 0, target_macs: float = 0.5, fine_tune_steps: int = 150
         series[f"{best} + fine-tune"] = [(1.0, baseline["accuracy"]),
                                          (result["macs_kept"], final["accuracy"])]
         plot_accuracy_vs_macs(series, png_out, baseline=baseline["accuracy"],
-                              title="DigitsCNN: test accuracy vs MACs kept (one-shot)")
+                              title="DigitsCNN: test accuracy vs MACs kept "
+                              "(one-shot per criterion; best + fine-tune)")
         result["png"] = str(png_out)
     if json_out is not None:
         write_bytes_atomically((json.dumps(result, indent=2, default=str) + "\n").encode(),

@@ -232,3 +232,21 @@ def test_lottery_rewind_step_must_be_reported() -> None:
     with pytest.raises(InputError, match="on_step"):
         ticket.step(_trainer([], steps=3))
     assert np.isfinite(ticket.sparsity)
+
+
+def test_iterative_recalibrates_data_driven_criteria() -> None:
+    from secateurs.passes.importance import calibration_context
+
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))]
+    seen = []
+
+    def ctx_fn(m):
+        seen.append(m.layer1.conv1.out_channels)
+        return calibration_context(m, batches, lambda mod, b: F.cross_entropy(mod(b[0]), b[1]),
+                                   "taylor")
+
+    res = iterative_prune(_cnn(), X, target_ratio=0.5, n_steps=2, importance="taylor",
+                          context_fn=ctx_fn, verify=True)
+    assert seen[0] == 16 and seen[1] < 16  # the second context sees the pruned model
+    assert all(s.report.exact for s in res.steps)
