@@ -139,8 +139,9 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
     itself falls back to ``FakeTensorMode``, which is slower but accepts them.
     """
     args = _as_tuple(example_inputs)
-    if all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output", "get_attr")):
-        return
+    if all("val" in n.meta or "example_value" in n.meta
+           for n in gm.graph.nodes if n.op not in ("output", "get_attr")):
+        return  # torch.export / dynamo graphs carry shapes already
     try:
         _meta_shape_prop(gm, args)
         return
@@ -184,6 +185,8 @@ def _shape_of(meta: Any) -> Any:
 def _node_shape(node: torch.fx.Node) -> Any:
     if "val" in node.meta:
         return _shape_of(node.meta["val"])
+    if "example_value" in node.meta:
+        return _shape_of(node.meta["example_value"])
     if "tensor_meta" in node.meta:
         return _shape_of(node.meta["tensor_meta"])
     return None
