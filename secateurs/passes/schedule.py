@@ -155,6 +155,14 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
             hi = mid
         if hi - lo < 1e-4:
             break
+    extra: dict[str, float] = {}
+    if abs(best_kept - target_macs) > tolerance * target_macs and not sel.options[
+            "global_pruning"]:
+        extra, kept = _refine(sel, target_macs, lo, hi)
+        if abs(kept - target_macs) < abs(best_kept - target_macs):
+            best_r, best_kept = lo, kept
+        else:
+            extra = {}
     floor = sel.macs_kept(MAX_RATIO)
     if abs(best_kept - target_macs) > tolerance * target_macs:
         raise InputError(f"target_macs={target_macs:.3f} is out of reach: the nearest budget "
@@ -162,6 +170,8 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
                          f"global_pruning=True or a larger tolerance; or pruning can keep between "
                          f"{floor:.3f} and 1.0 of the MACs with these settings: pinned, "
                          f"ignored and lossy groups are not pruned)")
+    if extra:
+        prune_kwargs["ratios"] = {**(prune_kwargs.get("ratios") or {}), **extra}
     result = prune(model, example_inputs, best_r, importance, **prune_kwargs)
     kept = result.report.macs_kept
     log.info("prune_to_macs: ratio %.4f keeps %.2f%% of MACs (target %.2f%%)", best_r,
@@ -171,6 +181,34 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
                          f"not {target_macs:.3f}; please report this model")
     result.plan.meta["target_macs"] = float(target_macs)
     return result
+
+
+def _refine(sel: _Selector, target: float, r_lo: float,
+            r_hi: float) -> tuple[dict[str, float], float]:
+    """Between two uniform ratios the MAC count can jump past the target (few, coupled
+    channels). Move groups one at a time, largest first, from ``r_lo`` to ``r_hi`` and keep the
+    mix closest to the target. Only groups with a parameter of their own take part, so that
+    ``prune(ratios={that parameter: r_hi})`` selects exactly this mix."""
+    base = dict(sel.group_ratios)
+    movable = []
+    for g in sorted(sel.analysis.groups, key=lambda g: (-g.size, g.id)):
+        if g.id not in sel.scores or g.id in sel.skip or g.id in base:
+            continue
+        key = _group_key(sel.analysis, g.id, unique_only=True)
+        if key:
+            movable.append((g.id, key))
+    best: tuple[dict[str, float], float] = ({}, sel.macs_kept(r_lo))
+    chosen: dict[str, float] = {}
+    try:
+        for gid, key in movable:
+            sel.group_ratios[gid] = r_hi
+            chosen[key] = r_hi
+            kept = sel.macs_kept(r_lo)
+            if abs(kept - target) < abs(best[1] - target):
+                best = (dict(chosen), kept)
+    finally:
+        sel.group_ratios = base
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,9 +322,9 @@ class Sensitivity:
     drop: float
 
 
-def _group_key(analysis: Analysis, gid: int) -> str:
+def _group_key(analysis: Analysis, gid: int, unique_only: bool = False) -> str:
     """A parameter name that belongs to this group only (a BN scale, a bias), else its first
-    member's parameter."""
+    member's parameter (or "" with ``unique_only``)."""
     owners: dict[str, set[int]] = {}
     for g in analysis.groups:
         if g.size > 1 and g.prunable:
@@ -295,6 +333,8 @@ def _group_key(analysis: Analysis, gid: int) -> str:
     params = analysis.groups[gid].params()
     unique = sorted((p for p in params if owners.get(p) == {gid}),
                     key=lambda p: (not p.endswith(".weight"), p))
+    if unique_only:
+        return unique[0] if unique else ""
     return (unique or params)[0]
 
 

@@ -250,3 +250,14 @@ def test_iterative_recalibrates_data_driven_criteria() -> None:
                           context_fn=ctx_fn, verify=True)
     assert seen[0] == 16 and seen[1] < 16  # the second context sees the pruned model
     assert all(s.report.exact for s in res.steps)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.5, 0.4])
+def test_target_macs_mixes_ratios_when_uniform_steps_are_too_coarse(target) -> None:
+    from secateurs.passes.schedule import macs_kept_at
+
+    model = _cnn()  # 16/32 channels: one uniform step moves the MACs by several percent
+    res = prune(model, X, target_macs=target, verify=True)
+    assert abs(res.report.macs_kept - target) <= 0.05 * target
+    assert res.report.exact
+    assert macs_kept_at(model, X, res.plan.meta["ratio"]) <= 1.0
