@@ -337,8 +337,10 @@ def calibrate_fisher(model: nn.Module, batches: Iterable[Any],
 def activation_statistics(model: nn.Module, batches: Iterable[Any],
                           forward: Callable[[nn.Module, Any], Any] | None = None
                           ) -> dict[str, torch.Tensor]:
-    """Mean ``|output|`` per output channel (dim 1, or the last dim of a Linear) of every module
-    owning a ``weight``, filed under ``"<module>.weight"``, averaged over ``batches``.
+    """Mean ``|output|`` per output channel of every module owning a ``weight``, filed under
+    ``"<module>.weight"``, averaged over ``batches``. The channel dim is 1 (conv, batch/group
+    norm) or the last dim (linear, layer norm, embedding); an output whose channel count is not
+    the weight's first dim is skipped.
 
     ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for tuples/lists,
     else ``model(batch)``).
@@ -347,12 +349,14 @@ def activation_statistics(model: nn.Module, batches: Iterable[Any],
     counts: dict[str, int] = {}
     hooks = []
 
-    def hook_for(name: str, linear: bool):
+    def hook_for(name: str, channels_last: bool, width: int):
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
             if not isinstance(out, torch.Tensor) or out.dim() < 2:
                 return
             x = out.detach().float().abs()
-            ch = -1 if linear else 1
+            ch = -1 if channels_last else 1
+            if x.shape[ch] != width:  # not one statistic per weight row: skip
+                return
             per = x.movedim(ch, 0).reshape(x.shape[ch], -1)
             key = f"{name}.weight" if name else "weight"
             sums[key] = sums.get(key, 0) + per.sum(1)
@@ -362,7 +366,9 @@ def activation_statistics(model: nn.Module, batches: Iterable[Any],
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() >= 1:
-            hooks.append(mod.register_forward_hook(hook_for(name, isinstance(mod, nn.Linear))))
+            last = isinstance(mod, (nn.Linear, nn.LayerNorm, nn.Embedding)) or \
+                type(mod).__name__ == "RMSNorm"
+            hooks.append(mod.register_forward_hook(hook_for(name, last, w.shape[0])))
     run = forward or (lambda m, b: m(b[0]) if isinstance(b, (tuple, list)) else m(b))
     was_training = model.training
     model.eval()
