@@ -13,6 +13,11 @@ with AVX-512, 8 with AVX2 — and falls back to im2col + GEMM otherwise, which i
 (``tools/bench/ort_rounding.py`` measures it; ``tools/bench/onnx_prune.py`` shows the end to end
 effect). ``ORT_ROUND_TO`` is 16: a multiple of both blocks, so a model pruned on one x86
 machine keeps the fast path on the other, and a multiple of 8 for GPU tensor cores too.
+Measured on this project's AVX-512 test machine (ORT 1.31): a 3x3 conv at widths that are
+multiples of 16 runs 1.25-1.5x the MAC/s of other widths, and 16 is the smallest multiple at
+which every width is fast (``results/ort_rounding.json``); ResNet-50 pruned to 2x fewer MACs
+runs 2.0x faster with ``round_to=16`` but only 1.39x with ``round_to=1`` (1 thread, batch 1,
+``results/onnx_prune.json``).
 """
 
 from __future__ import annotations
