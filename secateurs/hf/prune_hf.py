@@ -360,7 +360,8 @@ def _update_config(config: Any, facts: dict, head_dim: int, hidden: int,
         put("n_inner" if config.model_type == "gpt2" else "intermediate_size", n)
     elif len(facts["inter"]) > 1:
         notes.append(f"intermediate size differs between layers {sorted(facts['inter'])}")
-    if head_dim_changed or (hasattr(config, "head_dim") and config.head_dim is not None):
+    if head_dim_changed or "num_attention_heads" in changes or \
+            getattr(config, "head_dim", None) is not None:  # ViT/Llama read config.head_dim
         put("head_dim", head_dim)
     if notes:
         log.warning("config cannot describe the pruned model exactly: %s", "; ".join(notes))
