@@ -59,3 +59,26 @@ def test_help_runs():
     res = subprocess.run([sys.executable, "-m", "secateurs", "--help"], capture_output=True,
                          text=True)
     assert res.returncode == 0 and "prune" in res.stdout
+
+
+def test_prune_cli_onnx_in_onnx_out(tmp_path, capsys):
+    import onnx
+
+    from secateurs import zoo
+    from secateurs.runtime.onnx_export import export_onnx
+
+    entry = zoo.get("vgg")
+    src = tmp_path / "vgg.onnx"
+    export_onnx(entry.build(), entry.example_inputs(), str(src))
+    out, plan = tmp_path / "pruned.onnx", tmp_path / "plan.json"
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5", "--verify",
+                 "--plan", str(plan)]) == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert "exact" in capsys.readouterr().out
+    assert json.loads(plan.read_text())["frontend"] == "onnx"
+    # a truncated file: clear error, exit 2, nothing written
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(src.read_bytes()[:100])
+    out2 = tmp_path / "never.onnx"
+    assert main(["prune", str(bad), "-o", str(out2)]) == 2
+    assert not out2.exists()
