@@ -1,11 +1,18 @@
 """secateurs: make trained neural networks smaller and faster.
 
-Public API only; everything else is internal.
+Public API only; everything else is internal. Names that need an optional extra (``onnx``,
+``onnxruntime``, ``transformers``, ``tensorrt``) are imported on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from secateurs.errors import InputError, PlanError, SecateursError, TraceError
 from secateurs.passes.group_channels import Analysis, ChannelGroup, Member
-from secateurs.passes.importance import CRITERIA, ScoreContext
+from secateurs.passes.importance import CRITERIA, ScoreContext, bn_l1_regularizer
+from secateurs.passes.permute_nm import PermuteResult, permute_for_nm
 from secateurs.passes.plan import Plan
 from secateurs.passes.prune import (
     PruneReport,
@@ -16,11 +23,44 @@ from secateurs.passes.prune import (
     verify_mask_equivalence,
     zero_plan_slices,
 )
+from secateurs.passes.schedule import (
+    iterative_prune,
+    prune_depth,
+    prune_to_macs,
+    ratios_from_sensitivity,
+    sensitivity_scan,
+)
+from secateurs.passes.sparsify import SparsifyResult, is_nm_sparse, sparsify
+
+_LAZY = {
+    "analyze_onnx": "secateurs.passes.prune_onnx",
+    "prune_onnx": "secateurs.passes.prune_onnx",
+    "sparsify_onnx": "secateurs.passes.onnx_sparsify",
+    "export_onnx": "secateurs.runtime.onnx_export",
+    "OrtSession": "secateurs.runtime.ort",
+    "compare": "secateurs.runtime.ort",
+    "check_sparse_eligibility": "secateurs.runtime.tensorrt",
+    "trtexec_command": "secateurs.runtime.tensorrt",
+    "build_engine": "secateurs.runtime.tensorrt",
+    "prune_hf": "secateurs.hf",
+    "analyze_hf": "secateurs.hf",
+    "secateurs_backend": "secateurs.runtime.torch_backend",
+}
 
 __all__ = [
     "SecateursError", "TraceError", "PlanError", "InputError",
     "analyze", "prune", "apply_plan", "verify_mask_equivalence", "zero_plan_slices",
     "Plan", "PruneResult", "PruneReport", "Analysis", "ChannelGroup", "Member",
-    "CRITERIA", "ScoreContext",
+    "CRITERIA", "ScoreContext", "bn_l1_regularizer",
+    "prune_to_macs", "iterative_prune", "sensitivity_scan", "ratios_from_sensitivity",
+    "prune_depth",
+    "sparsify", "SparsifyResult", "is_nm_sparse", "permute_for_nm", "PermuteResult",
+    *_LAZY,
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'secateurs' has no attribute '{name}'")
