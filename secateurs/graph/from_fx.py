@@ -100,13 +100,13 @@ def _inline_wrapped_regions(gm: torch.fx.GraphModule) -> None:
                 if sn.op == "placeholder":
                     env[sn] = operands.pop(0)
                 elif sn.op == "output":
-                    result = torch.fx.node.map_arg(sn.args[0], lambda a: env[a])
+                    result = torch.fx.node.map_arg(sn.args[0], env.__getitem__)
                 elif sn.op == "get_attr":
                     name = f"_inlined_{node.name}_{sn.target}".replace(".", "_")
                     setattr(gm, name, _fetch_attr(sub, str(sn.target)))
                     env[sn] = gm.graph.get_attr(name)
                 else:
-                    env[sn] = gm.graph.node_copy(sn, lambda a: env[a])
+                    env[sn] = gm.graph.node_copy(sn, env.__getitem__)
         if isinstance(result, (list, tuple)):
             for user in list(node.users):
                 if user.target is operator.getitem:
@@ -551,8 +551,9 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
     if type(mod) in _UNARY_MODULES:
         return _UNARY_MODULES[type(mod)], [], {}
     if isinstance(mod, _POOL_MODULES):
-        return "pool", [], {"spatial": max(_ndim(x) - 2, 1) if "Adaptive" not in
-                            type(mod).__name__ else len(_as_list(mod.output_size))}
+        kind = type(mod).__name__
+        return "pool", [], {"spatial": int(kind[-2]) if kind[-2].isdigit()
+                            else max(_ndim(x) - 2, 1)}
     if isinstance(mod, nn.Upsample):
         return "resize", [], {"spatial": max(_ndim(x) - 2, 1)}
     if isinstance(mod, (nn.Flatten, nn.Unflatten)):

@@ -276,7 +276,7 @@ def _head_dim(config: Any) -> int:
     hd = getattr(config, "head_dim", None)
     if hd:
         return int(hd)
-    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head"))
+    heads = int(getattr(config, "num_attention_heads", 0) or config.n_head)
     return _hidden_size(config) // heads
 
 
@@ -288,7 +288,7 @@ def _out_features(mod: nn.Module) -> int:
 def _update_modules(model: nn.Module, head_dim: int, old_hidden: int, new_hidden: int) -> dict:
     """Refresh every attribute HF modules read at run time from the sliced weights."""
     facts: dict[str, set] = {"heads": set(), "kv": set(), "inter": set()}
-    for name, mod in model.named_modules():
+    for _name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])

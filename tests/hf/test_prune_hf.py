@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
+
+from secateurs.errors import InputError
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -68,7 +69,7 @@ def test_gqa_kv_head_takes_its_q_heads(models, family):
 
 def test_hidden_lossy_runs_with_consistent_shapes(models):
     m, x = models["llama"], example_inputs("llama")
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="lossy"):
         prune_hf(m, x, hidden=0.25)
     r = prune_hf(m, x, hidden=0.25, allow_lossy=True)
     assert r.model.config.hidden_size == 48
