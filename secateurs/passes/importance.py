@@ -103,10 +103,31 @@ def _reduce_except(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch
     return v.sum(dim=dims) if dims else v
 
 
+def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
+                     key: Any) -> torch.Tensor:
+    """sum of |w|^p over every dim but ``dim``. A conv/linear weight is read once: its
+    trailing dims are folded into a cached [out, in] matrix of |w|^p sums, which both its
+    output-channel and input-channel members then reduce cheaply."""
+    x = t.detach()
+    if x.dim() == 1:
+        return x.float().abs().pow(p)
+    folded = cache.get(key)
+    if folded is None:
+        trailing = list(range(2, x.dim()))
+        folded = (torch.linalg.vector_norm(x, ord=p, dim=trailing, dtype=torch.float32).pow(p)
+                  if trailing else x.float().abs().pow(p))
+        cache[key] = folded
+    if dim < 2:
+        return folded.sum(dim=1 - dim)
+    dims = [d for d in range(x.dim()) if d != dim]
+    return torch.linalg.vector_norm(x, ord=p, dim=dims, dtype=torch.float32).pow(p)
+
+
 def magnitude(p: int) -> Criterion:
     def score(group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
-        return member_scores(group, ctx, lambda m, t: _reduce_except(
-            t, m.dim, lambda x: x.abs().pow(p)))
+        cache = ctx.extra.setdefault("_lp_cache", {})
+        return member_scores(group, ctx, lambda m, t: _lp_per_position(
+            t, m.dim, p, cache, (m.param, p, id(t), t._version)))
 
     score.__name__ = f"l{p}"
     return score
