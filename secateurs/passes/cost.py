@@ -21,9 +21,14 @@ def _prod(xs: Shape) -> int:
     return int(math.prod(xs)) if xs else 1
 
 
+_MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha"})
+
+
 def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int:
     total = 0
     for node in graph.nodes:
+        if node.op not in _MAC_OPS:
+            continue
         ins = [None if i is None else shape(i) for i in node.inputs]
         out = shape(node.outputs[0]) if node.outputs else None
         if out is None:
