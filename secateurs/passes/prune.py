@@ -29,7 +29,8 @@ from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, 
 from secateurs.passes.plan import Plan, build_plan
 
 __all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
-           "GroupRow", "verify_mask_equivalence", "zero_plan_slices"]
+           "GroupRow", "verify_mask_equivalence", "zero_plan_slices", "group_rows",
+           "flat_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,14 @@ def _report(analysis: Analysis, removed: dict[int, np.ndarray], model_before: nn
             return analysis.new_shape(v, gone)
         return graph.values[v].shape
 
+    n_before = sum(p.numel() for p in model_before.parameters())
+    n_after = sum(p.numel() for p in model_after.parameters())
+    return PruneReport(n_before, n_after, count_macs(graph, before), count_macs(graph, after),
+                       group_rows(analysis, removed), dict(seconds), tracer)
+
+
+def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray]) -> tuple[GroupRow, ...]:
+    """One report row per channel group: members, widths before/after, why pinned."""
     rows = []
     for g in analysis.groups:
         n_rm = len(removed.get(g.id, ()))
@@ -250,10 +259,7 @@ def _report(analysis: Analysis, removed: dict[int, np.ndarray], model_before: nn
             mem += f" +{len(g.members) - 3}"
         pinned = "; ".join(g.pin_reasons[:2]) if g.is_pinned else ""
         rows.append(GroupRow(g.id, mem, g.size, g.size - n_rm, g.is_lossy, pinned))
-    n_before = sum(p.numel() for p in model_before.parameters())
-    n_after = sum(p.numel() for p in model_after.parameters())
-    return PruneReport(n_before, n_after, count_macs(graph, before), count_macs(graph, after),
-                       tuple(rows), dict(seconds), tracer)
+    return tuple(rows)
 
 
 def zero_plan_slices(model: nn.Module, plan: Plan) -> nn.Module:
@@ -269,13 +275,13 @@ def zero_plan_slices(model: nn.Module, plan: Plan) -> nn.Module:
     return ref
 
 
-def _flat_outputs(out: Any) -> list[torch.Tensor]:
+def flat_outputs(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flat_outputs(o)]
+        return [t for o in out for t in flat_outputs(o)]
     if isinstance(out, dict):
-        return [t for o in out.values() for t in _flat_outputs(o)]
+        return [t for o in out.values() for t in flat_outputs(o)]
     return []
 
 
@@ -295,8 +301,8 @@ def verify_mask_equivalence(original: nn.Module, pruned: nn.Module, plan: Plan,
     args = from_fx._as_tuple(example_inputs)
     ref = _eval(zero_plan_slices(original, plan))
     with torch.no_grad():
-        expected = _flat_outputs(ref(*args))
-        got = _flat_outputs(_eval(pruned)(*args))
+        expected = flat_outputs(ref(*args))
+        got = flat_outputs(_eval(pruned)(*args))
     if len(expected) != len(got):
         return False, float("inf")
     worst, ok = 0.0, True

@@ -46,7 +46,7 @@ from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
 from secateurs.passes.plan import Plan, build_plan
-from secateurs.passes.prune import GroupRow, PruneReport, select_units
+from secateurs.passes.prune import PruneReport, group_rows, select_units
 
 __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
            "load_model"]
@@ -139,16 +139,9 @@ def _report(analysis: Analysis, removed: Mapping[int, np.ndarray], before: onnx.
     def shape_after(v: str) -> tuple[int, ...] | None:
         return analysis.new_shape(v, gone) if v in analysis.labels else graph.values[v].shape
 
-    rows = []
-    for g in analysis.groups:
-        n_rm = len(removed.get(g.id, ()))
-        mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members[:3])
-        if len(g.members) > 3:
-            mem += f" +{len(g.members) - 3}"
-        pinned = "; ".join(g.pin_reasons[:2]) if g.is_pinned else ""
-        rows.append(GroupRow(g.id, mem, g.size, g.size - n_rm, g.is_lossy, pinned))
     return PruneReport(_n_params(before), _n_params(after), count_macs(graph, shape_before),
-                       count_macs(graph, shape_after), tuple(rows), dict(seconds), "onnx")
+                       count_macs(graph, shape_after), group_rows(analysis, removed),
+                       dict(seconds), "onnx")
 
 
 def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0) -> dict[str, np.ndarray]:

@@ -38,6 +38,7 @@ from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis
 from secateurs.passes.importance import ScoreContext, get_criterion, normalize
 from secateurs.passes.plan import build_plan
+from secateurs.passes.prune import flat_outputs
 
 __all__ = ["prune_to_macs", "macs_kept_at", "iterative_prune", "IterativeResult",
            "schedule_fractions", "sensitivity_scan", "Sensitivity", "ratios_from_sensitivity",
@@ -498,13 +499,13 @@ def prune_depth(model: nn.Module, example_inputs: Any, n_blocks: int,
     metrics: list[float] = []
     args = from_fx._as_tuple(example_inputs)
     with torch.no_grad():
-        ref_shapes = [tuple(t.shape) for t in _tensors_of(gm.eval()(*args))]
+        ref_shapes = [tuple(t.shape) for t in flat_outputs(gm.eval()(*args))]
     for _ in range(n_blocks):
         best: tuple[float, torch.fx.GraphModule, ResidualBlock] | None = None
         for block in residual_blocks(gm):
             trial = drop_residual_block(gm, block)
             with torch.no_grad():
-                shapes = [tuple(t.shape) for t in _tensors_of(trial.eval()(*args))]
+                shapes = [tuple(t.shape) for t in flat_outputs(trial.eval()(*args))]
             if shapes != ref_shapes:
                 continue
             value = float(metric(trial))
@@ -521,13 +522,4 @@ def prune_depth(model: nn.Module, example_inputs: Any, n_blocks: int,
     return DepthResult(gm, removed, base, metrics, n_before,
                        sum(p.numel() for p in gm.parameters()))
 
-
-def _tensors_of(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors_of(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors_of(o)]
-    return []
 
