@@ -136,24 +136,33 @@ def _singular(ctx: RuleContext) -> list[Labels | None]:
     return [ctx.ins[0]]
 
 
+def _broadcast_batch(ctx: RuleContext, vecs: list[tuple[Labels, tuple[int, ...]]],
+                     out_shape: tuple[int, ...]) -> Labels:
+    """numpy broadcasting over dims aligned from the right: every operand of the output's
+    size on a dim unifies with the others; size-1 dims broadcast and carry nothing."""
+    out: Labels = []
+    for d in range(len(out_shape)):
+        back = len(out_shape) - d
+        same = [lab[len(lab) - back] for lab, shp in vecs
+                if len(shp) >= back and shp[len(shp) - back] == out_shape[d]]
+        if not same:
+            out.append(ctx.space.fresh(out_shape[d], pin=f"broadcast in {ctx.where}"))
+            continue
+        for other in same[1:]:
+            ctx.space.unify(same[0], other)
+        out.append(same[0])
+    return out
+
+
 @_register(*ELEMENTWISE_OPS)
 def _elementwise(ctx: RuleContext) -> list[Labels | None]:
     """numpy broadcasting: dims aligned from the right; every operand of size > 1 on a dim
     unifies with the others; size-1 dims broadcast and carry nothing."""
     out_shape = ctx.out_shapes[0]
     assert out_shape is not None
-    operands = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes) if lab is not None]
-    out: Labels = []
-    for d in range(len(out_shape)):
-        back = len(out_shape) - d
-        vecs = [lab[len(shp) - back] for lab, shp in operands
-                if len(shp) >= back and shp[len(shp) - back] == out_shape[d]]
-        if not vecs:
-            out.append(ctx.space.fresh(out_shape[d], pin=f"broadcast in {ctx.where}"))
-            continue
-        for other in vecs[1:]:
-            ctx.space.unify(vecs[0], other)
-        out.append(vecs[0])
+    operands = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes)
+                if lab is not None and shp is not None]
+    out = _broadcast_batch(ctx, operands, out_shape)
     if ctx.node.op == "div" and len(ctx.ins) > 1 and ctx.ins[1] is not None:
         for vec, size in zip(ctx.ins[1], ctx.in_shapes[1] or ()):
             if size > 1:
@@ -513,22 +522,6 @@ def _repeat(ctx: RuleContext) -> list[Labels | None]:
 
 
 # ---------------------------------------------------------------- contractions and reductions
-
-
-def _broadcast_batch(ctx: RuleContext, vecs: list[tuple[Labels, tuple[int, ...]]],
-                     out_shape: tuple[int, ...]) -> Labels:
-    out: Labels = []
-    for d in range(len(out_shape)):
-        back = len(out_shape) - d
-        same = [lab[len(lab) - back] for lab, shp in vecs
-                if len(shp) >= back and shp[len(shp) - back] == out_shape[d]]
-        if not same:
-            out.append(ctx.space.fresh(out_shape[d], pin=f"broadcast in {ctx.where}"))
-            continue
-        for other in same[1:]:
-            ctx.space.unify(same[0], other)
-        out.append(same[0])
-    return out
 
 
 @_register("matmul")
