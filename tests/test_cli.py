@@ -23,6 +23,15 @@ def test_prune_cli_writes_model_and_plan(tmp_path, capsys):
     assert doc["format"] == "secateurs-plan" and doc["removed"]
 
 
+def test_prune_cli_pickled_module(tmp_path):
+    out = tmp_path / "r.pt"
+    assert main(["prune", "zoo:densenet", "--ratio", "0.3", "-o", str(out)]) == 0
+    model = torch.load(str(out), weights_only=False)
+    from secateurs import zoo
+
+    assert model(*zoo.get("densenet").example_inputs()).shape == (1, 10)
+
+
 def test_prune_cli_json(capsys):
     assert main(["prune", "zoo:vgg", "--ratio", "0.3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -99,7 +99,8 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
     """Save a pruned module atomically: ``.pt2`` as a torch.export program (load with
-    ``torch.export.load(path).module()``), anything else with ``torch.save``."""
+    ``torch.export.load(path).module()``), anything else with ``torch.save`` (load with
+    ``torch.load(path, weights_only=False)``)."""
     if path.endswith(".pt2"):
         program = torch.export.export(model, tuple(inputs))
         folder = os.path.dirname(os.path.abspath(path))
@@ -113,6 +114,13 @@ def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
                 os.unlink(tmp)
             raise
         return
+    if isinstance(model, torch.fx.GraphModule):
+        # torch 2.13 cannot pickle a GraphModule whose placeholders carry a Tensor type
+        # annotation (the generated code imports it by a name it cannot resolve); the
+        # annotations are cosmetic, so drop them.
+        for node in model.graph.nodes:
+            node.type = None
+        model.recompile()
     try:
         atomic_torch_save(model, path)
     except (AttributeError, TypeError) as exc:  # GraphModule pickling breaks on some torch
