@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx
 
 from secateurs.errors import InputError
+from secateurs.runtime.io import atomic_path, atomic_save_torch, atomic_write_bytes
 
-__all__ = ["load_torch_spec", "parse_shapes", "atomic_torch_save", "is_onnx", "save_model",
-           "atomic_write_text"]
-
-
-def _publish(tmp: str, path: str) -> None:
-    """Rename into place with the permissions a plain open() would have given."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+__all__ = ["load_torch_spec", "parse_shapes", "is_onnx", "save_model", "atomic_write_text"]
 
 
 def is_onnx(spec: str) -> bool:
@@ -42,8 +33,15 @@ def parse_shapes(items: list[str] | None) -> list[tuple[int, ...]]:
     return shapes
 
 
-def load_torch_spec(spec: str, shapes: list[tuple[int, ...]]) -> tuple[torch.nn.Module, tuple]:
-    """Build the model a spec names and example inputs for it."""
+def load_torch_spec(spec: str, shapes: list[tuple[int, ...]] | None = None,
+                    require_inputs: bool = True) -> tuple[torch.nn.Module, tuple | None]:
+    """Build the model a spec names and example inputs for it.
+
+    ``zoo:NAME`` brings its own inputs; ``path/to/file.py:factory`` may return a module or a
+    ``(module, example_inputs)`` pair, or the file may define ``example_inputs()``;
+    ``shapes`` (from ``--input-shape``) override them with random tensors.
+    """
+    shapes = shapes or []
     if spec.startswith("zoo:"):
         from secateurs import zoo
 
@@ -54,47 +52,41 @@ def load_torch_spec(spec: str, shapes: list[tuple[int, ...]]) -> tuple[torch.nn.
             inputs = tuple(torch.randn(s) if i >= len(inputs) or inputs[i].is_floating_point()
                            else torch.randint(0, 2, s) for i, s in enumerate(shapes))
         return model, inputs
-    if ":" not in spec:
+    if ".py:" not in spec:
         raise InputError(f"model spec '{spec}' is neither zoo:NAME, path/to/file.py:factory "
                          "nor an .onnx file")
     path, factory = spec.rsplit(":", 1)
     if not Path(path).is_file():
         raise InputError(f"model file '{path}' does not exist")
-    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod_spec = importlib.util.spec_from_file_location(f"_secateurs_user_{Path(path).stem}", path)
     if mod_spec is None or mod_spec.loader is None:
         raise InputError(f"cannot import '{path}' as a Python module")
     module = importlib.util.module_from_spec(mod_spec)
-    sys.modules.setdefault(mod_spec.name, module)
+    sys.modules[mod_spec.name] = module
     mod_spec.loader.exec_module(module)
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise InputError(f"'{path}' has no callable '{factory}'")
-    model = fn()
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
-    model.eval()
+    built = fn()
+    inputs: Any = None
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module):
+        built, inputs = built
+    if not isinstance(built, torch.nn.Module):
+        raise InputError(f"'{spec}' returned {type(built).__name__}; return an nn.Module or "
+                         "(module, example_inputs)")
+    built.eval()
     if shapes:
-        return model, tuple(torch.randn(s) for s in shapes)
+        return built, tuple(torch.randn(s) for s in shapes)
     example = getattr(module, "example_inputs", None)
-    if callable(example):
-        inputs: Any = example()
-        return model, inputs if isinstance(inputs, tuple) else (inputs,)
-    raise InputError(f"'{spec}' needs example input shapes: pass --input-shape 1,3,224,224 "
-                     "(once per input) or define example_inputs() next to the factory")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".secateurs-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if inputs is None and callable(example):
+        inputs = example()
+    if inputs is not None:
+        return built, inputs if isinstance(inputs, tuple) else (inputs,)
+    if require_inputs:
+        raise InputError(f"'{spec}' needs example input shapes: pass --input-shape "
+                         "1,3,224,224 (once per input) or define example_inputs() next to the "
+                         "factory")
+    return built, None
 
 
 def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
@@ -103,16 +95,8 @@ def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
     ``torch.load(path, weights_only=False)``)."""
     if path.endswith(".pt2"):
         program = torch.export.export(model, tuple(inputs))
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".secateurs-", suffix=".pt2", dir=folder)
-        os.close(fd)
-        try:
-            torch.export.save(program, tmp)
-            _publish(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:
+            torch.export.save(program, str(tmp))
         return
     if isinstance(model, torch.fx.GraphModule):
         # torch 2.13 cannot pickle a GraphModule whose placeholders carry a Tensor type
@@ -122,7 +106,7 @@ def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
             node.type = None
         model.recompile()
     try:
-        atomic_torch_save(model, path)
+        atomic_save_torch(model, path)
     except (AttributeError, TypeError) as exc:  # GraphModule pickling breaks on some torch
         raise InputError(f"this torch ({torch.__version__}) cannot pickle the pruned "
                          f"GraphModule ({exc}); write a .pt2 file instead (-o model.pt2, "
@@ -130,13 +114,4 @@ def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
 
 
 def atomic_write_text(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".secateurs-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode())

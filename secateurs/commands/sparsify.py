@@ -10,20 +10,15 @@ MODEL is an ONNX file (``*.onnx``, magnitude only), ``zoo:NAME`` (``secateurs.zo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
+from secateurs.commands._spec import load_torch_spec
 from secateurs.errors import InputError
+from secateurs.runtime.io import atomic_save_torch
 
-__all__ = ["register", "run", "load_torch_spec"]
+__all__ = ["register", "run"]
 
 
 def register(subparsers: Any) -> None:
@@ -47,52 +42,6 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_file_factory(spec: str) -> tuple[nn.Module, Any]:
-    file, _, factory_name = spec.rpartition(":")
-    path = Path(file)
-    if not path.is_file():
-        raise InputError(f"model file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"_secateurs_user_{path.stem}", path)
-    if module_spec is None or module_spec.loader is None:
-        raise InputError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise InputError(f"{path} has no callable {factory_name!r}")
-    built = factory()
-    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
-        return built[0], built[1]
-    if not isinstance(built, nn.Module):
-        raise InputError(f"{spec} returned {type(built).__name__}; return an nn.Module or (module, example_inputs)")
-    return built, None
-
-
-def load_torch_spec(spec: str) -> tuple[nn.Module, Any]:
-    """``zoo:NAME`` or ``file.py:factory`` -> ``(model, example_inputs or None)``."""
-    if spec.startswith("zoo:"):
-        from secateurs import zoo
-
-        entry = zoo.get(spec[len("zoo:"):])
-        return entry.build(), entry.example_inputs()
-    if ".py:" in spec:
-        return _load_file_factory(spec)
-    raise InputError(f"model {spec!r} is not understood; give a *.onnx file, zoo:NAME or file.py:factory")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _ignore_list(values: list[str]) -> tuple[str, ...]:
     return tuple(x.strip() for value in values for x in value.split(",") if x.strip())
 
@@ -111,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         from secateurs.passes.sparsify import sparsify
 
-        model, example = load_torch_spec(args.model)
+        model, example = load_torch_spec(args.model, require_inputs=False)
         calibration = [example] if example is not None else None
         result = sparsify(
             model, pattern=args.pattern, sparsity=args.sparsity, method=args.method, calibration=calibration,
             ignore=ignore, block_size=args.block_size, min_numel=args.min_numel, inplace=True,
         )
         report = result.report
-        _atomic_torch_save(
+        atomic_save_torch(
             {"state_dict": result.model.state_dict(), "masks": result.masks, "report": report.to_dict()}, output
         )
     print(report.table())

@@ -14,7 +14,6 @@ The result is a new ``ModelProto`` (the input is never modified) that passes
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from onnx import numpy_helper
 from secateurs.errors import InputError
 from secateurs.passes.masks import Pattern, mask_from_scores, parse_pattern
 from secateurs.passes.sparsify import LayerSparsity, SkippedLayer, SparsityReport, is_nm_sparse
+from secateurs.runtime.io import atomic_save_onnx
 
 __all__ = ["sparsify_onnx", "sparsify_onnx_with_report", "save_onnx_atomic", "onnx_weight_axes"]
 
@@ -160,16 +160,6 @@ def sparsify_onnx(
 
 
 def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Check the model (``full_check=True``) and write it via a temp file + ``os.replace``."""
+    """Check the model (``full_check=True``) and write it atomically."""
     onnx.checker.check_model(model, full_check=True)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return atomic_save_onnx(model, path)
