@@ -601,6 +601,8 @@ class _Lowering:
         return name
 
     def ref(self, arg: Any) -> str | None:
+        if isinstance(arg, _ParamRef):
+            return arg.name
         if not isinstance(arg, torch.fx.Node):
             return None
         name = self.alias.get(arg.name, arg.name)
@@ -658,21 +660,7 @@ class _Lowering:
             t = _fetch_attr(mod, pname, missing_ok=True)
             operands.append(_ParamRef(self.param_value(t, f"{n.target}.{pname}"))
                             if isinstance(t, torch.Tensor) else None)
-        self.emit_params(n, op, operands, attrs, source)
-
-    def emit_params(self, n: torch.fx.Node, op: str, operands: list[Any],
-                    attrs: dict[str, Any], source: str) -> None:
-        refs = [o.name if isinstance(o, _ParamRef) else o for o in operands]
-        shape = _node_shape(n)
-        if isinstance(shape, list):
-            outs = [f"{n.name}.{i}" for i in range(len(shape))]
-            for o, s in zip(outs, shape):
-                self.add_value(o, s)
-        else:
-            outs = [n.name]
-            self.add_value(n.name, shape)
-        ins = [r if isinstance(r, str) or r is None else self.ref(r) for r in refs]
-        self.nodes.append(Node(n.name, op, ins, outs, attrs, source))
+        self.emit(n, op, operands, attrs, source)
 
     def lower_call(self, n: torch.fx.Node) -> None:
         key = call_key(n)

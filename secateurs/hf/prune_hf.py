@@ -41,7 +41,7 @@ from torch import nn
 from secateurs.errors import InputError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import slice_tensors
-from secateurs.passes.cost import count_macs
+from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
 from secateurs.passes.importance import CRITERIA, ScoreContext, normalize
 from secateurs.passes.plan import Plan, build_plan
@@ -442,7 +442,7 @@ def apply_hf_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
 
 
 @dataclass
-class HFPruneResult:
+class HFPruneResult(SizeRatios):
     model: nn.Module
     plan: Plan
     hf_analysis: HFAnalysis = field(repr=False)
@@ -454,13 +454,6 @@ class HFPruneResult:
     params_after: int
     seconds: dict[str, float]
 
-    @property
-    def macs_kept(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 1.0
-
-    @property
-    def params_kept(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
 
     def summary(self) -> dict[str, Any]:
         return {"macs_before": self.macs_before, "macs_after": self.macs_after,

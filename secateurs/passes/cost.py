@@ -12,13 +12,30 @@ from collections.abc import Callable
 
 from secateurs.graph.ir import ChannelGraph
 
-__all__ = ["count_macs"]
+__all__ = ["count_macs", "SizeRatios"]
 
 Shape = tuple[int, ...]
 
 
 def _prod(xs: Shape) -> int:
     return int(math.prod(xs)) if xs else 1
+
+
+class SizeRatios:
+    """``macs_kept``/``params_kept`` for any result with ``*_before``/``*_after`` counts."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def macs_kept(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_kept(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
 
 
 _MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha"})

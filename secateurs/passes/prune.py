@@ -23,14 +23,14 @@ from torch import nn
 from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx
-from secateurs.passes.cost import count_macs
+from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
 from secateurs.passes.plan import Plan, build_plan
 
 __all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
            "GroupRow", "verify_mask_equivalence", "zero_plan_slices", "group_rows",
-           "flat_outputs"]
+           "flat_outputs", "StageTimer"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class GroupRow:
 
 
 @dataclass(frozen=True)
-class PruneReport:
+class PruneReport(SizeRatios):
     params_before: int
     params_after: int
     macs_before: int
@@ -56,14 +56,6 @@ class PruneReport:
     tracer: str
     exact: bool | None = None
     max_abs_diff: float | None = None
-
-    @property
-    def macs_kept(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 1.0
-
-    @property
-    def params_kept(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,7 +100,10 @@ class PruneResult:
     analysis: Analysis = field(repr=False)
 
 
-class _Timer:
+class StageTimer:
+    """Runs named stages, records each one's time, and names the failing stage (and the
+    ones done before it) in the error."""
+
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.stage = ""
@@ -347,7 +342,7 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise InputError(f"round_to must be a positive integer, got {round_to!r}")
     criterion = get_criterion(importance)
-    timer = _Timer()
+    timer = StageTimer()
     work = model if inplace else timer.run("copy", copy.deepcopy, model)
     gm, tracer = timer.run("trace", from_fx.trace, work, example_inputs)
     timer.run("shapes", from_fx.propagate_shapes, gm, example_inputs)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,7 @@ from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
 from secateurs.passes.plan import Plan, build_plan
-from secateurs.passes.prune import PruneReport, group_rows, select_units
+from secateurs.passes.prune import PruneReport, StageTimer, group_rows, select_units
 
 __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
            "load_model"]
@@ -195,20 +194,6 @@ def verify_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: Plan,
     return ok, worst
 
 
-def _stage(seconds: dict[str, float], stage: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    t0 = time.perf_counter()
-    try:
-        return fn(*args, **kwargs)
-    except SecateursError:
-        raise
-    except Exception as exc:
-        done = ", ".join(seconds) or "none"
-        raise SecateursError(f"stage '{stage}' failed (stages done: {done}): "
-                             f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-
 def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criterion = "l2",
                round_to: int | None = ORT_ROUND_TO, allow_lossy: bool = False,
                ignore: Iterable[str] = (), global_pruning: bool = False,
@@ -224,36 +209,36 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise InputError(f"round_to must be a positive integer, got {round_to!r}")
     criterion = get_criterion(importance)
-    seconds: dict[str, float] = {}
-    model, external = _stage(seconds, "load", load_model, model_or_path)
-    graph = _stage(seconds, "lower", from_onnx, model, input_shapes)
-    analysis = _stage(seconds, "group_channels", group_channels, graph)
+    timer = StageTimer()
+    model, external = timer.run("load", load_model, model_or_path)
+    graph = timer.run("lower", from_onnx, model, input_shapes)
+    analysis = timer.run("group_channels", group_channels, graph)
     skip = _ignored_groups(analysis, model, ignore)
     ctx = ScoreContext(_param_tensors(model, analysis), reduction=reduction)
-    scores = _stage(seconds, "importance", lambda: {
+    scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
         for g in analysis.groups if g.prunable and g.size > 1})
-    removed = _stage(seconds, "select", select_units, analysis, scores, ratio, round_to,
+    removed = timer.run("select", select_units, analysis, scores, ratio, round_to,
                      global_pruning, allow_lossy, skip, None, min_units)
     meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
             "round_to": round_to, "global_pruning": global_pruning, "allow_lossy": allow_lossy,
             "tracer": "onnx", "onnx": onnx.__version__,
             "input_shapes": {n: list(graph.values[n].shape or ()) for n in graph.inputs}}
-    plan = _stage(seconds, "plan", build_plan, analysis, removed, meta)
-    pruned = _stage(seconds, "apply", apply_plan_onnx, model, plan)
-    report = _report(analysis, removed, model, pruned, seconds)
+    plan = timer.run("plan", build_plan, analysis, removed, meta)
+    pruned = timer.run("apply", apply_plan_onnx, model, plan)
+    report = _report(analysis, removed, model, pruned, timer.seconds)
     if verify:
-        ok, diff = _stage(seconds, "verify", verify_onnx, model, pruned, plan,
+        ok, diff = timer.run("verify", verify_onnx, model, pruned, plan,
                           _feeds(model, analysis))
         report = PruneReport(report.params_before, report.params_after, report.macs_before,
-                             report.macs_after, report.groups, dict(seconds), "onnx", ok, diff)
+                             report.macs_after, report.groups, dict(timer.seconds), "onnx", ok, diff)
         if not ok:
             raise SecateursError(f"mask-equivalence check failed under ONNX Runtime (max |diff| "
                                  f"{diff:.3g}): the pruned model differs from the original with "
                                  f"the removed slices zeroed. Please report this model.")
     result = OnnxPruneResult(pruned, plan, report, analysis, external)
     if output_path is not None:
-        _stage(seconds, "save", result.save, output_path)
+        timer.run("save", result.save, output_path)
     log.info("pruned ONNX: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
              100 * report.params_kept)
     return result

@@ -34,7 +34,7 @@ from torch import nn
 
 from secateurs.errors import InputError
 from secateurs.graph import from_fx
-from secateurs.passes.cost import count_macs
+from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis
 from secateurs.passes.importance import ScoreContext, get_criterion, normalize
 from secateurs.passes.plan import build_plan
@@ -230,7 +230,7 @@ def schedule_fractions(n_steps: int, schedule: str = "linear") -> list[float]:
 
 
 @dataclass
-class IterativeResult:
+class IterativeResult(SizeRatios):
     model: nn.Module
     steps: list[Any]  # PruneResult per step
     macs_before: int
@@ -239,13 +239,6 @@ class IterativeResult:
     params_after: int
     targets: list[float] = field(default_factory=list)
 
-    @property
-    def macs_kept(self) -> float:
-        return self.macs_after / self.macs_before if self.macs_before else 1.0
-
-    @property
-    def params_kept(self) -> float:
-        return self.params_after / self.params_before if self.params_before else 1.0
 
 
 def _prunable_units(model: nn.Module, example_inputs: Any) -> int:
