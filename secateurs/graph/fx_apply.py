@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 from torch import nn
@@ -47,9 +48,9 @@ def slice_tensors(root: nn.Module, removed: dict[str, dict[int, list[int]]]) -> 
             if d >= new.dim() or (idx and max(idx) >= new.shape[d]):
                 raise PlanError(f"plan removes index {max(idx)} of dim {d} of '{name}' with "
                                 f"shape {tuple(t.shape)}; was the plan made for another model?")
-            keep = torch.ones(new.shape[d], dtype=torch.bool)
-            keep[torch.as_tensor(idx, dtype=torch.long)] = False
-            new = new.index_select(d, torch.nonzero(keep).flatten().to(new.device)) \
+            keep = np.ones(new.shape[d], dtype=bool)
+            keep[np.asarray(idx, dtype=np.int64)] = False
+            new = new.index_select(d, torch.from_numpy(np.nonzero(keep)[0]).to(new.device)) \
                 if not new.is_meta else new.narrow(d, 0, int(keep.sum()))
         for mod, attr, is_param in refs.get(id(t), []):
             if is_param:

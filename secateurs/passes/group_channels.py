@@ -78,6 +78,19 @@ class ChannelGroup:
 
 
 @dataclass(frozen=True)
+class ParamDims:
+    """Every parameter dim's labels end to end: dim ``dims[k]`` of ``names[owner[k]]`` has
+    labels ``labels[starts[k]:starts[k + 1]]``. ``values`` maps source name -> value name."""
+
+    names: tuple[str, ...]
+    values: dict[str, str]
+    owner: np.ndarray
+    dims: np.ndarray
+    starts: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
 class Analysis:
     """The frozen result of dependency analysis over one channel graph."""
 
@@ -87,14 +100,17 @@ class Analysis:
     labels: dict[str, list[np.ndarray]]
     keep: dict[str, dict[str, Any]]
     param_values: dict[str, str] = field(default_factory=dict)  # source name -> value name
+    param_dims: ParamDims | None = None
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]
 
     def removed_atoms(self, removed_units: dict[int, np.ndarray]) -> np.ndarray:
+        """Read-only mask over atoms (read-only lets ``Resolution.alive`` cache by it)."""
         removed = np.zeros(len(self.resolution.is_atom), dtype=bool)
         for gid, units in removed_units.items():
             removed[self.groups[gid].atoms[np.asarray(units, dtype=np.int64)]] = True
+        removed.flags.writeable = False
         return removed
 
     def alive(self, value: str, dim: int, removed: np.ndarray) -> np.ndarray:
@@ -157,63 +173,81 @@ def group_channels(graph: ChannelGraph) -> Analysis:
         for vec in labels.get(name, []):
             space.pin(vec, f"graph output '{name}'")
     res = space.resolve()
-    groups, param_values = _collect_groups(graph, labels, res)
+    pd = _param_dims(graph, labels)
+    groups = _collect_groups(pd, res)
     log.debug("analysis: %d labels, %d groups", space.count, len(groups))
-    return Analysis(graph, groups, res, labels, keep, param_values)
+    return Analysis(graph, groups, res, labels, keep, pd.values, pd)
 
 
-def _collect_groups(graph: ChannelGraph, labels: dict[str, list[np.ndarray]], res: Resolution):
-    rows_p, rows_d, rows_pos, rows_atom = [], [], [], []
-    param_names: list[str] = []
-    param_values: dict[str, str] = {}
+def _param_dims(graph: ChannelGraph, labels: dict[str, list[np.ndarray]]) -> ParamDims:
+    names: list[str] = []
+    values: dict[str, str] = {}
+    owner, dims, vecs = [], [], []
     for value in graph.params():
         if value.name not in labels:
             continue
         assert value.param is not None
-        param_values[value.param] = value.name
-        pidx = len(param_names)
-        param_names.append(value.param)
+        values[value.param] = value.name
         for d, vec in enumerate(labels[value.name]):
-            mat = res.atoms_of(vec)
-            pos, col = np.nonzero(mat >= 0)
-            rows_p.append(np.full(len(pos), pidx))
-            rows_d.append(np.full(len(pos), d))
-            rows_pos.append(pos)
-            rows_atom.append(mat[pos, col])
-    if not rows_p:
-        return (), param_values
-    p, d = np.concatenate(rows_p), np.concatenate(rows_d)
-    pos, atom = np.concatenate(rows_pos), np.concatenate(rows_atom)
-    gid = res.group[atom]
-    # units: the atoms of each group in creation order
-    touched = np.unique(gid)
-    groups = []
-    order = np.lexsort((pos, d, p, gid))
-    p, d, pos, atom, gid = p[order], d[order], pos[order], atom[order], gid[order]
-    bounds = np.searchsorted(gid, touched)
-    bounds = np.r_[bounds, len(gid)]
+            owner.append(len(names))
+            dims.append(d)
+            vecs.append(vec)
+        names.append(value.param)
+    lens = np.array([len(v) for v in vecs], dtype=np.int64)
+    return ParamDims(tuple(names), values, np.array(owner, dtype=np.int64),
+                     np.array(dims, dtype=np.int64), np.r_[0, np.cumsum(lens)],
+                     np.concatenate(vecs) if vecs else np.zeros(0, dtype=np.int64))
+
+
+def _collect_groups(pd: ParamDims, res: Resolution) -> tuple[ChannelGroup, ...]:
+    """The members of every group, one parameter dim at a time: a dim whose positions all
+    fall in one group (a conv's filters, a BN's scales) is one member without sorting; only
+    dims split across groups or carrying composite labels (a concat's consumer, a reshape)
+    are split position by position."""
     atom_ids = np.nonzero(res.is_atom)[0]
     by_group = atom_ids[np.argsort(res.group[atom_ids], kind="stable")]
     gstart = np.searchsorted(res.group[by_group], np.arange(res.n_groups + 1))
     unit_index = np.full(len(res.is_atom), -1, dtype=np.int64)
     unit_index[by_group] = np.arange(len(by_group)) - gstart[res.group[by_group]]
+    members: dict[int, list[Member]] = {}
+    if len(pd.labels):
+        comp = res.comp[pd.labels]
+        simple = res.is_atom[comp]
+        gid = np.where(simple, res.group[np.where(simple, comp, 0)], -1)
+        sizes = np.diff(pd.starts)
+        full = np.nonzero(sizes > 0)[0]
+        lo = np.minimum.reduceat(gid, pd.starts[full])
+        hi = np.maximum.reduceat(gid, pd.starts[full])
+        for k, g_lo, g_hi in zip(full.tolist(), lo.tolist(), hi.tolist()):
+            a, b = int(pd.starts[k]), int(pd.starts[k + 1])
+            name, dim = pd.names[pd.owner[k]], int(pd.dims[k])
+            if g_lo == g_hi >= 0:
+                members.setdefault(g_lo, []).append(
+                    Member(name, dim, np.arange(b - a), unit_index[comp[a:b]]))
+                continue
+            if g_lo >= 0:  # atoms of several groups (a concat's consumer)
+                row, atom, g = np.arange(b - a), comp[a:b], gid[a:b]
+            else:  # composite labels: expand each position into its atoms
+                mat = res.atoms_of(pd.labels[a:b])
+                row, col = np.nonzero(mat >= 0)
+                atom = mat[row, col]
+                g = res.group[atom]
+            order = np.argsort(g, kind="stable")
+            row, atom, g = row[order], atom[order], g[order]
+            cuts = np.r_[0, np.nonzero(np.diff(g))[0] + 1, len(g)].tolist()
+            for c0, c1 in zip(cuts[:-1], cuts[1:]):
+                members.setdefault(int(g[c0]), []).append(
+                    Member(name, dim, row[c0:c1], unit_index[atom[c0:c1]]))
     pin_mask = np.zeros(len(res.is_atom), dtype=bool)
     pin_mask[np.fromiter(res.pin_reason, dtype=np.int64, count=len(res.pin_reason))] = True
     lossy_mask = np.zeros(len(res.is_atom), dtype=bool)
     lossy_mask[np.fromiter(res.lossy_reason, dtype=np.int64, count=len(res.lossy_reason))] = True
-    for new_id, (g, lo, hi) in enumerate(zip(touched, bounds[:-1], bounds[1:])):
+    groups = []
+    for new_id, g in enumerate(sorted(members)):  # touched groups, in group order
         atoms = by_group[gstart[g]:gstart[g + 1]]
-        members = []
-        gp, gd, gpos, gatom = p[lo:hi], d[lo:hi], pos[lo:hi], atom[lo:hi]
-        keys = gp * 64 + gd  # sorted (lexsort above): one contiguous run per member
-        cuts = np.r_[0, np.nonzero(np.diff(keys))[0] + 1, len(keys)]
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            key = int(keys[a])
-            members.append(Member(param_names[key // 64], key % 64, gpos[a:b],
-                                  unit_index[gatom[a:b]]))
         pinned, lossy = pin_mask[atoms], lossy_mask[atoms]
-        pin_reasons = tuple(dict.fromkeys(res.pin_reason[int(a)] for a in atoms[pinned]))
-        lossy_reasons = tuple(dict.fromkeys(res.lossy_reason[int(a)] for a in atoms[lossy]))
-        groups.append(ChannelGroup(new_id, len(atoms), tuple(members), pinned, lossy,
+        pin_reasons = tuple(dict.fromkeys(res.pin_reason[a] for a in atoms[pinned].tolist()))
+        lossy_reasons = tuple(dict.fromkeys(res.lossy_reason[a] for a in atoms[lossy].tolist()))
+        groups.append(ChannelGroup(new_id, len(atoms), tuple(members[g]), pinned, lossy,
                                    pin_reasons, lossy_reasons, atoms))
-    return tuple(groups), param_values
+    return tuple(groups)

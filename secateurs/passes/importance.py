@@ -67,7 +67,8 @@ Criterion = Callable[[ChannelGroup, ScoreContext], np.ndarray]
 
 
 def member_scores(group: ChannelGroup, ctx: ScoreContext,
-                  per_position: Callable[[Member, torch.Tensor], torch.Tensor | None],
+                  per_position: Callable[[Member, torch.Tensor],
+                                         torch.Tensor | np.ndarray | None],
                   members: Iterable[Member] | None = None) -> np.ndarray:
     """Reduce a per-position score over the members of ``group`` into per-unit scores.
 
@@ -83,7 +84,9 @@ def member_scores(group: ChannelGroup, ctx: ScoreContext,
         value = per_position(m, t)
         if value is None:
             continue
-        pos = value.detach().double().cpu().numpy()[m.positions]
+        if isinstance(value, torch.Tensor):
+            value = value.detach().double().cpu().numpy()
+        pos = value[m.positions]
         parts.append(np.bincount(m.units, weights=pos, minlength=group.size))
     if not parts:
         return np.zeros(group.size)
@@ -104,23 +107,34 @@ def _reduce_except(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch
 
 
 def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
-                     key: Any) -> torch.Tensor:
-    """sum of |w|^p over every dim but ``dim``. A conv/linear weight is read once: its
-    trailing dims are folded into a cached [out, in] matrix of |w|^p sums, which both its
-    output-channel and input-channel members then reduce cheaply."""
+                     key: Any) -> np.ndarray:
+    """sum of |w|^p over every dim but ``dim``, cached per (tensor, dim): a tensor split
+    across many groups (a DenseNet conv reading a long concat) is reduced once.
+
+    Neither reduction materialises ``|w|^p`` for the whole tensor: freshly allocated
+    weight-sized temporaries cost more in page faults than the arithmetic. Output channels
+    are a row-wise ``vector_norm``; input channels accumulate over blocks of rows."""
+    hit = cache.get((key, dim))
+    if hit is not None:
+        return hit
     x = t.detach()
     if x.dim() == 1:
-        return x.float().abs().pow(p)
-    folded = cache.get(key)
-    if folded is None:
-        trailing = list(range(2, x.dim()))
-        folded = (torch.linalg.vector_norm(x, ord=p, dim=trailing, dtype=torch.float32).pow(p)
-                  if trailing else x.float().abs().pow(p))
-        cache[key] = folded
-    if dim < 2:
-        return folded.sum(dim=1 - dim)
-    dims = [d for d in range(x.dim()) if d != dim]
-    return torch.linalg.vector_norm(x, ord=p, dim=dims, dtype=torch.float32).pow(p)
+        out = x.float().abs().pow(p)
+    elif dim == 0:
+        out = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1,
+                                       dtype=torch.float32).pow(p)
+    elif dim == 1:
+        x2 = x.reshape(x.shape[0], -1)
+        acc = torch.zeros(x2.shape[1], dtype=torch.float32, device=x.device)
+        for rows in x2.split(max(1, 65536 // max(1, x2.shape[1]))):
+            rows = rows.float()
+            acc += (rows.square() if p == 2 else rows.abs().pow(p)).sum(0)
+        out = acc.view(x.shape[1], -1).sum(1)
+    else:
+        dims = [d for d in range(x.dim()) if d != dim]
+        out = torch.linalg.vector_norm(x, ord=p, dim=dims, dtype=torch.float32).pow(p)
+    cache[(key, dim)] = out = out.double().cpu().numpy()
+    return out
 
 
 def magnitude(p: int) -> Criterion:

@@ -29,7 +29,8 @@ position is removed when any atom it is made of is removed, so removing a head d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -137,11 +138,27 @@ class Resolution:
         """``[len(labels), W]`` atom matrix of a label vector (-1 padded)."""
         return self.atoms[self.comp[labels]]
 
+    _alive_cache: list[Any] = field(default_factory=list, repr=False, compare=False)
+
     def alive(self, labels: np.ndarray, removed: np.ndarray) -> np.ndarray:
-        """Boolean mask of positions that survive when atoms with ``removed[atom]`` go."""
+        """Boolean mask of positions that survive when atoms with ``removed[atom]`` go.
+
+        For a read-only ``removed`` (what ``Analysis.removed_atoms`` returns) the survival of
+        every component is computed once and each call is a gather."""
+        if not removed.flags.writeable:
+            return self._component_alive(removed)[self.comp[labels]]
         mat = self.atoms_of(labels)
         gone = np.where(mat >= 0, removed[np.maximum(mat, 0)], False)
         return ~gone.any(axis=1)
+
+    def _component_alive(self, removed: np.ndarray) -> np.ndarray:
+        cache = self._alive_cache
+        if cache and cache[0] is removed:
+            return cache[1]
+        gone = np.where(self.atoms >= 0, removed[np.maximum(self.atoms, 0)], False)
+        mask = ~gone.any(axis=1)
+        cache[:] = [removed, mask]
+        return mask
 
 
 def _components(n: int, us: list[np.ndarray], vs: list[np.ndarray]) -> np.ndarray:
@@ -188,12 +205,9 @@ def _resolve(space: LabelSpace) -> Resolution:
         pa[comp[cid]] = comp[ca]
         pb[comp[cid]] = comp[cb]
     atoms = _expand(is_atom, pa, pb)
-    pin_reason, lossy_reason = {}, {}
+    pin_reason = _first_reasons(atoms, comp, space.pins)
+    lossy_reason = _first_reasons(atoms, comp, space.lossy)
     cyclic = ~is_atom & (atoms[:, 0] < 0)
-    for labels, reason in space.pins:
-        _note(atoms, comp[labels], reason, pin_reason)
-    for labels, reason in space.lossy:
-        _note(atoms, comp[labels], reason, lossy_reason)
     if cyclic.any():  # a reshape cycle no factorisation explains: keep everything it touches
         for c in np.nonzero(cyclic)[0]:
             pin_reason.setdefault(int(c), "inconsistent reshapes")
@@ -222,10 +236,20 @@ def _expand(is_atom: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
         done[rows] = True
 
 
-def _note(atoms: np.ndarray, comps: np.ndarray, reason: str, into: dict[int, str]) -> None:
-    hit = np.unique(atoms[np.unique(comps)])
-    for a in hit[hit >= 0].tolist():
-        into.setdefault(a, reason)
+def _first_reasons(atoms: np.ndarray, comp: np.ndarray,
+                   marks: list[tuple[np.ndarray, str]]) -> dict[int, str]:
+    """atom -> the reason of the first mark (pin or lossy) that reaches it, all at once."""
+    if not marks:
+        return {}
+    labels = np.concatenate([lab for lab, _ in marks])
+    which = np.repeat(np.arange(len(marks)), [len(lab) for lab, _ in marks])
+    mat = atoms[comp[labels]]
+    row, col = np.nonzero(mat >= 0)
+    atom, mark = mat[row, col], which[row]
+    order = np.lexsort((mark, atom))
+    atom, mark = atom[order], mark[order]
+    first = np.r_[True, atom[1:] != atom[:-1]] if len(atom) else np.zeros(0, dtype=bool)
+    return {a: marks[m][1] for a, m in zip(atom[first].tolist(), mark[first].tolist())}
 
 
 def _groups(roots: list[np.ndarray], births: list[np.ndarray], comp: np.ndarray,

@@ -100,11 +100,21 @@ def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
     res = analysis.resolution
     gone = analysis.removed_atoms(removed_units)
     removed: dict[str, dict[int, list[int]]] = {}
-    for pname, vname in analysis.param_values.items():
-        for d, vec in enumerate(analysis.labels[vname]):
-            alive = res.alive(vec, gone)
-            if not alive.all():
-                removed.setdefault(pname, {})[d] = np.nonzero(~alive)[0].tolist()
+    pd = analysis.param_dims
+    if pd is not None and len(pd.labels):  # every parameter dim in one gather
+        dead = np.nonzero(~res.alive(pd.labels, gone))[0]
+        vec = np.searchsorted(pd.starts, dead, side="right") - 1
+        cuts = np.r_[0, np.nonzero(np.diff(vec))[0] + 1, len(vec)] if len(vec) else []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            k = int(vec[a])
+            removed.setdefault(pd.names[pd.owner[k]], {})[int(pd.dims[k])] = \
+                (dead[a:b] - pd.starts[k]).tolist()
+    else:
+        for pname, vname in analysis.param_values.items():
+            for d, labels in enumerate(analysis.labels[vname]):
+                alive = res.alive(labels, gone)
+                if not alive.all():
+                    removed.setdefault(pname, {})[d] = np.nonzero(~alive)[0].tolist()
     constants: dict[str, dict[str, Any]] = {}
     for node in analysis.graph.nodes:
         rule = rule_for(node.op)

@@ -30,7 +30,7 @@ from secateurs.passes.plan import Plan, build_plan
 
 __all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
            "GroupRow", "verify_mask_equivalence", "zero_plan_slices", "group_rows",
-           "flat_outputs", "StageTimer"]
+           "flat_outputs", "StageTimer", "copy_sharing_tensors", "unshare_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,8 @@ def _keep_every_member(group: ChannelGroup, chosen: np.ndarray, scores: np.ndarr
     gone = np.zeros(group.size, dtype=bool)
     gone[chosen] = True
     for m in group.members:
-        units = np.unique(m.units)
-        if len(units) and gone[units].all():
+        if len(m.units) and gone[m.units].all():
+            units = np.unique(m.units)
             gone[units[np.argmax(scores[units])]] = False
     return np.nonzero(gone)[0]
 
@@ -223,6 +223,41 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out = dict(model.named_parameters())
     out.update(model.named_buffers())
     return out
+
+
+def _tensor_refs(model: nn.Module) -> Iterable[tuple[dict[str, Any], str, torch.Tensor]]:
+    for mod in model.modules():
+        for slots in (mod._parameters, mod._buffers):
+            for attr, t in slots.items():
+                if t is not None:
+                    yield slots, attr, t
+
+
+def copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that still shares its parameters and buffers.
+
+    Pruning replaces most tensors by their slices anyway, so copying them first (what
+    ``deepcopy`` does) is wasted work: the pipeline copies the structure, slices, then
+    :func:`unshare_tensors` clones whatever is still the caller's."""
+    memo: dict[int, Any] = {id(t): t for _, _, t in _tensor_refs(model)}
+    return copy.deepcopy(model, memo)
+
+
+def unshare_tensors(copied: nn.Module, original: nn.Module) -> nn.Module:
+    """Clone every tensor ``copied`` still shares with ``original`` (tied ones stay tied)."""
+    theirs = {id(t) for _, _, t in _tensor_refs(original)}
+    clones: dict[int, torch.Tensor] = {}
+    for slots, attr, t in list(_tensor_refs(copied)):
+        if id(t) not in theirs:
+            continue
+        new = clones.get(id(t))
+        if new is None:
+            data = t.detach().clone()
+            new = nn.Parameter(data, requires_grad=t.requires_grad) \
+                if isinstance(t, nn.Parameter) else data
+            clones[id(t)] = new
+        slots[attr] = new
+    return copied
 
 
 def _report(analysis: Analysis, removed: dict[int, np.ndarray], model_before: nn.Module,
@@ -343,7 +378,7 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
         raise InputError(f"round_to must be a positive integer, got {round_to!r}")
     criterion = get_criterion(importance)
     timer = StageTimer()
-    work = model if inplace else timer.run("copy", copy.deepcopy, model)
+    work = model if inplace else timer.run("copy", copy_sharing_tensors, model)
     gm, tracer = timer.run("trace", from_fx.trace, work, example_inputs)
     timer.run("shapes", from_fx.propagate_shapes, gm, example_inputs)
     graph = timer.run("lower", from_fx.lower_graph_module, gm)
@@ -363,6 +398,8 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
     before_model = model if not inplace else None
     n_params_before = sum(p.numel() for p in model.parameters())
     pruned = timer.run("apply", apply_plan_fx, gm, plan)
+    if not inplace:
+        timer.run("apply", unshare_tensors, pruned, model)
     report = _report(analysis, removed, model if before_model is not None else gm, pruned,
                      timer.seconds, tracer)
     if inplace:
@@ -406,7 +443,8 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan,
     """Re-apply a saved plan to (a copy of) the model it was made for."""
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a secateurs.Plan, got {type(plan).__name__}")
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else copy_sharing_tensors(model)
     gm, _ = from_fx.trace(work, example_inputs)
     from_fx.propagate_shapes(gm, example_inputs)
-    return apply_plan_fx(gm, plan)
+    pruned = apply_plan_fx(gm, plan)
+    return pruned if inplace else unshare_tensors(pruned, model)
