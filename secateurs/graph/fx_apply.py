@@ -180,11 +180,14 @@ def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     """Apply ``plan`` to ``gm`` in place and return it."""
     slice_tensors(gm, plan.removed)
     by_name = {n.name: n for n in gm.graph.nodes}
+    code_changed = False
     for name, consts in plan.constants.items():
         node = by_name.get(name)
         if node is None:
             raise PlanError(f"plan rewrites node '{name}', which the traced model does not have; "
                             "was the plan made for another model or torch version?")
         _apply_node(gm, node, consts)
-    gm.recompile()
+        code_changed |= node.op != "call_module"  # module attributes need no new code
+    if code_changed:
+        gm.recompile()
     return gm

@@ -111,30 +111,30 @@ def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
     """sum of |w|^p over every dim but ``dim``, cached per (tensor, dim): a tensor split
     across many groups (a DenseNet conv reading a long concat) is reduced once.
 
-    Neither reduction materialises ``|w|^p`` for the whole tensor: freshly allocated
-    weight-sized temporaries cost more in page faults than the arithmetic. Output channels
-    are a row-wise ``vector_norm``; input channels accumulate over blocks of rows."""
+    A conv/linear weight is read once for both its output and input channels, a block of
+    rows at a time: ``|w|^p`` is never materialised for the whole tensor (freshly allocated
+    weight-sized temporaries cost more in page faults than the arithmetic)."""
     hit = cache.get((key, dim))
     if hit is not None:
         return hit
     x = t.detach()
     if x.dim() == 1:
-        out = x.float().abs().pow(p)
-    elif dim == 0:
-        out = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), ord=p, dim=1,
-                                       dtype=torch.float32).pow(p)
-    elif dim == 1:
+        out = {0: x.float().abs().pow(p)}
+    elif dim < 2:
         x2 = x.reshape(x.shape[0], -1)
-        acc = torch.zeros(x2.shape[1], dtype=torch.float32, device=x.device)
+        rows_out, cols = [], torch.zeros(x2.shape[1], dtype=torch.float32, device=x.device)
         for rows in x2.split(max(1, 65536 // max(1, x2.shape[1]))):
             rows = rows.float()
-            acc += (rows.square() if p == 2 else rows.abs().pow(p)).sum(0)
-        out = acc.view(x.shape[1], -1).sum(1)
+            powered = rows.square() if p == 2 else rows.abs().pow(p)
+            rows_out.append(powered.sum(1))
+            cols += powered.sum(0)
+        out = {0: torch.cat(rows_out), 1: cols.view(x.shape[1], -1).sum(1)}
     else:
         dims = [d for d in range(x.dim()) if d != dim]
-        out = torch.linalg.vector_norm(x, ord=p, dim=dims, dtype=torch.float32).pow(p)
-    cache[(key, dim)] = out = out.double().cpu().numpy()
-    return out
+        out = {dim: torch.linalg.vector_norm(x, ord=p, dim=dims, dtype=torch.float32).pow(p)}
+    for d, v in out.items():
+        cache[(key, d)] = v.double().cpu().numpy()
+    return cache[(key, dim)]
 
 
 def magnitude(p: int) -> Criterion:
