@@ -45,11 +45,12 @@ def slice_tensors(root: nn.Module, removed: dict[str, dict[int, list[int]]]) -> 
                             "was the plan made for another model?")
         new = t.detach()
         for d, idx in sorted(dims.items()):
-            if d >= new.dim() or (idx and max(idx) >= new.shape[d]):
-                raise PlanError(f"plan removes index {max(idx)} of dim {d} of '{name}' with "
+            gone = np.asarray(idx, dtype=np.int64)
+            if d >= new.dim() or (len(gone) and gone.max() >= new.shape[d]):
+                raise PlanError(f"plan removes index {gone.max()} of dim {d} of '{name}' with "
                                 f"shape {tuple(t.shape)}; was the plan made for another model?")
             keep = np.ones(new.shape[d], dtype=bool)
-            keep[np.asarray(idx, dtype=np.int64)] = False
+            keep[gone] = False
             new = new.index_select(d, torch.from_numpy(np.nonzero(keep)[0]).to(new.device)) \
                 if not new.is_meta else new.narrow(d, 0, int(keep.sum()))
         for mod, attr, is_param in refs.get(id(t), []):
@@ -186,8 +187,9 @@ def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         if node is None:
             raise PlanError(f"plan rewrites node '{name}', which the traced model does not have; "
                             "was the plan made for another model or torch version?")
+        before = (node.target, node.args, node.kwargs)
         _apply_node(gm, node, consts)
-        code_changed |= node.op != "call_module"  # module attributes need no new code
+        code_changed |= before != (node.target, node.args, node.kwargs)
     if code_changed:
         gm.recompile()
     return gm
