@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -136,6 +137,9 @@ def _check_ratio(name: str, ratio: float) -> None:
 
 
 def _ignored_groups(analysis: Analysis, model: nn.Module, ignore: Iterable[Any]) -> set[int]:
+    ignore = list(ignore)
+    if not ignore:
+        return set()
     names: list[str] = []
     module_names = {id(m): n for n, m in model.named_modules()}
     for item in ignore:
@@ -434,8 +438,9 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
     pruned = timer.run("apply", apply_plan_fx, gm, plan)
     if not inplace:
         timer.run("apply", unshare_tensors, pruned, model)
-    report = _report(analysis, removed, model if before_model is not None else gm, pruned,
-                     timer.seconds, tracer)
+    report = timer.run("report", _report, analysis, removed,
+                       model if before_model is not None else gm, pruned, timer.seconds, tracer)
+    report = dataclasses.replace(report, seconds=dict(timer.seconds))
     if inplace:
         report = PruneReport(n_params_before, report.params_after, report.macs_before,
                              report.macs_after, report.groups, report.seconds, tracer)
