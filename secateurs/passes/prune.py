@@ -298,7 +298,7 @@ def unshare_tensors(copied: nn.Module, original: nn.Module) -> nn.Module:
     return copied
 
 
-def _report(analysis: Analysis, removed: dict[int, np.ndarray], model_before: nn.Module,
+def _report(analysis: Analysis, removed: dict[int, np.ndarray], n_before: int,
             model_after: nn.Module, seconds: dict[str, float], tracer: str) -> PruneReport:
     graph = analysis.graph
     gone = analysis.removed_atoms(removed)
@@ -311,7 +311,6 @@ def _report(analysis: Analysis, removed: dict[int, np.ndarray], model_before: nn
             return analysis.new_shape(v, gone)
         return graph.values[v].shape
 
-    n_before = sum(p.numel() for p in model_before.parameters())
     n_after = sum(p.numel() for p in model_after.parameters())
     return PruneReport(n_before, n_after, count_macs(graph, before), count_macs(graph, after),
                        group_rows(analysis, removed), dict(seconds), tracer)
@@ -410,10 +409,49 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
                              ratios=ratios, reduction=reduction, normalization=normalization,
                              min_units=min_units, score_context=score_context)
     _check_ratio("ratio", ratio)
+    _check_options(ratios, round_to)
+    prep = prepare(model, example_inputs, importance, ignore=ignore, inplace=inplace,
+                   reduction=reduction, normalization=normalization,
+                   score_context=score_context)
+    group_ratios = _group_ratios(prep.analysis, ratios or {})
+    removed = prep.timer.run("select", select_units, prep.analysis, prep.scores, ratio,
+                             round_to, global_pruning, allow_lossy, prep.skip, group_ratios,
+                             min_units)
+    meta = {"ratio": ratio, "round_to": round_to, "global_pruning": global_pruning,
+            "allow_lossy": allow_lossy}
+    return finish(prep, removed, meta, verify=verify)
+
+
+def _check_options(ratios: Mapping[str, float] | None, round_to: int | None) -> None:
     for name, r in (ratios or {}).items():
         _check_ratio(f"ratios[{name!r}]", r)
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+
+
+@dataclass
+class Prepared:
+    """Everything before selection: the traced copy, its analysis and the unit scores. A
+    schedule (``prune_to_macs``) selects on it as often as it likes, then ``finish`` applies
+    one selection, so the model is traced and analysed once."""
+
+    model: nn.Module
+    example_inputs: Any
+    inplace: bool
+    gm: torch.fx.GraphModule
+    tracer: str
+    analysis: Analysis
+    scores: dict[int, np.ndarray]
+    skip: set[int]
+    criterion_name: str
+    timer: StageTimer
+
+
+def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion = "l2", *,
+            ignore: Iterable[Any] = (), inplace: bool = False, reduction: str = "sum",
+            normalization: str = "mean",
+            score_context: ScoreContext | None = None) -> Prepared:
+    """Copy (unless ``inplace``), trace, analyse and score ``model``."""
     criterion = get_criterion(importance)
     timer = StageTimer()
     work = model if inplace else timer.run("copy", copy_sharing_tensors, model)
@@ -426,33 +464,32 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
     scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
         for g in analysis.groups if g.prunable and g.size > 1})
-    group_ratios = _group_ratios(analysis, ratios or {})
-    removed = timer.run("select", select_units, analysis, scores, ratio, round_to,
-                        global_pruning, allow_lossy, skip, group_ratios, min_units)
-    meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
-            "round_to": round_to, "global_pruning": global_pruning, "allow_lossy": allow_lossy,
-            "tracer": tracer, "torch": torch.__version__}
+    return Prepared(model, example_inputs, inplace, gm, tracer, analysis, scores, skip,
+                    getattr(criterion, "__name__", str(importance)), timer)
+
+
+def finish(prep: Prepared, removed: dict[int, np.ndarray], meta: Mapping[str, Any],
+           verify: bool = False) -> PruneResult:
+    """Plan, apply, report (and optionally verify) one selection made on ``prep``."""
+    model, timer, tracer, analysis = prep.model, prep.timer, prep.tracer, prep.analysis
+    if verify and prep.inplace:
+        raise InputError("verify=True needs the original model; it cannot be combined with "
+                         "inplace=True")
+    meta = {**meta, "importance": prep.criterion_name, "tracer": tracer,
+            "torch": torch.__version__}
     plan = timer.run("plan", build_plan, analysis, removed, meta)
-    before_model = model if not inplace else None
     n_params_before = sum(p.numel() for p in model.parameters())
-    pruned = timer.run("apply", apply_plan_fx, gm, plan)
-    if not inplace:
+    pruned = timer.run("apply", apply_plan_fx, prep.gm, plan)
+    if not prep.inplace:
         timer.run("apply", unshare_tensors, pruned, model)
-    report = timer.run("report", _report, analysis, removed,
-                       model if before_model is not None else gm, pruned, timer.seconds, tracer)
+    report = timer.run("report", _report, analysis, removed, n_params_before, pruned,
+                       timer.seconds, tracer)
     report = dataclasses.replace(report, seconds=dict(timer.seconds))
-    if inplace:
-        report = PruneReport(n_params_before, report.params_after, report.macs_before,
-                             report.macs_after, report.groups, report.seconds, tracer)
     if verify:
-        if inplace:
-            raise InputError("verify=True needs the original model; it cannot be combined with "
-                             "inplace=True")
         ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
-                             example_inputs)
-        report = PruneReport(report.params_before, report.params_after, report.macs_before,
-                             report.macs_after, report.groups, dict(timer.seconds), tracer,
-                             ok, diff)
+                             prep.example_inputs)
+        report = dataclasses.replace(report, seconds=dict(timer.seconds), exact=ok,
+                                     max_abs_diff=diff)
         if not ok:
             raise SecateursError(f"mask-equivalence check failed (max |diff| {diff:.3g}): the "
                                  "pruned model differs from the original with the removed "

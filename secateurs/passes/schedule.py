@@ -36,9 +36,9 @@ from secateurs.errors import InputError
 from secateurs.graph import from_fx
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis
-from secateurs.passes.importance import ScoreContext, get_criterion, normalize
+from secateurs.passes.importance import ScoreContext
 from secateurs.passes.plan import build_plan
-from secateurs.passes.prune import flat_outputs
+from secateurs.passes.prune import Prepared, flat_outputs
 
 __all__ = ["prune_to_macs", "macs_kept_at", "iterative_prune", "IterativeResult",
            "schedule_fractions", "sensitivity_scan", "Sensitivity", "ratios_from_sensitivity",
@@ -87,32 +87,32 @@ def _macs_after(analysis: Analysis, removed: Mapping[int, np.ndarray]) -> int:
     return count_macs(graph, after)
 
 
-def _selector(model: nn.Module, example_inputs: Any, importance: Any,
-              score_context: ScoreContext | None, ignore: Iterable[Any],
-              ratios: Mapping[str, float] | None, reduction: str, normalization: str,
+def _selector(prep: Prepared, ratios: Mapping[str, float] | None,
               options: dict[str, Any]) -> _Selector:
-    from secateurs.passes.prune import _group_ratios, _ignored_groups, _tensors, analyze
+    from secateurs.passes.prune import _group_ratios
 
-    analysis = analyze(model, example_inputs)
-    criterion = get_criterion(importance)
-    ctx = score_context or ScoreContext(_tensors(model), reduction=reduction)
-    scores = {g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
-              for g in analysis.groups if g.prunable and g.size > 1}
-    graph = analysis.graph
+    graph = prep.analysis.graph
     macs_before = count_macs(graph, lambda v: graph.values[v].shape)
-    return _Selector(analysis, scores, _ignored_groups(analysis, model, ignore),
-                     _group_ratios(analysis, ratios or {}), options, macs_before)
+    return _Selector(prep.analysis, prep.scores, set(prep.skip),
+                     _group_ratios(prep.analysis, ratios or {}), options, macs_before)
+
+
+def _prepare(model: nn.Module, example_inputs: Any, importance: Any, inplace: bool,
+             kwargs: Mapping[str, Any]) -> Prepared:
+    from secateurs.passes.prune import prepare
+
+    return prepare(model, example_inputs, importance, ignore=kwargs.get("ignore", ()),
+                   inplace=inplace, reduction=kwargs.get("reduction", "sum"),
+                   normalization=kwargs.get("normalization", "mean"),
+                   score_context=kwargs.get("score_context"))
 
 
 def macs_kept_at(model: nn.Module, example_inputs: Any, ratio: float,
                  importance: Any = "l2", **kwargs: Any) -> float:
     """The fraction of MACs ``prune(model, example_inputs, ratio, importance, **kwargs)``
     would keep, computed without applying anything."""
-    sel = _selector(model, example_inputs, importance, kwargs.get("score_context"),
-                    kwargs.get("ignore", ()), kwargs.get("ratios"),
-                    kwargs.get("reduction", "sum"), kwargs.get("normalization", "mean"),
-                    _options(kwargs))
-    return sel.macs_kept(ratio)
+    prep = _prepare(model, example_inputs, importance, True, kwargs)  # nothing is applied
+    return _selector(prep, kwargs.get("ratios"), _options(kwargs)).macs_kept(ratio)
 
 
 def _options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     ``InputError`` when the nearest reachable budget is more than ``tolerance`` (relative) away
     from the target, naming the reachable range.
     """
-    from secateurs.passes.prune import prune
+    from secateurs.passes.prune import _check_options, _group_ratios, finish, prune, select_units
 
     if not isinstance(target_macs, (int, float)) or not 0.0 < float(target_macs) <= 1.0:
         raise InputError(f"target_macs must be in (0, 1], got {target_macs!r}")
@@ -139,10 +139,10 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     prune_kwargs.pop("target_macs", None)
     if target_macs >= 1.0:
         return prune(model, example_inputs, 0.0, importance, **prune_kwargs)
-    sel = _selector(model, example_inputs, importance, prune_kwargs.get("score_context"),
-                    prune_kwargs.get("ignore", ()), prune_kwargs.get("ratios"),
-                    prune_kwargs.get("reduction", "sum"),
-                    prune_kwargs.get("normalization", "mean"), _options(prune_kwargs))
+    _check_options(prune_kwargs.get("ratios"), prune_kwargs.get("round_to"))
+    prep = _prepare(model, example_inputs, importance, prune_kwargs.get("inplace", False),
+                    prune_kwargs)
+    sel = _selector(prep, prune_kwargs.get("ratios"), _options(prune_kwargs))
     lo, hi = 0.0, MAX_RATIO
     best_r, best_kept = 0.0, 1.0
     for _ in range(iterations):
@@ -171,9 +171,14 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
                          f"global_pruning=True or a larger tolerance; or pruning can keep between "
                          f"{floor:.3f} and 1.0 of the MACs with these settings: pinned, "
                          f"ignored and lossy groups are not pruned)")
-    if extra:
-        prune_kwargs["ratios"] = {**(prune_kwargs.get("ratios") or {}), **extra}
-    result = prune(model, example_inputs, best_r, importance, **prune_kwargs)
+    ratios = {**(prune_kwargs.get("ratios") or {}), **extra}
+    o = sel.options
+    removed = prep.timer.run("select", select_units, prep.analysis, prep.scores, best_r,
+                             o["round_to"], o["global_pruning"], o["allow_lossy"], prep.skip,
+                             _group_ratios(prep.analysis, ratios), o["min_units"])
+    meta = {"ratio": best_r, "round_to": o["round_to"], "global_pruning": o["global_pruning"],
+            "allow_lossy": o["allow_lossy"]}
+    result = finish(prep, removed, meta, verify=prune_kwargs.get("verify", False))
     kept = result.report.macs_kept
     log.info("prune_to_macs: ratio %.4f keeps %.2f%% of MACs (target %.2f%%)", best_r,
              100 * kept, 100 * target_macs)
@@ -345,9 +350,11 @@ def sensitivity_scan(model: nn.Module, example_inputs: Any,
     """
     from secateurs.passes.prune import zero_plan_slices
 
-    sel = _selector(model, example_inputs, importance, score_context, ignore, None, reduction,
-                    normalization, {"round_to": round_to, "global_pruning": False,
-                                    "allow_lossy": allow_lossy, "min_units": 1})
+    prep = _prepare(model, example_inputs, importance, True,
+                    {"ignore": ignore, "reduction": reduction, "normalization": normalization,
+                     "score_context": score_context})
+    sel = _selector(prep, None, {"round_to": round_to, "global_pruning": False,
+                                 "allow_lossy": allow_lossy, "min_units": 1})
     base = float(metric(model))
     out = []
     ignored = set(sel.skip)

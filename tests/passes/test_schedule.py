@@ -261,3 +261,17 @@ def test_target_macs_mixes_ratios_when_uniform_steps_are_too_coarse(target) -> N
     assert abs(res.report.macs_kept - target) <= 0.05 * target
     assert res.report.exact
     assert macs_kept_at(model, X, res.plan.meta["ratio"]) <= 1.0
+
+
+def test_target_macs_traces_the_model_once(monkeypatch) -> None:
+    """The bisection selects on the analysis that is then applied: one trace, not two."""
+    from secateurs.graph import from_fx
+
+    calls = []
+    real = from_fx.trace
+    monkeypatch.setattr(from_fx, "trace", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = DigitsCNN().eval()
+    x = torch.randn(2, 1, 8, 8)
+    result = prune(model, x, target_macs=0.6)
+    assert len(calls) == 1
+    assert abs(result.report.macs_kept - 0.6) <= 0.05 * 0.6
