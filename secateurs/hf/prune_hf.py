@@ -637,24 +637,36 @@ def _is_attention(mod: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fold_qk_scale(model: nn.Module, old_hd: int, new_hd: int) -> None:
-    """Models without rotary: q *= sqrt(D'/D) and ``scaling`` becomes the rebuilt value."""
+def _fold_qk_scale(model: nn.Module, old_hd: int, new_hd: int) -> dict[str, list[Any]]:
+    """Models without rotary: q *= sqrt(D'/D) and ``scaling`` becomes the rebuilt value.
+
+    Returns what was scaled, ``{parameter name: [factor, dim, stop]}`` (positions ``[:stop]``
+    of ``dim``, all of them for ``None``), so ``shards.prune_checkpoint`` scales the streamed
+    tensors the same way."""
     c = math.sqrt(new_hd / old_hd)
-    for mod in model.modules():
+    scaled: dict[str, list[Any]] = {}
+
+    def scale(name: str, t: torch.Tensor, dim: int, stop: int | None) -> None:
+        t.narrow(dim, 0, t.shape[dim] if stop is None else stop).mul_(c)
+        scaled[name] = [c, dim, stop]
+
+    for name, mod in model.named_modules():
         if not _is_attention(mod):
             continue
         if getattr(mod.config, "model_type", "") == "gpt2" and \
                 not getattr(mod.config, "scale_attn_weights", True):
             continue  # GPT-2 without scaling: nothing depends on head_dim
         if hasattr(mod, "c_attn"):  # GPT-2 Conv1D [in, 3 * width]: q is the first third
-            mod.c_attn.weight[:, :mod.split_size] *= c
-            mod.c_attn.bias[:mod.split_size] *= c
+            scale(f"{name}.c_attn.weight", mod.c_attn.weight, 1, mod.split_size)
+            scale(f"{name}.c_attn.bias", mod.c_attn.bias, 0, mod.split_size)
         else:
-            q = mod.q_proj if hasattr(mod, "q_proj") else mod.query
-            q.weight.mul_(c)
+            q_name = "q_proj" if hasattr(mod, "q_proj") else "query"
+            q = getattr(mod, q_name)
+            scale(f"{name}.{q_name}.weight", q.weight, 0, None)
             if q.bias is not None:
-                q.bias.mul_(c)
+                scale(f"{name}.{q_name}.bias", q.bias, 0, None)
         mod.scaling = float(mod.scaling) / c
+    return scaled
 
 
 # ---------------------------------------------------------------- configs that need a loader
@@ -740,7 +752,7 @@ def apply_hf_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
         kept = [i for i in range(old_hd // 2) if i not in set(freq_removed)]
         changes["rope_parameters"] = _express_rotary(model, rope_before, kept, old_hd, head_dim)
     elif head_dim != old_hd:
-        _fold_qk_scale(model, old_hd, head_dim)
+        changes["scaled"] = _fold_qk_scale(model, old_hd, head_dim)
     if hf.get("drop_layers"):
         drop_blocks(model, hf["drop_layers"])
         changes["num_hidden_layers"] = cfg.num_hidden_layers

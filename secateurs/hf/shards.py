@@ -7,7 +7,9 @@ importance scores on a smaller machine). ``prune_checkpoint`` then:
 1. applies the plan to a meta model built from the checkpoint's config, which gives the new
    config (heads, kv heads, head_dim, intermediate and hidden sizes, layer count) for free;
 2. streams every shard: each tensor is loaded alone, sliced by the plan (tied aliases follow
-   their canonical tensor), dropped layers are skipped and the remaining layers renumbered;
+   their canonical tensor) and, where step 1 folded the attention scale into q (head-dim
+   pruning without rotary), scaled the same way; dropped layers are skipped and the remaining
+   layers renumbered;
 3. writes the pruned shards, a new ``model.safetensors.index.json`` and ``config.json``.
 
 Peak memory is one tensor plus one output shard.
@@ -76,6 +78,7 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
             j += 1
     layer_re = re.compile(rf"^{re.escape(block_name)}\.(\d+)\.(.*)$")
     changes = apply_hf_plan(model, plan)
+    scaled = changes.get("scaled", {})
     model.config.save_pretrained(dst)
     if os.path.exists(os.path.join(src, INDEX)):
         with open(os.path.join(src, INDEX)) as f:
@@ -100,6 +103,11 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
                 dims = plan.removed.get(alias.get(key, key))
                 if dims:
                     t = _slice(t, dims)
+                factor = scaled.get(alias.get(key, key))
+                if factor is not None:  # the attention scale folded into q (no rotary)
+                    c, dim, stop = factor
+                    t = t.clone()
+                    t.narrow(dim, 0, t.shape[dim] if stop is None else stop).mul_(c)
                 out[name] = t
                 total += t.numel() * t.element_size()
         save_file(out, os.path.join(dst, shard), metadata={"format": "pt"})

@@ -204,3 +204,25 @@ def test_target_macs_bisects_one_ratio(models):
         prune_hf(m, x, ratio=0.3, target_macs=0.6)
     with pytest.raises(InputError, match="out of reach"):
         prune_hf(m, x, mlp=0.0, target_macs=0.01)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_meta_plan_with_head_dims_without_rotary_applies_to_shards(tmp_path, models, family):
+    """Without rotary the 1/sqrt(D) scale is folded into q; the shards get the same fold."""
+    import copy
+
+    from secateurs.hf.prune_hf import apply_hf_plan
+    from secateurs.hf.shards import meta_model, prune_checkpoint
+
+    m, x = models[family], example_inputs(family, seq=16)
+    cls = type(m)
+    meta = meta_model(tiny_config(family), cls)
+    r = prune_hf(meta, x, head_dim=0.25, importance="random")
+    assert r.plan.meta["hf"].get("head_dim_removed", 0) > 0
+    reference = copy.deepcopy(m)
+    changes = apply_hf_plan(reference, r.plan)
+    assert changes["scaled"]  # the fold happened, and was recorded for the shards
+    m.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    prune_checkpoint(str(tmp_path / "src"), str(tmp_path / "dst"), r.plan, cls)
+    back = from_pretrained_pruned(tmp_path / "dst", cls).eval()
+    _assert_same(back, reference.eval(), x)
