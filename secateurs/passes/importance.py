@@ -106,6 +106,9 @@ def _reduce_except(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch
     return v.sum(dim=dims) if dims else v
 
 
+_BLOCK = 1 << 18  # elements per row block: 1 MB of float32, inside a core's L2
+
+
 def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
                      key: Any) -> np.ndarray:
     """sum of |w|^p over every dim but ``dim``, cached per (tensor, dim): a tensor split
@@ -123,7 +126,7 @@ def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
     elif dim < 2:
         x2 = x.reshape(x.shape[0], -1)
         rows_out, cols = [], torch.zeros(x2.shape[1], dtype=torch.float32, device=x.device)
-        for rows in x2.split(max(1, 65536 // max(1, x2.shape[1]))):
+        for rows in x2.split(max(1, _BLOCK // max(1, x2.shape[1]))):
             rows = rows.float()
             powered = rows.square() if p == 2 else rows.abs().pow(p)
             rows_out.append(powered.sum(1))
