@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "tiny_config", "tiny_model", "example_inputs"]
+__all__ = ["FAMILIES", "tiny_config", "tiny_model", "example_inputs", "output_tensor"]
 
 FAMILIES = ("llama", "qwen2", "mistral", "bert", "gpt2", "vit")
 
@@ -66,3 +66,10 @@ def example_inputs(model_or_family: Any, batch: int = 2, seq: int = 8,
         return (torch.randn(batch, 3, 16, 16, generator=g),)
     vocab = 128 if isinstance(model_or_family, str) else model_or_family.config.vocab_size
     return (torch.randint(0, vocab, (batch, seq), generator=g),)
+
+
+@torch.no_grad()
+def output_tensor(model: torch.nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
+    """The model's main output: ``logits`` where it has them, else ``last_hidden_state``."""
+    out = model(*inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state

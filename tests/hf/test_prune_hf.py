@@ -15,16 +15,13 @@ pytest.importorskip("safetensors")
 
 from secateurs import zero_plan_slices  # noqa: E402
 from secateurs.hf import analyze_hf, prune_hf, unit_counts  # noqa: E402
-from secateurs.hf.models import FAMILIES, example_inputs, tiny_config, tiny_model  # noqa: E402
+from secateurs.hf.models import FAMILIES, example_inputs, output_tensor, tiny_config, tiny_model  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 
 
-def _out(model, x):
-    with torch.no_grad():
-        o = model(*x)
-    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+_out = output_tensor
 
 
 @pytest.fixture(scope="module")

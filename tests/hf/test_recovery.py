@@ -13,17 +13,14 @@ pytest.importorskip("transformers")
 
 from secateurs.errors import InputError  # noqa: E402
 from secateurs.hf import prune_hf  # noqa: E402
-from secateurs.hf.models import example_inputs, tiny_model  # noqa: E402
+from secateurs.hf.models import example_inputs, output_tensor, tiny_model  # noqa: E402
 from secateurs.hf.recovery import SITES, refit_output_projections  # noqa: E402
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 
 
-def _out(model, x):
-    with torch.no_grad():
-        o = model(*x)
-    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+_out = output_tensor
 
 
 def _calibration(family, n=4):

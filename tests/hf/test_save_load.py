@@ -20,7 +20,7 @@ import transformers  # noqa: E402
 from secateurs import zero_plan_slices  # noqa: E402
 from secateurs.errors import InputError  # noqa: E402
 from secateurs.hf import prune_hf  # noqa: E402
-from secateurs.hf.models import FAMILIES, example_inputs, tiny_config, tiny_model  # noqa: E402
+from secateurs.hf.models import FAMILIES, example_inputs, output_tensor, tiny_config, tiny_model  # noqa: E402
 from secateurs.hf.prune_hf import from_pretrained_pruned  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -30,10 +30,7 @@ torch.set_num_threads(1)
 ROTARY = ("llama", "qwen2", "mistral")
 
 
-def _out(model, x):
-    with torch.no_grad():
-        o = model(*x)
-    return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
+_out = output_tensor
 
 
 def _assert_same(a, b, x, atol=1e-5):
