@@ -2,9 +2,10 @@
 
 A decoder (or encoder) stack is a ``ModuleList`` of identical layers, and the channel analysis
 of a middle layer does not depend on how many layers surround it. So instead of tracing all N
-layers through ``torch.export`` (Llama-3-8B: ~40 s of the ~55 s a full meta analysis takes),
-``channel_analysis`` traces the model with its first ``TRACED_LAYERS`` = 3 layers, analyses
-that (``group_channels``), and expands the result to N layers:
+layers through ``torch.export`` (Llama-3-8B on meta: 8.4 s and 360 MB traced memory this
+way, 2.0 s and 177 MB replicated; Llama-3-70B 3.0 s and 334 MB), ``channel_analysis`` traces
+the model with its first ``TRACED_LAYERS`` = 3 layers, analyses that (``group_channels``), and
+expands the result to N layers:
 
 * every resolved component (a unit or a composite of units) of the traced model is **local** to
   one layer (only that layer's values carry it) or **global** (carried by a value outside the
