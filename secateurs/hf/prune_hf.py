@@ -50,6 +50,7 @@ from torch import nn
 from secateurs.errors import InputError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import slice_tensors
+from secateurs.passes.calibration import call_batch
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup
 from secateurs.passes.importance import CRITERIA, ScoreContext, normalize
@@ -161,14 +162,6 @@ def unit_counts(hfa: HFAnalysis) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- importance
-
-
-def call_batch(model: nn.Module, batch: Any) -> Any:
-    """Run ``model`` on a calibration batch: a dict of keyword arguments (tokenizer output) or
-    a tuple of positional ones."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(*from_fx._as_tuple(batch))
 
 
 def token_mask(batch: Any) -> torch.Tensor | None:
@@ -478,8 +471,7 @@ def block_influence(model: nn.Module, batches: list[Any]) -> np.ndarray:
     sims = None
     with torch.no_grad():
         for b in batches:
-            hs = (model(**b, output_hidden_states=True) if isinstance(b, Mapping)
-                  else model(*from_fx._as_tuple(b), output_hidden_states=True)).hidden_states
+            hs = call_batch(model, b, output_hidden_states=True).hidden_states
             cur = np.array([torch.nn.functional.cosine_similarity(
                 hs[i].float(), hs[i + 1].float(), dim=-1).mean().item()
                 for i in range(len(hs) - 1)])

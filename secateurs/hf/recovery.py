@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from secateurs.errors import InputError
-from secateurs.hf.prune_hf import _block_list, _hidden_size, call_batch, token_mask
+from secateurs.hf.prune_hf import _block_list, _hidden_size, token_mask
+from secateurs.passes.calibration import StopForward, run_hooked
 
 __all__ = ["SITES", "ProjectionFit", "RecoveryReport", "refit_output_projections"]
 
@@ -74,29 +75,16 @@ class RecoveryReport:
         return sum(f.error_after for f in self.fits) / max(len(self.fits), 1)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
-
-
 def _layer_inputs(model: nn.Module, layer: nn.Module,
                   batches: list[Any]) -> list[tuple[tuple, dict]]:
     """(args, kwargs) of ``layer``'s first call on every batch."""
     got: list[tuple[tuple, dict]] = []
 
-    def hook(mod, args, kwargs):
+    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         got.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
-    h = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    call_batch(model, b)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
+    run_hooked(model, batches, [(layer, hook)])
     if len(got) != len(batches):
         raise InputError(f"{type(layer).__name__} was not called once per calibration batch")
     return got

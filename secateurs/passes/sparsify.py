@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.errors import InputError
+from secateurs.passes.calibration import StopForward, call_batch, run_hooked
 from secateurs.passes.masks import (
     Masks,
     Pattern,
@@ -275,18 +276,6 @@ _NOT_RUN = (
 )
 
 
-class _StopForward(Exception):
-    """Raised by a pre-hook once the layer being calibrated has seen its input."""
-
-
-def _call(model: nn.Module, sample: Any) -> Any:
-    if isinstance(sample, Mapping):
-        return model(**sample)
-    if isinstance(sample, (tuple, list)):
-        return model(*sample)
-    return model(sample)
-
-
 def _materialise(calibration: Iterable[Any] | torch.Tensor | None) -> list[Any]:
     if calibration is None:
         return []
@@ -311,15 +300,8 @@ def _execution_order(
         calls[name] = calls.get(name, 0) + 1
         first_input.setdefault(name, args[0] if args else None)
 
-    handles = [
-        mod.register_forward_pre_hook(lambda _m, args, n=name: record(n, args)) for name, mod in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            _call(model, sample)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, [sample], [(mod, lambda m, args, kwargs, n=name: record(n, args))
+                                 for name, mod in layers.items()])
     groups: list[list[str]] = []
     for name in calls:
         last = groups[-1][-1] if groups else None
@@ -346,21 +328,10 @@ def _collect(
     def hook(name: str, mod: nn.Module, args: tuple[Any, ...]) -> None:
         accs[name].add(_layer_columns(mod, args[0].detach()).float())
         if name == stop_at:
-            raise _StopForward
+            raise StopForward
 
-    handles = [
-        mod.register_forward_pre_hook(lambda m, args, n=name: hook(n, m, args)) for name, mod in modules.items()
-    ]
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                try:
-                    _call(model, sample)
-                except _StopForward:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, samples, [(mod, lambda m, args, kwargs, n=name: hook(n, m, args))
+                                for name, mod in modules.items()])
 
 
 # --------------------------------------------------------------------------- the pass
@@ -792,7 +763,7 @@ def sparsify_streaming(
         if i + 1 < len(blocks) and samples:
             block.eval()
             with torch.no_grad():
-                samples = [_next_inputs(_call(block, s)) for s in samples]
+                samples = [_next_inputs(call_batch(block, s)) for s in samples]
         del block, tensors, state
     rest = [n for n in ckpt.names() if n not in weight_map]
     for j, name in enumerate(rest):
