@@ -28,7 +28,8 @@ member's positions of ``u``):
 * ``lamp`` (Lee et al. 2021) adapted to channels: within each conv/linear member, with
   ``s_u = ||W_u||²`` of that layer's slices sorted ascending, ``lamp_u = s_u / sum_{v: s_v >=
   s_u} s_v``; the layer-wise normalisation makes scores comparable across layers.
-* ``random``: uniform, seeded by ``ctx.seed`` and the group id.
+* ``random``: uniform, seeded by ``ctx.seed`` and the group's first member (stable across
+  analyses that number groups differently).
 
 Criteria that need data carry ``needs`` (``{"grads"}``, ``{"fisher"}``, ``{"activations"}``);
 :func:`calibration_context` builds a ``ScoreContext`` with exactly what a criterion needs.
@@ -36,6 +37,7 @@ Criteria that need data carry ``needs`` (``{"grads"}``, ``{"fisher"}``, ``{"acti
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,7 +167,11 @@ def magnitude(p: int) -> Criterion:
 
 
 def random_criterion(group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
-    rng = np.random.default_rng(ctx.seed + group.id)
+    """Uniform scores seeded by ``ctx.seed`` and the group's first member (not its id, which
+    depends on how the analysis was made: a replicated HF analysis numbers groups differently
+    from a full trace, yet must pick the same units)."""
+    first = f"{group.members[0].param}:{group.members[0].dim}" if group.members else ""
+    rng = np.random.default_rng([ctx.seed, zlib.crc32(first.encode())])
     return rng.random(group.size)
 
 

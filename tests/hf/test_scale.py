@@ -257,3 +257,22 @@ def test_layers_whose_graphs_differ_fall_back(caplog, variant, reason):
     assert hfa.tracer == "fx"
     assert reason in caplog.text
     assert _canon(hfa.analysis) == _canon(analyze_hf(model, x).analysis)
+
+
+def test_random_importance_does_not_depend_on_group_numbering():
+    """Replication numbers groups differently from a full trace; the random criterion is
+    seeded by a group's members, so both analyses score every group the same."""
+    from secateurs.passes.importance import CRITERIA
+
+    model, x = meta_model(tiny_config("llama", num_hidden_layers=5)), example_inputs("llama")
+    rep, full = analyze_hf(model, x), analyze_hf(model, x, replicate=False)
+    ctx = ScoreContext({})
+
+    def scores(hfa):
+        return {frozenset((m.param, m.dim, m.positions.tobytes()) for m in g.members):
+                (g.id, CRITERIA["random"](g, ctx).tolist()) for g in hfa.analysis.groups}
+
+    a, b = scores(rep), scores(full)
+    assert a.keys() == b.keys()
+    assert any(a[k][0] != b[k][0] for k in a)  # the numbering really differs
+    assert all(a[k][1] == b[k][1] for k in a)
