@@ -27,8 +27,9 @@ anything else, custom domains          ``opaque`` (pins every channel it touches
                                        reason naming the op type and the node)
 =====================================  =====================================================
 
-Shapes come from ``onnx.shape_inference.infer_shapes(data_prop=True)`` on a copy whose graph
-inputs may be fixed by ``input_shapes``; every value the analysis needs must end up with a
+Shapes come from ``onnx.shape_inference.infer_shapes(data_prop=True)`` on a weightless
+``skeleton`` of the model (large initializers declared by type and shape, small ones kept for
+shape arithmetic) whose graph inputs may be fixed by ``input_shapes``; every value the analysis needs must end up with a
 static shape, else an :class:`InputError` says which input to fix. Float initializers with
 more than one element are *parameters* (``Value.param`` is the initializer name, so plans are
 keyed by initializer names); integer initializers, ``Constant`` nodes and everything computed
@@ -204,9 +205,38 @@ def infer_static_shapes(model: onnx.ModelProto,
     return work, shapes
 
 
+# Initializers up to this many elements keep their values in ``skeleton`` (shape arithmetic
+# reads them); larger ones are declared by type and shape only.
+_SKELETON_KEEP = 4096
+
+
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the data of its large initializers (declared as graph inputs of the
+    same type and shape instead). Shape inference and the checker's ``full_check`` serialise
+    the model they are given; on a skeleton they do not copy the weights (ResNet-50: 100 MB
+    per call), and they infer exactly the same shapes."""
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    src, g = model.graph, out.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= _SKELETON_KEEP:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out
+
+
 def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = skeleton(model)
     # Stale value_info may contradict new input shapes: drop it, except for outputs of
     # custom-domain ops, which ONNX cannot infer, and shape hints of ``_materialise``.
     custom = {o for n in work.graph.node

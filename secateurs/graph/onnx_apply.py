@@ -15,8 +15,9 @@
   initializer for this node (computed shapes are then fixed to the analysed sizes, except one
   dim the original model left dynamic, written as ``-1``), and nodes left without consumers
   are removed;
-* shape inference runs again and the result must pass
-  ``onnx.checker.check_model(full_check=True)``.
+* shape inference runs again and the result must pass the checker's ``full_check``
+  (``check_full``: the structural check on the model, the strict shape inference on its
+  weightless ``skeleton``, which infers the same shapes without serialising the weights).
 
 Layout ops whose constants do not depend on widths (Flatten, Squeeze, Unsqueeze, Transpose)
 and ops whose widths follow their initializers (Conv, Gemm, MatMul, norms) need nothing.
@@ -35,7 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from secateurs.errors import InputError, PlanError
-from secateurs.graph.from_onnx import _infer, _static, fold_constants, onnx_node_names
+from secateurs.graph.from_onnx import _infer, _static, fold_constants, onnx_node_names, skeleton
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_onnx", "zero_plan_slices_onnx", "load_onnx", "save_onnx",
@@ -106,7 +107,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str],
     from secateurs.runtime.io import atomic_save_onnx
 
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_full(model)
     except Exception as exc:  # noqa: BLE001
         raise PlanError(f"refusing to write an invalid ONNX model: {exc}") from exc
     return atomic_save_onnx(model, path, external_data=external_data)
@@ -163,8 +164,10 @@ def _edit_tensors(model: onnx.ModelProto, plan: Plan, fn: Any) -> None:
 
 
 def _delete(arr: np.ndarray, dims: Mapping[int, list[int]]) -> np.ndarray:
-    for d, idx in dims.items():
-        arr = np.delete(arr, np.asarray(idx, dtype=np.int64), axis=int(d))
+    for d, idx in sorted(dims.items()):
+        keep = np.ones(arr.shape[int(d)], dtype=bool)
+        keep[np.asarray(idx, dtype=np.int64)] = False
+        arr = arr.take(np.nonzero(keep)[0], axis=int(d))  # np.delete sorts: 2x slower
     return arr
 
 
@@ -387,11 +390,22 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
     try:
-        out = onnx.shape_inference.infer_shapes(out, data_prop=True)
-        onnx.checker.check_model(out, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(out), data_prop=True)
+        weights = {t.name for t in out.graph.initializer}
+        out.graph.value_info.extend(vi for vi in inferred.graph.value_info
+                                    if vi.name not in weights and vi.name not in custom)
+        check_full(out)
     except Exception as exc:  # noqa: BLE001 - checker and inference raise several types
         raise PlanError(f"the pruned model does not check: {type(exc).__name__}: {exc}") from exc
     return out
+
+
+def check_full(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_model(full_check=True)`` without serialising the weights twice:
+    the structural check (initializer sizes included) on the model, the strict shape
+    inference on its ``skeleton``."""
+    onnx.checker.check_model(model)
+    onnx.checker.check_model(skeleton(model), full_check=True)
 
 
 def static_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:
