@@ -314,9 +314,14 @@ _SHORTCUT_MODULE_OPS = _SAME_SHAPE_OPS | {"linear", "conv", "batch_norm", "insta
                                           "group_norm", "layer_norm", "rms_norm"}
 
 
+def _torch_forward(mod: nn.Module) -> bool:
+    """The module runs a ``torch.nn`` forward (not a subclass's own)."""
+    return getattr(type(mod).forward, "__module__", "").startswith("torch.nn.")
+
+
 def _shortcut_module(mod: nn.Module) -> bool:
     return _module_lowering(mod, None)[0] in _SHORTCUT_MODULE_OPS \
-        and not getattr(mod, "transposed", False)
+        and not getattr(mod, "transposed", False) and _torch_forward(mod)
 
 
 def _fast_shape(key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -361,7 +366,8 @@ class _MetaShapes(torch.fx.Interpreter):
             fast = _fast_shape(call_key(n), args, kwargs)
         elif n.op == "call_module" and args:
             mod = self.fetch_attr(str(n.target))
-            fast = _fast_shape(_module_lowering(mod, args[0])[0], args, kwargs, mod)
+            if _torch_forward(mod):  # a subclass with its own forward may change shapes
+                fast = _fast_shape(_module_lowering(mod, args[0])[0], args, kwargs, mod)
         out = fast if fast is not None else getattr(self, n.op)(n.target, args, kwargs)
         if _has_tensor(out):  # like ShapeProp: sizes, ints and None record nothing
             n.meta[_SHAPE_KEY] = out
