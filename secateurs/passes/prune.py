@@ -24,7 +24,7 @@ from torch import nn
 
 from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
-from secateurs.graph.fx_apply import apply_plan_fx
+from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
@@ -230,14 +230,6 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tensor_refs(model: nn.Module) -> Iterable[tuple[dict[str, Any], str, torch.Tensor]]:
-    for mod in model.modules():
-        for slots in (mod._parameters, mod._buffers):
-            for attr, t in slots.items():
-                if t is not None:
-                    yield slots, attr, t
-
-
 def copy_sharing_tensors(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree that still shares its parameters and buffers.
 
@@ -246,7 +238,7 @@ def copy_sharing_tensors(model: nn.Module) -> nn.Module:
     :func:`unshare_tensors` clones whatever is still the caller's. Plain modules are copied
     attribute by attribute (3-5x faster than ``deepcopy``'s reduce protocol); a module class
     with its own copy or pickle hooks (``GraphModule``, RNNs) goes through ``deepcopy``."""
-    memo: dict[int, Any] = {id(t): t for _, _, t in _tensor_refs(model)}
+    memo: dict[int, Any] = {id(t): t for _, _, t in tensor_slots(model)}
     return _copy_module(model, memo)
 
 
@@ -287,9 +279,9 @@ def _copy_module(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 def unshare_tensors(copied: nn.Module, original: nn.Module) -> nn.Module:
     """Clone every tensor ``copied`` still shares with ``original`` (tied ones stay tied)."""
-    theirs = {id(t) for _, _, t in _tensor_refs(original)}
+    theirs = {id(t) for _, _, t in tensor_slots(original)}
     clones: dict[int, torch.Tensor] = {}
-    for slots, attr, t in list(_tensor_refs(copied)):
+    for slots, attr, t in list(tensor_slots(copied)):
         if id(t) not in theirs:
             continue
         new = clones.get(id(t))
@@ -417,13 +409,8 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
     prep = prepare(model, example_inputs, importance, ignore=ignore, inplace=inplace,
                    reduction=reduction, normalization=normalization,
                    score_context=score_context)
-    group_ratios = _group_ratios(prep.analysis, ratios or {})
-    removed = prep.timer.run("select", select_units, prep.analysis, prep.scores, ratio,
-                             round_to, global_pruning, allow_lossy, prep.skip, group_ratios,
-                             min_units)
-    meta = {"ratio": ratio, "round_to": round_to, "global_pruning": global_pruning,
-            "allow_lossy": allow_lossy}
-    return finish(prep, removed, meta, verify=verify)
+    return finish(prep, ratio, round_to=round_to, global_pruning=global_pruning,
+                  allow_lossy=allow_lossy, ratios=ratios, min_units=min_units, verify=verify)
 
 
 def _check_options(ratios: Mapping[str, float] | None, round_to: int | None) -> None:
@@ -472,14 +459,20 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
                     getattr(criterion, "__name__", str(importance)), timer)
 
 
-def finish(prep: Prepared, removed: dict[int, np.ndarray], meta: Mapping[str, Any],
+def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
+           global_pruning: bool = False, allow_lossy: bool = False,
+           ratios: Mapping[str, float] | None = None, min_units: int = 1,
            verify: bool = False) -> PruneResult:
-    """Plan, apply, report (and optionally verify) one selection made on ``prep``."""
+    """Select at ``ratio`` on ``prep``, then plan, apply, report (and optionally verify)."""
     model, timer, tracer, analysis = prep.model, prep.timer, prep.tracer, prep.analysis
     if verify and prep.inplace:
         raise InputError("verify=True needs the original model; it cannot be combined with "
                          "inplace=True")
-    meta = {**meta, "importance": prep.criterion_name, "tracer": tracer,
+    removed = timer.run("select", select_units, analysis, prep.scores, ratio, round_to,
+                        global_pruning, allow_lossy, prep.skip,
+                        _group_ratios(analysis, ratios or {}), min_units)
+    meta = {"ratio": ratio, "round_to": round_to, "global_pruning": global_pruning,
+            "allow_lossy": allow_lossy, "importance": prep.criterion_name, "tracer": tracer,
             "torch": torch.__version__}
     plan = timer.run("plan", build_plan, analysis, removed, meta)
     n_params_before = sum(p.numel() for p in model.parameters())

@@ -131,7 +131,7 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     ``InputError`` when the nearest reachable budget is more than ``tolerance`` (relative) away
     from the target, naming the reachable range.
     """
-    from secateurs.passes.prune import _check_options, _group_ratios, finish, prune, select_units
+    from secateurs.passes.prune import _check_options, finish, prune
 
     if not isinstance(target_macs, (int, float)) or not 0.0 < float(target_macs) <= 1.0:
         raise InputError(f"target_macs must be in (0, 1], got {target_macs!r}")
@@ -172,13 +172,8 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
                          f"{floor:.3f} and 1.0 of the MACs with these settings: pinned, "
                          f"ignored and lossy groups are not pruned)")
     ratios = {**(prune_kwargs.get("ratios") or {}), **extra}
-    o = sel.options
-    removed = prep.timer.run("select", select_units, prep.analysis, prep.scores, best_r,
-                             o["round_to"], o["global_pruning"], o["allow_lossy"], prep.skip,
-                             _group_ratios(prep.analysis, ratios), o["min_units"])
-    meta = {"ratio": best_r, "round_to": o["round_to"], "global_pruning": o["global_pruning"],
-            "allow_lossy": o["allow_lossy"]}
-    result = finish(prep, removed, meta, verify=prune_kwargs.get("verify", False))
+    result = finish(prep, best_r, ratios=ratios, verify=prune_kwargs.get("verify", False),
+                    **sel.options)
     kept = result.report.macs_kept
     log.info("prune_to_macs: ratio %.4f keeps %.2f%% of MACs (target %.2f%%)", best_r,
              100 * kept, 100 * target_macs)
