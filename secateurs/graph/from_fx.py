@@ -336,9 +336,9 @@ def _fast_shape(key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
     fn = _SHAPE_FNS.get(key)
     if fn is None:
         return None
-    flat = [a for a in (args[0] if key in ("cat", "concat", "concatenate") and args
-                        and isinstance(args[0], (list, tuple)) else args)
-            if isinstance(a, torch.Tensor)]
+    operands = args[0] if fn is _cat_shape and args and isinstance(args[0], (list, tuple)) \
+        else args
+    flat = [a for a in operands if isinstance(a, torch.Tensor)]
     if not flat or any(t.dtype != flat[0].dtype or not t.is_floating_point() for t in flat):
         return None
     shape = fn(args, kwargs, mod)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,21 +22,43 @@ from secateurs.errors import PlanError
 from secateurs.graph.from_fx import _SIGS, _node_shape, call_key
 from secateurs.passes.plan import Plan
 
-__all__ = ["apply_plan_fx", "slice_tensors"]
+__all__ = ["apply_plan_fx", "slice_tensors", "slice_tensor", "tensor_slots"]
 
 _SHAPE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand", "broadcast_to"}
 
 
+def tensor_slots(model: nn.Module) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
+    """Every (``_parameters``/``_buffers`` dict, attribute, tensor) of ``model``'s modules; a
+    tied tensor appears once per module that holds it."""
+    for mod in model.modules():
+        for slots in (mod._parameters, mod._buffers):
+            for attr, t in slots.items():
+                if t is not None:
+                    yield slots, attr, t
+
+
+def slice_tensor(t: torch.Tensor, dims: Mapping[int, Sequence[int]],
+                 name: str = "tensor") -> torch.Tensor:
+    """``t`` without the listed indices along each dim (a narrowed view on ``meta``)."""
+    new = t.detach()
+    for d, idx in sorted(dims.items()):
+        gone = np.asarray(idx, dtype=np.int64)
+        if d >= new.dim() or (len(gone) and gone.max() >= new.shape[d]):
+            raise PlanError(f"plan removes index {gone.max()} of dim {d} of '{name}' with "
+                            f"shape {tuple(t.shape)}; was the plan made for another model?")
+        keep = np.ones(new.shape[d], dtype=bool)
+        keep[gone] = False
+        new = new.index_select(d, torch.from_numpy(np.nonzero(keep)[0]).to(new.device)) \
+            if not new.is_meta else new.narrow(d, 0, int(keep.sum()))
+    return new
+
+
 def slice_tensors(root: nn.Module, removed: dict[str, dict[int, list[int]]]) -> None:
-    """Replace each named tensor by its slice that keeps the non-removed indices."""
-    refs: dict[int, list[tuple[nn.Module, str, bool]]] = {}
-    for mod in root.modules():
-        for attr, t in mod._parameters.items():
-            if t is not None:
-                refs.setdefault(id(t), []).append((mod, attr, True))
-        for attr, t in mod._buffers.items():
-            if t is not None:
-                refs.setdefault(id(t), []).append((mod, attr, False))
+    """Replace each named tensor by its slice that keeps the non-removed indices (tied tensors
+    stay one object; parameters keep ``requires_grad``)."""
+    refs: dict[int, list[tuple[dict[str, Any], str]]] = {}
+    for slots, attr, t in tensor_slots(root):
+        refs.setdefault(id(t), []).append((slots, attr))
     named = dict(root.named_parameters(remove_duplicate=False))
     named.update(root.named_buffers(remove_duplicate=False))
     for name, dims in removed.items():
@@ -43,26 +66,11 @@ def slice_tensors(root: nn.Module, removed: dict[str, dict[int, list[int]]]) -> 
         if t is None:
             raise PlanError(f"plan removes channels of '{name}', which the model does not have; "
                             "was the plan made for another model?")
-        new = t.detach()
-        for d, idx in sorted(dims.items()):
-            gone = np.asarray(idx, dtype=np.int64)
-            if d >= new.dim() or (len(gone) and gone.max() >= new.shape[d]):
-                raise PlanError(f"plan removes index {gone.max()} of dim {d} of '{name}' with "
-                                f"shape {tuple(t.shape)}; was the plan made for another model?")
-            keep = np.ones(new.shape[d], dtype=bool)
-            keep[gone] = False
-            new = new.index_select(d, torch.from_numpy(np.nonzero(keep)[0]).to(new.device)) \
-                if not new.is_meta else new.narrow(d, 0, int(keep.sum()))
-        for mod, attr, is_param in refs.get(id(t), []):
-            if is_param:
-                mod._parameters[attr] = nn.Parameter(new, requires_grad=t.requires_grad)
-            else:
-                mod._buffers[attr] = new
-        if len(refs.get(id(t), [])) > 1:  # keep tied tensors one object
-            first_mod, first_attr, is_param = refs[id(t)][0]
-            shared = (first_mod._parameters if is_param else first_mod._buffers)[first_attr]
-            for mod, attr, p in refs[id(t)][1:]:
-                (mod._parameters if p else mod._buffers)[attr] = shared
+        new = slice_tensor(t, dims, name)
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        for slots, attr in refs.get(id(t), []):
+            slots[attr] = new
 
 
 def _set_arg(node: torch.fx.Node, key: str, name: str, value: Any) -> None:

@@ -49,7 +49,7 @@ from torch import nn
 
 from secateurs.errors import InputError
 from secateurs.graph import from_fx
-from secateurs.graph.fx_apply import slice_tensors
+from secateurs.graph.fx_apply import slice_tensors, tensor_slots
 from secateurs.passes.calibration import call_batch
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup
@@ -764,18 +764,16 @@ def apply_hf_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
 def _resize_parameters(model: nn.Module, shapes: Mapping[str, list[int]]) -> None:
     """Give the named parameters new (uninitialised) storage of the recorded shapes, on their
     device and dtype; a tensor tied to several modules stays one tensor."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for mod in model.modules():
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((mod, attr))
+    owners: dict[int, list[tuple[dict[str, Any], str]]] = {}
+    for slots, attr, t in tensor_slots(model):
+        owners.setdefault(id(t), []).append((slots, attr))
     params = dict(model.named_parameters())
     for name, shape in shapes.items():
         p = params[name]
         new = nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device),
                            requires_grad=p.requires_grad)
-        for mod, attr in owners.get(id(p), []):
-            mod._parameters[attr] = new
+        for slots, attr in owners.get(id(p), []):
+            slots[attr] = new
 
 
 def _pruned_class(cls: type, rec: Mapping[str, Any]) -> type:

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from secateurs.graph.fx_apply import slice_tensor
 from secateurs.passes.plan import Plan
 
 __all__ = ["prune_checkpoint", "meta_model"]
@@ -42,14 +43,6 @@ def meta_model(config: Any, model_cls: Any = None) -> torch.nn.Module:
         if hasattr(model_cls, "from_config"):
             return model_cls.from_config(config).eval()
         return model_cls(config).eval()
-
-
-def _slice(t: torch.Tensor, dims: dict[int, list[int]]) -> torch.Tensor:
-    for d, idx in sorted(dims.items()):
-        keep = torch.ones(t.shape[d], dtype=torch.bool)
-        keep[torch.as_tensor(idx, dtype=torch.long)] = False
-        t = t.index_select(d, torch.nonzero(keep).flatten())
-    return t.contiguous()
 
 
 def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> dict[str, Any]:
@@ -102,7 +95,7 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
                 t = f.get_tensor(key)
                 dims = plan.removed.get(alias.get(key, key))
                 if dims:
-                    t = _slice(t, dims)
+                    t = slice_tensor(t, dims, key).contiguous()
                 factor = scaled.get(alias.get(key, key))
                 if factor is not None:  # the attention scale folded into q (no rotary)
                     c, dim, stop = factor
