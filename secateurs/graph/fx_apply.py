@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 
 from secateurs.errors import PlanError
-from secateurs.graph.from_fx import _SIGS, _node_shape, call_key
+from secateurs.graph.fx_lower import _SIGS, _node_shape, call_key
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_fx", "slice_tensors", "slice_tensor", "tensor_slots"]

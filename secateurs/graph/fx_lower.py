@@ -1,0 +1,658 @@
+"""torch frontend, lowering: every FX node becomes zero or more canonical channel-graph nodes.
+
+Functions, methods and ATen ops are keyed by one name (``conv2d``, ``view``, ``add``...) in
+``_CALLS``; ``nn`` leaf modules by type (``_module_lowering``). This file is the one home of an
+op's FX lowering; its channel semantics live in ``passes/channel_rules.py`` and its shape
+formula (if any) in ``graph/fx_shapes.py``. Parameters and buffers become values named by their
+qualified name, so plans are keyed by ``named_parameters()``/``named_buffers()`` names.
+Anything unknown lowers to ``opaque``, which pins what touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from secateurs.graph.fx_trace import _fetch_attr
+from secateurs.graph.ir import ChannelGraph, Node, Value
+
+log = logging.getLogger(__name__)
+
+__all__ = ["lower_graph_module", "call_key"]
+
+# ---------------------------------------------------------------- shapes as recorded by fx_shapes
+
+_SHAPE_KEY = "secateurs_val"
+
+def _shape_of(meta: Any) -> Any:
+    """A shape tuple, a list of shapes (tuple outputs), or None (non-tensor)."""
+    if isinstance(meta, torch.Tensor):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, TensorMetadata):
+        return tuple(int(s) for s in meta.shape)
+    if isinstance(meta, (list, tuple)):
+        return [_shape_of(m) for m in meta]
+    return None
+
+
+def _node_shape(node: torch.fx.Node) -> Any:
+    if _SHAPE_KEY in node.meta:
+        return _shape_of(node.meta[_SHAPE_KEY])
+    if "val" in node.meta:
+        return _shape_of(node.meta["val"])
+    if "example_value" in node.meta:
+        return _shape_of(node.meta["example_value"])
+    if "tensor_meta" in node.meta:
+        return _shape_of(node.meta["tensor_meta"])
+    return None
+
+
+
+# ---------------------------------------------------------------- call lowering table
+
+
+def call_key(node: torch.fx.Node) -> str:
+    """One name for a function, method or ATen op: ``F.conv2d``, ``aten.conv2d`` -> conv2d."""
+    target = node.target
+    if node.op == "call_method":
+        key = str(target)
+    elif hasattr(target, "_overloadpacket"):
+        key = target._overloadpacket.__name__  # type: ignore[union-attr]
+    else:
+        key = _OPERATORS.get(target, getattr(target, "__name__", str(target)))
+    if key.endswith("_") and not key.startswith("_") and key != "__getitem__":
+        key = key[:-1]
+    return key
+
+
+_OPERATORS: dict[Any, str] = {
+    operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub",
+    operator.mul: "mul", operator.imul: "mul", operator.truediv: "div",
+    operator.itruediv: "div", operator.floordiv: "floor_divide", operator.matmul: "matmul",
+    operator.neg: "neg", operator.pow: "pow", operator.getitem: "getitem",
+    operator.eq: "eq", operator.ne: "ne", operator.lt: "lt", operator.gt: "gt",
+    operator.le: "le", operator.ge: "ge", operator.and_: "logical_and",
+    operator.or_: "logical_or", operator.invert: "logical_not", operator.mod: "remainder",
+    getattr: "getattr",
+}
+
+# Positional parameter names of the torch Python API (ATen ops are bound by their schema).
+_SIGS: dict[str, tuple[str, ...]] = {
+    "linear": ("input", "weight", "bias"),
+    "conv1d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv3d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "conv_transpose1d": ("input", "weight", "bias", "stride", "padding", "output_padding",
+                         "groups", "dilation"),
+    "conv_transpose2d": ("input", "weight", "bias", "stride", "padding", "output_padding",
+                         "groups", "dilation"),
+    "conv_transpose3d": ("input", "weight", "bias", "stride", "padding", "output_padding",
+                         "groups", "dilation"),
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+    "rms_norm": ("input", "normalized_shape", "weight", "eps"),
+    "group_norm": ("input", "num_groups", "weight", "bias", "eps"),
+    "embedding": ("input", "weight"),
+    "softmax": ("input", "dim"), "log_softmax": ("input", "dim"),
+    "normalize": ("input", "p", "dim"),
+    "cat": ("tensors", "dim"), "concat": ("tensors", "dim"), "concatenate": ("tensors", "dim"),
+    "split": ("input", "split_size", "dim"), "chunk": ("input", "chunks", "dim"),
+    "tensor_split": ("input", "sections", "dim"), "unbind": ("input", "dim"),
+    "split_with_sizes": ("input", "split_sizes", "dim"),
+    "narrow": ("input", "dim", "start", "length"), "select": ("input", "dim", "index"),
+    "slice": ("input", "dim", "start", "end", "step"),
+    "flatten": ("input", "start_dim", "end_dim"), "unflatten": ("input", "dim", "sizes"),
+    "squeeze": ("input", "dim"), "unsqueeze": ("input", "dim"),
+    "transpose": ("input", "dim0", "dim1"), "swapaxes": ("input", "dim0", "dim1"),
+    "swapdims": ("input", "dim0", "dim1"), "movedim": ("input", "source", "destination"),
+    "mean": ("input", "dim", "keepdim"), "sum": ("input", "dim", "keepdim"),
+    "amax": ("input", "dim", "keepdim"), "amin": ("input", "dim", "keepdim"),
+    "max": ("input", "dim", "keepdim"), "min": ("input", "dim", "keepdim"),
+    "var": ("input", "dim"), "std": ("input", "dim"), "logsumexp": ("input", "dim", "keepdim"),
+    "norm": ("input", "p", "dim", "keepdim"), "prod": ("input", "dim", "keepdim"),
+    "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p",
+                                     "is_causal", "scale"),
+    "pow": ("input", "exponent"), "type_as": ("input", "other"),
+    "masked_fill": ("input", "mask", "value"), "where": ("condition", "input", "other"),
+    "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2"),
+    "interpolate": ("input", "size", "scale_factor"),
+}
+
+
+def bind(node: torch.fx.Node, key: str) -> dict[str, Any]:
+    """Arguments by name: ATen ops by schema, everything else by ``_SIGS``."""
+    target = node.target
+    if hasattr(target, "_schema"):
+        names = [a.name for a in target._schema.arguments]  # type: ignore[union-attr]
+        names = ["input" if n == "self" else n for n in names]
+    else:
+        names = list(_SIGS.get(key, ("input", "other")))
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    if key == "embedding" and "indices" in out:  # aten.embedding(weight, indices)
+        out["input"] = out["indices"]
+    return out
+
+
+Lowered = tuple[str, list[Any], dict[str, Any]]  # canonical op, tensor operands, attrs
+
+
+def _ndim(arg: Any) -> int:
+    shape = _node_shape(arg) if isinstance(arg, torch.fx.Node) else None
+    return len(shape) if isinstance(shape, tuple) else 0
+
+
+def _dims(value: Any, nd: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value % max(nd, 1)]
+    return [int(v) % max(nd, 1) for v in value]
+
+
+def _unary(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
+    return lambda node, b: (op, [b.get("input", node.args[0] if node.args else None)], {})
+
+
+def _elementwise(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
+    def lower(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+        operands = [a for a in list(node.args) + list(node.kwargs.values())
+                    if isinstance(a, torch.fx.Node)]
+        return op, operands, {}
+
+    return lower
+
+
+def _conv(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    transposed = bool(b.get("transposed", False)) or "transpose" in call_key(node)
+    return "conv", [b["input"], b["weight"], b.get("bias")], {
+        "groups": int(b.get("groups", 1) or 1), "transposed": transposed}
+
+
+def _batch_norm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "batch_norm", [b["input"], b.get("weight"), b.get("bias"), b.get("running_mean"),
+                          b.get("running_var")], {}
+
+
+def _layer_norm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    shape = b.get("normalized_shape")
+    nd = 1 if isinstance(shape, int) else len(shape or (0,))
+    return "layer_norm", [b["input"], b.get("weight"), b.get("bias")], {"ndim": nd}
+
+
+def _group_norm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "group_norm", [b["input"], b.get("weight"), b.get("bias")], {
+        "num_groups": int(b["num_groups"])}
+
+
+def _softmax(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    dim = b.get("dim")
+    if dim is None:
+        return "opaque", [b["input"]], {"reason": "softmax without an explicit dim"}
+    return "softmax", [b["input"]], {"dim": int(dim)}
+
+
+def _cat(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "cat", list(b["tensors"]), {"dim": int(b.get("dim", 0))}
+
+
+def _split(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "split", [b["input"]], {"dim": int(b.get("dim", 0))}
+
+
+def _unbind(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "unbind", [b["input"]], {"dim": int(b.get("dim", 0))}
+
+
+def _reshape(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "reshape", [b.get("input", node.args[0])], {}
+
+
+def _perm(node: torch.fx.Node, key: str, b: dict[str, Any]) -> list[int] | None:
+    x = b.get("input", node.args[0])
+    nd = _ndim(x)
+    if key == "permute":
+        dims = node.args[1:] if node.op == "call_method" else [b.get("dims")]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+        return [int(d) % nd for d in dims]
+    perm = list(range(nd))
+    if key in ("transpose", "swapaxes", "swapdims"):
+        d0, d1 = int(b["dim0"]) % nd, int(b["dim1"]) % nd
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    if key in ("t", "mT") and nd >= 2:
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return perm
+    if key == "movedim" and isinstance(b.get("source"), int):
+        src, dst = int(b["source"]) % nd, int(b["destination"]) % nd
+        perm.remove(src)
+        perm.insert(dst, src)
+        return perm
+    return None
+
+
+def _permute(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    key = call_key(node)
+    perm = _perm(node, key, b)
+    x = b.get("input", node.args[0])
+    if perm is None or any(isinstance(p, torch.fx.Node) for p in perm):
+        return "opaque", [x], {"reason": f"{key} with dims unknown at trace time"}
+    return "permute", [x], {"perm": perm}
+
+
+def _reduce(kind: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
+    def lower(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+        x = b["input"]
+        dim = b.get("dim")
+        if isinstance(dim, torch.fx.Node):
+            return "opaque", [x], {"reason": f"{kind} over a dim unknown at trace time"}
+        return "reduce", [x], {"dims": _dims(dim, _ndim(x)), "keepdim": bool(b.get("keepdim")),
+                               "kind": kind}
+
+    return lower
+
+
+def _pool(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    key = call_key(node)
+    x = b.get("input", node.args[0])
+    spatial = int(key[-2]) if key[-2:-1].isdigit() else max(_ndim(x) - 2, 1)
+    return "pool", [x], {"spatial": spatial}
+
+
+def _resize(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    x = b.get("input", node.args[0])
+    return "resize", [x], {"spatial": max(_ndim(x) - 2, 1)}
+
+
+def _sdpa(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    if b.get("enable_gqa"):
+        return "opaque", [b["query"], b["key"], b["value"]], {"reason": "sdpa with enable_gqa"}
+    return "sdpa", [b["query"], b["key"], b["value"], b.get("attn_mask")], {
+        "scale": b.get("scale"), "is_causal": bool(b.get("is_causal", False))}
+
+
+def _embedding(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "embedding", [b["input"], b["weight"]], {}
+
+
+def _linear(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "linear", [b["input"], b["weight"], b.get("bias")], {}
+
+
+def _pow(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    if isinstance(b.get("exponent", b.get("other")), torch.fx.Node):
+        return _elementwise("pow")(node, b)
+    return "pow_scalar", [b.get("input", node.args[0])], {}
+
+
+def _normalize(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "softmax", [b["input"]], {"dim": int(b.get("dim", 1))}
+
+
+def _source(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "source", [a for a in node.args if isinstance(a, torch.fx.Node)], {}
+
+
+def _first_only(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
+    return lambda node, b: (op, [node.args[0]], {})
+
+
+_CALLS: dict[str, Callable[[torch.fx.Node, dict[str, Any]], Lowered]] = {}
+for _op in ("relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardswish "
+            "hardsigmoid hardtanh softplus softsign neg abs sqrt square exp sin cos erf "
+            "sign round floor ceil logsigmoid tanhshrink").split():
+    _CALLS[_op] = _unary(_op)
+for _op in ("rsqrt", "reciprocal", "log"):
+    _CALLS[_op] = _unary(_op)
+for _op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+            "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "half",
+            "bfloat16", "double", "alias", "lift_fresh_copy", "_to_copy", "clamp", "clip"):
+    _CALLS[_op] = _first_only("clamp" if _op in ("clamp", "clip") else "identity")
+_CALLS["to"] = _first_only("cast")
+_CALLS["type"] = _first_only("cast")
+_CALLS["type_as"] = _first_only("cast")
+for _op in ("add", "sub", "rsub", "mul", "div", "true_divide", "maximum", "minimum", "where",
+            "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
+            "logical_not", "atan2", "fmod", "remainder", "floor_divide"):
+    _CALLS[_op] = _elementwise({"rsub": "sub", "true_divide": "div",
+                                "floor_divide": "div"}.get(_op, _op))
+_CALLS.update({
+    "pow": _pow, "linear": _linear, "embedding": _embedding,
+    "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
+    "conv_transpose1d": _conv, "conv_transpose2d": _conv, "conv_transpose3d": _conv,
+    "batch_norm": _batch_norm, "instance_norm": _batch_norm,
+    "layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
+    "softmax": _softmax, "log_softmax": _softmax, "_softmax": _softmax, "normalize": _normalize,
+    "cat": _cat, "concat": _cat, "concatenate": _cat,
+    "split": _split, "chunk": _split, "split_with_sizes": _split, "tensor_split": _split,
+    "unsafe_split": _split, "unbind": _unbind,
+    "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,
+    "unflatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "view_as": _reshape,
+    "reshape_as": _reshape,
+    "permute": _permute, "transpose": _permute, "swapaxes": _permute, "swapdims": _permute,
+    "t": _permute, "movedim": _permute,
+    "expand": lambda n, b: ("expand", [b.get("input", n.args[0])], {}),
+    "expand_as": lambda n, b: ("expand", [n.args[0]], {}),
+    "broadcast_to": lambda n, b: ("expand", [n.args[0]], {}),
+    "repeat": lambda n, b: ("repeat", [n.args[0]], {}),
+    "matmul": _elementwise("matmul"), "mm": _elementwise("matmul"),
+    # addmm/baddbmm are lowered by ``emit_addmm`` (matmul + add); the entry makes them reachable
+    "addmm": _elementwise("matmul"), "baddbmm": _elementwise("matmul"),
+    "bmm": _elementwise("matmul"),
+    "outer": _elementwise("outer"), "ger": _elementwise("outer"),
+    "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),
+    "amin": _reduce("min"), "max": _reduce("max"), "min": _reduce("min"),
+    "var": _reduce("var"), "std": _reduce("std"), "logsumexp": _reduce("logsumexp"),
+    "norm": _reduce("norm"), "prod": _reduce("prod"),
+    "adaptive_avg_pool1d": _pool, "adaptive_avg_pool2d": _pool, "adaptive_avg_pool3d": _pool,
+    "adaptive_max_pool1d": _pool, "adaptive_max_pool2d": _pool, "adaptive_max_pool3d": _pool,
+    "avg_pool1d": _pool, "avg_pool2d": _pool, "avg_pool3d": _pool,
+    "max_pool1d": _pool, "max_pool2d": _pool, "max_pool3d": _pool,
+    "max_pool1d_with_indices": _pool, "max_pool2d_with_indices": _pool,
+    "interpolate": _resize, "upsample_nearest2d": _resize, "upsample_bilinear2d": _resize,
+    "scaled_dot_product_attention": _sdpa,
+    "arange": _source, "zeros": _source, "ones": _source, "full": _source, "empty": _source,
+    "rand": _source, "randn": _source, "tensor": _source, "zeros_like": _source,
+    "ones_like": _source, "full_like": _source, "empty_like": _source, "triu": _source,
+    "tril": _source, "scalar_tensor": _source, "new_zeros": _source, "new_ones": _source,
+    "new_full": _source, "new_empty": _source,
+})
+
+# Non-tensor or bookkeeping calls: no canonical node.
+_SKIP = {"size", "dim", "numel", "getattr", "_assert", "_assert_async", "sym_size", "item",
+         "_guards_fn", "sym_constrain_range_for_size", "_assert_tensor_metadata"}
+
+
+# ---------------------------------------------------------------- module lowering
+
+_UNARY_MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
+    nn.SELU: "selu", nn.CELU: "celu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Mish: "mish",
+    nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid", nn.Hardtanh: "hardtanh", nn.Softplus: "softplus",
+    nn.Softsign: "softsign", nn.Dropout: "dropout", nn.Dropout1d: "dropout",
+    nn.Dropout2d: "dropout", nn.Dropout3d: "dropout", nn.AlphaDropout: "dropout",
+    nn.Identity: "identity", nn.LogSigmoid: "logsigmoid", nn.Tanhshrink: "tanhshrink",
+}
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
+                 nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d,
+                 nn.LPPool2d)
+
+
+def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, Any]]:
+    """Canonical op, parameter attribute names (in operand order, '' for absent), attrs."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return "conv", ["weight", "bias"], {
+            "groups": mod.groups, "transposed": bool(mod.transposed)}
+    if isinstance(mod, nn.Linear):
+        return "linear", ["weight", "bias"], {}
+    if isinstance(mod, nn.modules.batchnorm._NormBase):  # batch and instance norms
+        op = "instance_norm" if isinstance(mod, nn.modules.instancenorm._InstanceNorm) \
+            else "batch_norm"
+        return op, ["weight", "bias", "running_mean", "running_var"], {}
+    if isinstance(mod, nn.LayerNorm):
+        return "layer_norm", ["weight", "bias"], {"ndim": len(mod.normalized_shape)}
+    if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
+        return "rms_norm", ["weight"], {"ndim": len(mod.normalized_shape)}
+    if isinstance(mod, nn.GroupNorm):
+        return "group_norm", ["weight", "bias"], {"num_groups": mod.num_groups}
+    if isinstance(mod, nn.Embedding):
+        return "embedding", ["weight"], {}
+    if isinstance(mod, nn.MultiheadAttention):
+        return "mha", ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias",
+                       "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"], {}
+    if type(mod) in _UNARY_MODULES:
+        return _UNARY_MODULES[type(mod)], [], {}
+    if isinstance(mod, _POOL_MODULES):
+        kind = type(mod).__name__
+        return "pool", [], {"spatial": int(kind[-2]) if kind[-2].isdigit()
+                            else max(_ndim(x) - 2, 1)}
+    if isinstance(mod, nn.Upsample):
+        return "resize", [], {"spatial": max(_ndim(x) - 2, 1)}
+    if isinstance(mod, (nn.Flatten, nn.Unflatten)):
+        return "reshape", [], {}
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+        if mod.dim is None:
+            return "opaque", [], {"reason": "Softmax without an explicit dim"}
+        return "softmax", [], {"dim": mod.dim}
+    return "opaque", [], {"reason": f"no channel rule for module type {type(mod).__name__}"}
+
+
+def _as_list(v: Any) -> list[Any]:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+# ---------------------------------------------------------------- the lowering
+
+
+class _Lowering:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.values: dict[str, Value] = {}
+        self.nodes: list[Node] = []
+        self.alias: dict[str, str] = {}
+        self.names = {id(t): n for n, t in gm.named_parameters(remove_duplicate=False)}
+        self.kinds = {id(t): "parameter" for t in gm.parameters()}
+        for n, t in gm.named_buffers(remove_duplicate=False):
+            self.names.setdefault(id(t), n)
+            self.kinds.setdefault(id(t), "buffer")
+        # canonical (first) name of each tensor: tied weights are one value
+        self.canonical: dict[int, str] = {}
+        for n, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+            self.canonical.setdefault(id(t), n)
+
+    def param_value(self, tensor: torch.Tensor, fallback: str) -> str:
+        name = self.canonical.get(id(tensor))
+        if name is None:
+            if fallback not in self.values:
+                self.values[fallback] = Value(fallback, tuple(tensor.shape), str(tensor.dtype),
+                                              kind="constant")
+            return fallback
+        if name not in self.values:
+            self.values[name] = Value(name, tuple(int(s) for s in tensor.shape), str(tensor.dtype),
+                                      param=name, kind=self.kinds[id(tensor)])
+        return name
+
+    def ref(self, arg: Any) -> str | None:
+        if isinstance(arg, _ParamRef):
+            return arg.name
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        name = self.alias.get(arg.name, arg.name)
+        return name if name in self.values else None
+
+    def add_value(self, name: str, shape: Any) -> None:
+        self.values[name] = Value(name, shape if isinstance(shape, tuple) else None)
+
+    def emit(self, fx_node: torch.fx.Node, op: str, operands: list[Any],
+             attrs: dict[str, Any], source: str) -> None:
+        shape = _node_shape(fx_node)
+        if isinstance(shape, list):
+            outs = [f"{fx_node.name}.{i}" for i in range(len(shape))]
+            for o, s in zip(outs, shape):
+                self.add_value(o, s)
+        else:
+            outs = [fx_node.name]
+            self.add_value(fx_node.name, shape)
+        self.nodes.append(Node(fx_node.name, op, [self.ref(a) for a in operands], outs,
+                               attrs, source))
+
+    def lower(self) -> ChannelGraph:
+        inputs, outputs = [], []
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                self.add_value(n.name, _node_shape(n))
+                inputs.append(n.name)
+            elif n.op == "get_attr":
+                obj = _fetch_attr(self.gm, str(n.target))
+                if isinstance(obj, torch.Tensor):
+                    self.alias[n.name] = self.param_value(obj, str(n.target))
+            elif n.op == "call_module":
+                self.lower_module(n)
+            elif n.op in ("call_function", "call_method"):
+                self.lower_call(n)
+            elif n.op == "output":
+                flat: list[Any] = []
+                _flatten_args(n.args, flat)
+                outputs = [r for r in (self.ref(a) for a in flat) if r is not None]
+        return ChannelGraph(self.values, self.nodes, inputs, outputs, frontend="fx")
+
+    def lower_module(self, n: torch.fx.Node) -> None:
+        mod = self.gm.get_submodule(str(n.target))
+        x = n.args[0] if n.args else None
+        op, params, attrs = _module_lowering(mod, x)
+        source = f"{n.target}: {type(mod).__name__}"
+        tensor_args = [a for a in list(n.args) + list(n.kwargs.values())
+                       if isinstance(a, torch.fx.Node)]
+        if op == "mha":
+            tensor_args = tensor_args[:3]
+        elif op != "opaque":
+            tensor_args = tensor_args[:1]
+        operands: list[Any] = list(tensor_args)
+        for pname in params:
+            t = _fetch_attr(mod, pname, missing_ok=True)
+            operands.append(_ParamRef(self.param_value(t, f"{n.target}.{pname}"))
+                            if isinstance(t, torch.Tensor) else None)
+        self.emit(n, op, operands, attrs, source)
+
+    def lower_call(self, n: torch.fx.Node) -> None:
+        key = call_key(n)
+        if key in _SKIP:
+            return
+        shape = _node_shape(n)
+        if key == "getitem" and isinstance(n.args[0], torch.fx.Node):
+            src = n.args[0]
+            if f"{src.name}.0" in self.values or isinstance(_node_shape(src), list):
+                self.alias[n.name] = f"{self.alias.get(src.name, src.name)}.{n.args[1]}"
+                return
+            if shape is None:
+                return
+            self.emit(n, "index", [src], {"items": _index_items(n.args[1])}, "getitem")
+            return
+        if shape is None:
+            return
+        b = bind(n, key)
+        if key in ("narrow", "select", "slice"):
+            self.emit(n, "index", [b["input"]], {"items": _slice_items(key, b, _ndim(b["input"]))},
+                      key)
+            return
+        lower = _CALLS.get(key)
+        if lower is None:
+            operands = [a for a in _flat(n.args) + _flat(n.kwargs) if isinstance(a, torch.fx.Node)]
+            self.emit(n, "opaque", operands, {"reason": f"no channel rule for '{key}'"}, key)
+            return
+        if key in ("addmm", "baddbmm"):
+            return self.emit_addmm(n, b, key)
+        op, operands, attrs = lower(n, b)
+        self.emit(n, op, operands, attrs, key)
+
+    def emit_addmm(self, n: torch.fx.Node, b: dict[str, Any], key: str) -> None:
+        mid = f"{n.name}__mm"
+        self.add_value(mid, _node_shape(n))
+        m1, m2 = (b["mat1"], b["mat2"]) if key == "addmm" else (b["batch1"], b["batch2"])
+        self.nodes.append(Node(mid, "matmul", [self.ref(m1), self.ref(m2)], [mid], {}, key))
+        self.add_value(n.name, _node_shape(n))
+        self.nodes.append(Node(n.name, "add", [mid, self.ref(b["input"])], [n.name], {}, key))
+
+
+class _ParamRef:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _flat(obj: Any) -> list[Any]:
+    out: list[Any] = []
+    _flatten_args(obj, out)
+    return out
+
+
+def _flatten_args(obj: Any, out: list[Any]) -> None:
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            _flatten_args(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _flatten_args(o, out)
+    else:
+        out.append(obj)
+
+
+
+def _static_int(value: Any) -> int | None:
+    """Evaluate a size expression (``x.shape[-1] // 2``) from propagated shapes."""
+    if isinstance(value, int) or value is None:
+        return value
+    if not isinstance(value, torch.fx.Node):
+        return None
+    meta = value.meta.get("val")
+    if isinstance(meta, int):
+        return meta
+    args = [_static_int(a) if isinstance(a, torch.fx.Node) else a for a in value.args]
+    key = call_key(value) if value.op in ("call_function", "call_method") else ""
+    if key == "getattr" and args[1] == "shape":
+        shape = _node_shape(value.args[0])
+        return None if not isinstance(shape, tuple) else shape  # type: ignore[return-value]
+    if key == "size" and isinstance(value.args[0], torch.fx.Node):
+        shape = _node_shape(value.args[0])
+        if isinstance(shape, tuple):
+            return shape[args[1]] if len(args) > 1 else shape  # type: ignore[return-value]
+    if key == "getitem" and isinstance(args[0], tuple) and isinstance(args[1], int):
+        return args[0][args[1]]
+    ops = {"floordiv": operator.floordiv, "floor_divide": operator.floordiv,
+           "add": operator.add, "sub": operator.sub, "mul": operator.mul}
+    if key in ops and all(isinstance(a, int) for a in args[:2]):
+        return ops[key](args[0], args[1])
+    return None
+
+
+def _index_items(idx: Any) -> list[Any]:
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    out: list[Any] = []
+    for it in items:
+        if isinstance(it, slice):
+            bounds = [_static_int(v) for v in (it.start, it.stop, it.step)]
+            dynamic = [v is not None and b is None for v, b in
+                       zip((it.start, it.stop, it.step), bounds)]
+            if any(dynamic) or any(isinstance(b, tuple) for b in bounds):
+                out.append("tensor")  # bounds known only at run time: pin the dim
+            else:
+                out.append(slice(*bounds))
+        elif it is None or it is Ellipsis or isinstance(it, int):
+            out.append(it)
+        else:
+            out.append("tensor")
+    return out
+
+
+def _slice_items(key: str, b: dict[str, Any], nd: int) -> list[Any]:
+    dim = int(b.get("dim", 0)) % max(nd, 1)
+    lead: list[Any] = [slice(None)] * dim
+    if key == "select":
+        idx = b["index"]
+        return lead + [idx if isinstance(idx, int) else "tensor"]
+    if key == "narrow":
+        start, length = b["start"], b["length"]
+        if isinstance(start, torch.fx.Node) or isinstance(length, torch.fx.Node):
+            return lead + ["tensor"]
+        return lead + [slice(start, start + length)]
+    start, end, step = b.get("start"), b.get("end"), b.get("step", 1)
+    if any(isinstance(v, torch.fx.Node) for v in (start, end, step)):
+        return lead + ["tensor"]
+    if isinstance(end, int) and end >= 2**62:
+        end = None
+    return lead + [slice(start, end, step if step != 1 else None)]
+
+
+def lower_graph_module(gm: torch.fx.GraphModule) -> ChannelGraph:
+    return _Lowering(gm).lower()
+

@@ -1,0 +1,128 @@
+"""torch frontend, tracing: ``torch.fx.symbolic_trace`` first, ``torch.export`` for models FX
+cannot trace (data-dependent control flow, Hugging Face models). The exported program's unlifted
+module is again a ``GraphModule`` whose parameters keep the original qualified names; regions
+that only switch grad/autocast mode are inlined so the analysis sees through them.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from secateurs.errors import InputError, TraceError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["trace"]
+
+def _fetch_attr(root: nn.Module, target: str, missing_ok: bool = False) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            if missing_ok:
+                return None
+            raise TraceError(f"graph refers to attribute '{target}' that the model lacks")
+        obj = getattr(obj, part)
+    return obj
+
+
+
+# ---------------------------------------------------------------- tracing
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got "
+                     f"{type(example_inputs).__name__}")
+
+
+def trace(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, str]:
+    """Trace ``model`` (not modified) into a GraphModule: FX first, then torch.export."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    args = _as_tuple(example_inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        return model, "fx"
+    try:
+        return torch.fx.symbolic_trace(model), "fx"
+    except Exception as fx_exc:  # noqa: BLE001 - any FX failure means: try export
+        fx_error = fx_exc
+    log.info("symbolic_trace failed (%s); falling back to torch.export", fx_error)
+    try:
+        ep = torch.export.export(model, args, strict=False)
+        gm = ep.module()
+        _inline_wrapped_regions(gm)
+        return gm, "export"
+    except Exception as exc:  # noqa: BLE001 - report both failures together
+        raise TraceError(
+            f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
+            f"{type(fx_error).__name__}: {_first_line(fx_error)}; torch.export failed with "
+            f"{type(exc).__name__}: {_first_line(exc)}. Make the forward free of "
+            f"data-dependent Python control flow, or pass a model that torch.export accepts."
+        ) from exc
+
+
+# Higher-order ops that only wrap a region in a grad/autocast mode: (op name, index of the
+# submodule argument). Their body is inlined so the analysis sees through it (HF rotary
+# embeddings are computed under ``torch.no_grad``/autocast-off).
+_WRAPPING_HOPS = {"wrap_with_set_grad_enabled": 1, "wrap_with_autocast": 4}
+
+
+def _inline_wrapped_regions(gm: torch.fx.GraphModule) -> None:
+    """Inline the bodies of ``wrap_with_set_grad_enabled``/``wrap_with_autocast`` in place."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        at = _WRAPPING_HOPS.get(getattr(node.target, "__name__", ""))
+        if at is None or len(node.args) <= at or not isinstance(node.args[at], torch.fx.Node):
+            continue
+        sub = _fetch_attr(gm, str(node.args[at].target), missing_ok=True)
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        operands = list(node.args[at + 1:])
+        env: dict[torch.fx.Node, Any] = {}
+        result: Any = None
+        with gm.graph.inserting_before(node):
+            for sn in sub.graph.nodes:
+                if sn.op == "placeholder":
+                    env[sn] = operands.pop(0)
+                elif sn.op == "output":
+                    result = torch.fx.node.map_arg(sn.args[0], env.__getitem__)
+                elif sn.op == "get_attr":
+                    name = f"_inlined_{node.name}_{sn.target}".replace(".", "_")
+                    setattr(gm, name, _fetch_attr(sub, str(sn.target)))
+                    env[sn] = gm.graph.get_attr(name)
+                else:
+                    env[sn] = gm.graph.node_copy(sn, env.__getitem__)
+        if isinstance(result, (list, tuple)):
+            for user in list(node.users):
+                if user.target is operator.getitem:
+                    user.replace_all_uses_with(result[user.args[1]])
+                    gm.graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(result)
+        if not node.users:
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _on_meta(gm: nn.Module) -> bool:
+    return any(t.is_meta for t in list(gm.parameters()) + list(gm.buffers()))
+
