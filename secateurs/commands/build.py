@@ -19,6 +19,9 @@ from secateurs.runtime.tensorrt import (
     PRECISIONS,
     build_engine,
     check_sparse_eligibility,
+    installed_api,
+    onnx_precision,
+    plan_build,
     trtexec_command,
 )
 
@@ -31,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0])
     p.add_argument("model", help="ONNX model")
     p.add_argument("--engine", help="engine output path (default: MODEL with suffix .plan)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: the ONNX's own types (fp16 tensors, Q/DQ int8), strongly typed")
     p.add_argument("--no-sparse", dest="sparse", action="store_false",
                    help="do not set BuilderFlag.SPARSE_WEIGHTS (--sparsity=disable)")
     p.add_argument("--workspace-gb", type=float, default=4.0, help="workspace pool limit, GiB")
@@ -50,16 +54,20 @@ def run(args: argparse.Namespace) -> int:
     engine = Path(args.engine) if args.engine else model.with_suffix(".plan")
     eligibility = check_sparse_eligibility(model)
     print(eligibility.to_text())
-    cmd = trtexec_command(model, engine, args.precision, args.sparse, args.workspace_gb,
-                          strongly_typed=bool(args.strongly_typed))
+    settings = plan_build(installed_api(), args.precision, onnx_precision(model), args.sparse,
+                          args.strongly_typed)
+    cmd = trtexec_command(model, engine, sparse=args.sparse, workspace_gb=args.workspace_gb,
+                          settings=settings)
     print("\nequivalent trtexec command:\n  " + shlex.join(cmd))
+    for note in settings.notes:
+        print(f"note: {note}")
     report: dict = {"model": str(model), "eligibility": eligibility.to_dict(),
                     "trtexec": cmd}
     if args.print_trtexec:
         _write_report(args.report, report)
         return 0
     _write_report(args.report, report)  # the part that does not need TensorRT, first
-    print(f"\nbuilding {engine} ({args.precision}, sparse={'on' if args.sparse else 'off'})...",
+    print(f"\nbuilding {engine} ({settings.precision}, sparse={'on' if args.sparse else 'off'})...",
           file=sys.stderr)
     built = build_engine(model, engine, precision=args.precision, sparse=args.sparse,
                          workspace_gb=args.workspace_gb, strongly_typed=args.strongly_typed)

@@ -23,14 +23,32 @@ with size thresholds chosen as follows (they are parameters):
   own pruning tool (apex ASP, ``asp.py``) requires before it prunes a layer;
 * grouped and depthwise convolutions are not eligible (no sparse implementation).
 
-``build_engine`` is written against the TensorRT 10 Python API (``trt.Builder``,
-``create_network`` with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, ``trt.OnnxParser``,
-``BuilderFlag.SPARSE_WEIGHTS`` / ``FP16`` / ``BF16`` / ``INT8``, ``set_memory_pool_limit``,
-``ProfilingVerbosity.DETAILED``, ``build_serialized_network``, ``create_engine_inspector``) and
-reads TensorRT's verdict two ways, both parsed by pure functions: the builder's INFO log lines
-``(Sparsity) Layers eligible for sparse math: ...`` and ``(Sparsity) TRT inference plan picked
-sparse implementation for layers: ...``, and the engine inspector's JSON (``HasSparseWeights``,
-sparse tactic names). ``trtexec_command`` gives the equivalent ``trtexec`` line.
+``build_engine`` works with TensorRT 10 and 11, told apart by what the installed Python API
+has, never by its version string (``detect_api``):
+
+* TensorRT 10 has ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` *and* the weak-typing
+  precision flags ``BuilderFlag.FP16`` / ``BF16`` / ``INT8`` (deprecated since 10.12);
+* TensorRT 11 removed the weak-typing flags (and trtexec's ``--fp16`` / ``--int8`` / ``--bf16``
+  / ``--best``): every network is strongly typed, precision comes from the ONNX's own types
+  (fp16/bf16 tensors, Q/DQ nodes for int8); ``STRONGLY_TYPED`` is kept but ignored;
+* TensorRT 8 still had implicit batch (``Builder.max_batch_size``) and needs
+  ``EXPLICIT_BATCH`` for ONNX.
+
+``plan_build`` (pure) turns the API, the requested precision and the ONNX's own precision
+(``onnx_precision``) into network flags, builder flags and trtexec flags: strongly typed
+whenever the API has it and the ONNX carries the precision; the weakly typed flags only where
+the installed TensorRT still has them, with a note that they are deprecated; a clear error on
+TensorRT 11 when the ONNX does not carry the requested precision (convert it first:
+``secateurs optimize --quantize fp16|int8``). ``trtexec_command`` prints the matching line
+(``--stronglyTyped --sparsity=enable``; accepted and a no-op on 11, required on 10).
+
+TensorRT's verdict on sparsity is read two ways, both by pure functions: the builder's INFO
+log lines ``(Sparsity) Layers eligible for sparse math: ...`` and ``(Sparsity) TRT inference
+plan picked sparse implementation for layers: ...``, and the engine inspector's JSON
+(``HasSparseWeights``, sparse tactic names), in both layouts: TensorRT 10's ``"Bindings"``
+(a list of names) and per-tensor ``"Format/Datatype"`` strings, TensorRT 11's
+``"I/O Tensors"`` (objects with ``IOMode`` / ``DataType`` / ``Dimensions``) and separate
+``"Format"`` / ``"DataType"`` fields (``parse_engine_info``).
 """
 
 from __future__ import annotations
@@ -59,6 +77,15 @@ __all__ = [
     "parse_sparsity_log",
     "EngineLayer",
     "parse_engine_layers",
+    "EngineTensor",
+    "EngineInfo",
+    "parse_engine_info",
+    "TrtApi",
+    "detect_api",
+    "installed_api",
+    "onnx_precision",
+    "BuildSettings",
+    "plan_build",
     "trtexec_command",
     "BuildReport",
     "build_engine",
@@ -357,36 +384,293 @@ class EngineLayer:
     tactic: str
     sparse: bool | None  # None when the inspector was not DETAILED
     onnx_layers: tuple[str, ...]  # the ONNX nodes fused into this layer (from Metadata)
+    input_types: tuple[str, ...] = ()  # normalised: fp32 / fp16 / bf16 / int8 / fp8 / ...
+    output_types: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """One engine input or output. ``mode``/``dtype``/``shape`` are empty in TensorRT 10's
+    ``"Bindings"`` layout, which lists names only."""
+
+    name: str
+    mode: str = ""  # "input" / "output"
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """``IEngineInspector`` JSON, either layout."""
+
+    layers: tuple[EngineLayer, ...]
+    io_tensors: tuple[EngineTensor, ...]
+    layout: str  # "bindings" (TensorRT <= 10), "io_tensors" (11+), "none"
+
+    @property
+    def sparse_layers(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers if layer.sparse)
 
 
 _ONNX_LAYER_RE = re.compile(r"\[ONNX Layer: ([^\]]*)\]")
+# TensorRT's DataType names (11's "DataType", enum names) and the words 10's "Format/Datatype"
+# strings use ("Channel major FP16 format where channel % 8 == 0", "Row major Int8 format").
+_DTYPES = {"float": "fp32", "fp32": "fp32", "half": "fp16", "fp16": "fp16", "bf16": "bf16",
+           "int8": "int8", "fp8": "fp8", "int4": "int4", "fp4": "fp4", "int32": "int32",
+           "int64": "int64", "bool": "bool", "uint8": "uint8"}
+_DTYPE_WORD_RE = re.compile(r"\b(FP32|FP16|BF16|Int8|INT8|FP8|Int4|INT4|FP4|Int32|INT32|Int64|"
+                            r"INT64|Bool|BOOL|UInt8|UINT8)\b")
 
 
-def parse_engine_layers(inspector_json: str) -> tuple[EngineLayer, ...]:
-    """Parse ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`` output.
+def _normalise_dtype(value: Any) -> str:
+    text = str(value).strip()
+    if text.lower() in _DTYPES:
+        return _DTYPES[text.lower()]
+    match = _DTYPE_WORD_RE.search(text)
+    return _DTYPES.get(match.group(1).lower(), "") if match else ""
+
+
+def _tensor_dtype(item: Any) -> str:
+    """A layer input/output's type: 11's ``"DataType"``, else 10's ``"Format/Datatype"``."""
+    if not isinstance(item, Mapping):
+        return ""
+    for key in ("DataType", "Format/Datatype", "Format/DataType", "Format"):
+        if key in item:
+            dtype = _normalise_dtype(item[key])
+            if dtype:
+                return dtype
+    return ""
+
+
+def _load_inspector(inspector_json: str | Mapping[str, Any]) -> Any:
+    if isinstance(inspector_json, Mapping):
+        return inspector_json
+    try:
+        return json.loads(inspector_json)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"engine inspector output is not JSON: {exc}") from exc
+
+
+def _parse_layer(item: Any) -> EngineLayer:
+    if isinstance(item, str):  # ProfilingVerbosity.LAYER_NAMES_ONLY
+        return EngineLayer(item, "", "", None, ())
+    tactic = str(item.get("TacticName", ""))
+    has = item.get("HasSparseWeights")
+    sparse = bool(has) or "sparse" in tactic.lower() if (has is not None or tactic) else None
+    meta = str(item.get("Metadata", ""))
+    return EngineLayer(
+        name=str(item.get("Name", "")), layer_type=str(item.get("LayerType", "")),
+        tactic=tactic, sparse=sparse, onnx_layers=tuple(_ONNX_LAYER_RE.findall(meta)),
+        input_types=tuple(_tensor_dtype(x) for x in item.get("Inputs", ()) or ()),
+        output_types=tuple(_tensor_dtype(x) for x in item.get("Outputs", ()) or ()))
+
+
+def _parse_io(doc: Any) -> tuple[tuple[EngineTensor, ...], str]:
+    if not isinstance(doc, Mapping):
+        return (), "none"
+    if "I/O Tensors" in doc:
+        tensors = []
+        for t in doc["I/O Tensors"] or ():
+            if isinstance(t, str):
+                tensors.append(EngineTensor(t))
+                continue
+            tensors.append(EngineTensor(
+                name=str(t.get("Name", "")), mode=str(t.get("IOMode", "")).lower(),
+                dtype=_normalise_dtype(t.get("DataType", "")),
+                shape=tuple(int(d) for d in t.get("Dimensions", ()) or ())))
+        return tuple(tensors), "io_tensors"
+    if "Bindings" in doc:
+        return tuple(EngineTensor(str(n)) for n in doc["Bindings"] or ()), "bindings"
+    return (), "none"
+
+
+def parse_engine_info(inspector_json: str | Mapping[str, Any]) -> EngineInfo:
+    """Parse ``IEngineInspector.get_engine_information(LayerInformationFormat.JSON)`` (or
+    trtexec ``--exportLayerInfo``) output of TensorRT 10 (``"Bindings"``) or 11
+    (``"I/O Tensors"``); a bare list of layers is accepted too."""
+    doc = _load_inspector(inspector_json)
+    raw = doc.get("Layers", []) if isinstance(doc, Mapping) else doc
+    if not isinstance(raw, list):
+        raise InputError("engine inspector JSON has no 'Layers' list")
+    io_tensors, layout = _parse_io(doc)
+    return EngineInfo(tuple(_parse_layer(item) for item in raw), io_tensors, layout)
+
+
+def parse_engine_layers(inspector_json: str | Mapping[str, Any]) -> tuple[EngineLayer, ...]:
+    """The layers of ``parse_engine_info``.
 
     A layer counts as sparse when it reports ``"HasSparseWeights": 1`` or its tactic name
     contains ``sparse``. With ``ProfilingVerbosity.LAYER_NAMES_ONLY`` the layers are bare
     strings and ``sparse`` is ``None``.
     """
+    return parse_engine_info(inspector_json).layers
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT API generations and the build settings (pure: tested with fake API namespaces)
+# --------------------------------------------------------------------------------------------
+
+# Weak-typing precision -> the BuilderFlags (TensorRT <= 10) and trtexec flags that enable it.
+_WEAK_BUILDER_FLAGS = {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16")}
+_WEAK_TRTEXEC_FLAGS = {"fp32": (), "fp16": ("--fp16",), "bf16": ("--bf16",),
+                       "int8": ("--int8", "--fp16")}
+_PRECISION_FLAG_NAMES = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4")
+_CONVERT_HINT = ("give the ONNX the types first (secateurs optimize --quantize fp16|int8: fp16 "
+                 "tensors or Q/DQ nodes)")
+
+
+@dataclass(frozen=True)
+class TrtApi:
+    """What the installed TensorRT Python API offers, detected by attribute presence."""
+
+    version: str
+    strongly_typed_flag: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED (10; ignored in 11)
+    weak_flags: frozenset[str]  # precision BuilderFlags present: FP16/BF16/INT8/... (gone in 11)
+    implicit_batch: bool  # Builder.max_batch_size exists (8.x): ONNX needs EXPLICIT_BATCH
+    sparse_weights: bool = True  # BuilderFlag.SPARSE_WEIGHTS
+
+    @property
+    def weak_typing(self) -> bool:
+        """The weakly typed precision flags still exist (TensorRT <= 10)."""
+        return "FP16" in self.weak_flags
+
+    @property
+    def always_strongly_typed(self) -> bool:
+        """No weak typing left: every network is strongly typed (TensorRT 11+)."""
+        return not self.weak_typing
+
+    @property
+    def generation(self) -> str:
+        if self.always_strongly_typed:
+            return "strongly typed only (TensorRT 11+ API)"
+        if self.strongly_typed_flag:
+            return "strong and weak typing (TensorRT 10 API)"
+        return "weak typing only (TensorRT 8 API)"
+
+
+def detect_api(trt: Any) -> TrtApi:
+    """Read a ``tensorrt`` module's API generation from the attributes it has."""
+    builder_flag = getattr(trt, "BuilderFlag", None)
+    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    return TrtApi(
+        version=str(getattr(trt, "__version__", "?")),
+        strongly_typed_flag=hasattr(creation, "STRONGLY_TYPED"),
+        weak_flags=frozenset(f for f in _PRECISION_FLAG_NAMES if hasattr(builder_flag, f)),
+        implicit_batch=(hasattr(getattr(trt, "Builder", None), "max_batch_size")
+                        and hasattr(creation, "EXPLICIT_BATCH")),
+        sparse_weights=hasattr(builder_flag, "SPARSE_WEIGHTS"))
+
+
+def installed_api() -> TrtApi | None:
+    """The installed TensorRT's API (no GPU needed), or None when there is no real TensorRT."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
     try:
-        doc = json.loads(inspector_json)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"engine inspector output is not JSON: {exc}") from exc
-    raw = doc.get("Layers", []) if isinstance(doc, dict) else doc
-    layers = []
-    for item in raw:
-        if isinstance(item, str):
-            layers.append(EngineLayer(item, "", "", None, ()))
-            continue
-        tactic = str(item.get("TacticName", ""))
-        has = item.get("HasSparseWeights")
-        sparse = bool(has) or "sparse" in tactic.lower() if (has is not None or tactic) else None
-        meta = str(item.get("Metadata", ""))
-        layers.append(EngineLayer(
-            name=str(item.get("Name", "")), layer_type=str(item.get("LayerType", "")),
-            tactic=tactic, sparse=sparse, onnx_layers=tuple(_ONNX_LAYER_RE.findall(meta))))
-    return tuple(layers)
+        import tensorrt as trt
+    except Exception:  # noqa: BLE001 - the pip stub and missing libraries raise anything
+        return None
+    return detect_api(trt) if hasattr(trt, "Builder") else None
+
+
+def onnx_precision(onnx_model: Any) -> str:
+    """The precision an ONNX carries in its own types: ``int8`` (Q/DQ nodes), ``fp16`` /
+    ``bf16`` (half-precision initializers or graph inputs), else ``fp32``. A strongly typed
+    TensorRT network builds exactly this."""
+    import onnx
+
+    model = _load_model(onnx_model)
+    graph = model.graph
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    if any(n.op_type in qdq for n in graph.node):
+        return "int8"
+    types = {t.data_type for t in graph.initializer}
+    types |= {v.type.tensor_type.elem_type for v in graph.input}
+    if onnx.TensorProto.FLOAT16 in types:
+        return "fp16"
+    if onnx.TensorProto.BFLOAT16 in types:
+        return "bf16"
+    return "fp32"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How to build: the flags by name (for the Python API and trtexec) and why."""
+
+    strongly_typed: bool
+    precision: str  # what the engine will run: the ONNX's types when strongly typed
+    network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag names
+    builder_flags: tuple[str, ...]  # BuilderFlag names
+    trtexec_flags: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+def plan_build(
+    api: TrtApi | None,
+    precision: str | None,
+    onnx_type: str = "fp32",
+    sparse: bool = True,
+    strongly_typed: bool | None = None,
+) -> BuildSettings:
+    """Build settings for this TensorRT API (``None``: not installed, the trtexec line only).
+
+    ``precision=None`` means the ONNX's own (``onnx_type``). ``strongly_typed=None`` chooses:
+    strongly typed whenever the API has it and the ONNX carries the precision; otherwise the
+    weakly typed flags where they exist (TensorRT 10, deprecated), an error where they do not
+    (TensorRT 11). Without a TensorRT at hand the line is strongly typed (valid on 10 and 11).
+    """
+    if precision is not None:
+        _check_precision(precision)
+    _check_precision(onnx_type)
+    want = precision or onnx_type
+    version = api.version if api is not None else ""
+    notes: list[str] = []
+    if api is not None and sparse and not api.sparse_weights:
+        raise InputError(f"this TensorRT ({version}) has no BuilderFlag.SPARSE_WEIGHTS; "
+                         "build without sparsity (--no-sparse)")
+    can_strong = api is None or api.strongly_typed_flag or api.always_strongly_typed
+    if strongly_typed is None:
+        if api is not None and not can_strong:
+            strongly_typed = False
+        else:  # weak flags only to reach a precision the ONNX does not carry, where they exist
+            strongly_typed = not (api is not None and api.weak_typing and want != onnx_type)
+    if strongly_typed and not can_strong:
+        raise InputError(f"this TensorRT ({version}) has no NetworkDefinitionCreationFlag."
+                         "STRONGLY_TYPED: strongly typed networks need TensorRT 10+")
+    if strongly_typed:
+        if want != onnx_type:
+            if api is not None and api.always_strongly_typed:
+                raise InputError(
+                    f"TensorRT {version} builds only strongly typed networks (the weak-typing "
+                    f"flags BuilderFlag.FP16/INT8/BF16 were removed in TensorRT 11) and this "
+                    f"ONNX is {onnx_type}: for a {want} engine, {_CONVERT_HINT}")
+            hint = "; on TensorRT 10 only, --weakly-typed also works (deprecated since 10.12)"
+            notes.append(f"strongly typed: the engine runs the ONNX's own types ({onnx_type}), "
+                         f"not {want}; for {want}, {_CONVERT_HINT}"
+                         + (hint if api is None and want != "fp32" else ""))
+        network = ("STRONGLY_TYPED",) if api is None or api.strongly_typed_flag else ()
+        builder = ("SPARSE_WEIGHTS",) if sparse else ()
+        return BuildSettings(True, onnx_type, network + _explicit_batch(api), builder,
+                             ("--stronglyTyped",), tuple(notes))
+    if api is not None and api.always_strongly_typed:
+        raise InputError(f"TensorRT {version} builds only strongly typed networks (weak "
+                         "typing was removed in TensorRT 11): drop --weakly-typed; for a "
+                         f"{want} engine, {_CONVERT_HINT}")
+    missing = [f for f in _WEAK_BUILDER_FLAGS[want] if api is not None and f not in api.weak_flags]
+    if missing:
+        raise InputError(f"this TensorRT ({version}) has no BuilderFlag.{missing[0]}: use "
+                         f"another precision, or {_CONVERT_HINT} and build strongly typed")
+    if api is None or api.strongly_typed_flag:
+        notes.append("weakly typed precision flags are deprecated since TensorRT 10.12 and "
+                     f"removed in 11; for a strongly typed {want} build, {_CONVERT_HINT}")
+    if want == "int8" and onnx_type != "int8":
+        notes.append("int8 without Q/DQ nodes or a calibrator: layers fall back to fp16")
+    builder = (("SPARSE_WEIGHTS",) if sparse else ()) + _WEAK_BUILDER_FLAGS[want]
+    return BuildSettings(False, want, _explicit_batch(api), builder,
+                         _WEAK_TRTEXEC_FLAGS[want], tuple(notes))
+
+
+def _explicit_batch(api: TrtApi | None) -> tuple[str, ...]:
+    return ("EXPLICIT_BATCH",) if api is not None and api.implicit_batch else ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,33 +688,42 @@ def _check_precision(precision: str) -> None:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def _onnx_type_of(onnx_path: str | os.PathLike[str]) -> str:
+    path = Path(onnx_path)
+    return onnx_precision(path) if path.is_file() else "fp32"
+
+
 def trtexec_command(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
-    precision: str = "fp16",
+    precision: str | None = None,
     sparse: bool = True,
     workspace_gb: float | None = 4.0,
-    strongly_typed: bool = False,
+    strongly_typed: bool | None = None,
     shapes: Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
     layer_info_path: str | os.PathLike[str] | None = None,
     verbose: bool = True,
     skip_inference: bool = True,
+    *,
+    api: TrtApi | None = None,
+    onnx_type: str | None = None,
+    settings: BuildSettings | None = None,
 ) -> list[str]:
     """The ``trtexec`` command (argv list) equivalent to ``build_engine`` with these settings.
 
-    Flags as documented for TensorRT 10's trtexec: ``--sparsity=enable|disable``, ``--fp16``
-    ``--bf16`` ``--int8`` (omitted when ``--stronglyTyped``: types then come from the ONNX),
+    The precision flags come from ``plan_build`` (``settings``, or computed from ``api`` —
+    ``None`` when no TensorRT is at hand — and the ONNX's own precision, read from the file
+    when ``onnx_type`` is not given): ``--stronglyTyped`` (required on TensorRT 10, a no-op on
+    11), or the weakly typed ``--fp16`` / ``--bf16`` / ``--int8`` only where they exist.
+    Other flags as documented for trtexec 10 and 11: ``--sparsity=enable|disable``,
     ``--memPoolSize=workspace:<N>M``, ``--profilingVerbosity=detailed``,
     ``--minShapes/--optShapes/--maxShapes`` (``name:1x3x224x224``), ``--exportLayerInfo``.
     """
-    _check_precision(precision)
+    if settings is None:
+        onnx_type = onnx_type or _onnx_type_of(onnx_path)
+        settings = plan_build(api, precision, onnx_type, sparse, strongly_typed)
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-           f"--sparsity={'enable' if sparse else 'disable'}"]
-    if strongly_typed:
-        cmd.append("--stronglyTyped")
-    else:
-        cmd += {"fp32": [], "fp16": ["--fp16"], "bf16": ["--bf16"],
-                "int8": ["--int8", "--fp16"]}[precision]
+           *settings.trtexec_flags, f"--sparsity={'enable' if sparse else 'disable'}"]
     if workspace_gb is not None:
         cmd.append(f"--memPoolSize=workspace:{int(round(workspace_gb * 1024))}M")
     if shapes:
@@ -494,13 +787,6 @@ def _import_tensorrt() -> Any:
     return trt
 
 
-def _trt_major(trt: Any) -> int:
-    try:
-        return int(str(trt.__version__).split(".")[0])
-    except ValueError:
-        return 0
-
-
 def _make_logger(trt: Any, lines: list[str], echo: bool) -> Any:
     """A ``trt.ILogger`` that keeps every message (the sparsity report is INFO level)."""
     names = {
@@ -520,16 +806,6 @@ def _make_logger(trt: Any, lines: list[str], echo: bool) -> Any:
                 _log.info("%s", line)
 
     return _CaptureLogger()
-
-
-def _prefers_strong_typing(model: Any) -> bool:
-    """The ONNX already says which precision it wants: fp16/bf16 weights or Q/DQ nodes."""
-    import onnx
-
-    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    if any(t.data_type in low for t in model.graph.initializer):
-        return True
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
 def _default_shapes(model: Any, max_batch: int
@@ -569,12 +845,16 @@ class BuildReport:
     eligibility: EligibilityReport | None = None
     tensorrt_version: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    io_tensors: tuple[EngineTensor, ...] = ()
+    inspector_layout: str = ""  # "bindings" (TensorRT 10) / "io_tensors" (11)
+    network_flags: tuple[str, ...] = ()
+    builder_flags: tuple[str, ...] = ()
 
 
 def build_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str],
-    precision: str = "fp16",
+    precision: str | None = None,
     sparse: bool = True,
     workspace_gb: float = 4.0,
     strongly_typed: bool | None = None,
@@ -584,33 +864,32 @@ def build_engine(
 ) -> BuildReport:
     """Build a TensorRT engine from an ONNX file and write it atomically to ``engine_path``.
 
-    ``precision``: fp32 / fp16 / bf16 / int8 builder flags (int8 also allows fp16 fallback and
-    needs Q/DQ nodes or it runs in fp16). ``strongly_typed``: ``None`` = strongly typed when the
-    ONNX already carries fp16/bf16 weights or Q/DQ nodes (TensorRT 10+); a strongly typed
-    network takes its precisions from the ONNX, so precision flags are not set. ``shapes``:
-    optimisation profile per dynamic input; by default a symbolic batch gets
-    ``(1, max_batch, max_batch)``. Raises ``SecateursError`` when TensorRT or a GPU is missing.
+    ``precision``: ``None`` = the ONNX's own types (fp16 tensors, Q/DQ int8); fp32 / fp16 /
+    bf16 / int8 otherwise. ``strongly_typed``: ``None`` = strongly typed wherever the ONNX
+    carries the precision (the only mode on TensorRT 11); the weakly typed builder flags only
+    where the installed TensorRT still has them (see ``plan_build``). ``shapes``: optimisation
+    profile per dynamic input; by default a symbolic batch gets ``(1, max_batch, max_batch)``.
+    Raises ``SecateursError`` when TensorRT or a GPU is missing, ``InputError`` when the
+    settings cannot be built by this TensorRT.
     """
-    _check_precision(precision)
+    if precision is not None:
+        _check_precision(precision)
     onnx_path = Path(onnx_path)
     model = _load_model(onnx_path)  # InputError for a missing / unreadable file
     trt = _import_tensorrt()
+    api = detect_api(trt)
+    settings = plan_build(api, precision, onnx_precision(model), sparse, strongly_typed)
     eligibility = check_sparse_eligibility(model)
-    has_strong = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    if strongly_typed is None:
-        strongly_typed = has_strong and _prefers_strong_typing(model)
-    if strongly_typed and not has_strong:
-        raise InputError(f"strongly typed networks need TensorRT 10+, found {trt.__version__}")
     profile_shapes = dict(shapes) if shapes else _default_shapes(model, max_batch)
-    cmd = trtexec_command(onnx_path, engine_path, precision, sparse, workspace_gb,
-                          strongly_typed, profile_shapes or None)
+    cmd = trtexec_command(onnx_path, engine_path, sparse=sparse, workspace_gb=workspace_gb,
+                          shapes=profile_shapes or None, settings=settings)
 
     lines: list[str] = []
     logger = _make_logger(trt, lines, echo_log)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    if _trt_major(trt) < 10:  # explicit batch is the only mode (and the flag deprecated) in 10
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = 0
+    for name in settings.network_flags:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -621,20 +900,8 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    notes: list[str] = []
-    if sparse:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if not strongly_typed:
-        for flag in {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"],
-                     "int8": ["INT8", "FP16"]}[precision]:
-            if not hasattr(trt.BuilderFlag, flag):
-                raise SecateursError(f"this TensorRT ({trt.__version__}) has no BuilderFlag."
-                                     f"{flag}; use another --precision")
-            config.set_flag(getattr(trt.BuilderFlag, flag))
-        if precision == "int8" and not _prefers_strong_typing(model):
-            notes.append("int8 without Q/DQ nodes or a calibrator: layers fall back to fp16")
-    elif precision != "fp32":
-        notes.append(f"strongly typed: precision '{precision}' is taken from the ONNX types")
+    for name in settings.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
     if profile_shapes:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile_shapes.items():
@@ -656,21 +923,21 @@ def build_engine(
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(serialized)
     inspector = engine.create_engine_inspector()
-    engine_layers = parse_engine_layers(
-        inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    info = parse_engine_info(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     log_text = "\n".join(lines)
     sparsity = parse_sparsity_log(log_text)
-    sparse_layers = tuple(dict.fromkeys(
-        [*sparsity.picked, *(layer.name for layer in engine_layers if layer.sparse)]))
+    sparse_layers = tuple(dict.fromkeys([*sparsity.picked, *info.sparse_layers]))
+    notes = list(settings.notes)
     if sparse and not sparsity.found:
         notes.append("TensorRT logged no (Sparsity) lines; sparse layers come from the "
                      "engine inspector only")
     return BuildReport(
         eligible_layers=sparsity.eligible, sparse_layers=sparse_layers, log=log_text,
-        engine_path=str(engine_path), trtexec_cmd=cmd, precision=precision,
-        strongly_typed=bool(strongly_typed), build_seconds=seconds,
-        engine_layers=engine_layers, eligibility=eligibility,
-        tensorrt_version=str(trt.__version__), notes=tuple(notes))
+        engine_path=str(engine_path), trtexec_cmd=cmd, precision=settings.precision,
+        strongly_typed=settings.strongly_typed, build_seconds=seconds,
+        engine_layers=info.layers, eligibility=eligibility, tensorrt_version=api.version,
+        notes=tuple(notes), io_tensors=info.io_tensors, inspector_layout=info.layout,
+        network_flags=settings.network_flags, builder_flags=settings.builder_flags)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Tests marked ``tensorrt`` need the real TensorRT wheel and an NVIDIA GPU.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,23 +203,321 @@ def test_parse_engine_layers():
     assert [(x.name, x.sparse) for x in names_only] == [("conv1", None), ("fc", None)]
 
 
-def test_trtexec_command_flags():
-    cmd = rt.trtexec_command("m.onnx", "m.plan", "fp16", sparse=True, workspace_gb=2)
-    assert cmd[:4] == ["trtexec", "--onnx=m.onnx", "--saveEngine=m.plan", "--sparsity=enable"]
-    assert "--fp16" in cmd and "--memPoolSize=workspace:2048M" in cmd
-    assert "--profilingVerbosity=detailed" in cmd and "--stronglyTyped" not in cmd
-    dense = rt.trtexec_command("m.onnx", "m.plan", "bf16", sparse=False)
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("generation", ["trt10", "trt11"])
+def test_inspector_fixtures_both_layouts(generation):
+    """TensorRT 10 ("Bindings", "Format/Datatype") and 11 ("I/O Tensors", "Format" +
+    "DataType") describe the same engine: the parsed layers and I/O names agree."""
+    info = rt.parse_engine_info((FIXTURES / f"{generation}_inspector.json").read_text())
+    assert info.layout == {"trt10": "bindings", "trt11": "io_tensors"}[generation]
+    assert [t.name for t in info.io_tensors] == ["x", "y"]
+    assert info.sparse_layers == ("/conv1/Conv + /relu1/Relu",)
+    conv1, conv2, reformat = info.layers
+    assert conv1.onnx_layers == ("/conv1/Conv", "/relu1/Relu")
+    assert conv1.input_types == ("fp16",) and conv1.output_types == ("fp16",)
+    assert conv2.output_types == ("fp32",) and conv2.sparse is False
+    assert reformat.input_types == ("fp32",) and reformat.output_types == ("fp16",)
+    assert reformat.sparse is False
+
+
+def test_inspector_io_tensors_fields():
+    info = rt.parse_engine_info((FIXTURES / "trt11_inspector.json").read_text())
+    x, y = info.io_tensors
+    assert (x.mode, x.dtype, x.shape) == ("input", "fp32", (1, 64, 56, 56))
+    assert (y.mode, y.dtype, y.shape) == ("output", "fp32", (1, 128, 56, 56))
+    old = rt.parse_engine_info((FIXTURES / "trt10_inspector.json").read_text())
+    assert [(t.mode, t.dtype, t.shape) for t in old.io_tensors] == [("", "", ())] * 2
+    assert rt.parse_engine_info('{"Layers": []}').layout == "none"
+    with pytest.raises(SecateursError, match="not JSON"):
+        rt.parse_engine_info("Layers: none")
+    with pytest.raises(SecateursError, match="no 'Layers' list"):
+        rt.parse_engine_info('{"Layers": 3}')
+
+
+@pytest.mark.parametrize("generation", ["trt10", "trt11"])
+def test_build_log_fixtures(generation):
+    parsed = rt.parse_sparsity_log((FIXTURES / f"{generation}_build.log").read_text())
+    assert parsed.found
+    assert parsed.eligible == ("/conv1/Conv + /relu1/Relu", "/conv2/Conv")
+    assert parsed.picked == ("/conv1/Conv + /relu1/Relu",)
+
+
+# ---- API generations: fake `tensorrt` namespaces with and without the attributes -----------
+
+
+def _flags(**values):
+    return SimpleNamespace(**values)
+
+
+def _fake_trt(generation: str) -> SimpleNamespace:
+    """The attribute surface ``detect_api`` and ``build_engine`` touch, per API generation
+    (enum values as the TensorRT 10 / 11 headers number them; 11 renumbers BuilderFlag)."""
+    if generation == "trt11":
+        builder_flag = _flags(TF32=6, SPARSE_WEIGHTS=7, REFIT=4)
+        creation = _flags(STRONGLY_TYPED=0)
+    elif generation == "trt10":
+        builder_flag = _flags(FP16=0, INT8=1, REFIT=4, TF32=6, SPARSE_WEIGHTS=7, FP8=15, BF16=17,
+                              INT4=22)
+        creation = _flags(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+    else:  # trt8: implicit batch still exists, no strong typing
+        builder_flag = _flags(FP16=0, INT8=1, TF32=6, SPARSE_WEIGHTS=7)
+        creation = _flags(EXPLICIT_BATCH=0)
+    version = {"trt11": "11.4.0", "trt10": "10.13.3", "trt8": "8.6.1"}[generation]
+    return SimpleNamespace(__version__=version, BuilderFlag=builder_flag,
+                           NetworkDefinitionCreationFlag=creation,
+                           Builder=type("Builder", (), {"max_batch_size": 1}
+                                        if generation == "trt8" else {}))
+
+
+def test_detect_api_generations():
+    t11, t10, t8 = (rt.detect_api(_fake_trt(g)) for g in ("trt11", "trt10", "trt8"))
+    assert t11.always_strongly_typed and not t11.weak_typing and t11.weak_flags == frozenset()
+    assert t11.strongly_typed_flag and not t11.implicit_batch
+    assert t10.weak_typing and t10.strongly_typed_flag and not t10.implicit_batch
+    assert {"FP16", "INT8", "BF16"} <= t10.weak_flags
+    assert t8.weak_typing and not t8.strongly_typed_flag and t8.implicit_batch
+    # detection reads attributes, never the version string
+    lying = _fake_trt("trt11")
+    lying.__version__ = "10.0.0"
+    assert rt.detect_api(lying).always_strongly_typed
+    assert "11" in t11.generation and "10" in t10.generation
+
+
+def _settings(generation, precision, onnx_type, strongly_typed=None, sparse=True):
+    api = None if generation is None else rt.detect_api(_fake_trt(generation))
+    return rt.plan_build(api, precision, onnx_type, sparse, strongly_typed)
+
+
+@pytest.mark.parametrize("generation", ["trt10", "trt11", None])
+@pytest.mark.parametrize("onnx_type", ["fp32", "fp16", "int8"])
+def test_plan_build_strongly_typed_when_the_onnx_carries_the_types(generation, onnx_type):
+    for precision in (None, onnx_type):
+        s = _settings(generation, precision, onnx_type)
+        assert s.strongly_typed and s.precision == onnx_type and not s.notes
+        assert s.network_flags == ("STRONGLY_TYPED",)
+        assert s.builder_flags == ("SPARSE_WEIGHTS",)  # no precision flags when typed
+        assert s.trtexec_flags == ("--stronglyTyped",)
+
+
+def test_plan_build_weak_flags_only_where_they_exist():
+    s = _settings("trt10", "fp16", "fp32")  # fp32 ONNX, fp16 wanted: TensorRT 10's weak typing
+    assert not s.strongly_typed and s.precision == "fp16"
+    assert s.builder_flags == ("SPARSE_WEIGHTS", "FP16") and s.trtexec_flags == ("--fp16",)
+    assert s.network_flags == () and any("deprecated" in n for n in s.notes)
+    s = _settings("trt10", "int8", "fp32")
+    assert set(s.builder_flags) == {"SPARSE_WEIGHTS", "INT8", "FP16"}
+    assert any("fall back to fp16" in n for n in s.notes)
+    with pytest.raises(SecateursError, match="builds only strongly typed.*ONNX is fp32.*"
+                                             "optimize --quantize"):
+        _settings("trt11", "fp16", "fp32")
+    with pytest.raises(SecateursError, match="drop --weakly-typed"):
+        _settings("trt11", None, "fp16", strongly_typed=False)
+    # TensorRT 8: no strong typing; weak flags plus explicit batch
+    s = _settings("trt8", "fp16", "fp32")
+    assert not s.strongly_typed and s.network_flags == ("EXPLICIT_BATCH",)
+    assert "FP16" in s.builder_flags and not any("deprecated" in n for n in s.notes)
+    with pytest.raises(SecateursError, match="STRONGLY_TYPED"):
+        _settings("trt8", None, "fp16", strongly_typed=True)
+    with pytest.raises(SecateursError, match="no BuilderFlag.BF16"):
+        _settings("trt8", "bf16", "fp32")
+
+
+def test_plan_build_explicit_choices_and_no_tensorrt():
+    s = _settings("trt10", None, "fp16", strongly_typed=False)  # explicit weak on 10
+    assert s.builder_flags == ("SPARSE_WEIGHTS", "FP16") and s.trtexec_flags == ("--fp16",)
+    s = _settings("trt10", "fp16", "fp32", strongly_typed=True)  # explicit strong: ONNX types win
+    assert s.strongly_typed and s.precision == "fp32" and "optimize --quantize" in s.notes[0]
+    s = _settings(None, "fp16", "fp32")  # no TensorRT at hand: a line valid on 10 and 11
+    assert s.trtexec_flags == ("--stronglyTyped",) and "--weakly-typed" in s.notes[0]
+    assert _settings("trt10", None, "fp32", sparse=False).builder_flags == ()
+    with pytest.raises(SecateursError, match="precision"):
+        _settings("trt10", "fp8", "fp32")
+
+
+def _typed_models():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    w = numpy_helper.from_array(_dense((8, 8)), "w")
+    fp32 = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w]))
+    w16 = numpy_helper.from_array(_dense((8, 8)).astype(np.float16), "w")
+    fp16 = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+         helper.make_node("MatMul", ["x16", "w"], ["y16"]),
+         helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)], "g", [x], [y], [w16]))
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    int8 = helper.make_model(helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+         helper.make_node("MatMul", ["dq", "w"], ["y"])], "g", [x], [y], [w, scale, zero]))
+    return {"fp32": fp32, "fp16": fp16, "int8": int8}
+
+
+def test_onnx_precision():
+    for want, model in _typed_models().items():
+        assert rt.onnx_precision(model) == want
+
+
+def test_trtexec_command_flags(tmp_path):
+    cmd = rt.trtexec_command("m.onnx", "m.plan", workspace_gb=2)  # no file: fp32, strongly typed
+    assert cmd[:5] == ["trtexec", "--onnx=m.onnx", "--saveEngine=m.plan", "--stronglyTyped",
+                       "--sparsity=enable"]
+    assert "--memPoolSize=workspace:2048M" in cmd and "--profilingVerbosity=detailed" in cmd
+    assert not {"--fp16", "--bf16", "--int8", "--best"} & set(cmd)
+    t10, t11 = (rt.detect_api(_fake_trt(g)) for g in ("trt10", "trt11"))
+    weak = rt.trtexec_command("m.onnx", "m.plan", "fp16", api=t10, onnx_type="fp32")
+    assert "--fp16" in weak and "--stronglyTyped" not in weak
+    dense = rt.trtexec_command("m.onnx", "m.plan", "bf16", sparse=False, api=t10)
     assert "--sparsity=disable" in dense and "--bf16" in dense and "--fp16" not in dense
-    assert {"--int8", "--fp16"} <= set(rt.trtexec_command("m.onnx", "e", "int8"))
-    typed = rt.trtexec_command("m.onnx", "e", "fp16", strongly_typed=True)
-    assert "--stronglyTyped" in typed and "--fp16" not in typed
-    fp32 = rt.trtexec_command("m.onnx", "e", "fp32")
-    assert not {"--fp16", "--bf16", "--int8"} & set(fp32)
+    assert {"--int8", "--fp16"} <= set(rt.trtexec_command("m.onnx", "e", "int8", api=t10))
+    with pytest.raises(SecateursError, match="strongly typed"):
+        rt.trtexec_command("m.onnx", "e", "fp16", api=t11, onnx_type="fp32")
+    for name, model in _typed_models().items():  # the ONNX's own types, read from the file
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(model.SerializeToString())
+        for api in (None, t10, t11):
+            typed = rt.trtexec_command(path, "e", api=api)
+            assert "--stronglyTyped" in typed and "--sparsity=enable" in typed
+            assert not {"--fp16", "--bf16", "--int8"} & set(typed)
     shaped = rt.trtexec_command("m.onnx", "e", shapes={"x": ((1, 3, 8, 8), (8, 3, 8, 8),
                                                              (16, 3, 8, 8))})
     assert "--minShapes=x:1x3x8x8" in shaped and "--maxShapes=x:16x3x8x8" in shaped
     with pytest.raises(SecateursError, match="precision"):
         rt.trtexec_command("m.onnx", "e", "fp8")
+
+
+class _Recorder:
+    """Records what build_engine asks of the fake TensorRT."""
+
+    def __init__(self, generation: str):
+        self.network_flags: int | None = None
+        self.config_flags: list[int] = []
+        self.log = (FIXTURES / f"{generation}_build.log").read_text()
+        self.inspector = (FIXTURES / f"{generation}_inspector.json").read_text()
+
+
+def _buildable_fake(generation: str, rec: _Recorder) -> SimpleNamespace:
+    trt = _fake_trt(generation)
+    severity = SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+    class ILogger:
+        Severity = severity
+
+        def __init__(self):
+            pass
+
+    class Network:
+        pass
+
+    class Config:
+        profiling_verbosity = None
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pool = (pool, size)
+
+        def set_flag(self, flag):
+            rec.config_flags.append(flag)
+
+        def add_optimization_profile(self, profile):
+            self.profile = profile
+
+    class Profile:
+        def set_shape(self, *args):
+            self.shape = args
+
+    class Builder(trt.Builder):
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            rec.network_flags = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            for line in rec.log.splitlines():
+                self.logger.log(severity.INFO, line.split("[TRT] ", 1)[-1])
+            return b"engine-bytes"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return True
+
+    class Inspector:
+        def get_engine_information(self, fmt):
+            return rec.inspector
+
+    class Engine:
+        def create_engine_inspector(self):
+            return Inspector()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            assert data == b"engine-bytes"
+            return Engine()
+
+    trt.ILogger, trt.Builder, trt.OnnxParser, trt.Runtime = ILogger, Builder, OnnxParser, Runtime
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE=0)
+    trt.ProfilingVerbosity = SimpleNamespace(DETAILED=2)
+    trt.LayerInformationFormat = SimpleNamespace(JSON=1)
+    return trt
+
+
+@pytest.mark.parametrize("generation", ["trt10", "trt11"])
+@pytest.mark.parametrize("onnx_type", ["fp16", "int8"])
+def test_build_engine_wiring_on_fake_api(tmp_path, monkeypatch, generation, onnx_type):
+    """build_engine sets exactly the flags plan_build chose, by the installed enum values."""
+    rec = _Recorder(generation)
+    trt = _buildable_fake(generation, rec)
+    monkeypatch.setattr(rt, "_import_tensorrt", lambda: trt)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_typed_models()[onnx_type].SerializeToString())
+    report = rt.build_engine(path, tmp_path / "m.plan")
+    assert (tmp_path / "m.plan").read_bytes() == b"engine-bytes"
+    assert report.strongly_typed and report.precision == onnx_type
+    strong_bit = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert rec.network_flags == 1 << strong_bit  # 1 << 1 on 10, 1 << 0 on 11
+    assert rec.config_flags == [trt.BuilderFlag.SPARSE_WEIGHTS]  # no FP16/INT8 flags
+    assert "--stronglyTyped" in report.trtexec_cmd and "--fp16" not in report.trtexec_cmd
+    assert report.sparse_layers == ("/conv1/Conv + /relu1/Relu",)
+    assert report.eligible_layers == ("/conv1/Conv + /relu1/Relu", "/conv2/Conv")
+    assert report.inspector_layout == {"trt10": "bindings", "trt11": "io_tensors"}[generation]
+    assert [t.name for t in report.io_tensors] == ["x", "y"]
+    assert report.tensorrt_version == trt.__version__
+
+
+def test_build_engine_weak_flags_on_fake_trt10_error_on_trt11(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_typed_models()["fp32"].SerializeToString())
+    rec = _Recorder("trt10")
+    trt10 = _buildable_fake("trt10", rec)
+    monkeypatch.setattr(rt, "_import_tensorrt", lambda: trt10)
+    report = rt.build_engine(path, tmp_path / "m.plan", precision="fp16")
+    assert not report.strongly_typed and report.precision == "fp16"
+    assert rec.network_flags == 0
+    assert rec.config_flags == [trt10.BuilderFlag.SPARSE_WEIGHTS, trt10.BuilderFlag.FP16]
+    assert "--fp16" in report.trtexec_cmd and any("deprecated" in n for n in report.notes)
+    rec11 = _Recorder("trt11")
+    monkeypatch.setattr(rt, "_import_tensorrt", lambda: _buildable_fake("trt11", rec11))
+    with pytest.raises(SecateursError, match="builds only strongly typed"):
+        rt.build_engine(path, tmp_path / "m11.plan", precision="fp16")
+    assert rec11.network_flags is None and not (tmp_path / "m11.plan").exists()
 
 
 @pytest.mark.skipif(_has_trt_and_gpu(), reason="TensorRT is installed: the error path is moot")
@@ -249,10 +549,21 @@ def test_build_command_prints_report_then_exits_2(tmp_path, handmade, capsys):
 def test_build_command_print_trtexec_only(tmp_path, handmade, capsys):
     path = tmp_path / "m.onnx"
     path.write_bytes(handmade.SerializeToString())
-    code = main(["build", str(path), "--print-trtexec", "--no-sparse", "--precision", "bf16"])
+    code = main(["build", str(path), "--print-trtexec", "--no-sparse"])
     out = capsys.readouterr().out
-    assert code == 0 and "--sparsity=disable" in out and "--bf16" in out
+    assert code == 0 and "--sparsity=disable" in out and "--stronglyTyped" in out
+    assert not {"--fp16", "--bf16", "--int8"} & set(out.split())
     assert f"--saveEngine={tmp_path / 'm.plan'}" in out
+
+
+@pytest.mark.skipif(_has_trt_and_gpu(), reason="TensorRT is installed: the line follows it")
+def test_build_command_precision_the_onnx_lacks_gives_a_note(tmp_path, handmade, capsys):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(handmade.SerializeToString())
+    code = main(["build", str(path), "--print-trtexec", "--precision", "fp16"])
+    out = capsys.readouterr().out
+    assert code == 0 and "--stronglyTyped" in out and "--fp16" not in out.split()
+    assert "note: strongly typed" in out and "optimize --quantize" in out
 
 
 @pytest.mark.tensorrt
