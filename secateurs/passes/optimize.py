@@ -1,0 +1,675 @@
+"""One pipeline from a model to a deployable ONNX: prune -> sparsify -> quantize -> measure.
+
+    load | export -> prune -> sparsify -> quantize -> check -> measure -> save
+
+Every stage is optional except the first; each is a named function of the pipeline state
+(:data:`STAGE_ORDER`), run by ``StageTimer``, so a failure names the stage and the ones done
+before it. Stages are built from the existing passes and nothing else:
+
+* ``load`` (an ONNX path or ``ModelProto``) / ``export`` (a torch module: ``export_onnx``,
+  TorchScript exporter, parameter names kept, checked against torch in ONNX Runtime);
+* ``prune``: torch input — ``secateurs.prune`` (ratio or ``target_macs``, every criterion,
+  mask-equivalence checked) then ``export_onnx`` of the pruned module; ONNX input —
+  ``prune_onnx`` (``target_macs`` by bisection on the ratio, ``verify=True``);
+* ``sparsify``: ``sparsify_onnx`` (magnitude N:M on Conv/Gemm/MatMul weights along their
+  reduction axis); for 2:4 the report lists the layers TensorRT could run sparse
+  (``runtime.tensorrt.check_sparse_eligibility``);
+* ``quantize``: ``passes.quantize.quantize_onnx`` (INT8 QDQ through ``onnxruntime.quantization``
+  or fp16 through ONNX Runtime's float16 converter);
+* ``check``: every stage's model passes ``onnx.checker.check_model(full_check=True)`` and runs
+  in ONNX Runtime; outputs are compared with the input model and with the previous stage;
+* ``measure``: ORT CPU latency of every stage's model, interleaved in one loop
+  (``runtime.ort.compare``), median per model;
+* ``save``: output model, report JSON and plot committed together through ``runtime.io``
+  temp files; nothing is written before every stage has passed, and a failure leaves no file.
+
+Output checks (:func:`check_output_paths`) run before any work: outputs must differ from the
+input and from each other, must not be directories, and need the right extension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secateurs.errors import InputError, SecateursError
+from secateurs.passes.prune import StageTimer
+
+__all__ = ["optimize", "OptimizeResult", "StageRecord", "STAGE_ORDER", "check_output_paths",
+           "TOLERANCES"]
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("load", "export", "prune", "sparsify", "quantize", "check", "measure", "save")
+
+TOLERANCES = {"int8": 0.1, "fp16": 0.01}
+"""Largest output difference of a quantize stage from its float input, relative to the largest
+output magnitude, that ``check`` accepts (int8 10%, fp16 1%): a calibration far from the data
+or an op the converter breaks shows up as a larger error. Exact stages (export, prune's
+mask-equivalence, sparsify) are checked by their own passes."""
+
+_OUTPUT_SUFFIXES = {"output": ".onnx", "report": ".json", "plot": ".png"}
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One row of the report: a stage's model and what it bought."""
+
+    stage: str
+    bytes: int
+    macs: int | None
+    latency_ms: float | None
+    max_abs_diff: float  # vs the input model, on the check inputs
+    stage_diff: float  # vs the previous stage's model, relative to the largest output
+    seconds: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "bytes": self.bytes, "macs": self.macs,
+                "latency_ms": self.latency_ms, "max_abs_diff": self.max_abs_diff,
+                "stage_diff": self.stage_diff, "seconds": self.seconds,
+                "details": dict(self.details)}
+
+
+@dataclass
+class OptimizeResult:
+    """The final model, every stage's model and the report rows (first row: the input)."""
+
+    model: Any  # onnx.ModelProto
+    stages: tuple[StageRecord, ...]
+    models: dict[str, Any] = field(repr=False)
+    options: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageRecord:
+        for record in self.stages:
+            if record.stage == name:
+                return record
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.stages[0]
+        rows = []
+        for r in self.stages:
+            row = r.to_dict()
+            row["size_ratio"] = base.bytes / r.bytes if r.bytes else None
+            row["speedup"] = (base.latency_ms / r.latency_ms
+                              if base.latency_ms and r.latency_ms else None)
+            rows.append(row)
+        return {"options": self.options, "stages": rows, "seconds": dict(self.seconds)}
+
+    def table(self) -> str:
+        base = self.stages[0]
+        lines = [f"{'stage':<10}{'size':>11}{'x smaller':>10}{'MACs':>15}{'latency':>12}"
+                 f"{'x faster':>9}{'max |diff|':>12}"]
+        for r in self.stages:
+            size = f"{r.bytes / 1e6:.2f} MB"
+            smaller = f"{base.bytes / r.bytes:.2f}" if r.bytes else "-"
+            macs = f"{r.macs:,}" if r.macs is not None else "-"
+            lat = f"{r.latency_ms:.3f} ms" if r.latency_ms is not None else "-"
+            faster = (f"{base.latency_ms / r.latency_ms:.2f}"
+                      if base.latency_ms and r.latency_ms else "-")
+            lines.append(f"{r.stage:<10}{size:>11}{smaller:>10}{macs:>15}{lat:>12}{faster:>9}"
+                         f"{r.max_abs_diff:>12.3g}")
+        sparse = next((r.details.get("tensorrt_sparse") for r in self.stages
+                       if r.details.get("tensorrt_sparse")), None)
+        if sparse:
+            lines.append(f"2:4: TensorRT could run {sparse['eligible']}/{sparse['total']} "
+                         f"Conv/Gemm/MatMul layers sparse: "
+                         + (", ".join(sparse["layers"][:8])
+                            + (" ..." if len(sparse["layers"]) > 8 else "")))
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the final model atomically."""
+        from secateurs.runtime.io import atomic_save_onnx
+
+        return atomic_save_onnx(self.model, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Output paths
+# --------------------------------------------------------------------------------------------
+
+
+def check_output_paths(outputs: Mapping[str, str | os.PathLike[str] | None],
+                       inputs: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Path]:
+    """Check output paths before any work: distinct from the inputs and from each other, not
+    directories, parent directory existing (it is not created), right extension."""
+    chosen = {k: Path(v) for k, v in outputs.items() if v is not None}
+    seen: dict[Path, str] = {Path(p).resolve(): "the input" for p in inputs}
+    for key, path in chosen.items():
+        if not str(path) or str(path) in (".", ""):
+            raise InputError(f"{key} path is empty; name a file")
+        suffix = _OUTPUT_SUFFIXES.get(key)
+        if suffix and path.suffix.lower() != suffix:
+            raise InputError(f"{key} '{path}' must end in {suffix}")
+        if path.is_dir():
+            raise InputError(f"{key} '{path}' is a directory; name a file inside it")
+        if not path.parent.is_dir():
+            raise InputError(f"{key} '{path}': directory '{path.parent}' does not exist; "
+                             "create it first")
+        if not os.access(path.parent, os.W_OK):
+            raise InputError(f"{key} '{path}': directory '{path.parent}' is not writable")
+        resolved = path.resolve()
+        if resolved in seen:
+            raise InputError(f"{key} '{path}' is the same file as {seen[resolved]}; choose "
+                             "another name")
+        seen[resolved] = f"{key} '{path}'"
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline state and helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    source: Any
+    example_inputs: Any
+    options: dict[str, Any]
+    progress: Callable[[str], None]
+    torch_model: Any = None
+    model: Any = None  # current onnx.ModelProto
+    models: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    macs: dict[str, int | None] = field(default_factory=dict)
+    feeds: dict[str, np.ndarray] | None = None
+    calibration: list[dict[str, np.ndarray]] | None = None
+    outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)
+    rows: list[StageRecord] = field(default_factory=list)
+
+
+def _session(model: Any, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return [np.asarray(o) for o in _session(model).run(None, dict(feeds))]
+
+
+def _max_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return float("inf")
+    return max((float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
+                for x, y in zip(a, b) if x.size), default=0.0)
+
+
+def _scale(outputs: Sequence[np.ndarray]) -> float:
+    return max((float(np.abs(o).max()) for o in outputs if o.size), default=0.0) or 1.0
+
+
+def _graph_inputs(model: Any) -> list[Any]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _count_macs(model: Any, feeds: Mapping[str, np.ndarray]) -> int | None:
+    from secateurs.graph.from_onnx import from_onnx
+    from secateurs.passes.cost import count_macs
+
+    try:
+        graph = from_onnx(model, {k: list(v.shape) for k, v in feeds.items()})
+        return int(count_macs(graph, lambda v: graph.values[v].shape))
+    except SecateursError as exc:
+        log.info("MACs not counted: %s", exc)
+        return None
+
+
+def _torch_feeds(model: Any, example_inputs: Any) -> dict[str, np.ndarray]:
+    import torch
+
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    names = [i.name for i in _graph_inputs(model)]
+    return {n: (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
+            for n, a in zip(names, args)}
+
+
+def _default_feeds(model: Any, input_shapes: Mapping[str, Sequence[int]] | None
+                   ) -> dict[str, np.ndarray]:
+    import onnx
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in _graph_inputs(model):
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if input_shapes and inp.name in input_shapes:
+            dims = list(input_shapes[inp.name])
+        elif any(d is None for d in dims[1:]):
+            raise InputError(f"ONNX input '{inp.name}' has symbolic dims {dims}; pass "
+                             f"input_shapes={{'{inp.name}': [...]}} (--input-shape "
+                             f"{inp.name}=1,3,224,224) or calibration data")
+        shape = [d or 1 for d in dims]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        feeds[inp.name] = (rng.standard_normal(shape).astype(dtype)
+                           if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
+    return feeds
+
+
+def _record(state: _State, stage: str, model: Any, details: dict[str, Any] | None = None,
+            macs: int | None = None) -> None:
+    state.model = model
+    state.models[stage] = model
+    state.details[stage] = dict(details or {})
+    state.macs[stage] = macs
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+
+
+def _load(state: _State) -> None:
+    from secateurs.passes.prune_onnx import load_model
+
+    model, _ = load_model(state.source)
+    src = str(state.source) if isinstance(state.source, (str, os.PathLike)) else "ModelProto"
+    state.feeds = _default_feeds(model, state.options.get("input_shapes"))
+    _record(state, "input", model, {"source": src}, _count_macs(model, state.feeds))
+
+
+def _export_model(module: Any, example_inputs: Any) -> Any:
+    from secateurs.runtime.onnx_export import export_onnx
+
+    return export_onnx(module, example_inputs, opset=17, keep_names=True,
+                       exporter="torchscript")
+
+
+def _export(state: _State) -> None:
+    model = _export_model(state.torch_model, state.example_inputs)
+    state.feeds = _torch_feeds(model, state.example_inputs)
+    _record(state, "input", model, {"source": type(state.torch_model).__name__},
+            _count_macs(model, state.feeds))
+
+
+def _prune_torch(state: _State) -> None:
+    from secateurs.passes.prune import prune
+
+    opts = state.options
+    result = prune(state.torch_model, state.example_inputs, ratio=opts["prune"] or 0.0,
+                   target_macs=opts["target_macs"], importance=opts["importance"],
+                   round_to=opts["round_to"], verify=True)
+    if result.report.exact is False:
+        raise SecateursError(f"pruned model is not mask-equivalent to the input (max |diff| "
+                             f"{result.report.max_abs_diff:.3g}); please report this model")
+    model = _export_model(result.model, state.example_inputs)
+    _record(state, "prune", model, _prune_details(result.report),
+            _count_macs(model, state.feeds))
+
+
+def _prune_details(report: Any) -> dict[str, Any]:
+    return {"macs_kept": report.macs_kept, "params_kept": report.params_kept,
+            "mask_equivalent": report.exact, "mask_equivalence_diff": report.max_abs_diff}
+
+
+def _prune_onnx_at(state: _State, ratio: float) -> Any:
+    from secateurs.passes.prune_onnx import prune_onnx
+
+    opts = state.options
+    kwargs: dict[str, Any] = {"importance": opts["importance"],
+                              "input_shapes": {k: list(v.shape) for k, v in state.feeds.items()}}
+    if opts["round_to"] is not None:
+        kwargs["round_to"] = opts["round_to"]
+    return prune_onnx(state.model, ratio=ratio, **kwargs)
+
+
+def _prune_onnx(state: _State) -> None:
+    target = state.options["target_macs"]
+    if target is None:
+        result = _prune_onnx_at(state, state.options["prune"])
+    else:
+        result = _bisect_onnx(state, target)
+    state.progress(f"prune: checking mask-equivalence in ONNX Runtime "
+                   f"(MACs kept {result.report.macs_kept:.1%})")
+    from secateurs.passes.prune_onnx import _feeds, verify_onnx
+
+    ok, diff = verify_onnx(state.model, result.model, result.plan,
+                           _feeds(state.model, result.analysis))
+    if not ok:
+        raise SecateursError(f"pruned ONNX is not mask-equivalent to the input (max |diff| "
+                             f"{diff:.3g}); please report this model")
+    details = {**_prune_details(result.report), "mask_equivalent": ok,
+               "mask_equivalence_diff": diff}
+    details["ratio"] = float(result.plan.meta.get("ratio", 0.0))
+    _record(state, "prune", result.model, details, int(result.report.macs_after))
+
+
+def _bisect_onnx(state: _State, target: float, iterations: int = 8,
+                 tolerance: float = 0.02) -> Any:
+    """``prune_onnx`` at the ratio whose MACs kept is nearest ``target`` (bisection)."""
+    lo, hi, best = 0.0, 0.95, None
+    for step in range(iterations):
+        ratio = (lo + hi) / 2
+        result = _prune_onnx_at(state, ratio)
+        kept = result.report.macs_kept
+        state.progress(f"prune: ratio {ratio:.3f} keeps {kept:.1%} of the MACs "
+                       f"(target {target:.1%}, probe {step + 1}/{iterations})")
+        if best is None or abs(kept - target) < abs(best.report.macs_kept - target):
+            best = result
+        if abs(kept - target) <= tolerance * target:
+            break
+        lo, hi = (ratio, hi) if kept > target else (lo, ratio)
+    assert best is not None
+    if abs(best.report.macs_kept - target) > 0.1 * target:
+        raise InputError(f"target_macs={target}: the nearest reachable budget is "
+                         f"{best.report.macs_kept:.3f} of the MACs; choose a reachable target")
+    return best
+
+
+def _sparsify(state: _State) -> None:
+    from secateurs.passes.onnx_sparsify import sparsify_onnx_with_report
+    from secateurs.runtime.tensorrt import check_sparse_eligibility
+
+    pattern = state.options["sparsify"]
+    model, report = sparsify_onnx_with_report(state.model, pattern)
+    if not report.layers:
+        raise InputError(f"sparsify {pattern}: no Conv/Gemm/MatMul weight could be sparsified "
+                         f"({len(report.skipped)} skipped, e.g. "
+                         f"{report.skipped[0].reason if report.skipped else 'none'})")
+    details: dict[str, Any] = {"pattern": pattern, "layers": len(report.layers),
+                               "skipped": len(report.skipped),
+                               "all_valid": bool(report.all_valid)}
+    if pattern == "2:4":
+        eligibility = check_sparse_eligibility(model)
+        details["tensorrt_sparse"] = {"eligible": len(eligibility.eligible),
+                                      "total": len(eligibility.layers),
+                                      "layers": list(eligibility.eligible_names)}
+    _record(state, "sparsify", model, details, state.macs[_last(state)])
+
+
+def _quantize(state: _State) -> None:
+    from secateurs.passes.quantize import quantize_onnx
+
+    opts = state.options
+    calibration = state.calibration
+    if calibration is None and state.example_inputs is not None:
+        calibration = [dict(state.feeds or {})]
+        log.warning("int8 calibration on the example inputs only (one batch); pass "
+                    "calibration=... for accurate ranges")
+    result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
+                           profile=opts["profile"])
+    details = result.to_dict()
+    if opts["sparsify"] == "2:4":
+        from secateurs.runtime.tensorrt import check_sparse_eligibility
+
+        eligibility = check_sparse_eligibility(result.model)
+        details["tensorrt_sparse"] = {"eligible": len(eligibility.eligible),
+                                      "total": len(eligibility.layers),
+                                      "layers": list(eligibility.eligible_names)}
+    _record(state, "quantize", result.model, details, state.macs[_last(state)])
+
+
+def _last(state: _State) -> str:
+    return list(state.models)[-1]
+
+
+def _check(state: _State) -> None:
+    import onnx
+
+    feeds = state.feeds or {}
+    previous: list[np.ndarray] | None = None
+    for stage, model in state.models.items():
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise SecateursError(f"the {stage} model fails onnx.checker: {exc}") from exc
+        out = _run(model, feeds)
+        state.outputs[stage] = out
+        rel = 0.0 if previous is None else _max_diff(previous, out) / _scale(previous)
+        mode = state.details[stage].get("mode")
+        if stage == "quantize" and rel > TOLERANCES[mode]:
+            raise SecateursError(
+                f"the {mode} model's outputs differ from its float input by {rel:.1%} of the "
+                f"largest output (tolerance {TOLERANCES[mode]:.0%}); calibrate on real "
+                "inputs (--calibration inputs.npz) or exclude the sensitive nodes")
+        state.details[stage]["stage_diff"] = rel
+        previous = out
+
+
+def _measure(state: _State) -> None:
+    from secateurs.runtime.ort import compare
+
+    opts = state.options
+    names = list(state.models)
+    blobs = [m.SerializeToString() for m in state.models.values()]
+    state.progress(f"measure: {len(names)} models ({', '.join(names)}) x {opts['repeats']} "
+                   f"interleaved runs, {opts['threads']} thread(s)")
+    table = compare(blobs[0], blobs[1:], inputs=dict(state.feeds or {}),
+                    threads=(opts["threads"],), batch=(_batch(state.feeds),),
+                    warmup=opts["warmup"], repeats=opts["repeats"], names=names)
+    for row in table.rows:
+        state.latency[row.model] = row.stats.p50
+
+
+def _batch(feeds: Mapping[str, np.ndarray] | None) -> int:
+    first = next(iter((feeds or {}).values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def _stages(is_torch: bool, opts: Mapping[str, Any]) -> list[tuple[str, Callable[[_State], None]]]:
+    """The flat list of stages these options ask for, in :data:`STAGE_ORDER`."""
+    stages: list[tuple[str, Callable[[_State], None]]] = [
+        ("export", _export) if is_torch else ("load", _load)]
+    if opts["prune"] is not None or opts["target_macs"] is not None:
+        stages.append(("prune", _prune_torch if is_torch else _prune_onnx))
+    if opts["sparsify"] is not None:
+        stages.append(("sparsify", _sparsify))
+    if opts["quantize"] is not None:
+        stages.append(("quantize", _quantize))
+    stages.append(("check", _check))
+    if opts["measure"]:
+        stages.append(("measure", _measure))
+    return stages
+
+
+def _validate(opts: dict[str, Any]) -> None:
+    from secateurs.passes.masks import parse_pattern
+    from secateurs.passes.quantize import MODES, PROFILES
+
+    if opts["prune"] is not None and opts["target_macs"] is not None:
+        raise InputError("give prune (a ratio) or target_macs, not both")
+    ratio = opts["prune"]
+    if ratio is not None and (not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0):
+        raise InputError(f"prune ratio must be in (0, 1), got {ratio!r}")
+    target = opts["target_macs"]
+    if target is not None and (not isinstance(target, (int, float)) or not 0.0 < target < 1.0):
+        raise InputError(f"target_macs must be in (0, 1), got {target!r}")
+    if opts["sparsify"] is not None:
+        pattern = parse_pattern(opts["sparsify"])
+        if pattern.kind != "nm":
+            raise InputError(f"sparsify takes an N:M pattern such as '2:4', got "
+                             f"{opts['sparsify']!r}")
+    if opts["quantize"] is not None and opts["quantize"] not in MODES:
+        raise InputError(f"quantize must be one of {MODES}, got {opts['quantize']!r}")
+    if opts["profile"] not in PROFILES:
+        raise InputError(f"int8 profile must be one of {PROFILES}, got {opts['profile']!r}")
+    if opts["calibration"] is not None and opts["quantize"] != "int8":
+        raise InputError("calibration data is only used by quantize='int8'")
+    for key in ("threads", "repeats"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise InputError(f"{key} must be a positive integer, got {opts[key]!r}")
+
+
+def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = None,
+             target_macs: float | None = None, sparsify: str | None = None,
+             quantize: str | None = None, calibration: Any = None, profile: str = "ort",
+             importance: str = "l2", round_to: int | None = None,
+             input_shapes: Mapping[str, Sequence[int]] | None = None,
+             output: str | os.PathLike[str] | None = None,
+             report: str | os.PathLike[str] | None = None,
+             plot: str | os.PathLike[str] | None = None, measure: bool = True,
+             threads: int = 1, repeats: int = 30, warmup: int = 3,
+             progress: Callable[[str], None] | None = None) -> OptimizeResult:
+    """Prune, sparsify and quantize ``model`` into one ONNX; report each stage.
+
+    ``model``: an ``nn.Module`` (with ``example_inputs``), an ``.onnx`` path or an
+    ``onnx.ModelProto`` (never modified). ``prune``: ratio of units removed per group, or
+    ``target_macs``: fraction of the MACs to keep. ``sparsify``: an N:M pattern (``"2:4"``).
+    ``quantize``: ``"int8"`` (QDQ; ``profile`` ``"ort"`` or ``"tensorrt"``, see
+    ``passes.quantize``) or ``"fp16"``. ``calibration``: int8 calibration inputs, a mapping
+    input name -> array with samples along dim 0, a list of feed dicts, or an ``.npz`` path;
+    default: the example inputs (torch) or random inputs (ONNX), with a warning.
+    ``round_to``: default 16 (``ORT_ROUND_TO``: ORT's CPU conv block, a multiple of 8 for
+    tensor cores), for torch and ONNX input alike. ``output`` /
+    ``report`` / ``plot``: written only after every stage passed. ``measure``: time every
+    stage's model in ORT CPU (``threads``, ``repeats`` interleaved runs, median).
+    ``progress``: receives one line per stage.
+    """
+    import torch
+
+    is_torch = isinstance(model, torch.nn.Module)
+    if is_torch and example_inputs is None:
+        raise InputError("optimize(torch_model, example_inputs): example inputs are needed "
+                         "to export a torch model")
+    opts: dict[str, Any] = {"prune": prune, "target_macs": target_macs, "sparsify": sparsify,
+                            "quantize": quantize, "calibration": calibration,
+                            "profile": profile,
+                            "importance": importance, "round_to": round_to,
+                            "input_shapes": dict(input_shapes) if input_shapes else None,
+                            "measure": measure, "threads": threads, "repeats": repeats,
+                            "warmup": warmup}
+    _validate(opts)
+    inputs = [model] if isinstance(model, (str, os.PathLike)) else []
+    if isinstance(calibration, (str, os.PathLike)):
+        inputs.append(calibration)
+    paths = check_output_paths({"output": output, "report": report, "plot": plot}, inputs)
+    if round_to is None:
+        from secateurs.passes.prune_onnx import ORT_ROUND_TO
+
+        opts["round_to"] = ORT_ROUND_TO  # the output is ONNX, whatever the input
+    say = progress or (lambda _line: None)
+    state = _State(model, example_inputs, opts, say)
+    if is_torch:
+        state.torch_model = model
+    stages = _stages(is_torch, opts)
+    total = len(stages) + bool(paths)
+    timer = StageTimer()
+    for index, (name, fn) in enumerate(stages, 1):
+        say(f"[{index}/{total}] {name}")
+        if name == "quantize" and calibration is not None:
+            state.calibration = _calibration(state.model, calibration)
+        timer.run(name, fn, state)
+    rows = _rows(state, timer.seconds)
+    result = OptimizeResult(state.model, tuple(rows), dict(state.models),
+                            _public_options(opts, calibration), dict(timer.seconds))
+    if paths:
+        say(f"[{total}/{total}] save: " + ", ".join(str(p) for p in paths.values()))
+        timer.run("save", _save, result, paths)
+    return result
+
+
+def _calibration(model: Any, calibration: Any) -> list[dict[str, np.ndarray]]:
+    from secateurs.passes.quantize import calibration_batches, load_calibration
+
+    if isinstance(calibration, (str, os.PathLike)):
+        return calibration_batches(model, load_calibration(calibration, model))
+    if isinstance(calibration, Mapping):
+        return calibration_batches(model, {k: np.asarray(v) for k, v in calibration.items()})
+    if isinstance(calibration, Sequence) and all(isinstance(b, Mapping) for b in calibration):
+        return [{k: np.asarray(v) for k, v in b.items()} for b in calibration]
+    raise InputError("calibration must be an .npz path, a mapping input name -> array, or a "
+                     f"list of feed dicts; got {type(calibration).__name__}")
+
+
+def _public_options(opts: Mapping[str, Any], calibration: Any) -> dict[str, Any]:
+    out = {k: v for k, v in opts.items() if k != "calibration"}
+    out["calibration"] = (str(calibration) if isinstance(calibration, (str, os.PathLike))
+                          else None if calibration is None else type(calibration).__name__)
+    return out
+
+
+def _rows(state: _State, seconds: Mapping[str, float]) -> list[StageRecord]:
+    rows = []
+    reference = state.outputs.get("input")
+    for stage, model in state.models.items():
+        details = dict(state.details[stage])
+        stage_diff = float(details.pop("stage_diff", 0.0))
+        out = state.outputs.get(stage)
+        diff = _max_diff(reference, out) if reference is not None and out is not None else 0.0
+        timing = seconds.get("export" if stage == "input" and "export" in seconds else
+                             "load" if stage == "input" else stage, 0.0)
+        rows.append(StageRecord(stage, model.ByteSize(), state.macs.get(stage),
+                                state.latency.get(stage), diff, stage_diff, timing, details))
+    return rows
+
+
+def _save(result: OptimizeResult, paths: Mapping[str, Path]) -> None:
+    """Render everything in memory, then commit every file; a failure removes the temps."""
+    from secateurs.runtime.io import atomic_path
+
+    blobs: dict[str, bytes] = {}
+    if "output" in paths:
+        if result.model.ByteSize() > 1_800_000_000:
+            raise InputError("the optimized model exceeds 1.8 GB; external data output is not "
+                             "supported by optimize yet")
+        blobs["output"] = result.model.SerializeToString()
+    if "report" in paths:
+        blobs["report"] = (json.dumps(result.to_dict(), indent=2, default=str) + "\n").encode()
+    if "plot" in paths:
+        blobs["plot"] = render_plot(result)
+    with contextlib.ExitStack() as stack:
+        for key, data in blobs.items():
+            tmp = stack.enter_context(atomic_path(paths[key]))
+            tmp.write_bytes(data)
+
+
+def render_plot(result: OptimizeResult) -> bytes:
+    """Two bar charts (size on disk, ORT CPU latency) per stage, as PNG bytes."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = result.stages
+    names = [r.stage for r in rows]
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"][:len(rows)]
+    figure = Figure(figsize=(10, 4.2), dpi=120, layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = [("size on disk (MB)", [r.bytes / 1e6 for r in rows], "smaller")]
+    if all(r.latency_ms is not None for r in rows):
+        panels.append((f"ORT CPU latency (ms, median, {result.options.get('threads', 1)} "
+                       "thread)", [r.latency_ms or 0.0 for r in rows], "faster"))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, values, word) in zip(axes, panels):
+        bars = ax.barh(names[::-1], values[::-1], color=colors[::-1])
+        base = values[0]
+        for bar, value in zip(bars, values[::-1]):
+            note = f"{value:.3g}" + (f"  ({base / value:.1f}x {word})" if value and
+                                     value != base else "")
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + note,
+                    va="center", fontsize=9)
+        ax.set_xlabel(label)
+        ax.set_xlim(0, max(values) * 1.45 if max(values) else 1)
+        ax.grid(True, axis="x", alpha=0.3)
+    figure.suptitle("secateurs optimize: what each stage bought")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()

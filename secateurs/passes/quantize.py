@@ -1,0 +1,340 @@
+"""Quantize an ONNX model through the ecosystem's libraries: INT8 QDQ (ONNX Runtime) and fp16.
+
+INT8 (``onnxruntime.quantization``)
+    Static quantization in QDQ format: ``QuantizeLinear``/``DequantizeLinear`` pairs around
+    Conv / Gemm / MatMul / Add / pooling, with per-channel symmetric INT8 weights
+    (``s_k = max|W_k| / 127``, zero point 0, so zeros of a 2:4 or pruned weight stay zeros) and
+    activation ranges from MinMax calibration over the batches a :class:`BatchReader` yields.
+    Before calibration ``quant_pre_process`` runs ONNX shape inference and ONNX Runtime's
+    *basic* graph optimisations (BatchNorm folded into Conv, constants folded); basic level
+    emits only standard ``ai.onnx`` ops (no ``com.microsoft`` fused kernels), so the prepared
+    graph is still plain ONNX. Quantize *after* pruning: the plan names initializers of the
+    float graph, and folding renames them (``ConvBnFusion_W_...``).
+
+    Two activation profiles, because one QDQ graph cannot be fast on both runtimes (measured,
+    ``tools/bench/results/optimize_pipeline.json``):
+
+    * ``"ort"`` (default): activations ``uint8`` with a zero point, weights ``int8``. ONNX
+      Runtime's x86 CPU provider fuses every ``DQ -> Conv -> Q`` into ``QLinearConv`` (its
+      U8S8 VNNI/AMX kernels); on ResNet-50 all 53 convs fuse.
+    * ``"tensorrt"``: activations and weights ``int8``, symmetric (zero point 0), which is
+      the only INT8 TensorRT's strongly typed builder accepts. ONNX Runtime CPU runs this
+      graph too, but fuses only the convs whose input quantizer has a single consumer (33 of
+      53 on ResNet-50; the rest run as DQ -> fp32 Conv -> Q) and it is not faster than fp32.
+
+fp16 (``onnxruntime.transformers.float16``, the converter onnxconverter-common maintains,
+vendored by ONNX Runtime)
+    Every float32 initializer and tensor becomes float16; ``keep_io_types=True`` keeps the
+    graph's inputs and outputs float32 (a Cast at each end) so callers feed the same arrays.
+    Values beyond fp16's range are clamped to +-65504 by the converter.
+
+Both return a new ``ModelProto`` (the input is never modified) that passes
+``onnx.checker.check_model(full_check=True)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from secateurs.errors import InputError, SecateursError
+
+__all__ = ["quantize_onnx", "QuantizeResult", "BatchReader", "load_calibration",
+           "calibration_batches", "MODES", "PROFILES"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "fp16")
+PROFILES = ("ort", "tensorrt")
+_QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The quantized model and what was done to it."""
+
+    model: onnx.ModelProto = field(repr=False)
+    mode: str
+    profile: str | None
+    per_channel: bool
+    calibration_batches: int
+    calibration_source: str
+    quantized_nodes: tuple[str, ...]
+    op_counts: Mapping[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "profile": self.profile, "per_channel": self.per_channel,
+                "calibration_batches": self.calibration_batches,
+                "calibration_source": self.calibration_source,
+                "quantized_nodes": len(self.quantized_nodes), "op_counts": dict(self.op_counts)}
+
+
+class BatchReader:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over a list of feed dicts.
+
+    ORT's calibrator calls ``get_next()`` until it returns ``None``; ``rewind()`` starts over,
+    so one reader can serve several calibrations.
+    """
+
+    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+        if not batches:
+            raise InputError("calibration needs at least one batch of inputs")
+        self.batches = [dict(b) for b in batches]
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _input_infos(model: onnx.ModelProto) -> list[tuple[str, np.dtype, list[int | None]]]:
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        out.append((inp.name, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type), dims))
+    return out
+
+
+def load_calibration(path: str | os.PathLike[str], model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Calibration inputs from an ``.npz``: one array per graph input, samples along dim 0.
+
+    Keys are the model's input names; ``arr_0, arr_1, ...`` (``np.savez(f, x)``) are taken
+    in input order.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"calibration file '{path}' does not exist; pass an .npz with one "
+                         "array per model input (np.savez('calib.npz', x=inputs))")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - numpy raises zipfile/OSError/ValueError alike
+        raise InputError(f"calibration file '{path}' is not a readable .npz: {exc}") from exc
+    names = [name for name, _, _ in _input_infos(model)]
+    if set(names) <= set(arrays):
+        return {n: arrays[n] for n in names}
+    positional = [f"arr_{i}" for i in range(len(names))]
+    if set(positional) <= set(arrays):
+        return dict(zip(names, (arrays[k] for k in positional)))
+    raise InputError(f"calibration file '{path}' has arrays {sorted(arrays)}; the model's "
+                     f"inputs are {names} (name the arrays after them)")
+
+
+def calibration_batches(model: onnx.ModelProto, samples: Mapping[str, np.ndarray],
+                        batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """Split ``samples`` (arrays with samples along dim 0) into feeds the model accepts.
+
+    A static batch dim fixes the batch size; a symbolic one takes ``batch_size``. Arrays are
+    cast to the input's dtype.
+    """
+    infos = _input_infos(model)
+    missing = [n for n, _, _ in infos if n not in samples]
+    if missing:
+        raise InputError(f"calibration data has no arrays for model inputs {missing}")
+    counts = {n: int(np.asarray(samples[n]).shape[0]) if np.ndim(samples[n]) else 0
+              for n, _, _ in infos}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise InputError(f"calibration arrays must share a non-zero first (sample) dim, got "
+                         f"{counts}")
+    total = next(iter(counts.values()))
+    fixed = {dims[0] for _, _, dims in infos if dims and dims[0]}
+    step = fixed.pop() if len(fixed) == 1 else batch_size
+    if total < step:
+        raise InputError(f"calibration data has {total} samples; the model's static batch "
+                         f"is {step}")
+    batches = []
+    for start in range(0, total - step + 1, step):
+        batches.append({n: np.ascontiguousarray(np.asarray(samples[n])[start:start + step])
+                        .astype(dtype, copy=False) for n, dtype, _ in infos})
+    return batches
+
+
+def _random_batches(model: onnx.ModelProto, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n):
+        feed = {}
+        for name, dtype, dims in _input_infos(model):
+            shape = [d or 1 for d in dims]
+            if np.issubdtype(dtype, np.floating):
+                feed[name] = rng.standard_normal(shape).astype(dtype)
+            else:
+                feed[name] = np.zeros(shape, dtype=dtype)
+        batches.append(feed)
+    return batches
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def _quantized_nodes(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Compute nodes that read a dequantized initializer (a quantized weight)."""
+    inits = {t.name for t in model.graph.initializer}
+    dq_of_init = {n.output[0] for n in model.graph.node
+                  if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    return tuple(n.name for n in model.graph.node
+                 if n.op_type not in _QUANTIZED_OPS and any(i in dq_of_init for i in n.input))
+
+
+def _check(model: onnx.ModelProto, what: str) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SecateursError(f"{what} fails onnx.checker (full_check): {exc}") from exc
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _check_float(model: onnx.ModelProto) -> None:
+    if not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
+        raise InputError("the model has no float32 weights to quantize (already quantized or "
+                         "converted?); quantize a float32 model")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence onnxruntime.quantization's root-logger warnings (one per norm weight it does
+    not quantize per channel) and ORT's C++ warnings from the preparation session."""
+    import onnxruntime as ort
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default (warning)
+
+
+def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel: bool,
+          exclude: Iterable[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    symmetric = profile == "tensorrt"
+    with tempfile.TemporaryDirectory(prefix="secateurs-quantize-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        out = Path(tmp) / "quantized.onnx"
+        with warnings.catch_warnings(), _quiet_libraries():
+            warnings.simplefilter("ignore")
+            # symbolic shape inference is for transformer graphs with dynamic dims; ONNX's own
+            # inference covers static graphs and the prepared graph is checked below
+            quant_pre_process(_copy(model), str(prepared), skip_symbolic_shape=True)
+            prepared_model = onnx.load(str(prepared))
+            foreign = sorted({n.domain for n in prepared_model.graph.node}
+                             - {"", "ai.onnx"})
+            if foreign:
+                raise SecateursError(f"quantization's preparation emitted ops of domain(s) "
+                                     f"{foreign}; expected plain ONNX")
+            quantize_static(
+                prepared_model, str(out), reader, quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=list(exclude) or None,
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+        return onnx.load(str(out))
+
+
+def _fp16(model: onnx.ModelProto, exclude: Iterable[str]) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the model contains values beyond fp16 range"
+        out = convert_float_to_float16(_copy(model), keep_io_types=True,
+                                       node_block_list=list(exclude) or None)
+    _topological_sort(out.graph)  # the converter appends the input Casts at the end
+    return out
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node follows its producers (stable: ties keep order)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise SecateursError(f"the fp16 graph has a cycle or a dangling input at node "
+                                 f"'{rest[0].name}'")
+        pending = rest
+    copies = [onnx.NodeProto() for _ in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
+                  calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+                  profile: str = "ort", per_channel: bool = True,
+                  exclude: Iterable[str] = (), random_batches: int = 8,
+                  seed: int = 0) -> QuantizeResult:
+    """INT8 QDQ (``mode="int8"``) or fp16 (``"fp16"``) version of a float32 ONNX ``model``.
+
+    ``calibration``: feed dicts (see :func:`calibration_batches`); ``None`` calibrates on
+    ``random_batches`` standard-normal batches, with a warning: activation ranges from random
+    data rarely match real data, so pass real samples for accuracy. ``profile``: ``"ort"``
+    (uint8 activations, fast on ONNX Runtime CPU) or ``"tensorrt"`` (symmetric int8, what
+    TensorRT builds); see the module docstring. ``exclude``: node names left in float.
+    """
+    if mode not in MODES:
+        raise InputError(f"quantize mode must be one of {MODES}, got {mode!r}")
+    if profile not in PROFILES:
+        raise InputError(f"int8 profile must be one of {PROFILES}, got {profile!r}")
+    if not isinstance(model, onnx.ModelProto):
+        raise InputError(f"quantize_onnx takes an onnx.ModelProto, got {type(model).__name__}")
+    _check_float(model)
+    names = {n.name for n in model.graph.node}
+    unknown = sorted(set(exclude) - names)
+    if unknown:
+        raise InputError(f"exclude names {unknown[:5]} are not nodes of the model")
+    if mode == "fp16":
+        out = _fp16(model, exclude)
+        _check(out, "the fp16 model")
+        return QuantizeResult(out, "fp16", None, False, 0, "none", (), _op_counts(out))
+    if calibration is None:
+        log.warning("int8 calibration on %d random batches: pass real inputs "
+                    "(calibration=..., --calibration inputs.npz) for accurate ranges",
+                    random_batches)
+        batches, source = _random_batches(model, random_batches, seed), "random"
+    else:
+        batches, source = list(calibration), "data"
+    reader = BatchReader(batches)
+    out = _int8(model, reader, profile, per_channel, exclude)
+    _check(out, "the int8 QDQ model")
+    return QuantizeResult(out, "int8", profile, per_channel, len(reader), source,
+                          _quantized_nodes(out), _op_counts(out))
