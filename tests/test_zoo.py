@@ -36,6 +36,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "vit": (1, 10),
     "vit_fused": (1, 10),
     "vit_sdpa": (1, 10),
+    "vit_unbind": (2, 10),
 }
 
 # Parameter counts of the real architectures (torchvision / timm / Llama-3-8B), so a full-size

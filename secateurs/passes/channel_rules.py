@@ -352,6 +352,9 @@ def _split(ctx: RuleContext) -> list[Labels | None]:
             continue
         piece = x[dim][start:start + shape[dim]]
         start += shape[dim]
+        if len(piece) == 1:  # removing it would empty an output (q, k, v = x.split(1, dim))
+            ctx.space.pin(piece, f"{ctx.where} has a piece of size 1 along this dim: the "
+                          "number of outputs depends on it")
         pieces.append(piece)
         lab = list(x)
         lab[dim] = piece
@@ -362,9 +365,12 @@ def _split(ctx: RuleContext) -> list[Labels | None]:
 
 @_register("unbind")
 def _unbind(ctx: RuleContext) -> list[Labels | None]:
+    """One output per position of ``dim``: the size sets the number of outputs (timm's fused
+    ``q, k, v = qkv.unbind(0)``), so the dim is pinned; the other dims pass through."""
     x = ctx.ins[0]
     assert x is not None
     dim = int(ctx.node.attrs["dim"]) % len(x)
+    ctx.space.pin(x[dim], f"{ctx.where} unbinds this dim: its size sets the number of outputs")
     return [x[:dim] + x[dim + 1:] for _ in ctx.out_shapes]
 
 
