@@ -14,9 +14,26 @@ source is ``L['self']._modules[...]._parameters['weight']``). For an inference g
 4. hands the graph to the downstream backend (``inductor`` by default) and returns a function
    with dynamo's calling convention (the frozen weight arguments are dropped).
 
-Training graphs (grad enabled and an input that requires grad) are passed through untouched.
+**One answer for every input shape.** The plan depends on the weights only. The analysis runs
+on the concrete sizes of the current call (dynamo's symbolic sizes are never read as ints, which
+would specialise them), so the batch and every other non-pruned dim stay as dynamic as dynamo
+traced them: with ``dynamic=True`` one compile serves every batch size; by default the first
+call compiles static and dynamo's automatic-dynamic recompile (second batch size) serves all
+later ones. Every compile of the same weights picks the same units.
+
+**Never silently dense.** If the analysis fails with ``prune`` set, compilation raises
+(without ``prune`` it compiles unpruned, which is the same function). Past dynamo's
+``recompile_limit`` dynamo would run the original (dense) code; with ``prune`` the backend sets
+``torch._dynamo.config.fail_on_recompile_limit_hit`` so that call raises instead
+(``on_recompile_limit="warn"``: a ``DenseFallbackWarning`` at the last allowed compile).
+
+**Gradients.** A graph that needs gradients (grad mode on and a weight or input requiring grad,
+i.e. called outside ``torch.no_grad()``/``inference_mode``) is compiled untouched: weights stay
+graph inputs and train. With ``prune`` that is an error (raised at compile), because a frozen,
+pruned graph cannot train and a dense one would give another answer.
+
 Options: ``torch.compile(m, backend="secateurs", options={"prune": 0.3, "backend": "eager",
-"sparse": True, "verify": True})``.
+"sparse": True, "verify": True, "on_recompile_limit": "raise"})``.
 """
 
 from __future__ import annotations
@@ -32,12 +49,14 @@ import torch.fx
 from torch import nn
 
 from secateurs.errors import InputError
-from secateurs.graph.from_fx import lower_graph_module, propagate_shapes
 from secateurs.graph.fx_apply import apply_plan_fx
+from secateurs.graph.fx_lower import lower_graph_module
+from secateurs.graph.fx_shapes import propagate_shapes
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.plan import build_plan
 
-__all__ = ["secateurs_backend", "BackendOptions", "LAST_COMPILE", "dead_units", "freeze_weights"]
+__all__ = ["secateurs_backend", "BackendOptions", "LAST_COMPILE", "dead_units", "freeze_weights",
+           "DenseFallbackWarning", "compile_count"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +68,7 @@ class BackendOptions:
     sparse: bool = True
     verify: bool = True
     min_numel_sparse: int = 4096
+    on_recompile_limit: str = "raise"
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> BackendOptions:
@@ -58,8 +78,13 @@ class BackendOptions:
             raise InputError(f"unknown secateurs backend options {sorted(unknown)}; known: "
                              f"{sorted(cls.__dataclass_fields__)}")
         out = cls(**options)
-        if out.prune is not None and not 0.0 <= out.prune < 1.0:
-            raise InputError(f"options['prune'] must be in [0, 1), got {out.prune}")
+        if out.prune is not None and (isinstance(out.prune, bool)
+                                      or not isinstance(out.prune, (int, float))
+                                      or not 0.0 <= out.prune < 1.0):
+            raise InputError(f"options['prune'] must be a number in [0, 1), got {out.prune!r}")
+        if out.on_recompile_limit not in ("raise", "warn"):
+            raise InputError("options['on_recompile_limit'] must be 'raise' or 'warn', got "
+                             f"{out.on_recompile_limit!r}")
         return out
 
 
@@ -73,9 +98,20 @@ class CompileRecord:
     sparse_linears: list[str] = field(default_factory=list)
     training: bool = False
     exact: bool | None = None
+    compile_id: str = ""
+
+
+class DenseFallbackWarning(RuntimeWarning):
+    """dynamo is about to run (or would run) the original, unpruned model."""
 
 
 LAST_COMPILE = CompileRecord()
+_COMPILES = 0
+
+
+def compile_count() -> int:
+    """How many graphs this backend has compiled in this process (tests count recompiles)."""
+    return _COMPILES
 
 
 def _is_weight(node: torch.fx.Node, value: Any) -> bool:
@@ -185,24 +221,35 @@ def secateurs_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                       options: dict[str, Any] | None = None, **kwargs: Any) -> Callable[..., Any]:
     """The dynamo backend (registered as ``secateurs`` via the torch_dynamo_backends entry
     point)."""
-    global LAST_COMPILE
+    global LAST_COMPILE, _COMPILES
     opts = BackendOptions.parse({**(options or {}), **kwargs})
     record = CompileRecord()
     LAST_COMPILE = record
+    _COMPILES += 1
     downstream = _downstream(opts)
+    record.compile_id = _guard_recompile_limit(opts)
     training = torch.is_grad_enabled() and any(
         isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     if training:
         record.training = True
-        log.warning("secateurs backend: training graph left unpruned (compile under "
-                    "torch.no_grad() / inference_mode for pruning)")
+        if opts.prune:
+            raise InputError(
+                "secateurs backend: options['prune'] removes channels from frozen weights, "
+                "which cannot train; this graph needs gradients (grad mode on and a weight or "
+                "input that requires grad). Call the compiled model under torch.no_grad() or "
+                "torch.inference_mode(), or compile without 'prune' to train")
+        log.warning("secateurs backend: graph needs gradients, compiled unpruned (dead channel "
+                    "removal only runs under torch.no_grad() / inference_mode)")
         return downstream(gm, example_inputs)
     frozen, keep = freeze_weights(gm, example_inputs)
     inputs = [example_inputs[i] for i in keep]
     try:
-        propagate_shapes(frozen, tuple(inputs))
+        _shapes_for_analysis(frozen, [_concrete(x) for x in inputs])
         analysis = group_channels(lower_graph_module(frozen))
     except Exception as exc:  # noqa: BLE001 - never break compilation over an analysis failure
+        if opts.prune:  # the user asked for a pruned model: never hand back the dense one
+            raise InputError(f"secateurs backend: cannot analyse the graph for "
+                             f"options['prune']={opts.prune} ({exc})") from exc
         log.warning("secateurs backend: analysis failed (%s); compiling unpruned", exc)
         return _call_with(downstream(frozen, inputs), keep)
     tensors = dict(frozen.named_parameters())
@@ -237,6 +284,98 @@ def secateurs_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         record.sparse_linears = _swap_semi_structured(frozen, opts)
     record.graph = frozen
     return _call_with(downstream(frozen, inputs), keep)
+
+
+def _concrete(value: Any) -> Any:
+    """A symbolic size (``s0`` under dynamic shapes) as the int it has now, for analysis only.
+
+    Analysing on the symbols themselves would call ``int()`` on them, which *specialises* them
+    in dynamo's shape environment: a guard ``x.size()[0] == 2`` is installed and every new
+    batch size recompiles. The plan depends on the weights, never on these sizes."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        from torch.fx.experimental import symbolic_shapes as sym
+
+        for name in ("guarding_hint_or_throw", "hint_int"):  # the name moved between releases
+            fn = getattr(sym, name, None)
+            if fn is not None and not isinstance(value, torch.SymFloat):
+                return fn(value)
+        return value.node.hint
+    return value
+
+
+def _shapes_for_analysis(gm: torch.fx.GraphModule, inputs: list[Any]) -> None:
+    """Record concrete shapes on ``gm`` for the channel analysis.
+
+    dynamo's fake values (symbolic shapes) are dropped first: reading a symbolic shape as an
+    int would specialise it (see _concrete). Shapes come from meta propagation; a graph that
+    reads a value (``.item()`` on a scalar input, as ``dynamic=True`` makes of BatchNorm's
+    momentum) is run for real once, on the current inputs."""
+    for node in gm.graph.nodes:
+        for key in ("val", "example_value", "tensor_meta"):
+            node.meta.pop(key, None)
+    reads_values = any(n.op == "call_method" and n.target in ("item", "tolist")
+                       for n in gm.graph.nodes)
+    if not reads_values:
+        try:
+            propagate_shapes(gm, tuple(inputs))
+            return
+        except InputError:
+            pass
+    with torch.no_grad():
+        _RealShapes(gm).run(*inputs)
+
+
+class _RealShapes(torch.fx.Interpreter):
+    """Run the graph for real and record each node's output shape (as a meta tensor).
+
+    Not ``ShapeProp``: inside a dynamo compile it picks up dynamo's fake mode and would
+    propagate the symbolic shapes again."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        from secateurs.graph.fx_lower import _SHAPE_KEY
+
+        out = super().run_node(n)
+
+        def stub(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return torch.empty(v.shape, dtype=v.dtype, device="meta")
+            if isinstance(v, (list, tuple)):
+                return [stub(x) for x in v]
+            return None
+
+        meta = stub(out)
+        if meta is not None:
+            n.meta[_SHAPE_KEY] = meta
+        return out
+
+
+def _guard_recompile_limit(opts: BackendOptions) -> str:
+    """Make dynamo's dense fallback loud when it would change the answer.
+
+    Past ``torch._dynamo.config.recompile_limit`` compiles of one frame, dynamo stops compiling
+    and runs the original Python code: the *dense* model. Dead-channel removal is exact, so that
+    changes nothing; with ``prune`` it would silently change the outputs. So with ``prune``:
+    ``on_recompile_limit="raise"`` (default) sets dynamo's ``fail_on_recompile_limit_hit``, which
+    makes the call that would fall back raise instead; ``"warn"`` warns (DenseFallbackWarning)
+    at the last compile dynamo allows. Returns the compile id ("frame/compile")."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None or not opts.prune:
+        return str(cid or "")
+    limit = int(getattr(torch._dynamo.config, "recompile_limit", 8))
+    if opts.on_recompile_limit == "raise" and hasattr(torch._dynamo.config,
+                                                      "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    elif (cid.frame_compile_id or 0) + 1 >= limit:
+        import warnings
+
+        warnings.warn(f"secateurs backend: compile {cid} is the last of dynamo's recompile_limit "
+                      f"({limit}) for this frame; the next new input shape runs the original "
+                      "DENSE model, not the pruned one. Keep input shapes dynamic "
+                      "(torch._dynamo.mark_dynamic) or raise torch._dynamo.config.recompile_limit",
+                      DenseFallbackWarning, stacklevel=2)
+    return str(cid)
 
 
 def copy_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

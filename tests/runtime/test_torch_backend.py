@@ -90,3 +90,83 @@ def test_inductor_downstream():
     with torch.no_grad():
         out = torch.compile(model, backend="secateurs")(*x)
         torch.testing.assert_close(out, model(*x), rtol=1e-4, atol=1e-4)
+
+
+def _resnet_eval():
+    entry = zoo.get("resnet")
+    return entry.build().eval(), entry.example_inputs()[0]
+
+
+def test_one_compile_serves_every_batch_size_and_stays_pruned():
+    """12 batch sizes under prune=0.3: at most 2 compiles (static first call, then dynamo's
+    automatic dynamic batch) and every output is the pruned model's, never the dense one's."""
+    model, x = _resnet_eval()
+    compiled = _compile(model, prune=0.3)
+    before = tb.compile_count()
+    reference = None
+    with torch.no_grad():
+        for batch in range(1, 13):
+            xb = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(batch))
+            out = compiled(xb)
+            if reference is None:
+                reference = tb.LAST_COMPILE.graph  # the pruned GraphModule of the first compile
+                assert tb.LAST_COMPILE.removed_units > 0
+                assert sum(p.numel() for p in reference.parameters()) < \
+                    sum(p.numel() for p in model.parameters())
+            torch.testing.assert_close(out, reference(xb)[0], rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(out, model(xb), rtol=1e-3, atol=1e-3)  # not dense
+    assert tb.compile_count() - before <= 2
+
+
+def test_dynamic_true_compiles_once():
+    model, x = _resnet_eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="secateurs", dynamic=True,
+                             options={"backend": "eager", "prune": 0.3})
+    before = tb.compile_count()
+    with torch.no_grad():
+        for batch in (2, 5, 9, 3):
+            assert compiled(torch.randn(batch, *x.shape[1:])).shape == (batch, 10)
+    assert tb.compile_count() - before == 1
+
+
+def test_recompile_limit_raises_instead_of_running_the_dense_model():
+    model, x = _resnet_eval()
+    with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False,
+                                    fail_on_recompile_limit_hit=False):
+        compiled = _compile(model, prune=0.3)
+        with torch.no_grad():
+            compiled(torch.randn(1, *x.shape[1:]))
+            compiled(torch.randn(2, *x.shape[1:]))
+            with pytest.raises(Exception, match="recompile_limit|recompile limit"):
+                compiled(torch.randn(3, *x.shape[1:]))
+
+
+def test_recompile_limit_warn_mode_warns_at_the_last_compile():
+    model, x = _resnet_eval()
+    with torch._dynamo.config.patch(recompile_limit=2, automatic_dynamic_shapes=False,
+                                    fail_on_recompile_limit_hit=False):
+        compiled = _compile(model, prune=0.3, on_recompile_limit="warn")
+        with torch.no_grad():
+            compiled(torch.randn(1, *x.shape[1:]))
+            with pytest.warns(tb.DenseFallbackWarning, match="DENSE"):
+                compiled(torch.randn(2, *x.shape[1:]))
+
+
+def test_grads_enabled_with_prune_raises_instead_of_silently_dense():
+    """Documented: a graph that needs gradients cannot be pruned (the weights are frozen);
+    with an explicit prune ratio that is an error, not a silent dense model."""
+    model, x = _resnet_eval()
+    compiled = _compile(model, prune=0.3)
+    with pytest.raises(Exception, match="no_grad"):
+        compiled(x)  # grad mode on, parameters require grad
+
+
+def test_grads_enabled_without_prune_is_the_unpruned_model_and_trains():
+    model, x = _with_dead_channels("resnet")
+    model.eval()
+    out = _compile(model)(*x)
+    torch.testing.assert_close(out, model(*x))
+    assert tb.LAST_COMPILE.training and tb.LAST_COMPILE.removed_units == 0
+    out.sum().backward()
+    assert model.fc.weight.grad is not None if hasattr(model, "fc") else True
