@@ -271,6 +271,9 @@ def _fp16(model: onnx.ModelProto, exclude: Iterable[str]) -> onnx.ModelProto:
         out = convert_float_to_float16(_copy(model), keep_io_types=True,
                                        node_block_list=list(exclude) or None)
     _topological_sort(out.graph)  # the converter appends the input Casts at the end
+    # the converter keeps its shape-inference value_info (typed fp16); runtimes infer it again
+    # and on small models it is a third of the file
+    del out.graph.value_info[:]
     return out
 
 

@@ -1,0 +1,176 @@
+"""INT8 QDQ (onnxruntime.quantization) and fp16 (ORT's float16 converter) on zoo models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from secateurs import zoo
+from secateurs.errors import InputError
+from secateurs.passes.quantize import (
+    BatchReader,
+    calibration_batches,
+    load_calibration,
+    quantize_onnx,
+)
+from secateurs.runtime.onnx_export import export_onnx
+
+torch.set_num_threads(1)
+
+
+def _export(name: str) -> onnx.ModelProto:
+    entry = zoo.get(name)
+    return export_onnx(entry.build(), entry.example_inputs(), exporter="torchscript")
+
+
+@pytest.fixture(scope="module")
+def resnet() -> onnx.ModelProto:
+    return _export("resnet")
+
+
+@pytest.fixture(scope="module")
+def vit() -> onnx.ModelProto:
+    return _export("vit")
+
+
+def _samples(model: onnx.ModelProto, n: int = 16) -> dict[str, np.ndarray]:
+    inp = model.graph.input[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    return {inp.name: rng.standard_normal((n, *shape[1:])).astype(np.float32)}
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _relative_error(a: onnx.ModelProto, b: onnx.ModelProto, samples: dict[str, np.ndarray]) -> float:
+    feeds = {k: v[:1] for k, v in samples.items()}
+    ref, got = _run(a, feeds), _run(b, feeds)
+    return float(np.abs(ref - got).max() / np.abs(ref).max())
+
+
+def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {t.name: t for t in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_int8_qdq_runs_close_to_float_and_leaves_input_alone(name, request) -> None:
+    model = request.getfixturevalue(name)
+    before = model.SerializeToString()
+    samples = _samples(model)
+    result = quantize_onnx(model, "int8", calibration=calibration_batches(model, samples))
+    assert model.SerializeToString() == before  # input untouched (ORT's prep mutates protos)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert {n.domain for n in result.model.graph.node} <= {"", "ai.onnx"}
+    ops = result.op_counts
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert result.calibration_batches == 16 and result.calibration_source == "data"  # batch 1
+    # every Conv / Gemm / MatMul with a weight reads a dequantized int8 initializer
+    weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(result.quantized_nodes) >= len(weighted) > 0
+    # stated tolerance: 10% of the largest output (random weights, 16 random samples)
+    assert _relative_error(model, result.model, samples) < 0.1
+    # "ort" profile: uint8 activations, int8 weights
+    zps = _zero_points(result.model)
+    assert any(z.dtype == np.uint8 for z in zps)
+
+
+def test_int8_weights_per_channel_and_zeros_survive(resnet) -> None:
+    from secateurs.passes.onnx_sparsify import sparsify_onnx
+    from secateurs.passes.sparsify import is_nm_sparse
+
+    sparse = sparsify_onnx(resnet, "2:4")
+    result = quantize_onnx(sparse, "int8", calibration=calibration_batches(sparse, _samples(sparse)))
+    inits = {t.name: t for t in result.model.graph.initializer}
+    checked = 0
+    for node in result.model.graph.node:
+        if node.op_type != "DequantizeLinear" or inits.get(node.input[0]) is None:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        if q.dtype != np.int8 or q.ndim != 4 or q.shape[1] % 4:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        assert scale.shape == (q.shape[0],)  # one scale per output channel
+        assert is_nm_sparse(torch.from_numpy(q.astype(np.float32)), 2, 4, 1)
+        checked += 1
+    assert checked >= 5
+
+
+def test_int8_tensorrt_profile_is_symmetric_int8(resnet) -> None:
+    result = quantize_onnx(resnet, "int8", calibration=calibration_batches(resnet, _samples(resnet)),
+                           profile="tensorrt")
+    zps = _zero_points(result.model)
+    assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
+    assert result.profile == "tensorrt"
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_int8_without_calibration_uses_random_batches(resnet, caplog) -> None:
+    result = quantize_onnx(resnet, "int8", random_batches=2)
+    assert result.calibration_source == "random" and result.calibration_batches == 2
+    assert "random batches" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_fp16_keeps_float32_io(name, request) -> None:
+    model = request.getfixturevalue(name)
+    result = quantize_onnx(model, "fp16")
+    out = result.model
+    onnx.checker.check_model(out, full_check=True)
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in out.graph.input)
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in out.graph.output)
+    floats = [t for t in out.graph.initializer if t.data_type in (1, 10)]
+    assert floats and all(t.data_type == onnx.TensorProto.FLOAT16 for t in floats)
+    assert _relative_error(model, out, _samples(model)) < 0.01
+    weight_bytes = [sum(t.ByteSize() for t in m.graph.initializer) for m in (model, out)]
+    assert weight_bytes[1] < 0.55 * weight_bytes[0]  # fp16 weights: half the bytes
+
+
+def test_bad_options_name_the_option(resnet, tmp_path) -> None:
+    with pytest.raises(InputError, match="mode must be one of"):
+        quantize_onnx(resnet, "int4")
+    with pytest.raises(InputError, match="profile must be one of"):
+        quantize_onnx(resnet, "int8", profile="gpu")
+    with pytest.raises(InputError, match="not nodes of the model"):
+        quantize_onnx(resnet, "int8", exclude=["no_such_node"])
+    with pytest.raises(InputError, match="at least one batch"):
+        quantize_onnx(resnet, "int8", calibration=[])
+    fp16 = quantize_onnx(resnet, "fp16").model
+    with pytest.raises(InputError, match="no float32 weights"):
+        quantize_onnx(fp16, "int8")
+
+
+def test_calibration_files_and_batches(resnet, tmp_path) -> None:
+    name = resnet.graph.input[0].name
+    samples = _samples(resnet, 5)[name]
+    np.savez(tmp_path / "named.npz", **{name: samples})
+    np.savez(tmp_path / "positional.npz", samples)
+    np.savez(tmp_path / "wrong.npz", y=samples)
+    for file in ("named.npz", "positional.npz"):
+        loaded = load_calibration(tmp_path / file, resnet)
+        np.testing.assert_array_equal(loaded[name], samples)
+    with pytest.raises(InputError, match="inputs are"):
+        load_calibration(tmp_path / "wrong.npz", resnet)
+    with pytest.raises(InputError, match="does not exist"):
+        load_calibration(tmp_path / "missing.npz", resnet)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a readable .npz"):
+        load_calibration(tmp_path / "junk.npz", resnet)
+    # static batch 1: five batches of one sample
+    batches = calibration_batches(resnet, {name: samples})
+    assert len(batches) == 5 and batches[0][name].shape[0] == 1
+    with pytest.raises(InputError, match="no arrays for model inputs"):
+        calibration_batches(resnet, {"other": samples})
+    reader = BatchReader(batches)
+    assert sum(1 for _ in iter(reader.get_next, None)) == 5
+    reader.rewind()
+    assert reader.get_next() is not None
