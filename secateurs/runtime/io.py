@@ -11,20 +11,37 @@ unique name (``<model>.<token>.data``) that no existing model refers to; the ren
 model file is then the single commit point. After it, data files that only the previous model
 referred to are removed. A crash at any moment leaves either the old model with its old data or
 the new model with its new data (plus, at worst, an orphaned data file).
+
+Temporary files are named ``.<name>.secateurs-<pid>-<token>.tmp``. A process killed with
+SIGKILL cannot remove its own; the next write to the same target (and the CLI's output checks,
+:func:`remove_stale_temps`) removes those whose process is gone. Files named by the old scheme
+(``.<name>.XXXXXXXX.tmp``, from ``mkstemp``) are removed when more than an hour old.
+
+A write that fails with an OS error (full disk, read-only filesystem, missing permission)
+raises :class:`OutputError` naming the *target*, never the hidden temporary file. torch
+archives are serialised in memory first and then written from Python, so a full disk is an
+``OSError`` there and not a C++ abort of the interpreter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import os
+import re
 import secrets
-import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_save_torch", "atomic_save_onnx", "atomic_path"]
+from secateurs.errors import SecateursError
+
+__all__ = ["atomic_write_bytes", "atomic_save_torch", "atomic_save_onnx", "atomic_path",
+           "atomic_write_text", "atomic_save_export", "OutputError", "remove_stale_temps",
+           "temp_name"]
 
 _log = logging.getLogger(__name__)
 
@@ -51,28 +68,115 @@ def _remove_quietly(path: Path) -> None:
         path.unlink()
 
 
+class OutputError(SecateursError, OSError):
+    """An output file could not be written (the OS error's message, naming the target)."""
+
+    def __str__(self) -> str:  # OSError would format "[Errno N] ..." from errno/filename
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+_TMP_TAG = "secateurs"
+_LEGACY_AGE_S = 3600.0
+
+
+def temp_name(target: Path, token: str | None = None) -> Path:
+    """The temporary sibling this process uses for ``target``."""
+    token = token or secrets.token_hex(4)
+    return target.parent / f".{target.name}.{_TMP_TAG}-{os.getpid()}-{token}.tmp"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary siblings of ``target`` left by secateurs processes that are gone.
+
+    Recognised: ``.<name>.secateurs-<pid>-<hex>.tmp`` whose pid is not running, and the older
+    ``.<name>.<8 chars>.tmp`` (``mkstemp``) more than an hour old. Returns what was removed."""
+    target = Path(target)
+    ours = re.compile(re.escape(f".{target.name}.{_TMP_TAG}-") + r"(\d+)-[0-9a-f]+\.tmp\Z")
+    legacy = re.compile(re.escape(f".{target.name}.") + r"[A-Za-z0-9_]{8}\.tmp\Z")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(f".{target.name}.") or not entry.name.endswith(".tmp"):
+            continue
+        match = ours.match(entry.name)
+        try:
+            if match:
+                stale = not _pid_alive(int(match.group(1)))
+            elif legacy.match(entry.name):
+                stale = now - entry.stat(follow_symlinks=False).st_mtime > _LEGACY_AGE_S
+            else:
+                continue
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError as exc:
+            _log.debug("could not remove stale temp %s: %s", entry.path, exc)
+    if removed:
+        _log.info("removed stale temporary files: %s", ", ".join(p.name for p in removed))
+    return removed
+
+
+def _output_error(target: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = {errno.ENOSPC: "free some space or write elsewhere",
+            errno.EROFS: "the filesystem is read-only; write elsewhere",
+            errno.EACCES: "no permission; write elsewhere",
+            errno.EISDIR: "it is a directory; give a file name"}.get(exc.errno or -1, "")
+    err = OutputError(f"cannot write '{target}': {reason}" + (f" ({hint})" if hint else ""))
+    err.errno, err.strerror, err.filename = exc.errno, reason, str(target)
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on clean exit it replaces ``path`` atomically.
 
-    The caller writes the whole content to the yielded path. If the ``with`` body raises, the
-    temporary file is deleted and ``path`` keeps whatever it held before.
+    The caller writes the whole content to the yielded path. If the ``with`` body raises
+    (KeyboardInterrupt included), the temporary file is deleted and ``path`` keeps whatever it
+    held before. A missing parent directory is created. OS errors become :class:`OutputError`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if not target.name:
+        raise OutputError(f"cannot write '{path}': not a file name")
+    tmp = temp_name(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise _output_error(target, exc) from exc
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if target.exists():
-            # mkstemp creates 0600 files; keep the permissions the user gave the old file.
+            # the temp file is created 0600; keep the permissions the user gave the old file.
             os.chmod(tmp, target.stat().st_mode & 0o7777)
         else:
             os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, target)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        if isinstance(exc, OutputError):
+            raise
+        raise _output_error(target, exc) from exc
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -85,20 +189,37 @@ def _current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> Path:
     """Write ``data`` to ``path`` atomically; return the path written."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
     return Path(path)
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return the path written."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)`` atomically; return the path written."""
+    """``torch.save(obj, path)`` atomically; return the path written.
+
+    Serialised to memory first: torch's zip writer aborts the process on a failed write (a
+    full disk), so the bytes are written from Python, where that is an ``OSError``."""
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-    return Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
+
+
+def atomic_save_export(program: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.export.save(program, path)`` atomically (in memory first, as above)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 def _external_locations(model_path: Path) -> set[str]:

@@ -132,3 +132,86 @@ def test_onnx_external_data_failure_keeps_old_model_and_data(tmp_path, monkeypat
     assert _files(tmp_path) == before
     loaded = onnx.load(str(path))
     np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), 3.0)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temps_of_dead_processes_are_removed(tmp_path):
+    path = tmp_path / "m.pt"
+    dead = tmp_path / f".m.pt.secateurs-{_dead_pid()}-abcd1234.tmp"
+    alive = tmp_path / f".m.pt.secateurs-{os.getpid()}-00ff00ff.tmp"  # this process: in use
+    legacy_old = tmp_path / ".m.pt.a1b2c3d4.tmp"
+    legacy_new = tmp_path / ".m.pt.z9y8x7w6.tmp"
+    other = tmp_path / ".other.pt.secateurs-1-aa.tmp"
+    for f in (dead, alive, legacy_old, legacy_new, other):
+        f.write_bytes(b"partial")
+    os.utime(legacy_old, (1, 1))
+    sio.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert not dead.exists() and not legacy_old.exists()
+    assert alive.exists() and legacy_new.exists() and other.exists()
+
+
+def test_interrupt_removes_temp_and_keeps_old(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), sio.atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old" and _files(tmp_path) == ["a.bin"]
+
+
+def test_os_errors_name_the_target_not_the_temp(tmp_path):
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(sio.OutputError, match="adir") as info:
+        sio.atomic_write_bytes(tmp_path / "adir", b"x")  # a directory cannot be replaced
+    assert ".tmp" not in str(info.value)
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(sio.OutputError, match="afile/x.bin"):
+        sio.atomic_write_bytes(tmp_path / "afile" / "x.bin", b"x")  # parent is a file
+    assert sorted(_files(tmp_path)) == ["adir", "afile"]
+
+
+def test_full_disk_while_writing_is_an_output_error(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    path = tmp_path / "m.pt"
+    real_open = builtins.open
+
+    class _Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        return _Full(fh) if "w" in mode and ".tmp" in str(file) else fh
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(sio.OutputError, match=r"cannot write '.*m\.pt': No space left"):
+        sio.atomic_save_torch({"w": torch.ones(3)}, path)
+    monkeypatch.undo()
+    assert _files(tmp_path) == []
+
+
+def test_export_program_saved_in_memory_then_atomically(tmp_path):
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.randn(1, 3),))
+    path = sio.atomic_save_export(program, tmp_path / "m.pt2")
+    assert torch.export.load(str(path)).module()(torch.randn(1, 3)).shape == (1, 2)
+    assert _files(tmp_path) == ["m.pt2"]
