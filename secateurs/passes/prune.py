@@ -29,6 +29,7 @@ from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
 from secateurs.passes.plan import Plan, build_plan
+from secateurs.passes.repair import FxNet, Repair, compare_outputs, repair
 
 __all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
            "GroupRow", "verify_mask_equivalence", "zero_plan_slices", "group_rows",
@@ -58,6 +59,8 @@ class PruneReport(SizeRatios):
     tracer: str
     exact: bool | None = None
     max_abs_diff: float | None = None
+    repairs: tuple[Repair, ...] = ()  # groups the safety net pinned (each a missing rule)
+    notes: tuple[str, ...] = ()  # what the net could not check
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +70,8 @@ class PruneReport(SizeRatios):
             "seconds": self.seconds, "tracer": self.tracer, "exact": self.exact,
             "max_abs_diff": self.max_abs_diff,
             "groups": [row.__dict__ for row in self.groups],
+            "repairs": [r.to_dict() for r in self.repairs],
+            "notes": list(self.notes),
         }
 
     def table(self, max_groups: int = 40) -> str:
@@ -86,6 +91,11 @@ class PruneReport(SizeRatios):
                          f"{'yes' if row.lossy else 'no':<5}  {note}")
         if len(self.groups) > max_groups:
             lines.append(f"  ... {len(self.groups) - max_groups} more groups")
+        if self.repairs:
+            lines += ["", f"repaired by the safety net ({len(self.repairs)} groups pinned; "
+                      "each is a missing channel rule, please report):"]
+            lines += [f"  {r.reason}" for r in self.repairs]
+        lines += [f"note: {n}" for n in self.notes]
         timing = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds.items())
         lines += ["", f"time: {timing} (traced with {self.tracer})"]
         if self.exact is not None:
@@ -295,7 +305,8 @@ def unshare_tensors(copied: nn.Module, original: nn.Module) -> nn.Module:
 
 
 def _report(analysis: Analysis, removed: dict[int, np.ndarray], n_before: int,
-            model_after: nn.Module, seconds: dict[str, float], tracer: str) -> PruneReport:
+            model_after: nn.Module, seconds: dict[str, float], tracer: str,
+            repairs: Mapping[int, Repair] | None = None) -> PruneReport:
     graph = analysis.graph
     gone = analysis.removed_atoms(removed)
 
@@ -308,12 +319,17 @@ def _report(analysis: Analysis, removed: dict[int, np.ndarray], n_before: int,
         return graph.values[v].shape
 
     n_after = sum(p.numel() for p in model_after.parameters())
+    repairs = dict(repairs or {})
     return PruneReport(n_before, n_after, count_macs(graph, before), count_macs(graph, after),
-                       group_rows(analysis, removed), dict(seconds), tracer)
+                       group_rows(analysis, removed, repairs), dict(seconds), tracer,
+                       repairs=tuple(repairs[g] for g in sorted(repairs)))
 
 
-def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray]) -> tuple[GroupRow, ...]:
-    """One report row per channel group: members, widths before/after, why pinned."""
+def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray],
+               repairs: Mapping[int, Repair] | None = None) -> tuple[GroupRow, ...]:
+    """One report row per channel group: members, widths before/after, why pinned (a group
+    the safety net pinned shows the net's reason)."""
+    repairs = repairs or {}
     rows = []
     for g in analysis.groups:
         n_rm = len(removed.get(g.id, ()))
@@ -321,6 +337,8 @@ def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray]) -> tuple[G
         if len(g.members) > 3:
             mem += f" +{len(g.members) - 3}"
         pinned = "; ".join(g.pin_reasons[:2]) if g.is_pinned else ""
+        if g.id in repairs:
+            pinned = repairs[g.id].reason
         rows.append(GroupRow(g.id, mem, g.size, g.size - n_rm, g.is_lossy, pinned))
     return tuple(rows)
 
@@ -366,19 +384,7 @@ def verify_mask_equivalence(original: nn.Module, pruned: nn.Module, plan: Plan,
     with torch.no_grad():
         expected = flat_outputs(ref(*args))
         got = flat_outputs(_eval(pruned)(*args))
-    if len(expected) != len(got):
-        return False, float("inf")
-    worst, ok = 0.0, True
-    for e, g in zip(expected, got):
-        if e.shape != g.shape:
-            return False, float("inf")
-        if e.is_floating_point():
-            diff = (e - g).abs()
-            worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
-            ok &= bool(torch.allclose(e, g, rtol=rtol, atol=atol))
-        else:
-            ok &= bool(torch.equal(e, g))
-    return ok, worst
+    return compare_outputs(expected, got, rtol, atol)
 
 
 def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
@@ -436,6 +442,8 @@ class Prepared:
     skip: set[int]
     criterion_name: str
     timer: StageTimer
+    repairs: dict[int, Repair] = field(default_factory=dict)  # pinned by the net, kept
+    notes: list[str] = field(default_factory=list)
 
 
 def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion = "l2", *,
@@ -468,32 +476,85 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
     if verify and prep.inplace:
         raise InputError("verify=True needs the original model; it cannot be combined with "
                          "inplace=True")
-    removed = timer.run("select", select_units, analysis, prep.scores, ratio, round_to,
-                        global_pruning, allow_lossy, prep.skip,
-                        _group_ratios(analysis, ratios or {}), min_units)
+    group_ratios = _group_ratios(analysis, ratios or {})
+
+    def reselect(pinned: set[int]) -> dict[int, np.ndarray]:
+        return select_units(analysis, prep.scores, ratio, round_to, global_pruning,
+                            allow_lossy, prep.skip | pinned, group_ratios, min_units)
+
+    removed = timer.run("select", reselect, set(prep.repairs))
     meta = {"ratio": ratio, "round_to": round_to, "global_pruning": global_pruning,
             "allow_lossy": allow_lossy, "importance": prep.criterion_name, "tracer": tracer,
             "torch": torch.__version__}
-    plan = timer.run("plan", build_plan, analysis, removed, meta)
+    lossy = frozenset(g.id for g in analysis.groups if g.is_lossy) if allow_lossy \
+        else frozenset()
+    net = FxNet(prep.gm, analysis, from_fx._as_tuple(prep.example_inputs), meta,
+                exclude_exact=lossy)
+    # with allow_lossy, verify checks the lossless part by trials, before the apply
+    removed = timer.run("check", repair, removed, reselect,
+                        net.both if verify and lossy else net.runs, prep.repairs,
+                        net.candidates, _describe(analysis))
+    plan = timer.run("plan", net.plan, removed)
     n_params_before = sum(p.numel() for p in model.parameters())
     pruned = timer.run("apply", apply_plan_fx, prep.gm, plan)
     if not prep.inplace:
         timer.run("apply", unshare_tensors, pruned, model)
-    report = timer.run("report", _report, analysis, removed, n_params_before, pruned,
-                       timer.seconds, tracer)
-    report = dataclasses.replace(report, seconds=dict(timer.seconds))
-    if verify:
+    ok, diff = None, None
+    if verify and lossy & set(removed):
+        ok, diff = True, net.last_diff
+        net.notes.append("mask-equivalence covers the lossless groups only: lossy groups "
+                         f"{sorted(lossy & set(removed))} were pruned (allow_lossy=True)")
+    elif verify:
         ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
                              prep.example_inputs)
-        report = dataclasses.replace(report, seconds=dict(timer.seconds), exact=ok,
-                                     max_abs_diff=diff)
-        if not ok:
-            raise SecateursError(f"mask-equivalence check failed (max |diff| {diff:.3g}): the "
-                                 "pruned model differs from the original with the removed "
-                                 "slices zeroed. Please report this model.")
+        if not ok:  # the net, numerically: find the groups, pin them, prune again
+            fresh = timer.run("repair", _retrace, prep)
+            net = FxNet(fresh, analysis, from_fx._as_tuple(prep.example_inputs), meta,
+                        exclude_exact=lossy, notes=net.notes)
+            removed = timer.run("repair", repair, removed, reselect, net.both, prep.repairs,
+                                net.candidates, _describe(analysis))
+            plan = timer.run("plan", build_plan, analysis, removed, meta)
+            pruned = timer.run("apply", apply_plan_fx, fresh, plan)
+            timer.run("apply", unshare_tensors, pruned, model)
+            ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
+                                 prep.example_inputs)
+    prep.notes[:] = list(dict.fromkeys([*prep.notes, *net.notes]))
+    report = timer.run("report", _report, analysis, removed, n_params_before, pruned,
+                       timer.seconds, tracer, prep.repairs)
+    report = dataclasses.replace(report, seconds=dict(timer.seconds), exact=ok,
+                                 max_abs_diff=diff, notes=tuple(prep.notes))
+    if report.repairs:
+        log.warning("prune: the safety net pinned %d group(s) (a missing or wrong channel "
+                    "rule each; please report this model): %s", len(report.repairs),
+                    "; ".join(r.reason for r in report.repairs))
+    if verify and not ok:
+        raise SecateursError(f"mask-equivalence check failed (max |diff| {diff:.3g}) even "
+                             "after the safety net's repairs: the pruned model differs from "
+                             "the original with the removed slices zeroed. Please report "
+                             "this model.")
     log.info("pruned: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
              100 * report.params_kept)
     return PruneResult(pruned, plan, report, analysis)
+
+
+def _describe(analysis: Analysis) -> Callable[[int], str]:
+    def describe(gid: int) -> str:
+        g = analysis.groups[gid]
+        mem = ", ".join(f"{m.param}[{m.dim}]" for m in g.members[:2])
+        more = f" +{len(g.members) - 2}" if len(g.members) > 2 else ""
+        return f"group {gid} ({mem}{more})"
+    return describe
+
+
+def _retrace(prep: Prepared) -> torch.fx.GraphModule:
+    """A fresh traced copy of the caller's (unmodified) model for the net's trials, with
+    the node names the analysis was made on."""
+    gm, _ = from_fx.trace(copy_sharing_tensors(prep.model), prep.example_inputs)
+    from_fx.propagate_shapes(gm, prep.example_inputs)
+    if [n.name for n in gm.graph.nodes] != [n.name for n in prep.gm.graph.nodes]:
+        raise SecateursError("re-tracing the model for the safety net gave different node "
+                             "names; please report this model")
+    return gm
 
 
 def _group_ratios(analysis: Analysis, ratios: Mapping[str, float]) -> dict[int, float]:
