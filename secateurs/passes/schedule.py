@@ -93,7 +93,7 @@ def _selector(prep: Prepared, ratios: Mapping[str, float] | None,
 
     graph = prep.analysis.graph
     macs_before = count_macs(graph, lambda v: graph.values[v].shape)
-    return _Selector(prep.analysis, prep.scores, set(prep.skip),
+    return _Selector(prep.analysis, prep.scores, set(prep.skip) | set(prep.repairs),
                      _group_ratios(prep.analysis, ratios or {}), options, macs_before)
 
 
@@ -131,7 +131,7 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     ``InputError`` when the nearest reachable budget is more than ``tolerance`` (relative) away
     from the target, naming the reachable range.
     """
-    from secateurs.passes.prune import _check_options, finish, prune
+    from secateurs.passes.prune import _check_options, prune
 
     if not isinstance(target_macs, (int, float)) or not 0.0 < float(target_macs) <= 1.0:
         raise InputError(f"target_macs must be in (0, 1], got {target_macs!r}")
@@ -142,6 +142,32 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     _check_options(prune_kwargs.get("ratios"), prune_kwargs.get("round_to"))
     prep = _prepare(model, example_inputs, importance, prune_kwargs.get("inplace", False),
                     prune_kwargs)
+    result, best_r = _search_and_finish(prep, target_macs, tolerance, iterations, prune_kwargs)
+    for _ in range(3):  # the safety net pinned groups: search again with them skipped
+        if abs(result.report.macs_kept - target_macs) <= tolerance * target_macs \
+                or not result.report.repairs or prune_kwargs.get("inplace", False):
+            break
+        again = _prepare(model, example_inputs, importance, False, prune_kwargs)
+        again.repairs.update(prep.repairs)
+        prep = again
+        result, best_r = _search_and_finish(prep, target_macs, tolerance, iterations,
+                                            prune_kwargs)
+    kept = result.report.macs_kept
+    log.info("prune_to_macs: ratio %.4f keeps %.2f%% of MACs (target %.2f%%)", best_r,
+             100 * kept, 100 * target_macs)
+    if abs(kept - target_macs) > tolerance * target_macs:  # cost model and report disagree
+        raise InputError(f"prune_to_macs: ratio {best_r:.4f} kept {kept:.3f} of the MACs, "
+                         f"not {target_macs:.3f}; please report this model")
+    result.plan.meta["target_macs"] = float(target_macs)
+    return result
+
+
+def _search_and_finish(prep: Prepared, target_macs: float, tolerance: float, iterations: int,
+                       prune_kwargs: Mapping[str, Any]) -> tuple[Any, float]:
+    """Bisect the ratio on the cost model (groups the safety net pinned are skipped), then
+    finish at the best one."""
+    from secateurs.passes.prune import finish
+
     sel = _selector(prep, prune_kwargs.get("ratios"), _options(prune_kwargs))
     lo, hi = 0.0, MAX_RATIO
     best_r, best_kept = 0.0, 1.0
@@ -174,14 +200,7 @@ def prune_to_macs(model: nn.Module, example_inputs: Any, target_macs: float,
     ratios = {**(prune_kwargs.get("ratios") or {}), **extra}
     result = finish(prep, best_r, ratios=ratios, verify=prune_kwargs.get("verify", False),
                     **sel.options)
-    kept = result.report.macs_kept
-    log.info("prune_to_macs: ratio %.4f keeps %.2f%% of MACs (target %.2f%%)", best_r,
-             100 * kept, 100 * target_macs)
-    if abs(kept - target_macs) > tolerance * target_macs:  # cost model and report disagree
-        raise InputError(f"prune_to_macs: ratio {best_r:.4f} kept {kept:.3f} of the MACs, "
-                         f"not {target_macs:.3f}; please report this model")
-    result.plan.meta["target_macs"] = float(target_macs)
-    return result
+    return result, best_r
 
 
 def _refine(sel: _Selector, target: float, r_lo: float,
