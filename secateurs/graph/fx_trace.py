@@ -44,8 +44,14 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
                      f"{type(example_inputs).__name__}")
 
 
-def trace(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, str]:
-    """Trace ``model`` (not modified) into a GraphModule: FX first, then torch.export."""
+def trace(model: nn.Module, example_inputs: Any,
+          dynamic_batch: bool = True) -> tuple[torch.fx.GraphModule, str]:
+    """Trace ``model`` (not modified) into a GraphModule: FX first, then torch.export.
+
+    ``dynamic_batch``: export with a symbolic batch dim where the model allows it, so the
+    pruned GraphModule runs at every batch size; callers that only analyse the graph (the HF
+    path applies the plan to the original module) pass False and save the second export.
+    """
     if not isinstance(model, nn.Module):
         raise InputError(f"expected a torch.nn.Module, got {type(model).__name__}")
     args = _as_tuple(example_inputs)
@@ -57,7 +63,7 @@ def trace(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, 
         fx_error = fx_exc
     log.info("symbolic_trace failed (%s); falling back to torch.export", fx_error)
     try:
-        ep = torch.export.export(model, args, strict=False)
+        ep = _export(model, args, dynamic_batch)
         gm = ep.module()
         _inline_wrapped_regions(gm)
         return gm, "export"
@@ -68,6 +74,48 @@ def trace(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, 
             f"{type(exc).__name__}: {_first_line(exc)}. Make the forward free of "
             f"data-dependent Python control flow, or pass a model that torch.export accepts."
         ) from exc
+
+
+def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``dynamic_shapes`` marking dim 0 of every tensor input dynamic, when they share it."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.ndim == 0 for t in tensors) \
+            or len({int(t.shape[0]) for t in tensors}) != 1 or int(tensors[0].shape[0]) < 1:
+        return None
+    return tuple({0: torch.export.Dim.DYNAMIC} if isinstance(a, torch.Tensor) else None
+                 for a in args)
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], dynamic_batch: bool) -> Any:
+    """``torch.export`` with a dynamic batch dim where the model allows it, else static.
+
+    An exported graph is what the pruned model runs, so a batch baked in at export would make
+    the pruned model accept the example batch only (torch.export specialises sizes 0 and 1;
+    ``backed_size_oblivious`` keeps a batch-1 example symbolic). A model whose batch cannot be
+    symbolic (a guard on it) is exported static, as before.
+    """
+    dims = _batch_dims(args) if dynamic_batch else None
+    if dims is not None:
+        import torch.fx.experimental._config as fx_config
+
+        try:
+            with fx_config.patch(backed_size_oblivious=True):
+                ep = torch.export.export(model, args, dynamic_shapes=dims, strict=False)
+            if _unbounded(ep):
+                return ep
+            log.info("torch.export bounds the batch (%s); exporting static",
+                     ep.range_constraints)
+        except Exception as exc:  # noqa: BLE001 - any failure: export with static shapes
+            log.info("torch.export with a dynamic batch failed (%s); exporting static",
+                     _first_line(exc))
+    return torch.export.export(model, args, strict=False)
+
+
+def _unbounded(ep: Any) -> bool:
+    """Whether every symbolic size has no upper bound (a graph valid for any batch)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    return all(vr.upper == int_oo for vr in ep.range_constraints.values())
 
 
 # Higher-order ops that only wrap a region in a grad/autocast mode: (op name, index of the

@@ -1,0 +1,55 @@
+"""The torch.export fallback keeps the batch symbolic, so a pruned model runs at any batch."""
+
+import torch
+from torch import nn
+
+import secateurs
+from secateurs.graph import fx_trace
+from secateurs.passes.prune import verify_mask_equivalence
+
+
+class _ChunkList(nn.Module):
+    """YOLO/CSP style: ``list(x.chunk(2, 1))`` then ``y[-1]`` — FX cannot iterate a Proxy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 16, 1)
+        self.m = nn.Conv2d(8, 8, 3, padding=1)
+        self.cv2 = nn.Conv2d(24, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(torch.relu(self.m(y[-1])))
+        return self.fc(self.cv2(torch.cat(y, 1)).mean((2, 3)))
+
+
+def test_export_fallback_prunes_a_model_that_runs_at_other_batches() -> None:
+    model = _ChunkList().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = secateurs.prune(model, x, ratio=0.5)
+    assert result.report.tracer == "export"
+    assert result.report.params_after < result.report.params_before
+    for batch in (1, 3, 5):
+        xb = torch.randn(batch, 3, 8, 8)
+        ok, diff = verify_mask_equivalence(model, result.model, result.plan, xb)
+        assert ok, (batch, diff)
+
+
+def test_batch_dims_only_when_inputs_share_a_batch() -> None:
+    a, b = torch.randn(2, 3), torch.randn(2, 5)
+    assert fx_trace._batch_dims((a, b)) is not None
+    assert fx_trace._batch_dims((a, torch.randn(3, 5))) is None
+    assert fx_trace._batch_dims((torch.tensor(1.0),)) is None
+    assert fx_trace._batch_dims((a, 4)) == ({0: torch.export.Dim.DYNAMIC}, None)
+
+
+def test_bounded_batch_exports_static() -> None:
+    class _Bounded(nn.Module):  # a batch the graph checks against a constant
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch._check(x.shape[0] <= 2)
+            return x * 2
+
+    ep = fx_trace._export(_Bounded(), (torch.randn(1, 3),), dynamic_batch=True)
+    assert fx_trace._unbounded(ep)  # static export: no symbols left to bound
+    assert not ep.range_constraints
