@@ -37,6 +37,8 @@ _LAZY = {
     "prune_onnx": "secateurs.passes.prune_onnx",
     "sparsify_onnx": "secateurs.passes.onnx_sparsify",
     "export_onnx": "secateurs.runtime.onnx_export",
+    "optimize": "secateurs.passes.optimize",
+    "quantize_onnx": "secateurs.passes.quantize",
     "OrtSession": "secateurs.runtime.ort",
     "compare": "secateurs.runtime.ort",
     "check_sparse_eligibility": "secateurs.runtime.tensorrt",

@@ -50,11 +50,13 @@ log = logging.getLogger(__name__)
 
 STAGE_ORDER = ("load", "export", "prune", "sparsify", "quantize", "check", "measure", "save")
 
-TOLERANCES = {"int8": 0.1, "fp16": 0.01}
-"""Largest output difference of a quantize stage from its float input, relative to the largest
-output magnitude, that ``check`` accepts (int8 10%, fp16 1%): a calibration far from the data
-or an op the converter breaks shows up as a larger error. Exact stages (export, prune's
-mask-equivalence, sparsify) are checked by their own passes."""
+TOLERANCES = {"int8": 0.2, "fp16": 0.02}
+"""Largest relative L2 error ``||y - y'|| / ||y||`` of a quantize stage's outputs against its
+float input (on the check inputs) that ``check`` accepts: int8 20%, fp16 2%. A broken graph or
+a calibration far off the data gives errors near 100%; a few percent is the usual cost of
+INT8 on random-weight models (ViT-S/16, 12 blocks: 7.7%; ResNet-50: ~1%), and whether that
+costs accuracy is measured on data (the digits demo), not by this check. Exact stages (export,
+prune's mask-equivalence, sparsify) are checked by their own passes."""
 
 _OUTPUT_SUFFIXES = {"output": ".onnx", "report": ".json", "plot": ".png"}
 
@@ -73,7 +75,7 @@ class StageRecord:
     macs: int | None
     latency_ms: float | None
     max_abs_diff: float  # vs the input model, on the check inputs
-    stage_diff: float  # vs the previous stage's model, relative to the largest output
+    stage_diff: float  # vs the previous stage's model: relative L2 error of the outputs
     seconds: float
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -217,8 +219,14 @@ def _max_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
                 for x, y in zip(a, b) if x.size), default=0.0)
 
 
-def _scale(outputs: Sequence[np.ndarray]) -> float:
-    return max((float(np.abs(o).max()) for o in outputs if o.size), default=0.0) or 1.0
+def _relative_l2(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    """``||ref - got|| / ||ref||`` over all float outputs together."""
+    if len(ref) != len(got) or any(x.shape != y.shape for x, y in zip(ref, got)):
+        return float("inf")
+    num = sum(float(np.sum((x.astype(np.float64) - y.astype(np.float64)) ** 2))
+              for x, y in zip(ref, got))
+    den = sum(float(np.sum(x.astype(np.float64) ** 2)) for x in ref)
+    return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
 
 
 def _graph_inputs(model: Any) -> list[Any]:
@@ -438,12 +446,12 @@ def _check(state: _State) -> None:
             raise SecateursError(f"the {stage} model fails onnx.checker: {exc}") from exc
         out = _run(model, feeds)
         state.outputs[stage] = out
-        rel = 0.0 if previous is None else _max_diff(previous, out) / _scale(previous)
+        rel = 0.0 if previous is None else _relative_l2(previous, out)
         mode = state.details[stage].get("mode")
         if stage == "quantize" and rel > TOLERANCES[mode]:
             raise SecateursError(
-                f"the {mode} model's outputs differ from its float input by {rel:.1%} of the "
-                f"largest output (tolerance {TOLERANCES[mode]:.0%}); calibrate on real "
+                f"the {mode} model's outputs differ from its float input by {rel:.1%} "
+                f"(relative L2 error; tolerance {TOLERANCES[mode]:.0%}); calibrate on real "
                 "inputs (--calibration inputs.npz) or exclude the sensitive nodes")
         state.details[stage]["stage_diff"] = rel
         previous = out

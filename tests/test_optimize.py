@@ -1,0 +1,212 @@
+"""``secateurs.optimize`` / ``secateurs optimize``: stages compose, bad options fail early and
+clearly, and a failed stage leaves no file behind."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import secateurs
+from secateurs import zoo
+from secateurs.cli import main
+from secateurs.errors import InputError, SecateursError
+from secateurs.passes.optimize import TOLERANCES, optimize
+from secateurs.runtime.onnx_export import export_onnx
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def resnet_onnx(tmp_path_factory) -> str:
+    entry = zoo.get("resnet")
+    path = tmp_path_factory.mktemp("model") / "resnet.onnx"
+    export_onnx(entry.build(), entry.example_inputs(), path, exporter="torchscript")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def calibration() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((8, 3, 32, 32)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def composed(resnet_onnx, calibration):
+    return optimize(resnet_onnx, prune=0.5, sparsify="2:4", quantize="int8",
+                    calibration=calibration, measure=False)
+
+
+def _files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_stages_compose_and_each_output_is_checked(composed, resnet_onnx) -> None:
+    from secateurs.passes.sparsify import is_nm_sparse
+
+    names = [r.stage for r in composed.stages]
+    assert names == ["input", "prune", "sparsify", "quantize"]
+    for name, model in composed.models.items():
+        onnx.checker.check_model(model, full_check=True)  # each stage's output
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, name
+    rows = {r.stage: r for r in composed.stages}
+    # prune: exact against the input with the removed slices zeroed, fewer MACs and bytes
+    assert rows["prune"].details["mask_equivalent"] is True
+    assert rows["prune"].macs < 0.5 * rows["input"].macs
+    assert rows["prune"].bytes < 0.5 * rows["input"].bytes
+    # sparsify: every sparsified weight is 2:4 along its reduction axis
+    assert rows["sparsify"].details["all_valid"] and rows["sparsify"].details["layers"] > 0
+    from onnx import numpy_helper
+
+    from secateurs.passes.onnx_sparsify import onnx_weight_axes
+
+    axes, _ = onnx_weight_axes(composed.models["sparsify"].graph)
+    inits = {t.name: numpy_helper.to_array(t) for t in composed.models["sparsify"].graph.initializer}
+    nm = [n for n, (_, axis) in axes.items()
+          if inits[n].shape[axis] % 4 == 0 and is_nm_sparse(torch.tensor(inits[n]), 2, 4, axis)]
+    assert len(nm) == rows["sparsify"].details["layers"]
+    eligible = rows["sparsify"].details["tensorrt_sparse"]
+    assert eligible["total"] == len(axes) and eligible["eligible"] == len(eligible["layers"])
+    # quantize: INT8 QDQ close to its float input (stated tolerance), smaller again
+    assert rows["quantize"].details["mode"] == "int8"
+    assert 0 < rows["quantize"].stage_diff <= TOLERANCES["int8"]
+    assert rows["quantize"].bytes < rows["sparsify"].bytes
+    assert rows["quantize"].macs == rows["prune"].macs
+    assert rows["sparsify"].stage_diff > 0  # magnitude 2:4 changes outputs (not exact)
+    # the final model is the last stage's and runs in ORT on the input's inputs
+    assert composed.model is composed.models["quantize"]
+    assert composed.to_dict()["stages"][0]["size_ratio"] == 1.0
+    assert "quantize" in composed.table()
+
+
+def test_input_file_is_never_modified(resnet_onnx, composed) -> None:
+    before = onnx.load(resnet_onnx)
+    assert composed.models["input"].SerializeToString() == before.SerializeToString()
+
+
+def test_torch_input_fp16_with_latency_report_and_plot(tmp_path) -> None:
+    entry = zoo.get("vit")
+    model, x = entry.build(), entry.example_inputs()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lines: list[str] = []
+    out, report, plot = tmp_path / "vit.onnx", tmp_path / "r.json", tmp_path / "r.png"
+    result = secateurs.optimize(model, x, prune=0.5, quantize="fp16", repeats=3,
+                                output=out, report=report, plot=plot, progress=lines.append)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert [r.stage for r in result.stages] == ["input", "prune", "quantize"]
+    assert all(r.latency_ms and r.latency_ms > 0 for r in result.stages)
+    assert result.stage("quantize").stage_diff <= TOLERANCES["fp16"]
+    assert result.stage("prune").details["mask_equivalent"] is True
+    # progress: one line per stage, numbered
+    assert any(line.startswith("[1/") and "export" in line for line in lines)
+    assert any("measure" in line for line in lines) and any("save" in line for line in lines)
+    saved = onnx.load(str(out))
+    onnx.checker.check_model(saved, full_check=True)
+    assert saved.SerializeToString() == result.model.SerializeToString()
+    data = json.loads(report.read_text())
+    assert [s["stage"] for s in data["stages"]] == ["input", "prune", "quantize"]
+    assert data["stages"][2]["bytes"] == result.model.ByteSize()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _files(tmp_path) == ["r.json", "r.png", "vit.onnx"]  # no temp files left
+
+
+def test_target_macs_on_onnx(resnet_onnx) -> None:
+    result = optimize(resnet_onnx, target_macs=0.5, round_to=1, measure=False)
+    kept = result.stage("prune").macs / result.stage("input").macs
+    assert abs(kept - 0.5) <= 0.1 * 0.5
+    assert result.stage("prune").details["mask_equivalent"] is True
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prune": 0.5, "target_macs": 0.5}, "not both"),
+    ({"prune": 1.5}, "prune ratio must be in"),
+    ({"target_macs": 0.0}, "target_macs must be in"),
+    ({"sparsify": "unstructured"}, "N:M pattern"),
+    ({"sparsify": "5:4"}, "5:4"),
+    ({"quantize": "int4"}, "quantize must be one of"),
+    ({"quantize": "int8", "profile": "gpu"}, "profile must be one of"),
+    ({"quantize": "fp16", "calibration": {"x": np.zeros((1, 3, 32, 32), np.float32)}},
+     "only used by quantize='int8'"),
+    ({"threads": 0}, "threads must be a positive integer"),
+])
+def test_bad_options_fail_before_any_work(resnet_onnx, kwargs, message) -> None:
+    with pytest.raises(InputError, match=message):
+        optimize(resnet_onnx, **kwargs)
+
+
+def test_bad_output_paths(resnet_onnx, tmp_path) -> None:
+    with pytest.raises(InputError, match="same file as the input"):
+        optimize(resnet_onnx, output=resnet_onnx)
+    with pytest.raises(InputError, match="must end in .onnx"):
+        optimize(resnet_onnx, output=tmp_path / "x.pt")
+    with pytest.raises(InputError, match="must end in .json"):
+        optimize(resnet_onnx, report=tmp_path / "x.onnx")
+    with pytest.raises(InputError, match="does not exist"):
+        optimize(resnet_onnx, output=tmp_path / "missing" / "x.onnx")
+    (tmp_path / "d.onnx").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        optimize(resnet_onnx, output=tmp_path / "d.onnx")
+    with pytest.raises(InputError, match="example inputs are needed"):
+        optimize(zoo.get("resnet").build())
+
+
+def test_failed_stage_names_it_and_leaves_no_output(resnet_onnx, tmp_path, monkeypatch) -> None:
+    import secateurs.passes.quantize as quantize
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("calibrator exploded")
+
+    monkeypatch.setattr(quantize, "quantize_onnx", broken)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    with pytest.raises(SecateursError, match=r"stage 'quantize' failed \(stages done: load, "
+                       r"prune\).*calibrator exploded"):
+        optimize(resnet_onnx, prune=0.3, quantize="int8", output=out, report=report,
+                 measure=False)
+    assert _files(tmp_path) == []
+
+
+def test_failed_save_commits_nothing(resnet_onnx, tmp_path, monkeypatch) -> None:
+    import secateurs.passes.optimize as pipeline
+
+    def broken(result):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(pipeline, "render_plot", broken)
+    (tmp_path / "keep.json").write_text("{}")
+    with pytest.raises(SecateursError, match="stage 'save' failed"):
+        optimize(resnet_onnx, output=tmp_path / "out.onnx", report=tmp_path / "keep.json",
+                 plot=tmp_path / "p.png", measure=False)
+    assert _files(tmp_path) == ["keep.json"] and (tmp_path / "keep.json").read_text() == "{}"
+
+
+def test_cli_optimize(resnet_onnx, calibration, tmp_path, capsys) -> None:
+    np.savez(tmp_path / "calib.npz", **calibration)
+    out, report = tmp_path / "o.onnx", tmp_path / "o.json"
+    code = main(["optimize", resnet_onnx, "-o", str(out), "--prune", "0.5", "--quantize",
+                 "int8", "--calibration", str(tmp_path / "calib.npz"), "--report", str(report),
+                 "--no-measure"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "quantize" in captured.out and f"wrote model {out}" in captured.out
+    assert "[optimize] [1/" in captured.err  # progress per stage on stderr
+    data = json.loads(report.read_text())
+    assert data["stages"][-1]["details"]["calibration_source"] == "data"
+    assert data["stages"][-1]["details"]["calibration_batches"] == 8
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_cli_bad_input_exits_2_with_one_line(resnet_onnx, tmp_path, capsys) -> None:
+    code = main(["optimize", resnet_onnx, "-o", resnet_onnx, "--prune", "0.5"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "same file as the input" in err and "Traceback" not in err
+    code = main(["optimize", resnet_onnx, "-o", str(tmp_path / "x.onnx"), "--quantize", "int8",
+                 "--calibration", str(tmp_path / "none.npz")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert _files(tmp_path) == []
+    with pytest.raises(SystemExit) as exc:
+        main(["optimize", resnet_onnx, "--prune", "0.5", "--target-macs", "0.5"])
+    assert exc.value.code == 2
