@@ -588,8 +588,13 @@ def _flatten_args(obj: Any, out: list[Any]) -> None:
 
 
 
-def _static_int(value: Any) -> int | None:
-    """Evaluate a size expression (``x.shape[-1] // 2``) from propagated shapes."""
+def _static_int(value: Any, memo: dict[torch.fx.Node, Any] | None = None) -> int | None:
+    """Evaluate a size expression (``x.shape[-1] // 2``) from propagated shapes.
+
+    Only the size expression itself is walked: a tensor-valued node ends the walk (its shape is
+    read, its producers never are), and each node is evaluated once (``memo``). Without both,
+    a crop like ``x[:, :H]`` with ``H`` taken from a residual stream re-evaluated every path
+    back to the input: exponential in the depth (Swin-style window attention)."""
     if isinstance(value, int) or value is None:
         return value
     if not isinstance(value, torch.fx.Node):
@@ -597,21 +602,42 @@ def _static_int(value: Any) -> int | None:
     meta = value.meta.get("val")
     if isinstance(meta, int):
         return meta
-    args = [_static_int(a) if isinstance(a, torch.fx.Node) else a for a in value.args]
+    if isinstance(value.meta.get(_SHAPE_KEY, meta), torch.Tensor):
+        return None  # a tensor, not a size
+    memo = {} if memo is None else memo
+    if value in memo:
+        return memo[value]
+    memo[value] = None  # a cycle cannot occur in FX, but never recurse twice
+    memo[value] = out = _eval_size(value, memo)
+    return out
+
+
+_SIZE_OPS = {"floordiv": operator.floordiv, "floor_divide": operator.floordiv,
+             "add": operator.add, "sub": operator.sub, "mul": operator.mul,
+             "mod": operator.mod, "remainder": operator.mod, "neg": operator.neg}
+
+
+def _eval_size(value: torch.fx.Node, memo: dict[torch.fx.Node, Any]) -> Any:
     key = call_key(value) if value.op in ("call_function", "call_method") else ""
-    if key == "getattr" and args[1] == "shape":
-        shape = _node_shape(value.args[0])
-        return None if not isinstance(shape, tuple) else shape  # type: ignore[return-value]
-    if key == "size" and isinstance(value.args[0], torch.fx.Node):
-        shape = _node_shape(value.args[0])
-        if isinstance(shape, tuple):
-            return shape[args[1]] if len(args) > 1 else shape  # type: ignore[return-value]
-    if key == "getitem" and isinstance(args[0], tuple) and isinstance(args[1], int):
-        return args[0][args[1]]
-    ops = {"floordiv": operator.floordiv, "floor_divide": operator.floordiv,
-           "add": operator.add, "sub": operator.sub, "mul": operator.mul}
-    if key in ops and all(isinstance(a, int) for a in args[:2]):
-        return ops[key](args[0], args[1])
+    if key in ("getattr", "size"):
+        shape = _node_shape(value.args[0]) if isinstance(value.args[0], torch.fx.Node) else None
+        if not isinstance(shape, tuple):
+            return None
+        if key == "getattr":
+            return shape if value.args[1] == "shape" else None
+        dim = value.args[1] if len(value.args) > 1 else value.kwargs.get("dim")
+        return shape if dim is None else shape[int(dim)]
+    if key not in _SIZE_OPS and key != "getitem":
+        return None
+    args = [_static_int(a, memo) if isinstance(a, torch.fx.Node) else a for a in value.args]
+    if key == "getitem":
+        if isinstance(args[0], tuple) and isinstance(args[1], int):
+            return args[0][args[1]]
+        return None
+    if key == "neg":
+        return -args[0] if isinstance(args[0], int) else None
+    if len(args) >= 2 and all(isinstance(a, int) for a in args[:2]):
+        return _SIZE_OPS[key](args[0], args[1])
     return None
 
 
