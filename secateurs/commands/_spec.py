@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ import torch
 import torch.fx
 
 from secateurs.errors import InputError
-from secateurs.runtime.io import atomic_path, atomic_save_torch, atomic_write_bytes
+from secateurs.runtime.io import atomic_save_export, atomic_save_torch, atomic_write_bytes
 
-__all__ = ["load_torch_spec", "parse_shapes", "is_onnx", "save_model", "atomic_write_text"]
+__all__ = ["load_torch_spec", "parse_shapes", "is_onnx", "save_model", "atomic_write_text",
+           "export_program"]
 
 
 def is_onnx(spec: str) -> bool:
@@ -21,15 +23,24 @@ def is_onnx(spec: str) -> bool:
 
 
 def parse_shapes(items: list[str] | None) -> list[tuple[int, ...]]:
-    """``["1,3,224,224", "1,16"]`` -> shapes; a ``name=`` prefix is accepted and ignored."""
+    """``["1,3,224,224", "1,16"]`` -> shapes; a ``name=`` prefix is accepted and ignored.
+
+    Every dim must be a positive integer: a batch of 0 would export a model that only runs on
+    empty inputs."""
     shapes = []
     for item in items or []:
         text = item.split("=", 1)[-1]
         try:
-            shapes.append(tuple(int(v) for v in text.replace("x", ",").split(",") if v))
+            shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
         except ValueError as exc:
             raise InputError(f"--input-shape '{item}' is not a comma-separated list of "
                              "integers, e.g. 1,3,224,224") from exc
+        if not shape:
+            raise InputError(f"--input-shape '{item}' is empty; give the dims, e.g. 1,3,224,224")
+        if any(d < 1 for d in shape):
+            raise InputError(f"--input-shape '{item}': every dim must be >= 1 (batch 0 or a "
+                             "negative size cannot run); e.g. 1,3,224,224")
+        shapes.append(shape)
     return shapes
 
 
@@ -63,11 +74,18 @@ def load_torch_spec(spec: str, shapes: list[tuple[int, ...]] | None = None,
         raise InputError(f"cannot import '{path}' as a Python module")
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[mod_spec.name] = module
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - user code: one clear line, not a traceback
+        raise InputError(f"model file '{path}' failed to import: {_one_line(exc)} (run it "
+                         "with python to see where)") from exc
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise InputError(f"'{path}' has no callable '{factory}'")
-    built = fn()
+    try:
+        built = fn()
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise InputError(f"'{spec}': {factory}() raised {_one_line(exc)}") from exc
     inputs: Any = None
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module):
         built, inputs = built
@@ -79,7 +97,10 @@ def load_torch_spec(spec: str, shapes: list[tuple[int, ...]] | None = None,
         return built, tuple(torch.randn(s) for s in shapes)
     example = getattr(module, "example_inputs", None)
     if inputs is None and callable(example):
-        inputs = example()
+        try:
+            inputs = example()
+        except Exception as exc:  # noqa: BLE001 - user code
+            raise InputError(f"'{path}': example_inputs() raised {_one_line(exc)}") from exc
     if inputs is not None:
         return built, inputs if isinstance(inputs, tuple) else (inputs,)
     if require_inputs:
@@ -89,15 +110,45 @@ def load_torch_spec(spec: str, shapes: list[tuple[int, ...]] | None = None,
     return built, None
 
 
-def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
-    """Save a pruned module atomically: ``.pt2`` as a torch.export program (load with
-    ``torch.export.load(path).module()``), anything else with ``torch.save`` (load with
-    ``torch.load(path, weights_only=False)``)."""
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def export_program(model: torch.nn.Module, inputs: tuple, dynamic_batch: bool = True
+                   ) -> tuple[Any, str | None]:
+    """``torch.export`` the model; with ``dynamic_batch`` dim 0 of every tensor input is one
+    symbolic ``batch`` (>= 1), so the program runs on any batch size. Returns the program and
+    a note when the model forced a fixed batch (the program then takes the example's only).
+
+    An example batch of 1 is duplicated to 2 for the trace: torch.export specialises size-1
+    dims to constants."""
+    inputs = tuple(inputs)
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if not dynamic_batch or not tensors or any(t.dim() == 0 for t in tensors) \
+            or len({t.shape[0] for t in tensors}) != 1:
+        return torch.export.export(model, inputs), None
+    traced = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.shape[0] == 1 else x
+                   for x in inputs)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
+    try:
+        return torch.export.export(model, traced, dynamic_shapes=dynamic), None
+    except Exception as exc:  # noqa: BLE001 - the model pins its batch: say so, keep it fixed
+        note = (f"the model does not export with a dynamic batch ({_one_line(exc)[:200]}); "
+                f"wrote a program for batch {tensors[0].shape[0]} only")
+        return torch.export.export(model, inputs), note
+
+
+def save_model(model: torch.nn.Module, inputs: tuple, path: str,
+               dynamic_batch: bool = True) -> str | None:
+    """Save a pruned module atomically: ``.pt2`` as a torch.export program with a dynamic batch
+    dim (load with ``torch.export.load(path).module()``), ``.pt``/``.pth`` with ``torch.save``
+    (load with ``torch.load(path, weights_only=False)``). Returns a note for the user, if any."""
     if path.endswith(".pt2"):
-        program = torch.export.export(model, tuple(inputs))
-        with atomic_path(path) as tmp:
-            torch.export.save(program, str(tmp))
-        return
+        program, note = export_program(model, inputs, dynamic_batch)
+        atomic_save_export(program, path)
+        return note
     if isinstance(model, torch.fx.GraphModule):
         # torch 2.13 cannot pickle a GraphModule whose placeholders carry a Tensor type
         # annotation (the generated code imports it by a name it cannot resolve); the
@@ -107,10 +158,11 @@ def save_model(model: torch.nn.Module, inputs: tuple, path: str) -> None:
         model.recompile()
     try:
         atomic_save_torch(model, path)
-    except (AttributeError, TypeError) as exc:  # GraphModule pickling breaks on some torch
+    except (AttributeError, TypeError, pickle.PicklingError) as exc:
         raise InputError(f"this torch ({torch.__version__}) cannot pickle the pruned "
                          f"GraphModule ({exc}); write a .pt2 file instead (-o model.pt2, "
                          "loaded with torch.export.load(path).module())") from exc
+    return None
 
 
 def atomic_write_text(text: str, path: str) -> None:

@@ -11,11 +11,14 @@ import argparse
 import io
 import json
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from secateurs.commands._paths import Output, check_input_file, check_outputs, read_onnx
 from secateurs.errors import InputError
 from secateurs.runtime.io import atomic_write_bytes
-from secateurs.runtime.ort import CompareTable, compare
+
+if TYPE_CHECKING:
+    from secateurs.runtime.ort import CompareTable
 
 __all__ = ["register", "run", "plot_table"]
 
@@ -51,15 +54,62 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
+def _fixed_batch(path: str) -> int | None:
+    """The model's batch size when dim 0 of its first input is a fixed number, else None."""
+    model = read_onnx(path)  # InputError on missing, empty, truncated or empty-graph files
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if not inputs:
+        raise InputError(f"'{path}' has no graph inputs to feed")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value") and not dims[0].HasField("dim_param"):
+        return int(dims[0].dim_value)
+    return None
+
+
+def _runnable_batches(paths: list[str], wanted: list[int]) -> tuple[list[int], list[str]]:
+    """The requested batch sizes every model can run, and notes on what was left out."""
+    fixed = {p: _fixed_batch(p) for p in paths}
+    sizes = {b for b in fixed.values() if b is not None}
+    if len(sizes) > 1:
+        raise InputError("the models have different fixed batch sizes "
+                         f"({', '.join(f'{p}: {b}' for p, b in fixed.items() if b)}); "
+                         "export them with the same batch or a symbolic one")
+    if not sizes:
+        return wanted, []
+    size = sizes.pop()
+    pinned = [p for p, b in fixed.items() if b is not None]
+    notes = [f"{', '.join(pinned)} has a fixed batch of {size}"]
+    keep = [b for b in wanted if b == size] or [size]
+    dropped = [b for b in wanted if b != size]
+    if dropped:
+        notes.append(f"batch {', '.join(map(str, dropped))} skipped; timing batch {size} only "
+                     "(export with a symbolic batch dim to time other sizes)")
+    return keep, notes
+
+
 def run(args: argparse.Namespace) -> int:
-    for path in [args.dense, *args.pruned]:
-        if not Path(path).is_file():
-            raise InputError(f"ONNX model file not found: '{path}'")
+    paths = [args.dense, *args.pruned]
+    for path in paths:
+        check_input_file(path, "ONNX model")
+    check_outputs([Output("--json", args.json_path, (".json",), "results"),
+                   Output("--png", args.png_path, (".png",), "chart")],
+                  {f"the model '{p}'": p for p in paths})
     if args.repeats < 1 or args.warmup < 0:
         raise InputError("--repeats must be >= 1 and --warmup >= 0")
+    if any(b < 1 for b in args.batch):
+        raise InputError(f"--batch sizes must be >= 1, got {args.batch}")
+    if any(t < 1 for t in args.threads):
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    dims = _parse_dims(args.dim)
+    batches, notes = _runnable_batches(paths, list(args.batch))
+    for note in notes:
+        print(f"bench: note: {note}", file=sys.stderr, flush=True)
+    from secateurs.runtime.ort import compare
+
     table = compare(
-        args.dense, list(args.pruned), threads=args.threads, batch=args.batch,
-        warmup=args.warmup, repeats=args.repeats, dims=_parse_dims(args.dim),
+        args.dense, list(args.pruned), threads=args.threads, batch=batches,
+        warmup=args.warmup, repeats=args.repeats, dims=dims,
         providers=args.providers or ("CPUExecutionProvider",),
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
     )

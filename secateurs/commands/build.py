@@ -14,6 +14,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from secateurs.commands._paths import Output, check_input_file, check_outputs, read_onnx
+from secateurs.errors import InputError
 from secateurs.runtime.io import atomic_write_bytes
 from secateurs.runtime.tensorrt import (
     PRECISIONS,
@@ -50,8 +52,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input_file(args.model, "ONNX model")
+    if not args.model.lower().endswith(".onnx"):
+        raise InputError(f"'{args.model}' is not an .onnx file; build reads ONNX models")
     model = Path(args.model)
     engine = Path(args.engine) if args.engine else model.with_suffix(".plan")
+    check_outputs([Output("--engine", None if args.print_trtexec else str(engine),
+                          (".plan", ".engine", ".trt"), "TensorRT engine"),
+                   Output("--report", args.report, (".json",), "report")],
+                  {f"the input model '{model}'": str(model)})
+    if args.workspace_gb <= 0:
+        raise InputError(f"--workspace-gb must be > 0, got {args.workspace_gb}")
+    read_onnx(args.model)  # InputError: corrupt, truncated or an empty graph
     eligibility = check_sparse_eligibility(model)
     print(eligibility.to_text())
     settings = plan_build(installed_api(), args.precision, onnx_precision(model), args.sparse,

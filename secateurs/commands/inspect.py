@@ -14,7 +14,6 @@ import sys
 from typing import Any
 
 import numpy as np
-from onnx import numpy_helper
 
 from secateurs.errors import InputError
 
@@ -67,6 +66,8 @@ def _is_nm(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
 
 
 def _layers(model: Any, analysis: Any) -> list[dict[str, Any]]:
+    from onnx import numpy_helper
+
     from secateurs.graph.ir import ChannelGraph
     from secateurs.passes.cost import count_macs
     from secateurs.passes.onnx_sparsify import onnx_weight_axes
@@ -132,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not is_onnx(args.model):
         raise InputError("inspect reads .onnx files; use 'secateurs analyze' for torch models")
+    from secateurs.commands._paths import check_input_file
+
+    check_input_file(args.model, "ONNX model")
     model, _ = load_model(args.model)
     shapes = parse_named_shapes(args.input_shape, graph_input_names(model.graph))
     info = inspect_onnx(args.model, shapes or None, args.all)

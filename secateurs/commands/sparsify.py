@@ -14,9 +14,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from secateurs.commands._paths import (
+    Output,
+    check_input_file,
+    check_outputs,
+    read_onnx,
+    spec_files,
+)
 from secateurs.commands._spec import load_torch_spec
 from secateurs.errors import InputError
-from secateurs.runtime.io import atomic_save_torch
+from secateurs.runtime.io import atomic_save_torch, atomic_write_text
 
 __all__ = ["register", "run"]
 
@@ -29,7 +36,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", help="*.onnx file, zoo:NAME, or path/to/file.py:factory")
-    parser.add_argument("-o", "--output", required=True, help="output file (.onnx for ONNX input, .pt for torch)")
+    parser.add_argument("-o", "--output", required=True, help="output file (.onnx for ONNX input, .pt for torch)", metavar="OUT")
     parser.add_argument("--pattern", default="2:4", help="'2:4', any 'N:M', 'unstructured' or 'bsr' (default 2:4)")
     parser.add_argument("--method", default="magnitude", choices=("magnitude", "wanda", "sparsegpt"))
     parser.add_argument("--sparsity", type=float, default=0.5, help="target for unstructured/bsr (default 0.5)")
@@ -48,15 +55,32 @@ def _ignore_list(values: list[str]) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     ignore = _ignore_list(args.ignore)
+    onnx_in = args.model.lower().endswith(".onnx")
+    for f in spec_files(args.model):
+        check_input_file(f, "model")
+    inputs = {f"the input model '{f}'" if onnx_in else f"the model spec file '{f}'": f
+              for f in spec_files(args.model)}
+    suffixes = (".onnx",) if onnx_in else (".pt", ".pth")
+    check_outputs([Output("-o", args.output, suffixes,
+                          "sparse ONNX model" if onnx_in else "sparse torch state (torch.save)"),
+                   Output("--report-json", args.report_json, (".json",), "report")], inputs)
+    if not 0.0 <= args.sparsity < 1.0:
+        raise InputError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.block_size < 1 or args.min_numel < 0:
+        raise InputError("--block-size must be >= 1 and --min-numel >= 0")
     output = Path(args.output)
-    if args.model.endswith(".onnx"):
+    if onnx_in:
         from secateurs.passes.onnx_sparsify import sparsify_onnx_with_report
+        from secateurs.runtime.io import atomic_save_onnx
 
         if args.method != "magnitude":
             raise InputError(f"--method {args.method} needs a torch model; ONNX input supports magnitude only")
-        _, report = sparsify_onnx_with_report(
-            args.model, args.pattern, args.sparsity, ignore, args.min_numel, output_path=output
-        )
+        source = read_onnx(args.model, load_external_data=True)  # InputError: corrupt, empty
+        external = _uses_external_data(args.model)
+        sparse, report = sparsify_onnx_with_report(
+            source, args.pattern, args.sparsity, ignore, args.min_numel)
+        _check_something_sparsified(report, args)
+        atomic_save_onnx(sparse, output, external_data=True if external else None)
     else:
         from secateurs.passes.sparsify import sparsify
 
@@ -67,11 +91,29 @@ def run(args: argparse.Namespace) -> int:
             ignore=ignore, block_size=args.block_size, min_numel=args.min_numel, inplace=True,
         )
         report = result.report
+        _check_something_sparsified(report, args)
         atomic_save_torch(
             {"state_dict": result.model.state_dict(), "masks": result.masks, "report": report.to_dict()}, output
         )
     print(report.table())
     print(f"wrote {output}")
     if args.report_json:
-        Path(args.report_json).write_text(json.dumps(report.to_dict(), indent=1))
+        atomic_write_text(args.report_json, json.dumps(report.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.report_json}")
     return 0 if report.all_valid else 1
+
+
+def _check_something_sparsified(report: Any, args: argparse.Namespace) -> None:
+    if report.layers:
+        return
+    reasons = sorted({getattr(s, "reason", str(s)) for s in report.skipped})
+    raise InputError(f"nothing to sparsify in '{args.model}': every layer was skipped "
+                     f"({'; '.join(reasons[:3]) or 'no eligible weights'}); lower --min-numel or "
+                     "check --ignore/--pattern. Nothing was written")
+
+
+def _uses_external_data(path: str) -> bool:
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
