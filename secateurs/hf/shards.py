@@ -106,7 +106,10 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
         save_file(out, os.path.join(dst, shard), metadata={"format": "pt"})
         new_map.update({k: shard for k in out})
         del out
-    with open(os.path.join(dst, INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": new_map}, f, indent=2)
+    from secateurs.runtime.io import atomic_write_text
+
+    atomic_write_text(os.path.join(dst, INDEX),
+                      json.dumps({"metadata": {"total_size": total}, "weight_map": new_map},
+                                 indent=2))
     return {"config_changes": changes, "shards": len(set(new_map.values())),
             "tensors": len(new_map), "bytes": total}
