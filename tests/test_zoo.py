@@ -20,6 +20,8 @@ BENCH = names("bench")
 OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),
+    "convnext_tv": (1, 10),
+    "efficientnet_tv": (1, 10),
     # end conv_wild
     "conv1d_net": (1, 10),
     "conv3d_net": (1, 5),

@@ -67,10 +67,15 @@ def call_key(node: torch.fx.Node) -> str:
         key = target._overloadpacket.__name__  # type: ignore[union-attr]
     else:
         key = _OPERATORS.get(target, getattr(target, "__name__", str(target)))
+    if key == "getattr" and len(node.args) > 1 and node.args[1] in _TENSOR_ATTR_OPS:
+        return str(node.args[1])  # ``x.T`` / ``x.mT``: an op spelled as an attribute
     if key.endswith("_") and not key.startswith("_") and key != "__getitem__":
         key = key[:-1]
     return key
 
+
+# Tensor attributes that are ops (FX records ``x.T`` as ``getattr(x, "T")``).
+_TENSOR_ATTR_OPS = ("T", "mT", "H", "mH")
 
 _OPERATORS: dict[Any, str] = {
     operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub",
@@ -121,6 +126,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p",
                                      "is_causal", "scale"),
     "pow": ("input", "exponent"), "type_as": ("input", "other"),
+    "permute": ("input", "dims"),
     "masked_fill": ("input", "mask", "value"), "where": ("condition", "input", "other"),
     "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2"),
     "interpolate": ("input", "size", "scale_factor"),
@@ -220,16 +226,22 @@ def _perm(node: torch.fx.Node, key: str, b: dict[str, Any]) -> list[int] | None:
     x = b.get("input", node.args[0])
     nd = _ndim(x)
     if key == "permute":
-        dims = node.args[1:] if node.op == "call_method" else [b.get("dims")]
+        # x.permute(0, 2, 1), x.permute((0, 2, 1)), torch.permute(x, dims), dims=...
+        dims = node.args[1:] if node.op == "call_method" and len(node.args) > 1 \
+            else [b.get("dims")]
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
             dims = dims[0]
+        if any(not isinstance(d, int) for d in dims):
+            return None  # a dim computed at run time
         return [int(d) % nd for d in dims]
     perm = list(range(nd))
     if key in ("transpose", "swapaxes", "swapdims"):
         d0, d1 = int(b["dim0"]) % nd, int(b["dim1"]) % nd
         perm[d0], perm[d1] = perm[d1], perm[d0]
         return perm
-    if key in ("t", "mT") and nd >= 2:
+    if key in ("T", "H", "numpy_T"):
+        return perm[::-1]
+    if key in ("t", "mT", "mH") and nd >= 2:
         perm[-1], perm[-2] = perm[-2], perm[-1]
         return perm
     if key == "movedim" and isinstance(b.get("source"), int):
@@ -317,6 +329,9 @@ for _op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
             "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "half",
             "bfloat16", "double", "alias", "lift_fresh_copy", "_to_copy", "clamp", "clip"):
     _CALLS[_op] = _first_only("clamp" if _op in ("clamp", "clip") else "identity")
+# torchvision.ops.stochastic_depth (FX-wrapped, so one call): the identity in eval, in training
+# a per-sample (or per-batch) scalar times the input; channels pass like dropout.
+_CALLS["stochastic_depth"] = _first_only("dropout")
 _CALLS["to"] = _first_only("cast")
 _CALLS["type"] = _first_only("cast")
 _CALLS["type_as"] = _first_only("cast")
@@ -339,7 +354,8 @@ _CALLS.update({
     "unflatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "view_as": _reshape,
     "reshape_as": _reshape,
     "permute": _permute, "transpose": _permute, "swapaxes": _permute, "swapdims": _permute,
-    "t": _permute, "movedim": _permute,
+    "t": _permute, "movedim": _permute, "T": _permute, "mT": _permute, "H": _permute,
+    "mH": _permute, "numpy_T": _permute,
     "expand": lambda n, b: ("expand", [b.get("input", n.args[0])], {}),
     "expand_as": lambda n, b: ("expand", [n.args[0]], {}),
     "broadcast_to": lambda n, b: ("expand", [n.args[0]], {}),

@@ -5,6 +5,11 @@ Each model reproduces one way real code spells an op, not a whole published netw
 * ``WindowSwin`` — Swin-style shifted-window attention (timm): ``x.shape`` unpacked into sizes,
   padding to a window multiple, ``view``/``permute`` window partition and reverse, a crop
   ``x[:, :H, :W]`` whose bounds are size expressions of upstream tensors, ``torch.roll``;
+* ``TvConvNeXt`` — torchvision-style ConvNeXt: ``torch.permute(x, dims)`` in function form (a
+  ``Permute`` module), channels-last LayerNorm, per-channel layer scale and
+  ``stochastic_depth`` (a ``torch.fx.wrap``-ed function, as torchvision's ``ops`` has it);
+* ``TvEfficientNet`` — torchvision-style EfficientNet: MBConv with squeeze-excite and
+  ``stochastic_depth`` on every residual branch;
 * more below, one per failure class.
 
 Default configs are small (unit tests); constructor arguments give the large configs the
@@ -19,7 +24,7 @@ from torch import nn
 
 from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
 
-__all__ = ["WindowSwin", "ENTRIES"]
+__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "ENTRIES"]
 
 
 # ------------------------------------------------------------------ Swin-style window attention
@@ -147,6 +152,162 @@ class WindowSwin(nn.Module):
         return self.head(x.mean(dim=(1, 2)))
 
 
+# ------------------------------------------------------- stochastic depth, torchvision ConvNeXt
+
+
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True
+                     ) -> torch.Tensor:
+    """Drop whole residual branches: per sample (``mode="row"``) or for the batch
+    (``"batch"``), scaled by ``1/(1-p)``; the identity in eval or at ``p == 0``. Same name and
+    semantics as ``torchvision.ops.stochastic_depth``, which FX sees as one call (wrapped)."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+    if mode not in ("batch", "row"):
+        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+    if not training or p == 0.0:
+        return input
+    keep = 1.0 - p
+    shape = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(keep)
+    if keep > 0.0:
+        noise.div_(keep)
+    return input * noise
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stochastic_depth(x, self.p, self.mode, self.training)
+
+
+class Permute(nn.Module):
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels of an NCHW tensor (permute, normalise, permute back)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    def __init__(self, dim: int, sd_prob: float) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
+            nn.Linear(4 * dim, dim), Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+        self.stochastic_depth = StochasticDepth(sd_prob, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.stochastic_depth(self.layer_scale * self.block(x))
+
+
+class TvConvNeXt(nn.Module):
+    """ConvNeXt as torchvision writes it: stem conv 4x4/4 + LayerNorm2d, stages of CNBlocks
+    (depthwise 7x7, channels-last LayerNorm + MLP, layer scale, stochastic depth), LayerNorm2d +
+    2x2/2 conv between stages, pooled LayerNorm2d + Linear head."""
+
+    def __init__(self, dims: tuple[int, ...] = (8, 16), depths: tuple[int, ...] = (1, 1),
+                 num_classes: int = 10, sd_prob: float = 0.1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4),
+                                                 LayerNorm2d(dims[0], eps=1e-6))]
+        total, k = sum(depths), 0
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            if i:
+                layers.append(nn.Sequential(LayerNorm2d(dims[i - 1], eps=1e-6),
+                                            nn.Conv2d(dims[i - 1], dim, 2, 2)))
+            for _ in range(depth):
+                layers.append(CNBlock(dim, sd_prob * k / max(total - 1, 1)))
+                k += 1
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1),
+                                        nn.Linear(dims[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+# ------------------------------------------------------- torchvision EfficientNet
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, squeeze-excite, 1x1 project (BN, SiLU);
+    a residual with stochastic depth when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int,
+                 sd_prob: float) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU()]
+        layers += [nn.Conv2d(mid, mid, k, stride, k // 2, groups=mid, bias=False),
+                   nn.BatchNorm2d(mid), nn.SiLU()]
+        self.block = nn.Sequential(*layers)
+        sq = max(1, cin // 4)
+        self.se_reduce, self.se_expand = nn.Conv2d(mid, sq, 1), nn.Conv2d(sq, mid, 1)
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.stochastic_depth = StochasticDepth(sd_prob, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        s = F.adaptive_avg_pool2d(h, 1)
+        h = h * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(s))))
+        h = self.project(h)
+        if self.use_res:
+            h = self.stochastic_depth(h) + x
+        return h
+
+
+class TvEfficientNet(nn.Module):
+    """EfficientNet-B0 layout (torchvision spelling), width and depth scaled by the config."""
+
+    B0 = ((1, 16, 1, 3, 1), (6, 24, 2, 3, 2), (6, 40, 2, 5, 2), (6, 80, 3, 3, 2),
+          (6, 112, 3, 5, 1), (6, 192, 4, 5, 2), (6, 320, 1, 3, 1))
+
+    def __init__(self, stages: tuple[tuple[int, ...], ...] | None = None, stem: int = 32,
+                 head: int = 1280, num_classes: int = 10, sd_prob: float = 0.2) -> None:
+        super().__init__()
+        if stages is None:  # small default: three short stages
+            stages = ((1, 8, 1, 3, 1), (4, 12, 2, 3, 2), (4, 16, 2, 5, 2))
+            stem, head = 8, 32
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False),
+                                                 nn.BatchNorm2d(stem), nn.SiLU())]
+        total, k, cin = sum(s[2] for s in stages), 0, stem
+        for expand, cout, n, ks, stride in stages:
+            for j in range(n):
+                layers.append(MBConv(cin, cout, expand, ks, stride if j == 0 else 1,
+                                     sd_prob * k / total))
+                cin, k = cout, k + 1
+        layers.append(nn.Sequential(nn.Conv2d(cin, head, 1, bias=False), nn.BatchNorm2d(head),
+                                    nn.SiLU()))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(head, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.classifier(x)
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="swin_window",
@@ -155,5 +316,22 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="Swin-style shifted-window attention: shape unpacking, pad, window "
                     "partition/reverse, roll, crop by size expressions, patch merging",
         tags=frozenset({"attention", "window-attention", "layernorm", "transformer"}),
+    ),
+    ZooModel(
+        name="convnext_tv",
+        build=seeded_build(TvConvNeXt),
+        example_inputs=seeded_randn(1, 3, 32, 32),
+        description="torchvision-style ConvNeXt: torch.permute(x, dims), channels-last "
+                    "LayerNorm, layer scale, wrapped stochastic_depth",
+        tags=frozenset({"cnn", "residual", "layernorm", "depthwise", "stochastic-depth"}),
+    ),
+    ZooModel(
+        name="efficientnet_tv",
+        build=seeded_build(TvEfficientNet),
+        example_inputs=seeded_randn(1, 3, 32, 32),
+        description="torchvision-style EfficientNet: MBConv + squeeze-excite, stochastic_depth "
+                    "on every residual",
+        tags=frozenset({"cnn", "residual", "batchnorm", "depthwise", "squeeze-excite",
+                        "stochastic-depth"}),
     ),
 )

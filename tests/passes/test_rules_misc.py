@@ -88,3 +88,58 @@ def test_size_expressions_are_evaluated_once_per_node(monkeypatch):
     n = len(gm.graph.nodes)
     assert calls <= 4 * n, f"{calls} call_key calls for {n} nodes"
     assert any(node.op == "index" for node in graph.nodes)
+
+
+# ------------------------------------------------------------------ class 3: torch.permute(x, dims)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_function_form_permute_prunes_convnext_mlp(ratio):
+    model, result = _prune("convnext_tv", ratio)
+    assert _width(result.model, "features.1.block.3", "out_features") < 32
+    assert _width(result.model, "features.3.block.3", "out_features") < 64
+    # the residual stream is normalised by LayerNorm: lossy, and says so
+    reasons = _reasons(secateurs.analyze(model, zoo.get("convnext_tv").example_inputs()),
+                       "features.1.layer_scale", kind="lossy")
+    assert any("normalises over this dim" in r for r in reasons)
+
+
+class _Transposes(nn.Module):
+    """``torch.permute`` with a dims tuple, ``x.permute(dims=...)``, ``.T`` and ``.mT``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.w = nn.Parameter(torch.randn(5, 8))
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, 6]
+        h = torch.relu(self.a(x))                        # [B, T, 8]
+        h = torch.permute(h, (0, 2, 1)).mT               # [B, T, 8]
+        h = h.permute(dims=(2, 1, 0)).permute(2, 1, 0)   # [B, T, 8]
+        return self.b(h) + (h @ self.w.T).sum(-1, keepdim=True)
+
+
+def test_transpose_spellings_lower_to_permute():
+    model, x = _Transposes().eval(), (torch.randn(2, 3, 6),)
+    graph = secateurs.analyze(model, x).graph
+    assert not [n for n in graph.nodes if n.op == "opaque"]
+    result = secateurs.prune(model, x, ratio=0.5)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
+    assert result.model.get_submodule("a").out_features == 4  # a's 8 channels are one group
+    assert tuple(result.model.get_parameter("w").shape) == (5, 4)
+
+
+# ------------------------------------------------------------------ class 11: stochastic_depth
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_stochastic_depth_is_elementwise(ratio):
+    model, result = _prune("efficientnet_tv", ratio)
+    assert not any("stochastic_depth" in g.pinned for g in result.report.groups)
+    if ratio == 0.5:  # the residual channels prune too (0.60 of the MACs kept when pinned)
+        assert result.report.macs_kept < 0.4
+    assert _width(result.model, "features.0.0", "out_channels") < 8
+    pruned = result.model.train()  # training mode: per-sample drop, still runs
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
