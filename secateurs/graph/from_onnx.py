@@ -57,7 +57,7 @@ from secateurs.errors import InputError
 from secateurs.graph.ir import ChannelGraph, Node, Value
 
 __all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constants",
-           "graph_input_names", "with_input_shapes"]
+           "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton"]
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +191,23 @@ def infer_static_shapes(model: onnx.ModelProto,
         raise InputError(f"input '{name}' has {what} (shape {dims}); pass "
                          f"input_shapes={{{example}}} (--input-shape {name}=... on the CLI) "
                          f"or re-export the model with static shapes")
+    return work, infer_shapes_folding(work)
+
+
+def infer_shapes_folding(work: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Shape inference with data propagation; where ONNX's data propagation stops at some
+    shape arithmetic (Where, ConstantOfShape...), fold what we can, pin the folded values as
+    initializers of a scratch copy, and infer again."""
     shapes = _infer(work)
-    # ONNX data propagation stops at some shape arithmetic (Where, ConstantOfShape...): fold
-    # what we can, pin the folded values as initializers of a scratch copy, infer again.
     for _ in range(4):
         if all(_static(shapes.get(o)) is not None for n in work.graph.node for o in n.output if o):
             break
         consts = fold_constants(work, shapes)
-        scratch = _materialise(work, consts, shapes)
+        scratch = _materialise(skeleton(work), consts, shapes)
         if scratch is None:
             break
         shapes = {**shapes, **_infer(scratch)}
-    return work, shapes
+    return shapes
 
 
 # Initializers up to this many elements keep their values in ``skeleton`` (shape arithmetic
@@ -228,7 +233,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     g.sparse_initializer.extend(src.sparse_initializer)
     declared = {i.name for i in src.input}
     for t in src.initializer:
-        if int(np.prod(t.dims)) <= _SKELETON_KEEP:
+        if int(np.prod(t.dims)) <= _SKELETON_KEEP or not _is_param_init(t):
             g.initializer.append(t)
         elif t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -722,18 +727,15 @@ def _lower_gather(lw: _Lowering, node: onnx.NodeProto) -> None:
     rank = lw.rank(data)
     axis = int(_attrs(node).get("axis", 0)) % rank
     index = lw.const(idx)
-    if index is None:
-        if lw.is_param(data) and axis == 0 and rank == 2:
-            lw.emit("embedding", [idx, data], _first_out(node))
-        else:
-            lw.opaque(node, "Gather with indices computed at run time")
+    if index is None and lw.is_param(data) and axis == 0 and rank == 2:
+        lw.emit("embedding", [idx, data], _first_out(node))
         return
     lead: list[Any] = [slice(None)] * axis
-    if index.ndim == 0:
+    if index is not None and index.ndim == 0:
         i = int(index) % lw.shape(data)[axis]
         lw.emit("index", [data], _first_out(node), {"items": lead + [i]})
-    else:
-        lw.emit("index", [data], _first_out(node), {"items": lead + ["tensor"]})
+    else:  # a relative-position / attention-bias table read through an index tensor
+        lw.emit("index", [data, idx], _first_out(node), {"items": lead + ["gather"]})
 
 
 @_reg("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -750,7 +752,8 @@ def _lower_transpose(lw: _Lowering, node: onnx.NodeProto) -> None:
 
 @_reg("Expand")
 def _lower_expand(lw: _Lowering, node: onnx.NodeProto) -> None:
-    lw.emit("expand", [node.input[0]], _first_out(node))
+    sized = len(node.input) > 1 and lw.const(node.input[1]) is not None
+    lw.emit("expand", [node.input[0]], _first_out(node), {"sized": sized})
 
 
 @_reg("Tile")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,14 @@ import onnx
 from onnx import numpy_helper
 
 from secateurs.errors import InputError, PlanError
-from secateurs.graph.from_onnx import _infer, _static, fold_constants, onnx_node_names, skeleton
+from secateurs.graph.from_onnx import (
+    _static,
+    fold_constants,
+    infer_shapes_folding,
+    onnx_node_names,
+    skeleton,
+    with_input_shapes,
+)
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_onnx", "zero_plan_slices_onnx", "load_onnx", "save_onnx",
@@ -191,60 +198,328 @@ def zero_plan_slices_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto
 # ---------------------------------------------------------------- constants
 
 
-class _Constants:
-    """Reads and writes the constant inputs of nodes (initializer, Constant node, or computed)."""
+# ---------------------------------------------------------------- shape-derived values
+#
+# Exporters compute many constants at run time from ``Shape`` of activations: reshape targets
+# (``Concat(Gather(Shape(x), 0), 4, 16)``), chunk bounds (``Shape(x)[1] / 2``), the attention
+# scale (``1 / sqrt(Shape(q)[-1])``). The analysis folds them at the plan's input shapes. After
+# pruning, such a *live* chain would compute from the pruned widths, so every use of a live
+# value by a node that is not itself folded (a *boundary use*) gets a *target*: the plan's new
+# value where the plan rewrites that input (layout ops), else the value the analysis saw
+# (data arithmetic such as the attention scale, slice bounds that must not move). Each element
+# of the value is then compared at the analysed shapes with what the chain computes in the
+# pruned model (``pruned``) and with what it computes at other sizes of the model's symbolic
+# input dims (``dynamic``):
+#
+# * pruned == target: the chain stays live (a dynamic batch keeps flowing);
+# * else, not dynamic: the element becomes the constant target;
+# * else (dynamic and changed): a Reshape's one such element becomes ``-1``; otherwise the
+#   element is rescaled, ``live * target / pruned`` (a product of a dynamic dim and a pruned
+#   one, ``batch * heads``); a float or zero element cannot be and the apply refuses.
 
-    def __init__(self, model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+
+Use = tuple[int, int]  # (node index, input index)
+
+
+def _drop_stale_value_info(model: onnx.ModelProto) -> None:
+    """Widths changed: drop inferred shapes, except those of custom-op outputs, which ONNX
+    cannot infer and the analysis pinned (so they did not change)."""
+    custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    keep = [vi for vi in model.graph.value_info if vi.name in custom]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+
+
+def _live_values(graph: onnx.GraphProto, consts: Mapping[str, np.ndarray]) -> set[str]:
+    """Folded values that the model computes at run time from the shape of a tensor."""
+    live: set[str] = set()
+    for node in graph.node:
+        outs = [o for o in node.output if o]
+        if not outs or not all(o in consts for o in outs):
+            continue
+        if node.op_type in ("Shape", "Size") and node.input and node.input[0] not in consts:
+            live.update(outs)
+        elif any(i in live for i in node.input):
+            live.update(outs)
+    return live
+
+
+def _symbolic_dims(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Graph input dims that are not static: {input: [dim index, ...]}."""
+    from secateurs.graph.from_onnx import _dims, graph_input_names
+
+    inputs = {i.name: i for i in model.graph.input}
+    out = {}
+    for name in graph_input_names(model.graph):
+        dims = _dims(inputs[name].type) or []
+        sym = [d for d, v in enumerate(dims) if not isinstance(v, int)]
+        if sym:
+            out[name] = sym
+    return out
+
+
+def _analysed_shapes(model: onnx.ModelProto, plan: Plan) -> dict[str, list[int]] | None:
+    """The input shapes the plan was made at (``plan.meta['input_shapes']``)."""
+    recorded = plan.meta.get("input_shapes")
+    symbolic = _symbolic_dims(model)
+    if recorded:
+        return {str(k): [int(d) for d in v] for k, v in recorded.items()
+                if k in {i.name for i in model.graph.input}}
+    if symbolic:
+        name = next(iter(symbolic))
+        raise PlanError(f"input '{name}' of the model has dynamic dims {symbolic[name]} and the "
+                        f"plan does not record the input shapes it was made at "
+                        f"(meta['input_shapes']); make the plan with prune_onnx(..., "
+                        f"input_shapes=...)")
+    return None
+
+
+def _fold_at(model: onnx.ModelProto,
+             input_shapes: Mapping[str, Sequence[int]] | None) -> tuple[dict, dict]:
+    """Shapes and folded values of ``model``'s weightless skeleton at ``input_shapes``."""
+    work = with_input_shapes(skeleton(model), input_shapes)
+    shapes = infer_shapes_folding(work)
+    return shapes, fold_constants(work, shapes)
+
+
+def _perturbed(shapes: Mapping[str, list[int]], symbolic: Mapping[str, list[int]],
+               model: onnx.ModelProto, only: tuple[str, int] | None = None
+               ) -> dict[str, list[int]]:
+    """``shapes`` with every symbolic dim (or ``only`` one) one larger; a dim name shared by
+    several inputs moves together."""
+    from secateurs.graph.from_onnx import _dims
+
+    inputs = {i.name: i for i in model.graph.input}
+    out = {k: list(v) for k, v in shapes.items()}
+    which = None
+    if only is not None:
+        which = (_dims(inputs[only[0]].type) or [])[only[1]]
+    for name, dims in symbolic.items():
+        sym = _dims(inputs[name].type) or []
+        for d in dims:
+            if only is None or (name, d) == only or (isinstance(which, str) and sym[d] == which):
+                out[name][d] += 1
+    return out
+
+
+def _dynamic_consts(model: onnx.ModelProto, shapes: Mapping[str, list[int]]
+                    ) -> list[dict[str, np.ndarray]]:
+    """Folded values at other sizes of the model's symbolic input dims (all moved together,
+    else each alone where together they do not infer)."""
+    symbolic = _symbolic_dims(model)
+    if not symbolic:
+        return []
+    trials = [None] + [(n, d) for n, ds in symbolic.items() for d in ds]
+    out = []
+    for only in trials:
+        try:
+            _, consts = _fold_at(model, _perturbed(shapes, symbolic, model, only))
+        except Exception as exc:  # noqa: BLE001 - a size the model cannot run at: skip it
+            log.debug("folding at perturbed input shapes %s failed: %s", only, exc)
+            continue
+        out.append(consts)
+        if only is None:
+            break
+    return out
+
+
+def _differs(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | bool:
+    """Per element: a != b (True everywhere when either is missing or the shapes differ)."""
+    if a is None or b is None or a.shape != b.shape:
+        return True
+    return np.asarray(a != b)
+
+
+class _Constants:
+    """Reads and writes the constant inputs of nodes: initializers, Constant nodes, and live
+    values computed from shapes (see the comment above)."""
+
+    def __init__(self, model: onnx.ModelProto, original: onnx.ModelProto, plan: Plan) -> None:
         self.model = model
         self.graph = model.graph
-        self.shapes = _infer(original)
-        try:
-            self.folded = fold_constants(original, self.shapes)
-        except Exception as exc:  # noqa: BLE001 - folding is best effort here
-            log.debug("constant folding failed: %s", exc)
-            self.folded = {}
-        self.taken = {t.name for t in self.graph.initializer} | \
-            {o for n in self.graph.node for o in n.output} | {i.name for i in self.graph.input}
+        self.input_shapes = _analysed_shapes(original, plan)
+        self.shapes, self.folded = _fold_at(original, self.input_shapes)
+        self.live = _live_values(original.graph, self.folded)
+        self.dynamic = _dynamic_consts(original, self.input_shapes or {}) \
+            if self.live else []
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.consts = _float_constants(self.graph)
+        self.at = -1  # index of the node being rewritten (protobuf wrappers have no stable id)
+        self.taken = set(self.inits) | {o for n in self.graph.node for o in n.output} | \
+            {i.name for i in self.graph.input}
+        self.n_uses: dict[str, int] = {}
+        for node in self.graph.node:
+            for i in node.input:
+                self.n_uses[i] = self.n_uses.get(i, 0) + 1
+        for o in self.graph.output:
+            self.n_uses[o.name] = self.n_uses.get(o.name, 0) + 1
+        self.targets: dict[Use, np.ndarray] = {}
         self.replaced: list[str] = []
-
-    def uses(self, name: str) -> int:
-        n = sum(list(node.input).count(name) for node in self.graph.node)
-        return n + sum(1 for o in self.graph.output if o.name == name)
+        self.inserted: dict[int, list[onnx.NodeProto]] = {}
+        self.frozen = 0
 
     def value(self, name: str) -> np.ndarray | None:
-        for t in self.graph.initializer:
-            if t.name == name:
-                return numpy_helper.to_array(t)
-        consts = _float_constants(self.graph)
-        if name in consts:
-            attr = next(a for a in consts[name].attribute if a.name == "value")
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        if name in self.consts:
+            attr = next(a for a in self.consts[name].attribute if a.name == "value")
             return numpy_helper.to_array(attr.t)
         return self.folded.get(name)
 
     def write(self, node: onnx.NodeProto, index: int, arr: np.ndarray) -> None:
-        """Give input ``index`` of ``node`` the value ``arr``."""
-        name = node.input[index] if index < len(node.input) else ""
-        if name and self.uses(name) == 1:
-            for t in self.graph.initializer:
-                if t.name == name:
-                    t.CopyFrom(numpy_helper.from_array(arr, name))
-                    return
-            consts = _float_constants(self.graph)
-            if name in consts:
-                attr = next(a for a in consts[name].attribute if a.name == "value")
-                attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
-                return
-        base = f"{name or node.name or node.op_type}__pruned"
+        """Give input ``index`` of ``node`` the value ``arr`` (at the analysed shapes)."""
+        assert self.graph.node[self.at] is node or self.graph.node[self.at] == node
+        self.targets[(self.at, index)] = np.asarray(arr)
+
+    def _fresh(self, base: str) -> str:
         new, k = base, 1
         while new in self.taken:
             new, k = f"{base}_{k}", k + 1
         self.taken.add(new)
-        self.graph.initializer.append(numpy_helper.from_array(arr, new))
+        return new
+
+    def _set_input(self, node: onnx.NodeProto, index: int, new: str) -> None:
         while len(node.input) <= index:
             node.input.append("")
-        if name:
-            self.replaced.append(name)
+        if node.input[index]:
+            self.replaced.append(node.input[index])
         node.input[index] = new
+
+    def _write_constant(self, node: onnx.NodeProto, index: int, arr: np.ndarray) -> None:
+        name = node.input[index] if index < len(node.input) else ""
+        if name and self.n_uses.get(name, 0) == 1 and name not in self.live:
+            if name in self.inits:
+                self.inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+                return
+            if name in self.consts:
+                attr = next(a for a in self.consts[name].attribute if a.name == "value")
+                attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
+                return
+        new = self._fresh(f"{name or node.name or node.op_type}__pruned")
+        init = numpy_helper.from_array(arr, new)
+        self.graph.initializer.append(init)
+        self.inits[new] = self.graph.initializer[-1]
+        self._set_input(node, index, new)
+
+    # live values -------------------------------------------------------------
+
+    def freeze_live_uses(self) -> None:
+        """Every boundary use of a live value that the plan does not rewrite keeps the value
+        the analysis saw."""
+        for i, node in enumerate(self.graph.node):
+            outs = [o for o in node.output if o]
+            if outs and all(o in self.folded for o in outs):
+                continue  # part of a folded chain, not a boundary
+            for j, name in enumerate(node.input):
+                if name in self.live and (i, j) not in self.targets:
+                    self.targets[(i, j)] = self.folded[name]
+
+    def _pruned_values(self) -> dict[str, np.ndarray]:
+        """The live chains' values in the pruned model at the analysed shapes (every boundary
+        use given its target, so the shapes are the pruned ones)."""
+        work = with_input_shapes(skeleton(self.model), self.input_shapes)
+        _drop_stale_value_info(work)
+        nodes = work.graph.node
+        for k, ((i, j), arr) in enumerate(self.targets.items()):
+            name = f"__secateurs_target_{k}"
+            work.graph.initializer.append(numpy_helper.from_array(arr, name))
+            while len(nodes[i].input) <= j:
+                nodes[i].input.append("")
+            nodes[i].input[j] = name
+        try:
+            shapes = infer_shapes_folding(work)
+        except InputError as exc:
+            raise PlanError(f"the pruned model does not infer shapes: {exc}") from exc
+        return fold_constants(skeleton(self.model), shapes)
+
+    def commit(self) -> None:
+        """Write every target: constants, live chains kept, or rescaled."""
+        live_uses = {u for u in self.targets
+                     if self.graph.node[u[0]].input[u[1]:u[1] + 1] and
+                     self.graph.node[u[0]].input[u[1]] in self.live}
+        pruned = self._pruned_values() if live_uses else {}
+        for (i, j), target in self.targets.items():
+            node = self.graph.node[i]
+            if (i, j) not in live_uses:
+                self._write_constant(node, j, target)
+                continue
+            self._write_live(i, node, j, target, pruned.get(node.input[j]))
+        if self.inserted:
+            nodes = list(self.graph.node)
+            del self.graph.node[:]
+            for i, n in enumerate(nodes):
+                self.graph.node.extend(self.inserted.get(i, []))
+                self.graph.node.append(n)
+
+    def _write_live(self, i: int, node: onnx.NodeProto, j: int, target: np.ndarray,
+                    pruned: np.ndarray | None) -> None:
+        name = node.input[j]
+        where = f"input {j} ('{name}') of {node.op_type} '{node.name or node.op_type}'"
+        changed = _differs(pruned, target)
+        if not np.any(changed):
+            return  # the chain computes the target: keep it live
+        dynamic: np.ndarray | bool = False
+        for other in self.dynamic:
+            dynamic = dynamic | _differs(self.folded[name], other.get(name))
+        if not np.any(dynamic):
+            self.frozen += 1
+            self._write_constant(node, j, target)
+            return
+        if pruned is None or pruned.shape != target.shape:
+            raise PlanError(f"{where} is computed at run time from a dynamic input dim and "
+                            f"from pruned widths, and its shape changes with the input; it "
+                            f"cannot be kept dynamic. Prune with static input_shapes baked "
+                            f"into the model (re-export it with static shapes)")
+        self.frozen += 1
+        self._rescale(i, node, j, target, pruned, np.broadcast_to(dynamic, target.shape),
+                      np.broadcast_to(changed, target.shape), where)
+
+    def _rescale(self, i: int, node: onnx.NodeProto, j: int, target: np.ndarray,
+                 pruned: np.ndarray, dynamic: np.ndarray, changed: np.ndarray,
+                 where: str) -> None:
+        const = changed & ~dynamic
+        scale = changed & dynamic
+        target = target.copy()
+        if node.op_type == "Reshape" and j == 1 and int(scale.sum()) == 1 \
+                and not np.any(np.where(scale, False, target == -1)):
+            target[scale] = -1  # Reshape infers the one dim that is both dynamic and pruned
+            const, scale = const | scale, np.zeros_like(scale)
+        if np.any(scale) and (not np.issubdtype(target.dtype, np.integer)
+                              or np.any(pruned[scale] == 0)):
+            raise PlanError(f"{where} is computed at run time from a dynamic input dim and "
+                            f"from pruned widths ({pruned.tolist()} in the pruned model, "
+                            f"{target.tolist()} wanted at the analysed shapes); it cannot be "
+                            f"kept dynamic. Re-export the model with static shapes")
+        base = node.name or node.op_type
+        cur = node.input[j]
+        made: list[onnx.NodeProto] = []
+
+        def add_init(suffix: str, arr: np.ndarray) -> str:
+            new = self._fresh(f"{base}__{suffix}")
+            self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr),
+                                                                  new))
+            return new
+
+        if np.any(scale):
+            num = np.where(scale, target, 1).astype(target.dtype)
+            den = np.where(scale, pruned, 1).astype(target.dtype)
+            g = np.gcd(num, den)
+            num, den = num // g, den // g
+            mul = self._fresh(f"{base}__rescaled_mul")
+            made.append(onnx.helper.make_node("Mul", [cur, add_init("num", num)], [mul],
+                                              name=mul))
+            div = self._fresh(f"{base}__rescaled")
+            made.append(onnx.helper.make_node("Div", [mul, add_init("den", den)], [div],
+                                              name=div))
+            cur = div
+        if np.any(const):
+            out = self._fresh(f"{base}__pruned")
+            made.append(onnx.helper.make_node(
+                "Where", [add_init("mask", const), add_init("value", target), cur], [out],
+                name=out))
+            cur = out
+        self.inserted.setdefault(i, []).extend(made)
+        node.input[j] = cur
 
 
 def _reshape_tokens(old: np.ndarray | None, new: list[int], out_dims: list[Any] | None,
@@ -373,22 +648,20 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                         "needs a plan made from ONNX (its tensors are keyed by initializer "
                         "names)")
     out = _copy(model)
-    io = _Constants(out, model)
+    io = _Constants(out, model, plan)
     _edit_tensors(out, plan, _delete)
-    names = dict(zip(onnx_node_names(out.graph), out.graph.node))
+    order = {name: i for i, name in enumerate(onnx_node_names(out.graph))}
     opset = _opset(out)
     for node_name, consts in plan.constants.items():
-        node = names.get(node_name)
-        if node is None:
+        if node_name not in order:
             raise PlanError(f"the plan rewrites node '{node_name}', which this model lacks")
-        _rewrite(node, consts, io, opset)
+        io.at = order[node_name]
+        _rewrite(out.graph.node[io.at], consts, io, opset)
+    io.freeze_live_uses()
+    io.commit()
     _drop_dead(out, io.replaced)
-    # Widths changed: drop inferred shapes, except those of custom-op outputs, which ONNX
-    # cannot infer and the analysis pinned (so they did not change).
+    _drop_stale_value_info(out)
     custom = {o for n in out.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
-    keep = [vi for vi in out.graph.value_info if vi.name in custom]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(keep)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(out), data_prop=True)
         weights = {t.name for t in out.graph.initializer}
