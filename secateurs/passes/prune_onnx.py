@@ -22,6 +22,7 @@ runs 2.0x faster with ``round_to=16`` but only 1.39x with ``round_to=1`` (1 thre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,8 +45,9 @@ from secateurs.graph.onnx_apply import (
 from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
-from secateurs.passes.plan import Plan, build_plan
-from secateurs.passes.prune import PruneReport, StageTimer, group_rows, select_units
+from secateurs.passes.plan import Plan
+from secateurs.passes.prune import PruneReport, StageTimer, _describe, group_rows, select_units
+from secateurs.passes.repair import OnnxNet, Repair, repair
 
 __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
            "load_model"]
@@ -53,6 +55,10 @@ __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_
 log = logging.getLogger(__name__)
 
 ORT_ROUND_TO = 16
+# The safety net runs trials under ONNX Runtime by default only up to this many MACs (a
+# forward of ~0.1 s on one core); larger models get strict shape inference (and ORT with
+# verify=True).
+ORT_TRIAL_MACS = 300_000_000
 
 
 
@@ -128,7 +134,8 @@ def _n_params(model: onnx.ModelProto) -> int:
 
 
 def _report(analysis: Analysis, removed: Mapping[int, np.ndarray], before: onnx.ModelProto,
-            after: onnx.ModelProto, seconds: dict[str, float]) -> PruneReport:
+            after: onnx.ModelProto, seconds: dict[str, float],
+            repairs: Mapping[int, Repair] | None = None) -> PruneReport:
     graph = analysis.graph
     gone = analysis.removed_atoms(dict(removed))
 
@@ -138,9 +145,17 @@ def _report(analysis: Analysis, removed: Mapping[int, np.ndarray], before: onnx.
     def shape_after(v: str) -> tuple[int, ...] | None:
         return analysis.new_shape(v, gone) if v in analysis.labels else graph.values[v].shape
 
+    repairs = dict(repairs or {})
     return PruneReport(_n_params(before), _n_params(after), count_macs(graph, shape_before),
-                       count_macs(graph, shape_after), group_rows(analysis, removed),
-                       dict(seconds), "onnx")
+                       count_macs(graph, shape_after), group_rows(analysis, removed, repairs),
+                       dict(seconds), "onnx", repairs=tuple(repairs[g] for g in sorted(repairs)))
+
+
+def _dynamic_batch(model: onnx.ModelProto) -> bool:
+    """Every graph input with a rank declares a free (symbolic or unknown) first dim."""
+    inits = {t.name for t in model.graph.initializer}
+    dims = [i.type.tensor_type.shape.dim for i in model.graph.input if i.name not in inits]
+    return bool(dims) and all(len(d) and not d[0].HasField("dim_value") for d in dims)
 
 
 def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
@@ -218,24 +233,52 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
         for g in analysis.groups if g.prunable and g.size > 1})
-    removed = timer.run("select", select_units, analysis, scores, ratio, round_to,
-                     global_pruning, allow_lossy, skip, None, min_units)
+    def reselect(pinned: set[int]) -> dict[int, np.ndarray]:
+        return select_units(analysis, scores, ratio, round_to, global_pruning, allow_lossy,
+                            skip | pinned, None, min_units)
+
+    removed = timer.run("select", reselect, set())
     meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
             "round_to": round_to, "global_pruning": global_pruning, "allow_lossy": allow_lossy,
             "tracer": "onnx", "onnx": onnx.__version__,
             "input_shapes": {n: list(graph.values[n].shape or ()) for n in graph.inputs}}
-    plan = timer.run("plan", build_plan, analysis, removed, meta)
-    pruned = timer.run("apply", apply_plan_onnx, model, plan)
-    report = _report(analysis, removed, model, pruned, timer.seconds)
-    if verify:
-        ok, diff = timer.run("verify", verify_onnx, model, pruned, plan,
-                          _feeds(model, analysis))
-        report = PruneReport(report.params_before, report.params_after, report.macs_before,
-                             report.macs_after, report.groups, dict(timer.seconds), "onnx", ok, diff)
-        if not ok:
-            raise SecateursError(f"mask-equivalence check failed under ONNX Runtime (max |diff| "
-                                 f"{diff:.3g}): the pruned model differs from the original with "
-                                 f"the removed slices zeroed. Please report this model.")
+    # the safety net (passes/repair.py): the plan must check and run under ONNX Runtime
+    lossy = frozenset(g.id for g in analysis.groups if g.is_lossy) if allow_lossy \
+        else frozenset()
+    feeds = _feeds(model, analysis)
+    macs = count_macs(graph, lambda v: graph.values[v].shape)
+    net = OnnxNet(model, analysis, feeds, apply_plan_onnx, _run, verify_onnx, meta,
+                  dynamic_batch=_dynamic_batch(model), exclude_exact=lossy,
+                  use_ort=verify or macs <= ORT_TRIAL_MACS)
+    if not net.use_ort:
+        net.notes.append(f"checked by strict shape inference only ({macs / 1e9:.2f} GMACs; "
+                         "verify=True also runs the pruned model under ONNX Runtime)")
+    repairs: dict[int, Repair] = {}
+    removed = timer.run("check", repair, removed, reselect,
+                        net.both if verify and lossy else net.runs, repairs, net.candidates,
+                        _describe(analysis))
+    plan, pruned = timer.run("apply", net.applied, removed)
+    ok, diff = None, None
+    if verify and lossy & set(removed):
+        ok, diff = True, net.last_diff
+    elif verify:
+        ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
+        if not ok:  # the net, numerically
+            removed = timer.run("repair", repair, removed, reselect, net.both, repairs,
+                                net.candidates, _describe(analysis))
+            plan, pruned = timer.run("apply", net.applied, removed)
+            ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
+    report = _report(analysis, removed, model, pruned, timer.seconds, repairs)
+    report = dataclasses.replace(report, exact=ok, max_abs_diff=diff, notes=tuple(net.notes))
+    if report.repairs:
+        log.warning("prune_onnx: the safety net pinned %d group(s) (a missing or wrong channel "
+                    "rule each; please report this model): %s", len(report.repairs),
+                    "; ".join(r.reason for r in report.repairs))
+    if verify and not ok:
+        raise SecateursError(f"mask-equivalence check failed under ONNX Runtime (max |diff| "
+                             f"{diff:.3g}) even after the safety net's repairs: the pruned "
+                             "model differs from the original with the removed slices "
+                             "zeroed. Please report this model.")
     result = OnnxPruneResult(pruned, plan, report, analysis, external)
     if output_path is not None:
         timer.run("save", result.save, output_path)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
 from secateurs.passes.group_channels import Analysis
 from secateurs.passes.plan import Plan, build_plan
 
-__all__ = ["Repair", "Failure", "Probe", "find_culprits", "repair", "FxNet", "Trial",
+__all__ = ["Repair", "Failure", "Probe", "find_culprits", "repair", "FxNet", "OnnxNet", "Trial",
            "TrialBroken", "second_batch", "batch_of", "with_batch", "compare_outputs"]
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def find_culprits(removed: Selection, probe: Probe, failure: Failure,
 
 def _split(gids: list[int], removed: Selection, probe: Probe,
            failure: Failure) -> list[tuple[int, Failure, bool]]:
+    if not gids:
+        return []
     if len(gids) == 1:
         return [(gids[0], failure, True)]
     half = len(gids) // 2
@@ -147,6 +150,9 @@ def repair(removed: Selection, reselect: Callable[[set[int]], dict[int, np.ndarr
             return current
         cands = candidates(failure, current) if candidates else ()
         culprits = find_culprits(current, probe, failure, cands)
+        if not culprits:  # nothing pruned, or no subset fails: not the plan's doing
+            raise SecateursError(f"the safety net's check fails without any pruned group to "
+                                 f"blame ({failure.text()}); please report this model")
         for gid, f, alone in culprits:
             what = f"group {gid}" if describe is None else describe(gid)
             how = "" if alone else ", in combination with other pruned groups"
@@ -397,7 +403,6 @@ class FxNet:
     notes: list[str] = field(default_factory=list)
     _modes: dict[int, str | None] = field(default_factory=dict)  # batch -> meta | fake | None
     _expected: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    _atom_group: np.ndarray | None = None
     trials: int = 0
     _last_plan: tuple[Any, Plan] | None = None
     last_diff: float = 0.0  # max abs diff of the last passing ``exact`` trial
@@ -522,9 +527,7 @@ class FxNet:
         name = failure.node_name
         if not name:
             return []
-        nodes = [n for n in self.analysis.graph.nodes
-                 if n.name == name or n.name.startswith(name + "__")]
-        values = {v for n in nodes for v in [*n.inputs, *n.outputs] if v is not None}
+        values = _node_values(self.analysis, name)
         fx_node = next((n for n in self.gm.graph.nodes if n.name == name), None)
         if fx_node is not None:
             values |= {a.name for a in fx_node.all_input_nodes}
@@ -536,19 +539,7 @@ class FxNet:
         return sorted(g for g in groups if g in removed)
 
     def _groups_of(self, values: Iterable[str]) -> set[int]:
-        res = self.analysis.resolution
-        if self._atom_group is None:
-            ag = np.full(len(res.is_atom), -1, dtype=np.int64)
-            for g in self.analysis.groups:
-                ag[g.atoms] = g.id
-            self._atom_group = ag
-        out: set[int] = set()
-        for v in values:
-            for vec in self.analysis.labels.get(v, ()):
-                atoms = res.atoms_of(np.asarray(vec, dtype=np.int64))
-                ids = self._atom_group[atoms[atoms >= 0]]
-                out.update(int(i) for i in np.unique(ids) if i >= 0)
-        return out
+        return _groups_of(self.analysis, values)
 
     # ---- exact
 
@@ -579,6 +570,26 @@ class FxNet:
         return self.runs(removed) or self.exact(removed)
 
 
+def _groups_of(analysis: Analysis, values: Iterable[str]) -> set[int]:
+    """Ids of the groups with an atom in the labels of ``values``."""
+    res = analysis.resolution
+    atom_group = np.full(len(res.is_atom), -1, dtype=np.int64)
+    for g in analysis.groups:
+        atom_group[g.atoms] = g.id
+    out: set[int] = set()
+    for v in values:
+        for vec in analysis.labels.get(v, ()):
+            atoms = res.atoms_of(np.asarray(vec, dtype=np.int64))
+            ids = atom_group[atoms[atoms >= 0]]
+            out.update(int(i) for i in np.unique(ids) if i >= 0)
+    return out
+
+
+def _node_values(analysis: Analysis, name: str) -> set[str]:
+    nodes = [n for n in analysis.graph.nodes if n.name == name or n.name.startswith(name + "__")]
+    return {v for n in nodes for v in [*n.inputs, *n.outputs] if v is not None}
+
+
 def _flat_tensors(out: Any) -> list[torch.Tensor]:
     return [t for t in _flat_nodes(out) if isinstance(t, torch.Tensor)]
 
@@ -599,3 +610,164 @@ def compare_outputs(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor
         else:
             ok &= bool(torch.equal(e, g))
     return ok, worst
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX: trials by apply (strict shape inference, checker) and ONNX Runtime
+# --------------------------------------------------------------------------------------------
+
+_ORT_NODE = re.compile(r"node\. Name:'([^']*)'")
+_INFER_NODE = re.compile(r"node name: ([^)]*)\)")
+
+
+def _onnx_node(message: str) -> str:
+    m = _ORT_NODE.search(message) or _INFER_NODE.search(message)
+    return m.group(1).strip() if m else ""
+
+
+@dataclass
+class OnnxNet:
+    """The net for an ONNX model. ``apply(model, plan)`` is the frontend's apply (it runs
+    strict shape inference and the checker), ``run(model, feeds)`` an ONNX Runtime session,
+    ``verify(original, pruned, plan, feeds)`` the contract; ``dynamic_batch`` says whether
+    the original declares a free batch dim (only then is a second batch tried).
+
+    Each trial: the apply (strict shape inference at the example shapes), strict shape
+    inference at the second batch, and, with ``use_ort``, ONNX Runtime at both batches
+    (shape inference does not check a Reshape's element count; the runtime does, at the
+    cost of a real forward, so the caller enables it for small models and under verify)."""
+
+    model: Any
+    analysis: Analysis
+    feeds: dict[str, np.ndarray]
+    apply: Callable[[Any, Plan], Any]
+    run: Callable[[Any, Mapping[str, np.ndarray]], Any]
+    verify: Callable[..., tuple[bool, float]]
+    plan_meta: dict[str, Any] = field(default_factory=dict)
+    dynamic_batch: bool = False
+    use_ort: bool = True
+    exclude_exact: frozenset[int] = frozenset()
+    notes: list[str] = field(default_factory=list)
+    trials: int = 0
+    last_diff: float = 0.0
+    _last: tuple[Any, Plan, Any] | None = None
+    _original: dict[int, bool] = field(default_factory=dict)  # batch -> original runs
+
+    def plan(self, removed: Selection) -> Plan:
+        key = tuple((g, np.asarray(u).tobytes()) for g, u in sorted(removed.items()))
+        if self._last is None or self._last[0] != key:
+            plan = build_plan(self.analysis, dict(removed), self.plan_meta)
+            self._last = (key, plan, None)
+        return self._last[1]
+
+    def applied(self, removed: Selection) -> tuple[Plan, Any]:
+        """The plan of ``removed`` and the pruned model (the last one is cached)."""
+        plan = self.plan(removed)
+        assert self._last is not None
+        if self._last[2] is None:
+            self._last = (self._last[0], plan, self.apply(self.model, plan))
+        return plan, self._last[2]
+
+    def _second_feeds(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        b = batch_of([torch.from_numpy(np.asarray(v)) for v in self.feeds.values()])
+        if not self.dynamic_batch or b is None:
+            return None
+        b2 = second_batch(b)
+        return b2, {k: np.concatenate([v] * b2)[:b2] if v.ndim and v.shape[0] == b else v
+                    for k, v in self.feeds.items()}
+
+    def runs(self, removed: Selection) -> Failure | None:
+        self.trials += 1
+        try:
+            _, pruned = self.applied(removed)
+        except Exception as exc:  # noqa: BLE001 - the pruned model does not check
+            return Failure(f"`{_onnx_node(str(exc))}`" if _onnx_node(str(exc)) else "apply",
+                           _first_line(exc), node_name=_onnx_node(str(exc)))
+        shapes: list[tuple[int, Mapping[str, np.ndarray]]] = [(-1, self.feeds)]
+        second = self._second_feeds()
+        if second is not None:
+            shapes.append(second)
+        if second is not None:
+            f = self._infer_at(pruned, second[0])
+            if f is not None and self._original_checks_at(second[0]):
+                return f
+        for b, feeds in shapes if self.use_ort else ():
+            try:
+                self.run(pruned, feeds)
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime refused the pruned model
+                if not self._original_runs_at(b, feeds):
+                    continue
+                node = _onnx_node(str(exc))
+                return Failure(f"`{node}`" if node else "run", _first_line(exc),
+                               node_name=node)
+        return None
+
+    def _infer_at(self, model: Any, b: int) -> Failure | None:
+        """Strict shape inference with the batch dim of every input set to ``b``."""
+        import onnx
+
+        from secateurs.graph.from_onnx import skeleton
+
+        sk = skeleton(model)
+        del sk.graph.value_info[:]
+        for o in sk.graph.output:
+            o.type.tensor_type.ClearField("shape")
+        for i in sk.graph.input:
+            if i.name in self.feeds and len(i.type.tensor_type.shape.dim):
+                i.type.tensor_type.shape.dim[0].dim_value = b
+        try:
+            onnx.shape_inference.infer_shapes(sk, check_type=True, strict_mode=True,
+                                              data_prop=True)
+        except Exception as exc:  # noqa: BLE001 - inference raises several types
+            node = _onnx_node(str(exc))
+            return Failure(f"`{node}`" if node else f"batch size {b}", _first_line(exc),
+                           node_name=node)
+        return None
+
+    def _original_checks_at(self, b: int) -> bool:
+        key = -1000 - b
+        if key not in self._original:
+            f = self._infer_at(self.model, b)
+            self._original[key] = f is None
+            if f is not None:
+                self.notes.append(f"not checked at batch size {b}: the original model's "
+                                  f"shapes do not infer there either ({f.message})")
+        return self._original[key]
+
+    def _original_runs_at(self, b: int, feeds: Mapping[str, np.ndarray]) -> bool:
+        """Whether ONNX Runtime runs the original there (once per batch; noted if not: a
+        custom-domain op, a batch size fixed in the graph)."""
+        if b not in self._original:
+            try:
+                self.run(self.model, feeds)
+                self._original[b] = True
+            except Exception as exc:  # noqa: BLE001 - the original cannot run there
+                self._original[b] = False
+                what = "the example shapes" if b < 0 else f"batch size {b}"
+                self.notes.append(f"not run under ONNX Runtime at {what}: the original model "
+                                  f"does not run there either ({_first_line(exc)})")
+        return self._original[b]
+
+    def candidates(self, failure: Failure, removed: Selection) -> list[int]:
+        if not failure.node_name:
+            return []
+        groups = _groups_of(self.analysis, _node_values(self.analysis, failure.node_name))
+        return sorted(g for g in groups if g in removed)
+
+    def exact(self, removed: Selection) -> Failure | None:
+        sel = {g: u for g, u in removed.items() if g not in self.exclude_exact}
+        if not sel:
+            return None
+        self.trials += 1
+        plan = build_plan(self.analysis, sel, self.plan_meta)
+        try:
+            ok, diff = self.verify(self.model, self.apply(self.model, plan), plan, self.feeds)
+        except Exception as exc:  # noqa: BLE001 - a trial that cannot run is a failure
+            return Failure("", f"removing it makes the model fail: {_first_line(exc)}", "exact")
+        if ok:
+            self.last_diff = diff
+            return None
+        return Failure("", f"removing it changes outputs (max abs diff {diff:.3g})", "exact")
+
+    def both(self, removed: Selection) -> Failure | None:
+        return self.runs(removed) or self.exact(removed)

@@ -327,3 +327,67 @@ def test_real_patterns_come_out_working_and_exact(make, x):
     for r in result.report.repairs:
         assert r.reason.startswith(f"group {r.group} (")
         assert ("fails at `" in r.reason) or ("not mask-equivalent" in r.reason)
+
+
+# ---- ONNX: the same net (apply's strict shape inference, ONNX Runtime at two batch sizes)
+
+
+def _onnx_two_branch(batch: int | str = 1, reshape_batch: int | None = None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "ws"], ["s"], name="stem", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["s"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "wa"], ["a"], name="conv_a", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["r", "wb"], ["b"], name="conv_b", kernel_shape=[1, 1]),
+        helper.make_node("Mul", ["a", "b"], ["m"], name="mul"),
+        helper.make_node("Conv", ["m", "wo"], ["y"], name="conv_out", kernel_shape=[1, 1]),
+    ]
+    inits = [init("ws", 8, 3, 1, 1), init("wa", 12, 8, 1, 1), init("wb", 12, 8, 1, 1),
+             init("wo", 4, 12, 1, 1)]
+    out_name, out_shape = "y", [batch, 4, 4, 4]
+    if reshape_batch is not None:
+        nodes.append(helper.make_node("Reshape", ["y", "shape"], ["z"], name="flat"))
+        inits.append(numpy_helper.from_array(np.array([reshape_batch, 64]), "shape"))
+        out_name, out_shape = "z", [batch, 64]
+    graph = helper.make_graph(
+        nodes, "two_branch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 4, 4])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_onnx_crashing_plan_is_repaired(wrong_mul):
+    from secateurs.passes.prune_onnx import prune_onnx
+
+    model = _onnx_two_branch()
+    result = prune_onnx(model, ratio=0.5, round_to=1, ignore=["wa"], verify=True)
+    assert result.report.exact
+    reasons = [r.reason for r in result.report.repairs]
+    assert reasons and all("wb[0]" in r and "mul" in r for r in reasons), reasons
+    assert "wb" not in result.plan.removed  # (ignoring wa keeps the stem's group too)
+    assert "fails at `mul`" in reasons[0] and reasons[0] in result.report.table()
+    row = next(r for r in result.report.groups if r.id == result.report.repairs[0].group)
+    assert row.pinned == reasons[0]
+
+
+def test_onnx_second_batch_where_the_batch_is_free(wrong_mul):
+    from secateurs.passes.prune_onnx import _run, prune_onnx
+
+    dyn = prune_onnx(_onnx_two_branch("N"), ratio=0.5, round_to=1, ignore=["wa"],
+                     input_shapes={"x": [1, 3, 4, 4]}, verify=True)
+    assert dyn.report.exact and dyn.report.repairs and not dyn.report.notes
+    for b in (1, 2):
+        _run(dyn.model, {"x": np.zeros((b, 3, 4, 4), np.float32)})
+    # a batch fixed inside the graph: the second batch cannot be checked, and says so
+    fixed = prune_onnx(_onnx_two_branch("N", reshape_batch=1), ratio=0.5, round_to=1,
+                       ignore=["wa"], input_shapes={"x": [1, 3, 4, 4]}, verify=True)
+    assert fixed.report.exact
+    assert any("batch size 2" in n for n in fixed.report.notes), fixed.report.notes
