@@ -295,7 +295,12 @@ def _load(state: _State) -> None:
 
     model, _ = load_model(state.source)
     src = str(state.source) if isinstance(state.source, (str, os.PathLike)) else "ModelProto"
-    state.feeds = _default_feeds(model, state.options.get("input_shapes"))
+    if state.options["calibration"] is not None:
+        # real inputs: checks and latency run on data, not on noise outside its range
+        state.calibration = _calibration(model, state.options["calibration"])
+        state.feeds = dict(state.calibration[0])
+    else:
+        state.feeds = _default_feeds(model, state.options.get("input_shapes"))
     _record(state, "input", model, {"source": src}, _count_macs(model, state.feeds))
 
 
@@ -309,6 +314,8 @@ def _export_model(module: Any, example_inputs: Any) -> Any:
 def _export(state: _State) -> None:
     model = _export_model(state.torch_model, state.example_inputs)
     state.feeds = _torch_feeds(model, state.example_inputs)
+    if state.options["calibration"] is not None:
+        state.calibration = _calibration(model, state.options["calibration"])
     _record(state, "input", model, {"source": type(state.torch_model).__name__},
             _count_macs(model, state.feeds))
 
@@ -549,7 +556,8 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     tensor cores), for torch and ONNX input alike. ``output`` /
     ``report`` / ``plot``: written only after every stage passed. ``measure``: time every
     stage's model in ORT CPU (``threads``, ``repeats`` interleaved runs, median).
-    ``progress``: receives one line per stage.
+    ``progress``: receives one line per stage. With ONNX input and ``calibration``, the
+    checks and latency run on the first calibration batch (else on random inputs).
     """
     import torch
 
@@ -582,8 +590,6 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     timer = StageTimer()
     for index, (name, fn) in enumerate(stages, 1):
         say(f"[{index}/{total}] {name}")
-        if name == "quantize" and calibration is not None:
-            state.calibration = _calibration(state.model, calibration)
         timer.run(name, fn, state)
     rows = _rows(state, timer.seconds)
     result = OptimizeResult(state.model, tuple(rows), dict(state.models),
