@@ -434,6 +434,9 @@ class FxNet:
             with Trial(self.gm, plan, meta=mode in _META_MODES) as gm, torch.no_grad():
                 for args in shapes:
                     out.append(self._run_once(gm, args, mode))
+                    if out[-1] is not None:  # a failing trial need not try more shapes
+                        break
+            out += [None] * (len(shapes) - len(out))
         except TrialBroken:
             raise
         except Exception as exc:  # noqa: BLE001 - the apply itself failed on this plan
