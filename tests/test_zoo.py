@@ -22,6 +22,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "swin_window": (1, 10),
     "convnext_tv": (1, 10),
     "efficientnet_tv": (1, 10),
+    "stdconv_net": (1, 10),
     # end conv_wild
     "conv1d_net": (1, 10),
     "conv3d_net": (1, 5),

@@ -100,8 +100,10 @@ _SIGS: dict[str, tuple[str, ...]] = {
                          "groups", "dilation"),
     "conv_transpose3d": ("input", "weight", "bias", "stride", "padding", "output_padding",
                          "groups", "dilation"),
-    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias"),
-    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training",
+                   "momentum", "eps"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias",
+                      "use_input_stats", "momentum", "eps"),
     "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
     "rms_norm": ("input", "normalized_shape", "weight", "eps"),
     "group_norm": ("input", "num_groups", "weight", "bias", "eps"),
@@ -184,8 +186,13 @@ def _conv(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 
 def _batch_norm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
-    return "batch_norm", [b["input"], b.get("weight"), b.get("bias"), b.get("running_mean"),
-                          b.get("running_var")], {}
+    """``batch_stats``: normalised with statistics of the input itself (``training=True``,
+    instance norm's ``use_input_stats``), not running ones: weight standardisation
+    (``F.batch_norm(w.reshape(1, K, -1), None, None, training=True)``) is one of these."""
+    op = "instance_norm" if "instance" in call_key(node) else "batch_norm"
+    stats = b.get("use_input_stats", True) if op == "instance_norm" else b.get("training", False)
+    return op, [b["input"], b.get("weight"), b.get("bias"), b.get("running_mean"),
+                b.get("running_var")], {"batch_stats": bool(stats)}
 
 
 def _layer_norm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
@@ -415,7 +422,8 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
     if isinstance(mod, nn.modules.batchnorm._NormBase):  # batch and instance norms
         op = "instance_norm" if isinstance(mod, nn.modules.instancenorm._InstanceNorm) \
             else "batch_norm"
-        return op, ["weight", "bias", "running_mean", "running_var"], {}
+        stats = mod.training or not mod.track_running_stats or mod.running_mean is None
+        return op, ["weight", "bias", "running_mean", "running_var"], {"batch_stats": stats}
     if isinstance(mod, nn.LayerNorm):
         return "layer_norm", ["weight", "bias"], {"ndim": len(mod.normalized_shape)}
     if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):

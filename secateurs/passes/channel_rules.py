@@ -245,13 +245,26 @@ def _features_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[st
 
 @_register("batch_norm", "instance_norm", rewrite=_features_rewrite)
 def _batch_norm(ctx: RuleContext) -> list[Labels | None]:
-    """Per-channel affine and statistics: every per-channel tensor follows the channel."""
-    x = ctx.ins[0]
+    """Per-channel affine and statistics: every per-channel tensor follows the channel.
+
+    With running statistics (BatchNorm in eval) that is all: a per-channel affine map. With
+    statistics of the input itself (``batch_stats``: training mode, ``track_running_stats=False``,
+    instance norm, and weight standardisation — ``batch_norm`` over ``w.reshape(1, K, -1)``,
+    NF-Net/BiT) the mean and variance are taken over every other dim (instance norm: the dims
+    after the channel), so removing a position of those dims changes them: lossy."""
+    x, shape = ctx.ins[0], ctx.in_shapes[0] or ()
     assert x is not None
-    c = x[_channel_dim(ctx)]
+    cd = _channel_dim(ctx)
+    c = x[cd]
     for p in ctx.ins[1:]:
         if p is not None:
             ctx.space.unify(c, p[0])
+    instance = ctx.node.op == "instance_norm"
+    if ctx.node.attrs.get("batch_stats", instance):
+        for d, (vec, size) in enumerate(zip(x, shape)):
+            if d != cd and size > 1 and (d > cd or not instance):
+                ctx.space.mark_lossy(vec, f"{ctx.where} normalises with statistics over "
+                                          "this dim")
     ctx.keep["c"] = c
     return [x]
 

@@ -10,6 +10,9 @@ Each model reproduces one way real code spells an op, not a whole published netw
   ``stochastic_depth`` (a ``torch.fx.wrap``-ed function, as torchvision's ``ops`` has it);
 * ``TvEfficientNet`` — torchvision-style EfficientNet: MBConv with squeeze-excite and
   ``stochastic_depth`` on every residual branch;
+* ``StdConvNet`` — weight standardisation: an NF-Net stage (``ScaledStdConv2d`` with a learned
+  gain, scaled activations, skip-init residual, squeeze-excite) and a BiT stage (``StdConv2d``
+  after GroupNorm); the standardised convs normalise over their input channels;
 * more below, one per failure class.
 
 Default configs are small (unit tests); constructor arguments give the large configs the
@@ -24,7 +27,8 @@ from torch import nn
 
 from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
 
-__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "ENTRIES"]
+__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet",
+           "ENTRIES"]
 
 
 # ------------------------------------------------------------------ Swin-style window attention
@@ -308,6 +312,96 @@ class TvEfficientNet(nn.Module):
         return self.classifier(x)
 
 
+# ------------------------------------------------------- weight standardisation (NF-Net, BiT)
+
+
+class StdConv2d(nn.Conv2d):
+    """BiT: each filter standardised over (in, kh, kw) by ``batch_norm`` in training mode."""
+
+    def __init__(self, *args, eps: float = 1e-8, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         training=True, momentum=0.0, eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """NF-Net: standardised filters times a learned per-filter gain and ``gamma / sqrt(fan_in)``."""
+
+    def __init__(self, *args, gamma: float = 1.0, eps: float = 1e-6, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=self.eps).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class NFBlock(nn.Module):
+    """Pre-activation bottleneck without normalisation layers: ``x + alpha * f(beta * act(x))``
+    with a skip-init gain, and squeeze-excite on plain convs."""
+
+    def __init__(self, dim: int, mid: int, alpha: float = 0.2, beta: float = 1.0) -> None:
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+        self.conv1 = ScaledStdConv2d(dim, mid, 1, gamma=1.7)
+        self.conv2 = ScaledStdConv2d(mid, mid, 3, padding=1, gamma=1.7)
+        self.conv3 = ScaledStdConv2d(mid, dim, 1, gamma=1.7)
+        self.se_fc1, self.se_fc2 = nn.Conv2d(dim, dim // 2, 1), nn.Conv2d(dim // 2, dim, 1)
+        self.skipinit_gain = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.gelu(x) * self.beta
+        out = self.conv1(out)
+        out = self.conv2(F.gelu(out))
+        out = self.conv3(F.gelu(out))
+        s = self.se_fc2(F.relu(self.se_fc1(out.mean((2, 3), keepdim=True))))
+        out = out * torch.sigmoid(s) * 2.0
+        return out * self.alpha * self.skipinit_gain + x
+
+
+class BiTBlock(nn.Module):
+    """ResNetV2 pre-activation bottleneck: GroupNorm + ReLU before each StdConv2d."""
+
+    def __init__(self, dim: int, mid: int, groups: int = 4) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(groups, dim), StdConv2d(dim, mid, 1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, mid)
+        self.conv2 = StdConv2d(mid, mid, 3, padding=1, bias=False)
+        self.norm3, self.conv3 = nn.GroupNorm(groups, mid), StdConv2d(mid, dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.norm1(x)))
+        out = self.conv2(F.relu(self.norm2(out)))
+        return x + self.conv3(F.relu(self.norm3(out)))
+
+
+class StdConvNet(nn.Module):
+    """Stem ScaledStdConv2d, NF-Net blocks, a StdConv2d transition, BiT blocks, pooled head."""
+
+    def __init__(self, dim: int = 16, nf_blocks: int = 1, bit_blocks: int = 1,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = ScaledStdConv2d(3, dim, 3, stride=2, padding=1)
+        self.nf = nn.Sequential(*[NFBlock(dim, dim // 2) for _ in range(nf_blocks)])
+        self.trans = StdConv2d(dim, 2 * dim, 3, stride=2, padding=1)
+        self.bit = nn.Sequential(*[BiTBlock(2 * dim, dim) for _ in range(bit_blocks)])
+        self.norm = nn.GroupNorm(4, 2 * dim)
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bit(self.trans(self.nf(self.stem(x))))
+        x = F.relu(self.norm(x)).mean((2, 3))
+        return self.head(x)
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="swin_window",
@@ -333,5 +427,14 @@ ENTRIES: tuple[ZooModel, ...] = (
                     "on every residual",
         tags=frozenset({"cnn", "residual", "batchnorm", "depthwise", "squeeze-excite",
                         "stochastic-depth"}),
+    ),
+    ZooModel(
+        name="stdconv_net",
+        build=seeded_build(StdConvNet),
+        example_inputs=seeded_randn(1, 3, 16, 16),
+        description="weight standardisation: NF-Net ScaledStdConv2d blocks (gain, skip-init, SE) "
+                    "and BiT StdConv2d + GroupNorm blocks",
+        tags=frozenset({"cnn", "residual", "weight-standardisation", "groupnorm",
+                        "squeeze-excite"}),
     ),
 )

@@ -143,3 +143,44 @@ def test_stochastic_depth_is_elementwise(ratio):
     assert _width(result.model, "features.0.0", "out_channels") < 8
     pruned = result.model.train()  # training mode: per-sample drop, still runs
     assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------ class 5: weight standardisation
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_weight_standardisation_is_lossy_and_the_rest_exact(ratio):
+    model, result = _prune("stdconv_net", ratio)
+    # squeeze-excite (plain convs) prunes; standardised convs keep their input channels
+    assert _width(result.model, "nf.0.se_fc1", "out_channels") < 8
+    for path, width in (("stem", 16), ("nf.0.conv1", 8), ("trans", 32), ("bit.0.conv1", 16)):
+        assert result.model.get_parameter(f"{path}.weight").shape[0] == width
+    analysis = secateurs.analyze(model, zoo.get("stdconv_net").example_inputs())
+    for param in ("nf.0.conv2.weight", "bit.0.conv2.weight", "stem.gain"):
+        assert any("normalises with statistics over this dim" in r
+                   for r in _reasons(analysis, param, kind="lossy")), param
+
+
+def test_weight_standardisation_lossy_mark_is_needed():
+    """What the mark protects against: pruning the standardised channels anyway is not
+    mask-equivalent (the filter statistics change)."""
+    entry = zoo.get("stdconv_net")
+    model, x = entry.build(), entry.example_inputs()
+    result = secateurs.prune(model, x, ratio=0.5, allow_lossy=True)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert not ok and diff > 1e-3
+
+
+def test_batch_norm_statistics_follow_the_mode():
+    """BatchNorm with running statistics is a per-channel affine map (exact); without running
+    statistics (and InstanceNorm) it normalises over the batch and spatial dims."""
+    def bn_lossy(bn: nn.Module) -> list[str]:
+        # statistics over L = the 4 trailing features of a Linear: [B, 2, 4]
+        model = nn.Sequential(nn.Linear(6, 8), nn.Unflatten(1, (2, 4)), bn, nn.Flatten(1),
+                              nn.Linear(8, 3)).eval()
+        analysis = secateurs.analyze(model, (torch.randn(5, 6),))
+        return [r for g in analysis.groups for r in g.lossy_reasons]
+
+    assert bn_lossy(nn.BatchNorm1d(2)) == []
+    assert any("statistics" in r for r in bn_lossy(nn.BatchNorm1d(2, track_running_stats=False)))
+    assert any("statistics" in r for r in bn_lossy(nn.InstanceNorm1d(2)))
