@@ -215,20 +215,26 @@ class Trial:
     plan's removed slices (on copies) and changes nothing else."""
 
     def __init__(self, gm: torch.fx.GraphModule, plan: Plan | None = None, *,
-                 meta: bool = False, zero: Plan | None = None) -> None:
+                 meta: bool = False, zero: Plan | None = None,
+                 modules: list[nn.Module] | None = None,
+                 stand_ins: dict[int, torch.Tensor] | None = None) -> None:
         self.gm, self.plan, self.meta, self.zero = gm, plan, meta, zero
+        self.modules = modules if modules is not None else list(gm.modules())
+        # meta stand-ins by id of the real tensor: reusable across trials of one module,
+        # since every trial restores the real tensors
+        self.stand_ins = stand_ins if stand_ins is not None else {}
 
     def __enter__(self) -> torch.fx.GraphModule:
         gm = self.gm
         self._mods = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers))
-                      for m in gm.modules()]
+                      for m in self.modules]
         self._nodes = [(n, n.target, n.args, n.kwargs) for n in gm.graph.nodes]
         try:
             gm.__dict__["recompile"] = lambda: None
-            for m in gm.modules():
+            for m in self.modules:
                 m.__dict__["training"] = False
             if self.meta:
-                _swap_to_meta(gm)
+                _swap_to_meta(gm, self.modules, self.stand_ins)
             if self.zero is not None:
                 _zero_slices(gm, self.zero)
             if self.plan is not None:
@@ -261,9 +267,8 @@ class Trial:
                                  "which a trial cannot undo; please report this model")
 
 
-def _swap_to_meta(gm: torch.fx.GraphModule) -> None:
-    stand_in: dict[int, torch.Tensor] = {}
-
+def _swap_to_meta(gm: torch.fx.GraphModule, modules: list[nn.Module],
+                  stand_in: dict[int, torch.Tensor]) -> None:
     def meta_of(t: torch.Tensor) -> torch.Tensor:
         new = stand_in.get(id(t))
         if new is None:
@@ -273,8 +278,11 @@ def _swap_to_meta(gm: torch.fx.GraphModule) -> None:
             stand_in[id(t)] = new
         return new
 
-    for slots, attr, t in list(tensor_slots(gm)):
-        slots[attr] = meta_of(t)
+    for mod in modules:
+        for slots in (mod._parameters, mod._buffers):
+            for attr, t in slots.items():
+                if t is not None:
+                    slots[attr] = meta_of(t)
     for n in gm.graph.nodes:  # tensor constants kept as plain attributes (FX constants)
         if n.op != "get_attr":
             continue
@@ -405,6 +413,13 @@ class FxNet:
     _expected: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     trials: int = 0
     _last_plan: tuple[Any, Plan] | None = None
+    _module_list: list[nn.Module] = field(default_factory=list)
+    _stand_ins: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def _modules(self) -> list[nn.Module]:
+        if not self._module_list:
+            self._module_list = list(self.gm.modules())
+        return self._module_list
     last_diff: float = 0.0  # max abs diff of the last passing ``exact`` trial
 
     def plan(self, removed: Selection) -> Plan:
@@ -431,7 +446,8 @@ class FxNet:
         self.trials += 1
         out: list[Failure | None] = []
         try:
-            with Trial(self.gm, plan, meta=mode in _META_MODES) as gm, torch.no_grad():
+            with Trial(self.gm, plan, meta=mode in _META_MODES, modules=self._modules(),
+                       stand_ins=self._stand_ins) as gm, torch.no_grad():
                 for args in shapes:
                     out.append(self._run_once(gm, args, mode))
                     if out[-1] is not None:  # a failing trial need not try more shapes
