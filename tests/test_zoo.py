@@ -23,6 +23,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "convnext_tv": (1, 10),
     "efficientnet_tv": (1, 10),
     "stdconv_net": (1, 10),
+    "split_net": (1, 10),
     # end conv_wild
     "conv1d_net": (1, 10),
     "conv3d_net": (1, 5),

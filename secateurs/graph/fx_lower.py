@@ -557,7 +557,7 @@ class _Lowering:
         if key == "getitem" and isinstance(n.args[0], torch.fx.Node):
             src = n.args[0]
             if f"{src.name}.0" in self.values or isinstance(_node_shape(src), list):
-                self.alias[n.name] = f"{self.alias.get(src.name, src.name)}.{n.args[1]}"
+                self.alias_item(n, src)
                 return
             if shape is None:
                 return
@@ -579,6 +579,18 @@ class _Lowering:
             return self.emit_addmm(n, b, key)
         op, operands, attrs = lower(n, b)
         self.emit(n, op, operands, attrs, key)
+
+    def alias_item(self, n: torch.fx.Node, src: torch.fx.Node) -> None:
+        """``xs[i]`` of a multi-output node (split, chunk, unbind, topk) names output ``i``;
+        a negative ``i`` (``xs[-1]``: Res2Net, EdgeNeXt) counts from the end."""
+        base = self.alias.get(src.name, src.name)
+        idx = n.args[1]
+        if isinstance(idx, int) and idx < 0:
+            shapes = _node_shape(src)
+            count = len(shapes) if isinstance(shapes, list) else \
+                next(i for i in range(1 << 20) if f"{base}.{i}" not in self.values)
+            idx += count
+        self.alias[n.name] = f"{base}.{idx}"
 
     def emit_addmm(self, n: torch.fx.Node, b: dict[str, Any], key: str) -> None:
         mid = f"{n.name}__mm"

@@ -13,6 +13,9 @@ Each model reproduces one way real code spells an op, not a whole published netw
 * ``StdConvNet`` — weight standardisation: an NF-Net stage (``ScaledStdConv2d`` with a learned
   gain, scaled activations, skip-init residual, squeeze-excite) and a BiT stage (``StdConv2d``
   after GroupNorm); the standardised convs normalise over their input channels;
+* ``SplitNet`` — negative indices into split/chunk results: a Res2Net bottleneck
+  (``torch.split`` into scales, hierarchical 3x3 convs, ``spx[-1]`` passed through) and an
+  EdgeNeXt split-depthwise block (``x.chunk``, ``spx[-1]``);
 * more below, one per failure class.
 
 Default configs are small (unit tests); constructor arguments give the large configs the
@@ -27,7 +30,7 @@ from torch import nn
 
 from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
 
-__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet",
+__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet", "SplitNet",
            "ENTRIES"]
 
 
@@ -402,6 +405,78 @@ class StdConvNet(nn.Module):
         return self.head(x)
 
 
+# ------------------------------------------------------- negative split indices (Res2Net, EdgeNeXt)
+
+
+class Res2NetBottleneck(nn.Module):
+    def __init__(self, cin: int, width: int, scale: int, cout: int) -> None:
+        super().__init__()
+        self.width = width
+        self.conv1 = nn.Conv2d(cin, width * scale, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False)
+                                   for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale - 1))
+        self.conv3 = nn.Conv2d(width * scale, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        spx = torch.split(out, self.width, 1)
+        spo = []
+        sp = spx[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 else sp + spx[i]
+            sp = F.relu(bn(conv(sp)))
+            spo.append(sp)
+        spo.append(spx[-1])
+        out = self.bn3(self.conv3(torch.cat(spo, 1)))
+        return F.relu(out + x)
+
+
+class SplitDepthwise(nn.Module):
+    """EdgeNeXt's split-transpose block, conv part: chunks, hierarchical depthwise convs, the last
+    chunk passed through, then a pointwise MLP (BatchNorm here, to keep it exact)."""
+
+    def __init__(self, dim: int, splits: int) -> None:
+        super().__init__()
+        width = dim // splits
+        self.splits = splits
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=width)
+                                   for _ in range(splits - 1))
+        self.norm = nn.BatchNorm2d(dim)
+        self.pw1, self.pw2 = nn.Conv2d(dim, 2 * dim, 1), nn.Conv2d(2 * dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spx = x.chunk(self.splits, dim=1)
+        spo = []
+        sp = spx[0]
+        for i, conv in enumerate(self.convs):
+            if i > 0:
+                sp = sp + spx[i]
+            sp = conv(sp)
+            spo.append(sp)
+        spo.append(spx[-1])
+        h = self.norm(torch.cat(spo, 1))
+        return x + self.pw2(F.gelu(self.pw1(h)))
+
+
+class SplitNet(nn.Module):
+    def __init__(self, dim: int = 16, width: int = 4, scale: int = 4, splits: int = 4,
+                 blocks: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1, bias=False), nn.BatchNorm2d(dim),
+                                  nn.ReLU())
+        self.res2 = nn.Sequential(*[Res2NetBottleneck(dim, width, scale, dim)
+                                    for _ in range(blocks)])
+        self.edge = nn.Sequential(*[SplitDepthwise(dim, splits) for _ in range(blocks)])
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.edge(self.res2(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="swin_window",
@@ -436,5 +511,13 @@ ENTRIES: tuple[ZooModel, ...] = (
                     "and BiT StdConv2d + GroupNorm blocks",
         tags=frozenset({"cnn", "residual", "weight-standardisation", "groupnorm",
                         "squeeze-excite"}),
+    ),
+    ZooModel(
+        name="split_net",
+        build=seeded_build(SplitNet),
+        example_inputs=seeded_randn(1, 3, 16, 16),
+        description="Res2Net bottleneck (torch.split, spx[-1]) and EdgeNeXt split-depthwise "
+                    "block (x.chunk, spx[-1])",
+        tags=frozenset({"cnn", "residual", "batchnorm", "split", "depthwise"}),
     ),
 )

@@ -184,3 +184,19 @@ def test_batch_norm_statistics_follow_the_mode():
     assert bn_lossy(nn.BatchNorm1d(2)) == []
     assert any("statistics" in r for r in bn_lossy(nn.BatchNorm1d(2, track_running_stats=False)))
     assert any("statistics" in r for r in bn_lossy(nn.InstanceNorm1d(2)))
+
+
+# ------------------------------------------------------------------ class 6: xs[-1]
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_negative_split_index_names_the_last_piece(ratio):
+    model, result = _prune("split_net", ratio)
+    assert result.model.get_parameter("res2.0.conv1.weight").shape[0] < 16
+    assert result.model.get_parameter("edge.0.pw1.weight").shape[0] < 32
+    analysis = secateurs.analyze(model, zoo.get("split_net").example_inputs())
+    assert not [r for g in analysis.groups for r in g.pin_reasons if "unknown origin" in r]
+    # conv3 reads the pass-through piece spx[-1] (its last 4 input channels) from conv1
+    conv3_in = next(g for g in analysis.groups for m in g.members
+                    if m.param == "res2.0.conv3.weight" and m.dim == 1 and 15 in m.positions)
+    assert "res2.0.conv1.weight" in conv3_in.params()
