@@ -23,6 +23,7 @@ from secateurs.passes.prune import (
     verify_mask_equivalence,
     zero_plan_slices,
 )
+from secateurs.passes.repair import Repair
 from secateurs.passes.schedule import (
     iterative_prune,
     prune_depth,
@@ -52,7 +53,7 @@ _LAZY = {
 __all__ = [
     "SecateursError", "TraceError", "PlanError", "InputError",
     "analyze", "prune", "apply_plan", "verify_mask_equivalence", "zero_plan_slices",
-    "Plan", "PruneResult", "PruneReport", "Analysis", "ChannelGroup", "Member",
+    "Plan", "PruneResult", "PruneReport", "Repair", "Analysis", "ChannelGroup", "Member",
     "CRITERIA", "ScoreContext", "bn_l1_regularizer",
     "prune_to_macs", "iterative_prune", "sensitivity_scan", "ratios_from_sensitivity",
     "prune_depth",
