@@ -1,7 +1,7 @@
 """Running a model over calibration batches: one calling convention and hooked prefix runs.
 
 A batch is a dict of keyword arguments (tokenizer output), a tuple or list of positional
-arguments, or a single input. ``run_hooked`` runs every batch with forward-pre hooks; a hook
+arguments, a ``BoundArgs`` (both: a module's captured call), or a single input. ``run_hooked`` runs every batch with forward-pre hooks; a hook
 that raises ``StopForward`` ends that batch's forward early, so only the model prefix up to the
 layer being calibrated runs.
 """
@@ -9,16 +9,27 @@ layer being calibrated runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["call_batch", "StopForward", "run_hooked"]
+__all__ = ["BoundArgs", "call_batch", "StopForward", "run_hooked"]
+
+
+@dataclass(frozen=True)
+class BoundArgs:
+    """A captured call: positional and keyword arguments, replayed as ``module(*args, **kwargs)``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def call_batch(model: nn.Module, batch: Any, **extra: Any) -> Any:
     """``model`` on one calibration batch (dict: keywords; tuple/list: positional)."""
+    if isinstance(batch, BoundArgs):
+        return model(*batch.args, **batch.kwargs, **extra)
     if isinstance(batch, Mapping):
         return model(**batch, **extra)
     if isinstance(batch, (tuple, list)):

@@ -43,17 +43,20 @@ __all__ = ["HessianAccumulator", "SparseGPTOptions", "sparsegpt_prune"]
 
 
 class HessianAccumulator:
-    """Accumulates ``Σ_t x_t x_tᵀ`` over calibration rows ``X`` of shape ``[tokens, cols]``."""
+    """Accumulates ``Σ_t x_t x_tᵀ`` over calibration rows ``X`` of shape ``[tokens, cols]``.
+
+    float32, as the paper's code (one ``addmm`` per batch); the dampening below absorbs the
+    rounding, and a float64 copy of every activation cost as much as the pruning itself."""
 
     def __init__(self, cols: int) -> None:
-        self.xtx = torch.zeros(cols, cols, dtype=torch.float64)
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float32)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.xtx.shape[0]:
             raise InputError(f"expected inputs [tokens, {self.xtx.shape[0]}], got {tuple(x.shape)}")
-        x64 = x.detach().to(torch.float64).cpu()
-        self.xtx += x64.T @ x64
+        x = x.detach().to(device="cpu", dtype=torch.float32)
+        self.xtx.addmm_(x.T, x)
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -63,10 +66,12 @@ class HessianAccumulator:
 
 @dataclass(frozen=True)
 class SparseGPTOptions:
-    """``percdamp``: dampening as a fraction of ``mean(diag H)``; ``blocksize``: OBS column block."""
+    """``percdamp``: dampening as a fraction of ``mean(diag H)``; ``blocksize``: OBS column block;
+    ``dtype``: the arithmetic (float32 as the paper's code; float64 for a reference run)."""
 
     percdamp: float = 0.01
     blocksize: int = 128
+    dtype: torch.dtype = torch.float32
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -110,20 +115,20 @@ def sparsegpt_prune(
     if pattern.kind == "bsr" and (rows % pattern.block or cols % pattern.block):
         raise InputError(f"shape {rows}x{cols} does not divide into {pattern.block}x{pattern.block} blocks")
 
-    w = weight.detach().to(torch.float64).cpu().clone()
-    h = hessian.detach().to(torch.float64).cpu().clone()
+    dtype = opts.dtype
+    w = weight.detach().to(device="cpu", dtype=dtype).clone()
+    h = hessian.detach().to(device="cpu", dtype=dtype).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     hinv = _inverse_cholesky(h, opts.percdamp)
     pruned = torch.zeros_like(w, dtype=torch.bool)
     step = _block_size_for(pattern, cols, opts.blocksize)
+    nm = pattern.kind == "nm"
 
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
         if pattern.kind == "unstructured":
@@ -135,22 +140,26 @@ def sparsegpt_prune(
             mask1 = ~keep_tiles.repeat_interleave(b, 0).repeat_interleave(b, 1)
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        # e_i = (w_i - q_i) / U_ii = w_i · pruned_i / U_ii: one multiply by a precomputed
+        # column of `pruned / U_ii` (for N:M, made when the group's mask is chosen)
+        scale = None if nm else mask1.to(dtype) / d1
+        errs = []
         for i in range(i2 - i1):
-            col = w1[:, i]
-            d = hinv1[i, i]
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                sal = w1[:, i : i + pattern.m].square() / d1[i : i + pattern.m].square().unsqueeze(0)
+            if nm and i % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                sal = w1[:, group].square() / d1[group].square()
                 drop = torch.topk(sal, pattern.m - pattern.n, dim=1, largest=False).indices
-                mask1.scatter_(1, i + drop, True)
-            q = col.clone()
-            q[mask1[:, i]] = 0.0
-            q1[:, i] = q
-            err = (col - q) / d
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i1:i2] = q1
+                mask1[:, group].scatter_(1, drop, True)
+                scale_g = mask1[:, group].to(dtype) / d1[group]
+            err = w1[:, i] * (scale_g[:, i % pattern.m] if nm else scale[:, i])
+            # the update of column i itself would only turn it into q_i: skip it, q is masked
+            # from w1 after the block
+            w1[:, i + 1:].addr_(err, hinv1[i, i + 1:], alpha=-1.0)
+            errs.append(err)
+        w[:, i1:i2] = w1.masked_fill_(mask1, 0.0)
         pruned[:, i1:i2] = mask1
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        if i2 < cols:
+            w[:, i2:].addmm_(torch.stack(errs, dim=1), hinv[i1:i2, i2:], alpha=-1.0)
 
     keep = ~pruned
     w[pruned] = 0.0

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secateurs.errors import InputError
-from secateurs.passes.calibration import StopForward, call_batch, run_hooked
+from secateurs.passes.calibration import BoundArgs, StopForward, call_batch, run_hooked
 from secateurs.passes.masks import (
     Masks,
     Pattern,
@@ -293,15 +293,112 @@ def _execution_order(
     of an attention block): sparsifying one cannot change the others' input, so a run is
     calibrated with one prefix pass. Inputs are held alive during the pass, so identity is exact.
     """
+    calls, groups, _ = _probe(model, layers, sample, None)
+    return calls, groups
+
+
+# --------------------------------------------------------------------------- chained blocks
+#
+# Sequential calibration needs each layer's inputs from the model whose earlier layers are
+# already sparse. Running the model prefix for every layer costs O(layers²) forwards. When the
+# layers sit in a chain of blocks (the children of one ModuleList / Sequential: transformer
+# layers, ResNet stages) where block i+1 is called on block i's output with the very same
+# other arguments, each block's inputs are cached once and every layer is calibrated by running
+# only its own block (stopped at the layer), then the block's outputs become the next block's
+# inputs: O(layers) forwards, as the papers' layer-by-layer loops. The chain is verified on the
+# first calibration sample (calls, argument identity, every layer call inside its own block)
+# and a replay (a block re-run on its captured inputs reproduces its output); otherwise the
+# prefix runs are used, which are always right.
+
+
+@dataclass(frozen=True)
+class _Chain:
+    names: tuple[str, ...]
+    blocks: tuple[nn.Module, ...]
+    first: bool  # a tuple output: its element 0 feeds the next block
+    captured: tuple[tuple[BoundArgs, Any], ...] = field(repr=False, default=())  # sample 0
+
+    def block_of(self, group: Sequence[str]) -> int | None:
+        found = {self._index(name) for name in group}
+        return found.pop() if len(found) == 1 else None
+
+    def _index(self, name: str) -> int | None:
+        for i, block in enumerate(self.names):
+            if name == block or name.startswith(block + "."):
+                return i
+        return None
+
+    def head(self, output: Any) -> Any:
+        return output[0] if self.first else output
+
+
+def _chain_container(model: nn.Module, layers: Mapping[str, nn.Module]) -> tuple[str, ...] | None:
+    """The ModuleList / Sequential whose children hold the most candidate layers (>= 2)."""
+    best: tuple[int, int, tuple[str, ...]] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = [f"{name}.{child}" if name else child for child, _ in module.named_children()]
+        holding = [c for c in children if any(n == c or n.startswith(c + ".") for n in layers)]
+        if len(holding) < 2:
+            continue
+        key = (len(holding), -name.count("."), tuple(children))
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
+
+
+def _same_arg(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(type(a) is type(b) and a == b)
+    except Exception:  # noqa: BLE001 - an arbitrary object's __eq__
+        return False
+
+
+def _probe(
+    model: nn.Module, layers: Mapping[str, nn.Module], sample: Any,
+    block_names: Sequence[str] | None,
+) -> tuple[dict[str, int], list[list[str]], _Chain | None]:
+    """One forward on ``sample``: layer calls and runs (see ``_execution_order``) and, for the
+    candidate chain ``block_names``, whether it really is a chain (see above)."""
     calls: dict[str, int] = {}
     first_input: dict[str, Any] = {}
+    owners: dict[str, set[int | None]] = {}
+    active: list[int] = []
+    order: list[int] = []
+    seen: dict[int, tuple[BoundArgs, Any]] = {}
+    modules = dict(model.named_modules())
+    blocks = [modules[n] for n in block_names] if block_names else []
 
     def record(name: str, args: tuple[Any, ...]) -> None:
         calls[name] = calls.get(name, 0) + 1
         first_input.setdefault(name, args[0] if args else None)
+        owners.setdefault(name, set()).add(active[-1] if active else None)
 
-    run_hooked(model, [sample], [(mod, lambda m, args, kwargs, n=name: record(n, args))
-                                 for name, mod in layers.items()])
+    def enter(i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        active.append(i)
+        order.append(i)
+        seen.setdefault(i, (BoundArgs(tuple(args), dict(kwargs)), None))
+
+    def leave(i: int, output: Any) -> None:
+        active.pop()
+        if seen[i][1] is None:
+            seen[i] = (seen[i][0], output)
+
+    hooks = [(mod, lambda m, args, kwargs, n=name: record(n, args)) for name, mod in layers.items()]
+    hooks += [(blk, lambda m, args, kwargs, i=i: enter(i, args, kwargs))
+              for i, blk in enumerate(blocks)]
+    outs = [blk.register_forward_hook(lambda m, args, output, i=i: leave(i, output))
+            for i, blk in enumerate(blocks)]
+    try:
+        run_hooked(model, [sample], hooks)
+    finally:
+        for h in outs:
+            h.remove()
     groups: list[list[str]] = []
     for name in calls:
         last = groups[-1][-1] if groups else None
@@ -309,7 +406,87 @@ def _execution_order(
             groups[-1].append(name)
         else:
             groups.append([name])
-    return calls, groups
+    chain = None
+    if blocks and order == list(range(len(blocks))):
+        chain = _Chain(tuple(block_names or ()), tuple(blocks), False,
+                       tuple(seen[i] for i in range(len(blocks))))
+        chain = _verify_chain(chain, calls, owners)
+    return calls, groups, chain
+
+
+def _verify_chain(chain: _Chain, calls: Mapping[str, int],
+                  owners: Mapping[str, set[int | None]]) -> _Chain | None:
+    for name in calls:  # every call of a layer happens inside its own block (or outside all)
+        if owners[name] - {chain._index(name)}:
+            return None
+    outputs = [out for _, out in chain.captured]
+    first = isinstance(outputs[0], (tuple, list))
+    for i in range(1, len(chain.blocks)):
+        prev, cur = chain.captured[i - 1][0], chain.captured[i][0]
+        out = outputs[i - 1]
+        if isinstance(out, (tuple, list)) != first or (first and not out):
+            return None
+        head = out[0] if first else out
+        if not isinstance(head, torch.Tensor) or not cur.args or cur.args[0] is not head:
+            return None
+        if len(cur.args) != len(prev.args) or set(cur.kwargs) != set(prev.kwargs):
+            return None
+        if not all(_same_arg(a, b) for a, b in zip(cur.args[1:], prev.args[1:])):
+            return None
+        if not all(_same_arg(cur.kwargs[k], prev.kwargs[k]) for k in cur.kwargs):
+            return None
+    return _Chain(chain.names, chain.blocks, first, chain.captured)
+
+
+def _replays(chain: _Chain, model: nn.Module, samples: Sequence[Any]) -> bool:
+    """Blocks are functions of their arguments: re-run on sample 0's captured inputs (after a
+    forward of another sample, when there is one) they reproduce the captured outputs."""
+    with torch.no_grad():
+        if len(samples) > 1:
+            call_batch(model, samples[-1])
+        for i in sorted({0, len(chain.blocks) - 1}):
+            bound, out = chain.captured[i]
+            again = call_batch(chain.blocks[i], bound)
+            if not torch.equal(chain.head(again), chain.head(out)):
+                return False
+    return True
+
+
+class _ChainInputs:
+    """Each block's inputs for every calibration sample, advanced block by block."""
+
+    def __init__(self, chain: _Chain, model: nn.Module, samples: Sequence[Any]) -> None:
+        self.chain, self.model, self.samples = chain, model, samples
+        self.index: int | None = None
+        self.inputs: list[BoundArgs] = []
+
+    def at(self, block: int) -> list[BoundArgs]:
+        if self.index is None or self.index > block:
+            self._capture(block)
+        while self.index is not None and self.index < block:
+            self._advance()
+        return self.inputs
+
+    def _capture(self, block: int) -> None:
+        captured: list[BoundArgs] = []
+
+        def grab(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append(BoundArgs(tuple(args), dict(kwargs)))
+            raise StopForward
+
+        run_hooked(self.model, self.samples, [(self.chain.blocks[block], grab)])
+        self.index, self.inputs = block, captured
+
+    def _advance(self) -> None:
+        assert self.index is not None
+        block = self.chain.blocks[self.index]
+        nxt = []
+        with torch.no_grad():
+            for bound in self.inputs:
+                head = self.chain.head(call_batch(block, bound))
+                nxt.append(BoundArgs((head, *bound.args[1:]), bound.kwargs))
+        self.index += 1
+        self.inputs = nxt
 
 
 def _collect(
@@ -469,9 +646,14 @@ class Sparsify:
         calls: dict[str, int] = {}
         was_training = model.training
         calibrated = self.method != "magnitude"
+        chain = None
         if calibrated:
             model.eval()
-            calls, groups = _execution_order(model, candidates, samples[0])
+            container = _chain_container(model, candidates) if self.sequential else None
+            calls, groups, chain = _probe(model, candidates, samples[0], container)
+            if chain is not None:  # keep the verdict, drop sample 0's captured activations
+                chain = _Chain(chain.names, chain.blocks, chain.first) if _replays(
+                    chain, model, samples) else None
             for name in candidates:
                 if name not in calls:
                     skipped.append(SkippedLayer(_param_name(prefix, name), _NOT_RUN))
@@ -482,10 +664,17 @@ class Sparsify:
         stats: dict[str, Any] = {}
         if calibrated and not self.sequential:
             stats = self._stats(model, {n: candidates[n] for n in calls}, samples, stop_at=None)
+        chained = _ChainInputs(chain, model, samples) if chain is not None else None
         for group in groups:
             if calibrated and self.sequential:
                 stop_at = group[-1] if calls[group[-1]] == 1 else None
-                stats = self._stats(model, {n: candidates[n] for n in group}, samples, stop_at)
+                block = chain.block_of(group) if chain is not None else None
+                if chained is None or block is None:
+                    stats = self._stats(model, {n: candidates[n] for n in group}, samples, stop_at)
+                else:  # only this layer's block, on its cached inputs
+                    assert chain is not None
+                    stats = self._stats(chain.blocks[block], {n: candidates[n] for n in group},
+                                        chained.at(block), stop_at)
             for name in group:
                 module = candidates[name]
                 keep = self._sparsify_layer(module, pattern, global_masks.get(name), stats.get(name))

@@ -32,7 +32,7 @@ def test_wanda_equals_magnitude_for_equal_norms_unstructured() -> None:
     w = torch.randn(16, 32)
     acc = ColumnNormAccumulator(32)
     acc.add(_equal_norm_inputs(64, 32))
-    assert torch.allclose(acc.norm_sq(), torch.full((32,), 64.0, dtype=torch.float64))
+    assert torch.allclose(acc.norm_sq(), torch.full((32,), 64.0))
     pattern = parse_pattern("unstructured")
     # Wanda compares per output row; so does per-row magnitude
     assert torch.equal(wanda_mask(w, acc.norm_sq(), pattern, 0.5), unstructured_mask(w.abs(), 0.5, per_row=True))
