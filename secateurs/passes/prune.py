@@ -580,5 +580,10 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan,
     work = model if inplace else copy_sharing_tensors(model)
     gm, _ = from_fx.trace(work, example_inputs)
     from_fx.propagate_shapes(gm, example_inputs)
+    failure = FxNet(gm, None, from_fx._as_tuple(example_inputs)).plan_runs(plan)
+    if failure is not None:  # checked before anything is sliced (inplace stays intact)
+        raise PlanError(f"the plan does not run on this model: {failure.text()}. Was it made "
+                        "for another model or input shape? Make a new one with "
+                        "secateurs.prune.")
     pruned = apply_plan_fx(gm, plan)
     return pruned if inplace else unshare_tensors(pruned, model)

@@ -402,7 +402,7 @@ class FxNet:
     caller's model (the reference for ``exact``); ``args`` the example inputs."""
 
     gm: torch.fx.GraphModule
-    analysis: Analysis
+    analysis: Analysis | None
     args: tuple[Any, ...]
     plan_meta: dict[str, Any] = field(default_factory=dict)
     rtol: float = 1e-4
@@ -425,6 +425,7 @@ class FxNet:
     def plan(self, removed: Selection) -> Plan:
         """The plan of a selection (the last one is cached: the net's final probe and the
         prune's own plan stage build the same plan)."""
+        assert self.analysis is not None
         key = tuple((g, np.asarray(u).tobytes()) for g, u in sorted(removed.items()))
         if self._last_plan is None or self._last_plan[0] != key:
             self._last_plan = (key, build_plan(self.analysis, dict(removed), self.plan_meta))
@@ -501,7 +502,10 @@ class FxNet:
     def runs(self, removed: Selection) -> Failure | None:
         """Probe: the plan of ``removed`` runs at the example shapes and a second batch
         (one trial per mode; meta for both, normally)."""
-        plan = self.plan(removed)
+        return self.plan_runs(self.plan(removed))
+
+    def plan_runs(self, plan: Plan) -> Failure | None:
+        """``runs`` for a given plan (a saved one: ``apply_plan`` checks it this way)."""
         shapes = [(-1 if b is None else b, b, args) for b, args in self.batches()]
         modes = {key: self._modes.get(key, "meta") for key, _, _ in shapes}
         results: dict[int, Failure | None] = {}
@@ -544,7 +548,7 @@ class FxNet:
     def candidates(self, failure: Failure, removed: Selection) -> list[int]:
         """Pruned groups with a removed unit in the values around the failing node."""
         name = failure.node_name
-        if not name:
+        if not name or self.analysis is None:
             return []
         values = _node_values(self.analysis, name)
         fx_node = next((n for n in self.gm.graph.nodes if n.name == name), None)
@@ -558,6 +562,7 @@ class FxNet:
         return sorted(g for g in groups if g in removed)
 
     def _groups_of(self, values: Iterable[str]) -> set[int]:
+        assert self.analysis is not None
         return _groups_of(self.analysis, values)
 
     # ---- exact

@@ -391,3 +391,19 @@ def test_onnx_second_batch_where_the_batch_is_free(wrong_mul):
                        ignore=["wa"], input_shapes={"x": [1, 3, 4, 4]}, verify=True)
     assert fixed.report.exact
     assert any("batch size 2" in n for n in fixed.report.notes), fixed.report.notes
+
+
+def test_apply_plan_refuses_a_plan_that_does_not_run():
+    from secateurs.errors import PlanError
+
+    model, x = TwoBranch().eval(), _inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    broken = secateurs.Plan({"b.weight": {0: [0, 1]}, "b.bias": {0: [0, 1]}})
+    with pytest.raises(PlanError, match="does not run on this model: pruned model fails at "
+                                        "`mul`"):
+        secateurs.apply_plan(model, x, broken, inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    good = secateurs.prune(model, x, ratio=0.5).plan
+    again = secateurs.apply_plan(model, x, good)
+    with torch.no_grad():
+        assert again(x).shape == (2, 4, 8, 8)
