@@ -340,6 +340,9 @@ def _module_fits(mod: nn.Module) -> bool:
     return True
 
 
+_KEEP_STRIDES = frozenset({"contiguous", "clone"})
+
+
 class _Runner(torch.fx.Interpreter):
     """Interprets the graph, naming the node that fails; on ``meta`` the shape formulas of
     the frontend stand in for the ops they know (``fast``)."""
@@ -356,7 +359,11 @@ class _Runner(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             out = None
             if self.fast and n.op in ("call_function", "call_method"):
-                out = _fast_shape(from_fx.call_key(n), args, kwargs)
+                key = from_fx.call_key(n)
+                # an alias keeps its input's strides: contiguous/clone must really run, or a
+                # later view of a permuted tensor fails on meta where the model does not
+                if key not in _KEEP_STRIDES:
+                    out = _fast_shape(key, args, kwargs)
             elif self.fast and n.op == "call_module" and args:
                 mod = self.fetch_attr(str(n.target))
                 if _torch_forward(mod) and _module_fits(mod):
