@@ -1,4 +1,10 @@
-"""Compressed storage for sparse weights: N:M values + bit-packed indices, CSR/CSC/BSR, INT8.
+"""Compressed *storage* for sparse weights: N:M values + bit-packed indices, CSR/CSC/BSR, INT8.
+
+These are file formats and size calculations: :func:`load_compressed` turns every entry back
+into a dense float tensor, so nothing here runs in INT8 or sparse arithmetic. A model that a
+runtime executes in INT8 comes from ``secateurs.passes.quantize`` (ONNX QDQ through
+``onnxruntime.quantization``; ``secateurs optimize --quantize int8``), whose measured size and
+latency are in ``tools/bench/results/optimize_pipeline.json``.
 
 N:M packing (2:4: values + 2-bit indices)
     Along the reduction axis (moved last) every group of ``M`` entries keeps exactly ``N``
@@ -13,21 +19,21 @@ CSR / CSC / BSR
     index and value buffers. ``torch.mm(W_csr, X)`` runs on them directly. Files store the
     indices as int32 where they fit (torch builds them as int64).
 
-INT8 (Deep Compression style stacking)
+INT8 storage (Deep Compression style stacking; dequantized on load)
     Per-output-channel symmetric quantization ``q = clamp(round(W / s_k), -127, 127)``,
     ``s_k = max|W_k| / 127``; zeros stay zeros, so the sparsity pattern survives and the
     compressed forms above can hold ``q`` instead of ``W``, adding one float32 scale per
-    output channel.
+    output channel. It is the weight scheme ``passes.quantize`` asks
+    ``onnxruntime.quantization`` for (per channel, symmetric, zero point 0), so these sizes
+    estimate the weight bytes of an executed QDQ model; activations are not quantized here.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -297,7 +303,8 @@ def save_compressed(
     """Write the model's state with every masked weight compressed; returns bytes on disk.
 
     Masked weights are stored as ``fmt`` (falling back to CSR where it does not apply), with
-    INT8 per-channel values if ``int8``; everything else is stored dense. Written atomically.
+    INT8 per-channel values if ``int8`` (a storage form: :func:`load_compressed` dequantizes);
+    everything else is stored dense. Written atomically (``runtime.io``).
     """
     state = model.state_dict()
     unknown = sorted(set(masks) - set(state))
@@ -314,16 +321,9 @@ def save_compressed(
             stored, scale = quantize_int8(weight)
             extra = {"scale": scale, "dtype": tensor.dtype}
         entries[name] = {**_encode(stored, _choose_format(stored, fmt, n, m, block), n, m, block), **extra}
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"secateurs_compressed": 1, "entries": entries}, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from secateurs.runtime.io import atomic_save_torch
+
+    target = atomic_save_torch({"secateurs_compressed": 1, "entries": entries}, path)
     return target.stat().st_size
 
 
