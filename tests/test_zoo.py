@@ -24,6 +24,8 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "efficientnet_tv": (1, 10),
     "stdconv_net": (1, 10),
     "split_net": (1, 10),
+    "broadcast_net": (1, 10),
+    "t5_buckets": (2, 10),
     # end conv_wild
     "conv1d_net": (1, 10),
     "conv3d_net": (1, 5),

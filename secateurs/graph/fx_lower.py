@@ -272,6 +272,11 @@ def _reduce(kind: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
     def lower(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
         x = b["input"]
         dim = b.get("dim")
+        other = b.get("other", dim)
+        if kind in ("min", "max") and isinstance(other, torch.fx.Node) \
+                and isinstance(_node_shape(other), tuple):
+            # torch.min(a, b) / aten.min.other: elementwise, not a reduction (T5's buckets)
+            return {"min": "minimum", "max": "maximum"}[kind], [x, other], {}
         if isinstance(dim, torch.fx.Node):
             return "opaque", [x], {"reason": f"{kind} over a dim unknown at trace time"}
         return "reduce", [x], {"dims": _dims(dim, _ndim(x)), "keepdim": bool(b.get("keepdim")),
@@ -319,6 +324,16 @@ def _normalize(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 def _source(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "source", [a for a in node.args if isinstance(a, torch.fx.Node)], {}
+
+
+def _new_tensor(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``x.new_zeros(size)``: ``x`` only lends dtype and device, so it is no operand."""
+    return "source", [a for a in node.args[1:] if isinstance(a, torch.fx.Node)], {}
+
+
+def _like(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``zeros_like(x)`` & co.: a constant whose shape follows ``x`` at run time."""
+    return "like", [b.get("input", node.args[0])], {}
 
 
 def _first_only(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
@@ -384,10 +399,11 @@ _CALLS.update({
     "interpolate": _resize, "upsample_nearest2d": _resize, "upsample_bilinear2d": _resize,
     "scaled_dot_product_attention": _sdpa,
     "arange": _source, "zeros": _source, "ones": _source, "full": _source, "empty": _source,
-    "rand": _source, "randn": _source, "tensor": _source, "zeros_like": _source,
-    "ones_like": _source, "full_like": _source, "empty_like": _source, "triu": _source,
-    "tril": _source, "scalar_tensor": _source, "new_zeros": _source, "new_ones": _source,
-    "new_full": _source, "new_empty": _source,
+    "rand": _source, "randn": _source, "tensor": _source, "zeros_like": _like,
+    "ones_like": _like, "full_like": _like, "empty_like": _like, "rand_like": _like,
+    "randn_like": _like, "triu": _source,
+    "tril": _source, "scalar_tensor": _source, "new_zeros": _new_tensor,
+    "new_ones": _new_tensor, "new_full": _new_tensor, "new_empty": _new_tensor,
 })
 
 # Non-tensor or bookkeeping calls: no canonical node.

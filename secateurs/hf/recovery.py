@@ -33,7 +33,9 @@ import torch
 from torch import nn
 
 from secateurs.errors import InputError
-from secateurs.hf.prune_hf import _block_list, _hidden_size, token_mask
+from secateurs.hf.criteria import token_mask
+from secateurs.hf.layout import block_list as _block_list
+from secateurs.hf.layout import hidden_size as _hidden_size
 from secateurs.passes.calibration import StopForward, run_hooked
 
 __all__ = ["SITES", "ProjectionFit", "RecoveryReport", "refit_output_projections"]

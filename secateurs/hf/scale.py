@@ -49,6 +49,7 @@ from torch import nn
 from secateurs.errors import InputError
 from secateurs.graph import from_fx
 from secateurs.graph.ir import ChannelGraph, Node, Value
+from secateurs.hf.layout import block_list
 from secateurs.passes.group_channels import Analysis, ChannelGroup, Member, group_channels
 from secateurs.passes.labels import Resolution
 
@@ -71,7 +72,7 @@ class NotReplicable(Exception):
 def trace_graph(model: nn.Module, args: tuple[Any, ...]) -> tuple[torch.fx.GraphModule,
                                                                    ChannelGraph, str]:
     """Trace (FX, else torch.export), propagate shapes and lower ``model`` to a channel graph."""
-    gm, how = from_fx.trace(model, args)
+    gm, how = from_fx.trace(model, args, dynamic_batch=False)  # analysis only
     for n in gm.graph.nodes:  # export's guard check has no value; don't re-propagate for it
         if n.op == "call_module" and n.target == "_guards_fn":
             n.meta.setdefault("val", None)
@@ -107,10 +108,8 @@ def channel_analysis(model: nn.Module, args: tuple[Any, ...],
 def replicate_analysis(model: nn.Module, args: tuple[Any, ...]) -> tuple[Analysis, str]:
     """Trace the first TRACED_LAYERS layers of ``model`` and expand the analysis to all of
     them; raises ``NotReplicable`` with the reason when the layers do not allow it."""
-    from secateurs.hf.prune_hf import _block_list
-
     try:
-        block, layers = _block_list(model)
+        block, layers = block_list(model)
     except InputError as exc:
         raise NotReplicable(str(exc)) from exc
     n = len(layers)

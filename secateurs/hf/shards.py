@@ -49,7 +49,8 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
     """Write the pruned checkpoint of ``src`` (a ``save_pretrained`` directory) to ``dst``."""
     from transformers import AutoConfig
 
-    from secateurs.hf.prune_hf import _block_list, apply_hf_plan
+    from secateurs.hf.apply import apply_hf_plan
+    from secateurs.hf.layout import block_list
 
     os.makedirs(dst, exist_ok=True)
     config = AutoConfig.from_pretrained(src)
@@ -60,7 +61,7 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
     for name, t in list(model.named_parameters(remove_duplicate=False)) + \
             list(model.named_buffers(remove_duplicate=False)):
         alias[name] = canonical.setdefault(id(t), name)
-    block_name, blocks = _block_list(model)
+    block_name, blocks = block_list(model)
     n_layers = len(blocks)
     drop = set(plan.meta.get("hf", {}).get("drop_layers", []))
     renumber = {}

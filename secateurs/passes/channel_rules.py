@@ -110,6 +110,15 @@ def _source(ctx: RuleContext) -> list[Labels | None]:
     return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
 
 
+@_register("like")
+def _like(ctx: RuleContext) -> list[Labels | None]:
+    """``zeros_like(x)``, ``full_like(x, v)``...: a constant shaped like ``x`` at run time, so
+    it has ``x``'s positions (a pruned ``x`` makes a pruned constant) and couples nothing.
+    A removed position holds a constant instead of zero; every consumer that mixes positions
+    without a parameter slice (reductions, softmax) marks that dim lossy by its own rule."""
+    return [ctx.ins[0]]
+
+
 # ---------------------------------------------------------------- elementwise families
 
 UNARY_OPS = (
@@ -136,13 +145,25 @@ def _singular(ctx: RuleContext) -> list[Labels | None]:
     return [ctx.ins[0]]
 
 
+def _pin_broadcast(ctx: RuleContext, vec: np.ndarray, size: int) -> None:
+    """A size-1 dim stretched to ``size``: its one position is not a channel of the result
+    (FocalNet's ``gates[:, l:l+1]``, MobileViTv2's 1-channel query, a 1-channel spatial
+    attention map) — removing it would leave an empty operand, so it stays."""
+    ctx.space.pin(vec, f"size-1 dim broadcast against {size} in {ctx.where}")
+
+
 def _broadcast_batch(ctx: RuleContext, vecs: list[tuple[Labels, tuple[int, ...]]],
                      out_shape: tuple[int, ...]) -> Labels:
     """numpy broadcasting over dims aligned from the right: every operand of the output's
-    size on a dim unifies with the others; size-1 dims broadcast and carry nothing."""
+    size on a dim unifies with the others; size-1 dims broadcast, carry nothing and stay
+    (``_pin_broadcast``)."""
     out: Labels = []
     for d in range(len(out_shape)):
         back = len(out_shape) - d
+        if out_shape[d] > 1:
+            for lab, shp in vecs:
+                if len(shp) >= back and shp[len(shp) - back] == 1:
+                    _pin_broadcast(ctx, lab[len(lab) - back], out_shape[d])
         same = [lab[len(lab) - back] for lab, shp in vecs
                 if len(shp) >= back and shp[len(shp) - back] == out_shape[d]]
         if not same:
@@ -518,6 +539,9 @@ def _expand(ctx: RuleContext) -> list[Labels | None]:
     x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
     assert x is not None and src is not None and dst is not None
     lead = len(dst) - len(src)
+    for d, size in enumerate(src):
+        if size == 1 and dst[lead + d] > 1:
+            _pin_broadcast(ctx, x[d], dst[lead + d])
     out = []
     for d, size in enumerate(dst):
         if d >= lead and src[d - lead] == size:

@@ -16,6 +16,11 @@ Each model reproduces one way real code spells an op, not a whole published netw
 * ``SplitNet`` — negative indices into split/chunk results: a Res2Net bottleneck
   (``torch.split`` into scales, hierarchical 3x3 convs, ``spx[-1]`` passed through) and an
   EdgeNeXt split-depthwise block (``x.chunk``, ``spx[-1]``);
+* ``BroadcastNet`` — one channel broadcast against C: FocalNet's focal modulation (``gates[:,
+  l:l+1]`` times each context level) and MobileViTv2's linear self-attention (a 1-channel
+  query split off the qkv conv, softmax over tokens, ``expand_as``);
+* ``T5Buckets`` — T5 relative position buckets: binary ``torch.min(a, b)`` (not a reduction),
+  ``full_like``, a bias ``nn.Embedding(buckets, heads)`` added to the attention scores;
 * more below, one per failure class.
 
 Default configs are small (unit tests); constructor arguments give the large configs the
@@ -24,13 +29,15 @@ benchmark (``tools/bench/coverage_speed.py``) uses.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
+from secateurs.zoo._common import ZooModel, seeded_build, seeded_randint, seeded_randn
 
-__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet", "SplitNet",
+__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet", "SplitNet", "BroadcastNet", "T5Buckets",
            "ENTRIES"]
 
 
@@ -477,6 +484,149 @@ class SplitNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+# ------------------------------------------------------- size-1 broadcasts (FocalNet, MobileViTv2)
+
+
+class FocalModulation(nn.Module):
+    def __init__(self, dim: int, levels: int = 2) -> None:
+        super().__init__()
+        self.levels = levels
+        self.f = nn.Linear(dim, 2 * dim + levels + 1)
+        self.focal = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, 3 + 2 * i, padding=1 + i, groups=dim, bias=False),
+                          nn.GELU()) for i in range(levels))
+        self.h = nn.Conv2d(dim, dim, 1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        c = x.shape[-1]
+        x = self.f(x).permute(0, 3, 1, 2)
+        q, ctx, gates = torch.split(x, (c, c, self.levels + 1), 1)
+        ctx_all = 0
+        for i, layer in enumerate(self.focal):
+            ctx = layer(ctx)
+            ctx_all = ctx_all + ctx * gates[:, i:i + 1]
+        glob = F.gelu(ctx.mean((2, 3), keepdim=True))
+        ctx_all = ctx_all + glob * gates[:, self.levels:]
+        out = (q * self.h(ctx_all)).permute(0, 2, 3, 1)
+        return self.proj(out)
+
+
+class LinearSelfAttention(nn.Module):
+    """Separable self-attention: one context score per token from a 1-channel query."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.qkv = nn.Conv2d(dim, 1 + 2 * dim, 1)
+        self.out = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, P, N]
+        query, key, value = self.qkv(x).split([1, self.dim, self.dim], dim=1)
+        scores = F.softmax(query, dim=-1)
+        context = (key * scores).sum(dim=-1, keepdim=True)
+        return self.out(F.relu(value) * context.expand_as(value))
+
+
+class BroadcastNet(nn.Module):
+    """Conv stem, a FocalNet block (channels-last, BatchNorm'd MLP) and a MobileViTv2 block
+    (patches unfolded by reshape/permute, linear self-attention, folded back)."""
+
+    def __init__(self, dim: int = 16, levels: int = 2, patch: int = 2,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.patch = patch
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.GELU())
+        self.modulation = FocalModulation(dim, levels)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.local = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim),
+                                   nn.BatchNorm2d(dim), nn.Conv2d(dim, dim, 1))
+        self.attn = LinearSelfAttention(dim)
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = x.permute(0, 2, 3, 1)
+        h = h + self.modulation(h)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        x = h.permute(0, 3, 1, 2)
+        b, c, hh, ww = x.shape
+        p = self.patch
+        y = self.local(x)
+        y = y.reshape(b, c, hh // p, p, ww // p, p).permute(0, 1, 3, 5, 2, 4)
+        y = self.attn(y.reshape(b, c, p * p, -1))
+        y = y.reshape(b, c, p, p, hh // p, ww // p).permute(0, 1, 4, 2, 5, 3)
+        x = x + self.proj(y.reshape(b, c, hh, ww))
+        return self.head(x.mean((2, 3)))
+
+
+# ------------------------------------------------------- T5 position buckets (binary min)
+
+
+def relative_buckets(rel: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bidirectional T5 buckets: exact for small distances, logarithmic up to max_distance."""
+    num_buckets //= 2
+    buckets = (rel > 0).long() * num_buckets
+    n = torch.abs(rel)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))
+    return buckets + torch.where(is_small, n, large)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, num_buckets: int = 8,
+                 max_distance: int = 16) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k = nn.Linear(dim, heads * head_dim, bias=False)
+        self.v = nn.Linear(dim, heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, dim, bias=False)
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        pos = torch.arange(t, device=x.device)
+        rel = pos[None, :] - pos[:, None]
+        buckets = relative_buckets(rel, self.num_buckets, self.max_distance)
+        bias = self.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)
+        scores = torch.matmul(q, k.transpose(3, 2)) + bias
+        attn = F.softmax(scores.float(), dim=-1).type_as(scores)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, -1)
+        return self.o(out)
+
+
+class T5Buckets(nn.Module):
+    """Token embedding, T5 encoder layers (RMS norm, bucketed relative attention, ReLU FFN),
+    mean-pooled classifier."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16, heads: int = 4, head_dim: int = 4,
+                 ff: int = 32, layers: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = nn.ModuleList(T5Attention(dim, heads, head_dim) for _ in range(layers))
+        self.wi = nn.ModuleList(nn.Linear(dim, ff, bias=False) for _ in range(layers))
+        self.wo = nn.ModuleList(nn.Linear(ff, dim, bias=False) for _ in range(layers))
+        self.norm1 = nn.ModuleList(nn.RMSNorm(dim) for _ in range(layers))
+        self.norm2 = nn.ModuleList(nn.RMSNorm(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for attn, wi, wo, n1, n2 in zip(self.attn, self.wi, self.wo, self.norm1, self.norm2):
+            x = x + attn(n1(x))
+            x = x + wo(F.relu(wi(n2(x))))
+        return self.head(x.mean(1))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="swin_window",
@@ -519,5 +669,21 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="Res2Net bottleneck (torch.split, spx[-1]) and EdgeNeXt split-depthwise "
                     "block (x.chunk, spx[-1])",
         tags=frozenset({"cnn", "residual", "batchnorm", "split", "depthwise"}),
+    ),
+    ZooModel(
+        name="broadcast_net",
+        build=seeded_build(BroadcastNet),
+        example_inputs=seeded_randn(1, 3, 16, 16),
+        description="1-channel broadcasts: FocalNet focal modulation gates[:, l:l+1] and "
+                    "MobileViTv2 linear self-attention (1-channel query)",
+        tags=frozenset({"cnn", "attention", "residual", "batchnorm", "broadcast"}),
+    ),
+    ZooModel(
+        name="t5_buckets",
+        build=seeded_build(T5Buckets),
+        example_inputs=seeded_randint(50, 2, 12),
+        description="T5 encoder layer: relative position buckets with binary torch.min and "
+                    "full_like, bias Embedding(buckets, heads) on the scores",
+        tags=frozenset({"attention", "transformer", "rmsnorm", "relative-position"}),
     ),
 )

@@ -162,14 +162,20 @@ def test_bert_heads_record_what_the_loader_needs(models):
     m, x = models["bert"], example_inputs("bert")
     r = prune_hf(m, x, heads=0.25, head_dim=0.25)
     rec = r.model.config.secateurs
-    assert rec["loader"] == "secateurs.hf.from_pretrained_pruned"
-    assert rec["head_dim"] == 12 and r.model.config.num_attention_heads == 3
+    assert rec["loader"] == "secateurs.hf.from_pretrained_pruned" and not rec["problems"]
+    # BERT refuses 64 / 3 heads: the loader builds with one head, then restores 3
+    assert rec["build"] == {"num_attention_heads": 1}
+    assert rec["config"] == {"num_attention_heads": 3}
+    assert r.model.config.num_attention_heads == 3
     assert rec["reasons"]
     assert rec["shapes"]["encoder.layer.0.attention.self.query.weight"] == [36, 64]
-    assert set(rec["attention_scaling"]) == {f"encoder.layer.{i}.attention.self"
-                                             for i in range(2)}
-    # the scale moved into q: the rebuilt module's 1/sqrt(12), not the original 1/sqrt(16)
-    assert rec["attention_scaling"]["encoder.layer.0.attention.self"] == pytest.approx(12**-0.5)
+    for i in range(2):
+        attrs = rec["attrs"][f"encoder.layer.{i}.attention.self"]
+        assert attrs["attention_head_size"] == 12 and attrs["num_attention_heads"] == 3
+        assert attrs["all_head_size"] == 36
+        # the scale moved into q: the rebuilt module's 1/sqrt(12), not the original 1/sqrt(16)
+        if "scaling" in attrs:
+            assert attrs["scaling"] == pytest.approx(12**-0.5)
 
 
 def test_unpruned_config_has_no_record(models):

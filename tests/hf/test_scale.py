@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 
 from secateurs.hf import analyze_hf, prune_hf, unit_counts  # noqa: E402
 from secateurs.hf.models import example_inputs, tiny_config, tiny_model  # noqa: E402
-from secateurs.hf.prune_hf import _macs  # noqa: E402
+from secateurs.hf.select import macs as _macs  # noqa: E402
 from secateurs.hf.shards import meta_model  # noqa: E402
 from secateurs.passes.importance import ScoreContext  # noqa: E402
 from secateurs.passes.plan import build_plan  # noqa: E402

@@ -200,3 +200,49 @@ def test_negative_split_index_names_the_last_piece(ratio):
     conv3_in = next(g for g in analysis.groups for m in g.members
                     if m.param == "res2.0.conv3.weight" and m.dim == 1 and 15 in m.positions)
     assert "res2.0.conv1.weight" in conv3_in.params()
+
+
+# ------------------------------------------------------------------ class 7: size-1 broadcasts
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
+def test_one_channel_broadcast_stays(ratio):
+    model, result = _prune("broadcast_net", ratio)
+    assert not result.report.repairs  # the rule, not the safety net, keeps them
+    f_rows = set(range(35)) - set(result.plan.removed["modulation.f.weight"][0])
+    assert {32, 33, 34} <= f_rows  # FocalNet's three gates
+    assert 0 not in result.plan.removed["attn.qkv.weight"][0]  # MobileViTv2's query
+    assert len(f_rows) < 35 and result.model.get_parameter("attn.qkv.weight").shape[0] < 33
+    analysis = secateurs.analyze(model, zoo.get("broadcast_net").example_inputs())
+    reasons = _reasons(analysis, "modulation.f.weight") + _reasons(analysis, "attn.qkv.weight")
+    assert any(r.startswith("size-1 dim broadcast against 16") for r in reasons)
+
+
+# ------------------------------------------------------------------ class 10: binary min / max
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_t5_buckets_binary_min_and_heads(ratio):
+    model, result = _prune("t5_buckets", ratio)
+    # heads go, and with them the head columns of the bucket bias table
+    bias = result.model.get_parameter("attn.0.relative_attention_bias.weight")
+    assert bias.shape[0] == 8 and (bias.shape[1] < 4 or ratio < 0.5)
+    assert result.model.get_parameter("wi.0.weight").shape[0] < 32
+
+
+class _MinMax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.min(x, torch.full_like(x, 0.5)) + torch.max(x, x * 2)
+        return a + x.max(dim=1, keepdim=True)[0]
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_binary_min_max_are_elementwise(tracer):
+    x = (torch.randn(2, 3),)
+    gm = torch.fx.symbolic_trace(_MinMax()) if tracer == "fx" else \
+        torch.export.export(_MinMax(), x).module()
+    propagate_shapes(gm, x)
+    ops = [n.op for n in fx_lower.lower_graph_module(gm).nodes
+           if "GuardsFn" not in n.source]  # export's guard module, not part of the model
+    assert ops.count("minimum") == 1 and ops.count("maximum") == 1
+    assert ops.count("reduce") == 1 and "opaque" not in ops and "source" not in ops
