@@ -407,3 +407,24 @@ def test_apply_plan_refuses_a_plan_that_does_not_run():
     again = secateurs.apply_plan(model, x, good)
     with torch.no_grad():
         assert again(x).shape == (2, 4, 8, 8)
+
+
+class PermuteView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 1)
+        self.fc = nn.Linear(8 * 64, 4)
+
+    def forward(self, x):
+        y = self.c(x).permute(0, 2, 3, 1).contiguous()
+        return self.fc(y.view(x.shape[0], -1))
+
+
+def test_trials_run_on_meta_in_one_go_through_contiguous_views():
+    model, x = PermuteView().eval(), _inputs()
+    prep = secateurs.passes.prune.prepare(model, x)
+    removed = secateurs.passes.prune.select_units(prep.analysis, prep.scores, 0.5)
+    assert removed
+    net = FxNet(prep.gm, prep.analysis, (x,))
+    assert net.runs(removed) is None
+    assert net.trials == 1 and not net.notes  # meta at both batches, no fallback needed
