@@ -94,8 +94,8 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int, axis: int = 1) -> bool:
     moved = torch.movedim(weight.detach(), axis, -1)
     if moved.shape[-1] % m:
         return False
-    groups = (moved != 0).reshape(-1, moved.shape[-1] // m, m)
-    return bool((groups.sum(-1) <= n).all())
+    groups = (moved != 0).reshape(-1, m)
+    return bool((groups.sum(-1, dtype=torch.int32) <= n).all())
 
 
 def is_block_sparse(weight: torch.Tensor, block: int, min_zero_blocks: float = 0.0) -> bool:
@@ -562,6 +562,20 @@ def _ignored(name: str, ignore: set[str]) -> bool:
     return any(name == x or name.startswith(x + ".") or f"{name}.weight" == x for x in ignore)
 
 
+def _calibration_units(groups: Sequence[list[str]], chain: _Chain | None, mode: str
+                       ) -> list[tuple[int | None, list[list[str]]]]:
+    """Groups calibrated by one statistics pass each, in execution order: every group alone
+    (``layer``), or every block's consecutive groups together (``block``: the papers' loop)."""
+    units: list[tuple[int | None, list[list[str]]]] = []
+    for group in groups:
+        block = chain.block_of(group) if chain is not None else None
+        if mode == "block" and block is not None and units and units[-1][0] == block:
+            units[-1][1].append(group)
+        else:
+            units.append((block, [group]))
+    return units
+
+
 @dataclass(frozen=True)
 class Sparsify:
     """The sparsify pass; fields are its options.
@@ -571,7 +585,11 @@ class Sparsify:
     or ``sparsegpt``; ``ignore``: module or parameter names to leave dense (a module name covers
     its submodules); ``block_size``: BSR block; ``global_``: one magnitude threshold over all
     layers (unstructured only); ``min_numel``: skip weights smaller than this; ``sequential``:
-    calibrate each layer on the already-sparse prefix (``False``: one pass on the dense model);
+    ``True`` / ``"block"`` calibrates the layers of each block of a verified chain (transformer
+    layers, see "chained blocks") together on the block's inputs from the already-sparse earlier
+    blocks, as the Wanda and SparseGPT papers' loops do, and every other layer on the
+    already-sparse prefix; ``"layer"`` calibrates every layer on the prefix in which all
+    earlier layers are sparse (within blocks too); ``False``: one pass on the dense model;
     ``percdamp``/``obs_blocksize``: SparseGPT dampening and column block.
     """
 
@@ -582,7 +600,7 @@ class Sparsify:
     block_size: int = 16
     global_: bool = False
     min_numel: int = 0
-    sequential: bool = True
+    sequential: bool | str = True
     percdamp: float = 0.01
     obs_blocksize: int = 128
 
@@ -595,6 +613,8 @@ class Sparsify:
             raise InputError(f"sparsity={self.sparsity} is out of range; use 0 <= sparsity < 1")
         if self.global_ and (self.method != "magnitude" or pattern.kind != "unstructured"):
             raise InputError("global_=True needs pattern='unstructured' and method='magnitude'")
+        if self.sequential not in (True, False, "block", "layer"):
+            raise InputError(f"sequential={self.sequential!r}: use True/'block', 'layer' or False")
         if not self.percdamp > 0:
             raise InputError(f"percdamp={self.percdamp} must be positive")
         return pattern
@@ -624,8 +644,11 @@ class Sparsify:
     # -- the per-model procedure, shared by in-memory and streaming runs
 
     def _run(
-        self, model: nn.Module, samples: Sequence[Any], pattern: Pattern, ignore: set[str], prefix: str
+        self, model: nn.Module, samples: Sequence[Any], pattern: Pattern, ignore: set[str], prefix: str,
+        whole_block: bool = False,
     ) -> tuple[Masks, list[LayerSparsity], list[SkippedLayer]]:
+        """``whole_block``: ``model`` is one block of a chain (streaming): in ``block`` mode all
+        its layers are calibrated by one pass, as in the in-memory run of the whole chain."""
         candidates: dict[str, nn.Module] = {}
         skipped: list[SkippedLayer] = []
         for name, module in model.named_modules():
@@ -646,10 +669,12 @@ class Sparsify:
         calls: dict[str, int] = {}
         was_training = model.training
         calibrated = self.method != "magnitude"
+        mode = self.mode
         chain = None
         if calibrated:
             model.eval()
-            container = _chain_container(model, candidates) if self.sequential else None
+            container = _chain_container(model, candidates) if mode != "dense" and not (
+                whole_block and mode == "block") else None
             calls, groups, chain = _probe(model, candidates, samples[0], container)
             if chain is not None:  # keep the verdict, drop sample 0's captured activations
                 chain = _Chain(chain.names, chain.blocks, chain.first) if _replays(
@@ -662,20 +687,21 @@ class Sparsify:
         masks: Masks = {}
         layers: list[LayerSparsity] = []
         stats: dict[str, Any] = {}
-        if calibrated and not self.sequential:
-            stats = self._stats(model, {n: candidates[n] for n in calls}, samples, stop_at=None)
+        if calibrated and mode == "dense":
+            stats = self._stats(model, groups, candidates, samples, calls, stop=False)
         chained = _ChainInputs(chain, model, samples) if chain is not None else None
-        for group in groups:
-            if calibrated and self.sequential:
-                stop_at = group[-1] if calls[group[-1]] == 1 else None
-                block = chain.block_of(group) if chain is not None else None
+        units = _calibration_units(groups, chain, mode)
+        if whole_block and mode == "block" and groups:
+            units = [(None, list(groups))]
+        for block, unit in units:
+            if calibrated and mode != "dense":
                 if chained is None or block is None:
-                    stats = self._stats(model, {n: candidates[n] for n in group}, samples, stop_at)
-                else:  # only this layer's block, on its cached inputs
+                    stats = self._stats(model, unit, candidates, samples, calls)
+                else:  # only this block, on its cached inputs
                     assert chain is not None
-                    stats = self._stats(chain.blocks[block], {n: candidates[n] for n in group},
-                                        chained.at(block), stop_at)
-            for name in group:
+                    stats = self._stats(chain.blocks[block], unit, candidates,
+                                        chained.at(block), calls)
+            for name in (n for group in unit for n in group):
                 module = candidates[name]
                 keep = self._sparsify_layer(module, pattern, global_masks.get(name), stats.get(name))
                 masks[_param_name(prefix, name)] = keep
@@ -684,12 +710,34 @@ class Sparsify:
         model.train(was_training)
         return masks, layers, skipped
 
+    @property
+    def mode(self) -> str:
+        """``block`` (True), ``layer`` or ``dense`` (False): see the class docstring."""
+        if self.sequential is True or self.sequential == "block":
+            return "block"
+        if self.sequential is False:
+            return "dense"
+        return "layer"
+
     def _stats(
-        self, model: nn.Module, modules: Mapping[str, nn.Module], samples: Sequence[Any], stop_at: str | None
+        self, model: nn.Module, groups: Sequence[Sequence[str]], candidates: Mapping[str, nn.Module],
+        samples: Sequence[Any], calls: Mapping[str, int], stop: bool = True,
     ) -> dict[str, Any]:
+        """Statistics of ``groups`` from one pass of ``model`` over ``samples``. The layers of a
+        run group read one input tensor: they share one accumulator, fed once. With ``stop``,
+        the pass ends at the last hooked layer when every hooked layer is called once."""
         make = ColumnNormAccumulator if self.method == "wanda" else HessianAccumulator
-        accs = {name: make(weight_to_2d(mod.weight).shape[1]) for name, mod in modules.items()}
-        _collect(model, modules, samples, accs, stop_at)
+        accs: dict[str, Any] = {}
+        hooked: dict[str, nn.Module] = {}
+        for group in groups:
+            if group[0] not in calls:
+                continue
+            acc = make(weight_to_2d(candidates[group[0]].weight).shape[1])
+            accs.update({name: acc for name in group})
+            hooked[group[0]] = candidates[group[0]]
+        once = all(calls[name] == 1 for name in hooked)
+        stop_at = next(reversed(hooked)) if stop and once and hooked else None
+        _collect(model, hooked, samples, accs, stop_at)
         return accs
 
     def _global_masks(self, candidates: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -731,7 +779,7 @@ class Sparsify:
     @staticmethod
     def _layer_report(name: str, module: nn.Module, keep: torch.Tensor, pattern: Pattern) -> LayerSparsity:
         weight = module.weight.detach().cpu()
-        zeros_where_masked = bool((weight[~keep] == 0).all())
+        zeros_where_masked = not bool(weight.ne(0).logical_and_(keep.logical_not()).any())
         if pattern.kind == "nm":
             valid = is_nm_sparse(weight, pattern.n, pattern.m, axis=1)
         elif pattern.kind == "bsr":
@@ -743,7 +791,7 @@ class Sparsify:
             valid = True
         return LayerSparsity(
             name=name, kind=_kind(module), shape=tuple(weight.shape), numel=weight.numel(),
-            zeros=int((~keep).sum()), valid=valid and zeros_where_masked,
+            zeros=keep.numel() - int(keep.count_nonzero()), valid=valid and zeros_where_masked,
         )
 
 
@@ -758,7 +806,7 @@ def sparsify(
     global_: bool = False,
     inplace: bool = False,
     min_numel: int = 0,
-    sequential: bool = True,
+    sequential: bool | str = True,
     percdamp: float = 0.01,
     obs_blocksize: int = 128,
 ) -> SparsifyResult:
@@ -939,7 +987,8 @@ def sparsify_streaming(
             raise InputError(f"block {prefix!r}: the checkpoint has no tensors named '{prefix}.*'")
         on_meta = any(p.is_meta for p in block.parameters())
         block.load_state_dict(tensors, strict=True, assign=on_meta)
-        block_masks, block_layers, block_skipped = opts._run(block, samples, pattern, ignore, prefix=prefix + ".")
+        block_masks, block_layers, block_skipped = opts._run(block, samples, pattern, ignore,
+                                                             prefix=prefix + ".", whole_block=True)
         masks.update(block_masks)
         layers += block_layers
         skipped += block_skipped

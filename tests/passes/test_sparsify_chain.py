@@ -60,10 +60,12 @@ def _calibration(n: int = 3) -> list[dict[str, torch.Tensor]]:
 def test_chained_equals_prefix_runs(monkeypatch, method, pattern):
     torch.manual_seed(0)
     model = Encoder()
-    chained = sp.sparsify(model, pattern, method=method, calibration=_calibration())
+    chained = sp.sparsify(model, pattern, method=method, calibration=_calibration(),
+                          sequential="layer")
     with monkeypatch.context() as m:
         m.setattr(sp, "_chain_container", lambda model, layers: None)
-        prefix = sp.sparsify(model, pattern, method=method, calibration=_calibration())
+        prefix = sp.sparsify(model, pattern, method=method, calibration=_calibration(),
+                             sequential="layer")
     assert chained.masks.keys() == prefix.masks.keys() and len(chained.masks) == 26
     for name, mask in prefix.masks.items():
         assert torch.equal(chained.masks[name], mask), name
@@ -81,20 +83,24 @@ def test_chain_detected_and_forwards_linear_in_blocks(monkeypatch):
     assert chain is not None and not chain.first
     assert chain.block_of(["layers.2.q", "layers.2.k"]) == 2 and chain.block_of(["head"]) is None
 
-    def block_calls(prefix_only: bool) -> int:
+    def block_calls(prefix_only: bool, sequential) -> int:
         work = Encoder(n=6)
         work.load_state_dict(model.state_dict())
         with monkeypatch.context() as m:
             if prefix_only:
                 m.setattr(sp, "_chain_container", lambda model, layers: None)
-            sp.sparsify(work, "2:4", method="wanda", calibration=_calibration(), inplace=True)
+            sp.sparsify(work, "2:4", method="wanda", calibration=_calibration(), inplace=True,
+                        sequential=sequential)
         return sum(b.calls for b in work.layers)
 
-    chained, prefix = block_calls(False), block_calls(True)
     samples = len(_calibration())
-    # chained: probe + replay + per block <= 4 stopped runs and one output run, per sample
-    assert chained <= 6 * 6 * samples + 6 + 2 * samples
-    assert prefix > 2 * chained  # the prefix runs re-run every earlier block for every layer
+    for sequential, runs_per_block in (("layer", 4), (True, 1)):
+        chained, prefix = block_calls(False, sequential), block_calls(True, sequential)
+        # chained: probe (6) + replay (2 + a forward of the last sample: 6) + per block
+        # `runs_per_block` stopped statistics runs and one output run, per sample, + the head
+        # (outside the chain: one full forward per sample)
+        assert chained <= 6 + 2 + 6 + 6 * (runs_per_block + 1) * samples + 6 * samples
+        assert prefix > 2 * chained  # the prefix runs re-run every earlier block
 
 
 def test_chain_refused_when_blocks_get_different_arguments():
@@ -145,10 +151,11 @@ def test_chain_refused_when_a_replay_does_not_reproduce(monkeypatch):
     _, _, chain = sp._probe(model, layers, samples[0], container)
     assert chain is not None  # arguments chain, but the blocks read the model's state
     assert not sp._replays(chain, model, samples)
-    result = sp.sparsify(model, "2:4", method="wanda", calibration=samples)
+    result = sp.sparsify(model, "2:4", method="wanda", calibration=samples, sequential="layer")
     with monkeypatch.context() as m:
         m.setattr(sp, "_chain_container", lambda model, layers: None)
-        prefix = sp.sparsify(model, "2:4", method="wanda", calibration=samples)
+        prefix = sp.sparsify(model, "2:4", method="wanda", calibration=samples,
+                             sequential="layer")
     for name, mask in prefix.masks.items():
         assert torch.equal(result.masks[name], mask), name
 
@@ -167,9 +174,37 @@ def test_chain_on_hugging_face_bert(monkeypatch):
     assert container == tuple(f"encoder.layer.{i}" for i in range(3))
     _, _, chain = sp._probe(model, layers, calibration[0], container)
     assert chain is not None
-    chained = sp.sparsify(model, "2:4", method="sparsegpt", calibration=calibration)
+    chained = sp.sparsify(model, "2:4", method="sparsegpt", calibration=calibration,
+                          sequential="layer")
     with monkeypatch.context() as m:
         m.setattr(sp, "_chain_container", lambda model, layers: None)
-        prefix = sp.sparsify(model, "2:4", method="sparsegpt", calibration=calibration)
+        prefix = sp.sparsify(model, "2:4", method="sparsegpt", calibration=calibration,
+                             sequential="layer")
     for name, mask in prefix.masks.items():
         assert torch.equal(chained.masks[name], mask), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_block_mode_calibrates_a_block_on_its_dense_self_after_sparse_blocks(method):
+    """sequential=True (the papers' loop): every layer of block i sees the inputs the model
+    gives with blocks < i sparse and block i still dense."""
+    torch.manual_seed(0)
+    model = Encoder(n=3)
+    calib = _calibration()
+    result = sp.sparsify(model, "2:4", method=method, calibration=calib)
+    dense1 = model.layers[1]
+    captured: list[torch.Tensor] = []
+    hook = dense1.o.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in calib:  # sparse embed + block 0 (from the result), dense block 1
+            h = result.model.embed(batch["x"])
+            h = result.model.layers[0](h, batch["mask"], scale=0.5)
+            dense1(h, batch["mask"], scale=0.5)
+    hook.remove()
+    alone = sp.sparsify(dense1.o, "2:4", method=method, calibration=captured)
+    assert torch.equal(alone.masks["weight"], result.masks["layers.1.o.weight"])
+    assert torch.allclose(alone.model.weight, result.model.layers[1].o.weight, atol=1e-5)
+    layer = sp.sparsify(model, "2:4", method=method, calibration=calib, sequential="layer")
+    assert torch.equal(layer.masks["layers.0.q.weight"], result.masks["layers.0.q.weight"])
+    with pytest.raises(sp.InputError, match="sequential"):
+        sp.sparsify(model, "2:4", method=method, calibration=calib, sequential="blocks")
