@@ -91,3 +91,53 @@ def test_prune_cli_onnx_in_onnx_out(tmp_path, capsys):
     out2 = tmp_path / "never.onnx"
     assert main(["prune", str(bad), "-o", str(out2)]) == 2
     assert not out2.exists()
+
+
+def test_every_command_module_is_registered():
+    import pkgutil
+
+    from secateurs import cli, commands
+
+    modules = {m.name for m in pkgutil.iter_modules(commands.__path__)
+               if not m.name.startswith("_")}
+    assert modules == set(cli.COMMANDS)
+    choices = cli.build_parser()._subparsers._group_actions[0].choices
+    assert set(choices) == modules
+
+
+def test_output_checks_run_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    from secateurs.commands import _spec
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the output path was checked")
+
+    monkeypatch.setattr(_spec, "load_torch_spec", never)
+    from secateurs.commands import prune as prune_cmd
+
+    monkeypatch.setattr(prune_cmd, "load_torch_spec", never)
+    assert main(["prune", "zoo:resnet", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "written as .pt2" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unexpected_error_is_one_line_exit_1(monkeypatch, capsys):
+    from secateurs.commands import analyze
+
+    def boom(args):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(analyze, "run", boom)  # registered inside main(): picks up boom
+    assert main(["analyze", "zoo:mlp"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert err == ["secateurs analyze: error: internal error: RuntimeError: something inside "
+                   "broke (run with --debug for the traceback)"]
+
+
+def test_calibration_file_shapes_are_checked(tmp_path, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "c.npz", np.zeros((4, 3, 8, 8), dtype=np.float32))
+    assert main(["prune", "zoo:resnet", "--importance", "activation",
+                 "--calibration", str(tmp_path / "c.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "samples of shape (3, 8, 8)" in err and "(3, 32, 32)" in err

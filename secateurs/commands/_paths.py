@@ -128,11 +128,12 @@ def check_outputs(outputs: Sequence[Output], inputs: Mapping[str, str] | Iterabl
     for out in outputs:
         if out.path is None:
             continue
+        if out.path.strip():  # the worst mistake first: overwriting an input
+            for label, other in seen:
+                if _same(Path(out.path), other):
+                    raise InputError(f"{out.option} '{out.path}' is the same file as {label}; "
+                                     "it would be overwritten: choose another output name")
         p = _check_one(out)
-        for label, other in seen:
-            if _same(p, other):
-                raise InputError(f"{out.option} '{out.path}' is the same file as {label}; "
-                                 "it would be overwritten: choose another output name")
         seen.append((f"{out.option} '{out.path}'", p))
         checked.append(p)
     return checked
