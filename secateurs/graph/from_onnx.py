@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,8 @@ from secateurs.errors import InputError
 from secateurs.graph.ir import ChannelGraph, Node, Value
 
 __all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constants",
-           "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton"]
+           "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton",
+           "group_norm_decompositions", "GroupNormDecomposition"]
 
 log = logging.getLogger(__name__)
 
@@ -199,14 +201,20 @@ def infer_shapes_folding(work: onnx.ModelProto) -> dict[str, list[int | str | No
     shape arithmetic (Where, ConstantOfShape...), fold what we can, pin the folded values as
     initializers of a scratch copy, and infer again."""
     shapes = _infer(work)
-    for _ in range(4):
-        if all(_static(shapes.get(o)) is not None for n in work.graph.node for o in n.output if o):
+    outputs = [o for n in work.graph.node for o in n.output if o]
+    missing = sum(_static(shapes.get(o)) is None for o in outputs)
+    for _ in range(64):  # each round folds one more link of a chain (Swin's rolls: 11 rounds)
+        if not missing:
             break
         consts = fold_constants(work, shapes)
         scratch = _materialise(skeleton(work), consts, shapes)
         if scratch is None:
             break
         shapes = {**shapes, **_infer(scratch)}
+        still = sum(_static(shapes.get(o)) is None for o in outputs)
+        if still >= missing:
+            break
+        missing = still
     return shapes
 
 
@@ -397,6 +405,66 @@ def fold_constants(model: onnx.ModelProto,
 # ---------------------------------------------------------------- lowering
 
 
+@dataclass(frozen=True)
+class GroupNormDecomposition:
+    """``Reshape(x, [N, G, -1]) → InstanceNormalization(ones, zeros) → Reshape(x's shape)``:
+    how the exporters write GroupNorm before opset 18 (the affine follows as Mul/Add). Node
+    indices, the input ``x`` and the group count ``G``."""
+
+    split: int
+    instance_norm: int
+    norm: int
+    x: str
+    groups: int
+
+
+def group_norm_decompositions(graph: onnx.GraphProto,
+                              shapes: Mapping[str, list[int | str | None]],
+                              value: Callable[[str], np.ndarray | None]
+                              ) -> list[GroupNormDecomposition]:
+    """Every exporter GroupNorm decomposition of ``graph`` whose InstanceNormalization scale
+    and bias are uniform (each the same number for every group: removing whole groups then
+    keeps them). Lowered as one ``group_norm`` the analysis costs nothing per spatial position
+    (the reshape to ``[N, G, C/G·H·W]`` would compose a label per position)."""
+    index: dict[str, int] = {}
+    uses: dict[str, int] = {}
+    for k, node in enumerate(graph.node):
+        for o in node.output:
+            index[o] = k
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 2
+    consumer: dict[str, int] = {}
+    for k, node in enumerate(graph.node):
+        for i in node.input:
+            consumer[i] = k
+    found = []
+    for k, node in enumerate(graph.node):
+        if node.op_type != "InstanceNormalization" or node.domain not in ("", "ai.onnx") \
+                or len(node.input) < 3:
+            continue
+        r1 = index.get(node.input[0])
+        r2 = consumer.get(node.output[0])
+        if r1 is None or r2 is None or uses.get(node.input[0]) != 1 \
+                or uses.get(node.output[0]) != 1:
+            continue
+        split, norm = graph.node[r1], graph.node[r2]
+        if split.op_type != "Reshape" or norm.op_type != "Reshape" or norm.input[0] != node.output[0]:
+            continue
+        x = split.input[0]
+        sx, s1, s2 = (_static(shapes.get(v)) for v in (x, split.output[0], norm.output[0]))
+        if sx is None or s1 is None or len(sx) < 3 or len(s1) != 3 or s2 != sx \
+                or s1[0] != sx[0] or sx[1] % s1[1] or s1[1] * s1[2] != int(np.prod(sx[1:])):
+            continue
+        scale, bias = value(node.input[1]), value(node.input[2])
+        if scale is None or bias is None or scale.size != s1[1] or bias.size != s1[1] \
+                or np.ptp(scale) != 0 or np.ptp(bias) != 0:
+            continue
+        found.append(GroupNormDecomposition(r1, k, r2, x, int(s1[1])))
+    return found
+
+
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -445,6 +513,16 @@ class _Lowering:
                 f"pass static input_shapes (--input-shape NAME=1,3,224,224) or re-export the "
                 f"model with static shapes (outputs of custom ops need value_info entries)")
         return shape
+
+    def tensor_value(self, name: str) -> np.ndarray | None:
+        """The value of a constant, initializer or float Constant node (None otherwise)."""
+        if name in self.consts:
+            return self.consts[name]
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        if name in self.const_params:
+            return _constant_value(self.const_params[name])
+        return None
 
     def rank(self, name: str) -> int:
         return len(self.shape(name))
@@ -511,11 +589,20 @@ class _Lowering:
         inputs = graph_input_names(self.graph)
         for name in inputs:
             self.values[name] = Value(name, self.shape(name), kind="input")
-        for node, name in zip(self.graph.node, names):
+        fused = {d.norm: d for d in group_norm_decompositions(self.graph, self.shapes,
+                                                                self.tensor_value)}
+        inner = {i for d in fused.values() for i in (d.split, d.instance_norm)}
+        for k, (node, name) in enumerate(zip(self.graph.node, names)):
             outs = [o for o in node.output if o]
             if outs and all(o in self.consts for o in outs):
                 continue  # folded
+            if k in inner:
+                continue  # lowered with its group norm
             self.onnx_name, self.onnx_op = name, node.op_type
+            if k in fused:
+                self.emit("group_norm", [fused[k].x, None, None], [node.output[0]],
+                          {"num_groups": fused[k].groups})
+                continue
             if node.domain not in ("", "ai.onnx"):
                 self.opaque(node, f"custom-domain op '{node.domain}::{node.op_type}' has no "
                                   f"channel rule; it passes through untouched")
@@ -634,7 +721,23 @@ def _lower_gemm(lw: _Lowering, node: onnx.NodeProto) -> None:
 
 @_reg("BatchNormalization")
 def _lower_batch_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
-    lw.emit("batch_norm", list(node.input[:5]), _first_out(node))
+    """Inference BatchNormalization is a per-channel affine map. ``training_mode=1`` (weight
+    standardisation: ``F.batch_norm(w.reshape(1, O, -1), training=True)``) normalises with the
+    statistics over every other dim: the statistics are a mean over those dims (lossy to
+    remove positions from), subtracted from the input before the per-channel affine."""
+    if not int(_attrs(node).get("training_mode", 0)):
+        lw.emit("batch_norm", list(node.input[:5]), _first_out(node))
+        return
+    x = node.input[0]
+    shape = lw.shape(x)
+    dims = [d for d in range(len(shape)) if d != 1]
+    stats_shape = tuple(1 if d in dims else s for d, s in enumerate(shape))
+    mean = lw.tmp(lw.onnx_name, "batch_stats", stats_shape)
+    lw.emit("reduce", [x], [mean], {"dims": dims, "keepdim": True, "kind": "mean"},
+            suffix="batch_stats")
+    centred = lw.tmp(lw.onnx_name, "centred", shape)
+    lw.emit("sub", [x, mean], [centred], suffix="centred")
+    lw.emit("batch_norm", [centred] + list(node.input[1:5]), [node.output[0]])
 
 
 @_reg("InstanceNormalization")
@@ -700,8 +803,14 @@ def _slice_items(shape: Shape, starts: np.ndarray, ends: np.ndarray, axes: np.nd
             continue
         s = min(max(s + size if s < 0 else s, 0), size)
         e = min(max(e + size if e < 0 else e, 0), size)
+        if size > 1 and len(range(s, e, st)) == 1:
+            # One position of a wider dim (the exporters' unbind/chunk: Slice then Squeeze):
+            # removing it would leave an empty slice, so it is a constant index, which pins
+            # the dim, followed by the kept size-1 axis.
+            items[ax] = (s, None)
+            continue
         items[ax] = slice(s or None, e if e < size else None, st if st != 1 else None)
-    return items
+    return [x for it in items for x in (it if isinstance(it, tuple) else (it,))]
 
 
 @_reg("Slice")

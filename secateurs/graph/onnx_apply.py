@@ -366,10 +366,13 @@ class _Constants:
             return numpy_helper.to_array(attr.t)
         return self.folded.get(name)
 
-    def write(self, node: onnx.NodeProto, index: int, arr: np.ndarray) -> None:
-        """Give input ``index`` of ``node`` the value ``arr`` (at the analysed shapes)."""
-        assert self.graph.node[self.at] is node or self.graph.node[self.at] == node
-        self.targets[(self.at, index)] = np.asarray(arr)
+    def write(self, node: onnx.NodeProto, index: int, arr: np.ndarray,
+              at: int | None = None) -> None:
+        """Give input ``index`` of ``node`` (node number ``at``, else the one being
+        rewritten) the value ``arr`` at the analysed shapes."""
+        at = self.at if at is None else at
+        assert self.graph.node[at] == node
+        self.targets[(at, index)] = np.asarray(arr)
 
     def _fresh(self, base: str) -> str:
         new, k = base, 1
@@ -572,7 +575,9 @@ def _opset(model: onnx.ModelProto) -> int:
 def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
              opset: int) -> None:
     op = node.op_type
-    if op == "Reshape" and "shape" in consts:
+    if op == "Reshape" and "num_groups" in consts:
+        _rewrite_group_norm_decomposition(node, consts, io)
+    elif op == "Reshape" and "shape" in consts:
         old = io.value(node.input[1])
         toks = _reshape_tokens(None if old is None else old.reshape(-1),
                                [int(v) for v in consts["shape"]], io.shapes.get(node.output[0]),
@@ -601,6 +606,39 @@ def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
         _set_int_attr(node, "num_groups", int(consts["num_groups"]))
 
 
+def _rewrite_group_norm_decomposition(node: onnx.NodeProto, consts: Mapping[str, Any],
+                                      io: _Constants) -> None:
+    """Whole groups removed from a GroupNorm that ``from_onnx`` recognised in its exporter
+    decomposition (``group_norm_decompositions``): ``[N, G, K]`` → ``[N, G', K·(C'/G')/(C/G)]``,
+    the uniform InstanceNormalization scale and bias keep ``G'`` entries, the reshape back
+    takes ``C'`` channels."""
+    norm_at = io.at
+    index = {o: k for k, n in enumerate(io.graph.node) for o in n.output}
+    inorm_at = index[node.input[0]]
+    inorm = io.graph.node[inorm_at]
+    split_at = index[inorm.input[0]]
+    split = io.graph.node[split_at]
+    groups, channels = int(consts["num_groups"]), int(consts["num_channels"])
+    old_c = (io.shapes.get(split.input[0]) or [None, None])[1]
+    first, back = io.value(split.input[1]), io.value(node.input[1])
+    if first is None or back is None or not isinstance(old_c, int):
+        raise PlanError(f"GroupNorm decomposition ending at Reshape '{node.name}': its shapes "
+                        f"are computed at run time in a way secateurs cannot read")
+    first, back = first.reshape(-1).copy(), back.reshape(-1).copy()
+    old_g = int(io.shapes[split.output[0]][1])  # type: ignore[index]
+    first[1] = groups
+    if first[2] not in (-1, 0):
+        first[2] = first[2] // (old_c // old_g) * (channels // groups)
+    if back[1] not in (-1, 0):
+        back[1] = channels
+    io.write(split, 1, first, at=split_at)
+    for j in (1, 2):
+        arr = io.value(inorm.input[j])
+        assert arr is not None
+        io.write(inorm, j, np.ascontiguousarray(arr.reshape(-1)[:groups]), at=inorm_at)
+    io.write(node, 1, back, at=norm_at)
+
+
 def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> None:
     starts, ends = io.value(node.input[1]), io.value(node.input[2])
     if starts is None or ends is None:
@@ -608,6 +646,9 @@ def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> No
     starts, ends = starts.reshape(-1).copy(), ends.reshape(-1).copy()
     axes_in = io.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     axes = np.arange(len(starts)) if axes_in is None else axes_in.reshape(-1)
+    # ``from_onnx`` writes a one-position slice as ``int, None`` (a pinned index and the kept
+    # axis): one entry per input dim again.
+    items = [it for it in items if it is not None]
     rank = len(items)
     for k, ax in enumerate(axes.tolist()):
         it = items[int(ax) % rank]
