@@ -26,6 +26,8 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "split_net": (1, 10),
     "broadcast_net": (1, 10),
     "t5_buckets": (2, 10),
+    "convnextv2_grn": (1, 10),
+    "fused_moe": (2, 10),
     # end conv_wild
     "conv1d_net": (1, 10),
     "conv3d_net": (1, 5),
@@ -46,6 +48,11 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "vit_fused": (1, 10),
     "vit_sdpa": (1, 10),
     "vit_unbind": (2, 10),
+    "beit_relpos": (2, 10),
+    "levit_bias": (2, 10),
+    "hiera_unroll": (2, 10),
+    "mqa_qknorm": (2, 8, 64),
+    "tv_vit_mha": (2, 10),
 }
 
 # Parameter counts of the real architectures (torchvision / timm / Llama-3-8B), so a full-size

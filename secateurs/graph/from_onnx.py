@@ -852,6 +852,14 @@ def _lower_reshape(lw: _Lowering, node: onnx.NodeProto) -> None:
     lw.emit("reshape", [node.input[0]], _first_out(node))
 
 
+@_reg("Einsum")
+def _lower_einsum(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("einsum", [i for i in node.input if i], _first_out(node),
+            {"equation": str(_attrs(node)["equation"].decode()
+                             if isinstance(_attrs(node)["equation"], bytes)
+                             else _attrs(node)["equation"])})
+
+
 @_reg("Transpose")
 def _lower_transpose(lw: _Lowering, node: onnx.NodeProto) -> None:
     rank = lw.rank(node.input[0])

@@ -20,6 +20,7 @@ from torch import nn
 
 from secateurs.errors import PlanError
 from secateurs.graph.fx_lower import _SIGS, _node_shape, call_key
+from secateurs.graph.fx_modules import prune_multihead_attention
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_fx", "slice_tensors", "slice_tensor", "tensor_slots"]
@@ -108,6 +109,10 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None) -> Any:
 def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str, Any]) -> None:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, nn.MultiheadAttention) and "num_heads" in consts:
+            prune_multihead_attention(mod, consts["num_heads"], consts["head_dim"],
+                                      consts["embed_dim"], consts["scale"])
+            return
         for attr, value in consts.items():
             if attr == "normalized_shape" and hasattr(mod, attr):
                 mod.normalized_shape = tuple(value)
@@ -167,6 +172,9 @@ def _apply_index(node: torch.fx.Node, key: str, items: list[Any]) -> None:
             items = list(items[:at]) + [Ellipsis] + (list(items[len(items) - tail:])
                                                     if tail else [])
         # a bound computed at run time (x.shape[-1] // 2) follows the pruned size by itself
+        # an index tensor (the rule's "gather") stays the tensor it is
+        items = [orig[i] if isinstance(n, str) and i < len(orig) else n
+                 for i, n in enumerate(items)]
         items = [o if isinstance(o, slice) and any(isinstance(v, torch.fx.Node) for v in
                                                   (o.start, o.stop, o.step)) else n
                  for o, n in zip(orig, items)] if len(items) == len(orig) else items

@@ -125,6 +125,11 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "max": ("input", "dim", "keepdim"), "min": ("input", "dim", "keepdim"),
     "var": ("input", "dim"), "std": ("input", "dim"), "logsumexp": ("input", "dim", "keepdim"),
     "norm": ("input", "p", "dim", "keepdim"), "prod": ("input", "dim", "keepdim"),
+    "stack": ("tensors", "dim"), "repeat_interleave": ("input", "repeats", "dim"),
+    "gather": ("input", "dim", "index"), "take_along_dim": ("input", "index", "dim"),
+    "topk": ("input", "k", "dim"), "sort": ("input", "dim"), "argsort": ("input", "dim"),
+    "_grouped_mm": ("input", "mat2", "offs"), "argmax": ("input", "dim", "keepdim"),
+    "argmin": ("input", "dim", "keepdim"), "addcmul": ("input", "tensor1", "tensor2"),
     "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p",
                                      "is_causal", "scale"),
     "pow": ("input", "exponent"), "type_as": ("input", "other"),
@@ -318,12 +323,90 @@ def _pow(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "pow_scalar", [b.get("input", node.args[0])], {}
 
 
+_NONNEG_UNARY = {"abs", "exp", "sigmoid", "softplus", "relu", "relu6", "sqrt", "square",
+                 "var", "std"}
+_PASS = {"to", "type", "type_as", "float", "double", "half", "bfloat16", "_to_copy",
+         "contiguous", "clone", "detach", "alias", "mean", "sum", "amax", "max", "expand"}
+
+
+def _bounded(arg: Any, positive: bool, depth: int = 8) -> bool:
+    """``arg`` is >= 0 (``positive``: > 0) wherever it is defined, by its producers: a mean
+    square plus ``eps`` (RMSNorm, also per head: Qwen3/Gemma3 q/k norms), a variance plus
+    ``eps``, their square roots; casts, reductions and broadcasts keep the bound."""
+    if isinstance(arg, (int, float)):
+        return arg > 0 if positive else arg >= 0
+    if not isinstance(arg, torch.fx.Node) or depth == 0 or \
+            arg.op not in ("call_function", "call_method"):
+        return False
+    key = call_key(arg)
+    x = arg.args[0] if arg.args else None
+    if key in _PASS:
+        return _bounded(x, positive, depth - 1)
+    if key == "sqrt":
+        return _bounded(x, positive, depth - 1)
+    if key in _NONNEG_UNARY:
+        return not positive
+    if key == "pow" and len(arg.args) > 1 and isinstance(arg.args[1], (int, float)):
+        return not positive and float(arg.args[1]) % 2 == 0
+    if key == "mul" and len(arg.args) > 1 and arg.args[0] is arg.args[1]:
+        return not positive
+    if key == "add" and len(arg.args) > 1:
+        a, b = arg.args[0], arg.args[1]
+        return (_bounded(a, False, depth - 1) and _bounded(b, positive, depth - 1)) or \
+            (_bounded(a, positive, depth - 1) and _bounded(b, False, depth - 1))
+    return False
+
+
+def _singular(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
+    """rsqrt/reciprocal/log: ``positive`` when the argument cannot be zero (RMSNorm's
+    ``rsqrt(mean(x**2) + eps)``), so a removed (zeroed) unit stays finite."""
+    def lower(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+        x = b.get("input", node.args[0] if node.args else None)
+        return op, [x], {"positive": _bounded(x, True)}
+
+    return lower
+
+
+def _div(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    op, operands, _ = _elementwise("div")(node, b)
+    divisor = node.args[1] if len(node.args) > 1 else b.get("other")
+    return op, operands, {"positive_divisor": _bounded(divisor, True)}
+
+
 def _normalize(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "softmax", [b["input"]], {"dim": int(b.get("dim", 1))}
 
 
 def _source(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "source", [a for a in node.args if isinstance(a, torch.fx.Node)], {}
+
+
+def _stack(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "stack", list(b["tensors"]), {"dim": int(b.get("dim", 0))}
+
+
+def _repeat_interleave(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    x, reps, dim = b["input"], b.get("repeats"), b.get("dim")
+    if not isinstance(reps, int) or not isinstance(dim, int):
+        return "opaque", [x], {"reason": "repeat_interleave with tensor repeats or no dim"}
+    return "repeat_interleave", [x], {"repeats": reps, "dim": dim}
+
+
+def _gather(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    if not isinstance(b.get("dim"), int):
+        return "opaque", [b["input"], b.get("index")], {"reason": "gather over the flattened "
+                                                                  "input"}
+    return "gather", [b["input"], b["index"]], {"dim": int(b["dim"])}
+
+
+def _select_along(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """topk / sort / argsort: a data-dependent choice of positions along ``dim``."""
+    return "select_along", [b["input"]], {"dim": int(b.get("dim", -1) if b.get("dim")
+                                                      is not None else -1)}
+
+
+def _grouped_mm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "grouped_mm", [b["input"], b["mat2"]], {}
 
 
 def _new_tensor(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
@@ -346,7 +429,7 @@ for _op in ("relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh har
             "sign round floor ceil logsigmoid tanhshrink").split():
     _CALLS[_op] = _unary(_op)
 for _op in ("rsqrt", "reciprocal", "log"):
-    _CALLS[_op] = _unary(_op)
+    _CALLS[_op] = _singular(_op)
 for _op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
             "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "half",
             "bfloat16", "double", "alias", "lift_fresh_copy", "_to_copy", "clamp", "clip"):
@@ -363,7 +446,7 @@ for _op in ("add", "sub", "rsub", "mul", "div", "true_divide", "maximum", "minim
     _CALLS[_op] = _elementwise({"rsub": "sub", "true_divide": "div",
                                 "floor_divide": "div"}.get(_op, _op))
 _CALLS.update({
-    "pow": _pow, "linear": _linear, "embedding": _embedding,
+    "pow": _pow, "linear": _linear, "embedding": _embedding, "div": _div, "true_divide": _div,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
     "conv_transpose1d": _conv, "conv_transpose2d": _conv, "conv_transpose3d": _conv,
     "batch_norm": _batch_norm, "instance_norm": _batch_norm,
@@ -371,16 +454,22 @@ _CALLS.update({
     "softmax": _softmax, "log_softmax": _softmax, "_softmax": _softmax, "normalize": _normalize,
     "cat": _cat, "concat": _cat, "concatenate": _cat,
     "split": _split, "chunk": _split, "split_with_sizes": _split, "tensor_split": _split,
-    "unsafe_split": _split, "unbind": _unbind,
+    "unsafe_split": _split, "unbind": _unbind, "stack": _stack,
+    "repeat_interleave": _repeat_interleave, "gather": _gather, "take_along_dim": _gather,
+    "topk": _select_along, "sort": _select_along, "argsort": _select_along,
+    "_grouped_mm": _grouped_mm, "grouped_mm": _grouped_mm,
+    "addcmul": _elementwise("addcmul"), "addcdiv": _elementwise("addcdiv"),
+    "argmax": _reduce("argmax"), "argmin": _reduce("argmin"),
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,
     "unflatten": _reshape, "squeeze": _reshape, "unsqueeze": _reshape, "view_as": _reshape,
     "reshape_as": _reshape,
     "permute": _permute, "transpose": _permute, "swapaxes": _permute, "swapdims": _permute,
     "t": _permute, "movedim": _permute, "T": _permute, "mT": _permute, "H": _permute,
     "mH": _permute, "numpy_T": _permute,
-    "expand": lambda n, b: ("expand", [b.get("input", n.args[0])], {}),
+    # explicit sizes ("sized") are rewritten after pruning, so broadcast copies may go
+    "expand": lambda n, b: ("expand", [b.get("input", n.args[0])], {"sized": True}),
     "expand_as": lambda n, b: ("expand", [n.args[0]], {}),
-    "broadcast_to": lambda n, b: ("expand", [n.args[0]], {}),
+    "broadcast_to": lambda n, b: ("expand", [n.args[0]], {"sized": True}),
     "repeat": lambda n, b: ("repeat", [n.args[0]], {}),
     "matmul": _elementwise("matmul"), "mm": _elementwise("matmul"),
     # addmm/baddbmm are lowered by ``emit_addmm`` (matmul + add); the entry makes them reachable
@@ -405,6 +494,9 @@ _CALLS.update({
     "tril": _source, "scalar_tensor": _source, "new_zeros": _new_tensor,
     "new_ones": _new_tensor, "new_full": _new_tensor, "new_empty": _new_tensor,
 })
+
+# Fields of torch.return_types (topk, sort, max/min over a dim): output index by name.
+_NAMED_OUTPUTS = {"values": 0, "indices": 1}
 
 # Non-tensor or bookkeeping calls: no canonical node.
 _SKIP = {"size", "dim", "numel", "getattr", "_assert", "_assert_async", "sym_size", "item",
@@ -450,7 +542,9 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         return "embedding", ["weight"], {}
     if isinstance(mod, nn.MultiheadAttention):
         return "mha", ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias",
-                       "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"], {}
+                       "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"], {
+            "num_heads": mod.num_heads, "batch_first": bool(mod.batch_first),
+            "add_zero_attn": bool(mod.add_zero_attn)}
     if type(mod) in _UNARY_MODULES:
         return _UNARY_MODULES[type(mod)], [], {}
     if isinstance(mod, _POOL_MODULES):
@@ -466,6 +560,21 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
             return "opaque", [], {"reason": "Softmax without an explicit dim"}
         return "softmax", [], {"dim": mod.dim}
     return "opaque", [], {"reason": f"no channel rule for module type {type(mod).__name__}"}
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+
+
+def _mha_operands(n: torch.fx.Node) -> tuple[list[Any], bool]:
+    """query, key, value, key_padding_mask, attn_mask of an ``nn.MultiheadAttention`` call, and
+    whether the attention weights (its second output) are read."""
+    b = dict(zip(_MHA_ARGS, n.args))
+    b.update(n.kwargs)
+    used = any(u.target is operator.getitem and len(u.args) > 1 and u.args[1] == 1
+               and len(u.users) > 0 for u in n.users) or \
+        any(u.target is not operator.getitem for u in n.users)
+    return [b.get(a) for a in ("query", "key", "value", "key_padding_mask", "attn_mask")], used
 
 
 def _as_list(v: Any) -> list[Any]:
@@ -555,7 +664,8 @@ class _Lowering:
         tensor_args = [a for a in list(n.args) + list(n.kwargs.values())
                        if isinstance(a, torch.fx.Node)]
         if op == "mha":
-            tensor_args = tensor_args[:3]
+            tensor_args, weights_used = _mha_operands(n)
+            attrs = {**attrs, "weights_used": weights_used}
         elif op != "opaque":
             tensor_args = tensor_args[:1]
         operands: list[Any] = list(tensor_args)
@@ -567,6 +677,13 @@ class _Lowering:
 
     def lower_call(self, n: torch.fx.Node) -> None:
         key = call_key(n)
+        if key == "getattr" and n.args[1] in _NAMED_OUTPUTS \
+                and isinstance(n.args[0], torch.fx.Node) \
+                and isinstance(_node_shape(n.args[0]), list):
+            # topk(...).indices, max(x, dim).values: a named field of a multi-output node
+            self.alias[n.name] = f"{self.alias.get(n.args[0].name, n.args[0].name)}." \
+                                 f"{_NAMED_OUTPUTS[n.args[1]]}"
+            return
         if key in _SKIP:
             return
         shape = _node_shape(n)
@@ -577,7 +694,9 @@ class _Lowering:
                 return
             if shape is None:
                 return
-            self.emit(n, "index", [src], {"items": _index_items(n.args[1])}, "getitem")
+            items = _index_items(n.args[1])
+            gathers = [it for it in _as_list(n.args[1]) if _is_int_tensor(it)]
+            self.emit(n, "index", [src, *gathers], {"items": items}, "getitem")
             return
         if shape is None:
             return
@@ -707,9 +826,20 @@ def _index_items(idx: Any) -> list[Any]:
                 out.append(slice(*bounds))
         elif it is None or it is Ellipsis or isinstance(it, int):
             out.append(it)
+        elif _is_int_tensor(it):
+            out.append("gather")  # an integer index tensor: the node's next tensor operand
         else:
             out.append("tensor")
     return out
+
+
+def _is_int_tensor(arg: Any) -> bool:
+    """An integer tensor operand (``table[index]``, ``biases[:, idx]``), not a bool mask."""
+    if not isinstance(arg, torch.fx.Node):
+        return False
+    val = arg.meta.get(_SHAPE_KEY, arg.meta.get("val"))
+    return isinstance(val, torch.Tensor) and not val.dtype.is_floating_point \
+        and val.dtype != torch.bool and not val.dtype.is_complex
 
 
 def _slice_items(key: str, b: dict[str, Any], nd: int) -> list[Any]:

@@ -6,6 +6,7 @@ that only switch grad/autocast mode are inlined so the analysis sees through the
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 from typing import Any
@@ -35,6 +36,55 @@ def _fetch_attr(root: nn.Module, target: str, missing_ok: bool = False) -> Any:
 # ---------------------------------------------------------------- tracing
 
 
+def _encoder_layer(m: nn.TransformerEncoderLayer, src: Any, src_mask: Any = None,
+                   src_key_padding_mask: Any = None, is_causal: bool = False) -> Any:
+    """``nn.TransformerEncoderLayer.forward`` without its fast path (which branches on tensor
+    properties FX cannot see), through the same submodules: the layer's own slow path."""
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+def _encoder(m: nn.TransformerEncoder, src: Any, mask: Any = None,
+             src_key_padding_mask: Any = None, is_causal: bool | None = None) -> Any:
+    """``nn.TransformerEncoder.forward`` without the fast path and nested tensors."""
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                    is_causal=bool(is_causal))
+    return out if m.norm is None else m.norm(out)
+
+
+class _Tracer(torch.fx.Tracer):
+    """FX's tracer, looking inside ``nn.TransformerEncoder``/``nn.TransformerEncoderLayer``
+    (leaves by default, so their projections, heads and FFN were opaque): their slow path is
+    traced over the same submodules, whose names the plan keeps; ``nn.MultiheadAttention``
+    stays a leaf (lowered to ``mha``)."""
+
+    _INSIDE = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._INSIDE):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        if isinstance(m, nn.TransformerEncoderLayer):
+            forward = functools.partial(_encoder_layer, m)
+        elif isinstance(m, nn.TransformerEncoder):
+            forward = functools.partial(_encoder, m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -58,7 +108,7 @@ def trace(model: nn.Module, example_inputs: Any,
     if isinstance(model, torch.fx.GraphModule):
         return model, "fx"
     try:
-        return torch.fx.symbolic_trace(model), "fx"
+        return _symbolic_trace(model), "fx"
     except Exception as fx_exc:  # noqa: BLE001 - any FX failure means: try export
         fx_error = fx_exc
     log.info("symbolic_trace failed (%s); falling back to torch.export", fx_error)

@@ -139,6 +139,12 @@ def _unary(ctx: RuleContext) -> list[Labels | None]:
 
 @_register(*SINGULAR_OPS)
 def _singular(ctx: RuleContext) -> list[Labels | None]:
+    """Singular at zero: a removed (zeroed) unit would turn into inf/NaN, so every dim is lossy
+    — unless the frontend proved the argument positive (``positive``: RMSNorm's
+    ``rsqrt(mean(x**2) + eps)``; per head, as Qwen3/Gemma3 q/k norms do it, the reduced dim is
+    lossy through the mean and the heads stay exact)."""
+    if ctx.node.attrs.get("positive"):
+        return [ctx.ins[0]]
     for vec, size in zip(ctx.ins[0] or [], ctx.in_shapes[0] or ()):
         if size > 1:
             ctx.space.mark_lossy(vec, f"{ctx.where} is singular at zero")
@@ -184,7 +190,8 @@ def _elementwise(ctx: RuleContext) -> list[Labels | None]:
     operands = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes)
                 if lab is not None and shp is not None]
     out = _broadcast_batch(ctx, operands, out_shape)
-    if ctx.node.op == "div" and len(ctx.ins) > 1 and ctx.ins[1] is not None:
+    if ctx.node.op == "div" and len(ctx.ins) > 1 and ctx.ins[1] is not None \
+            and not ctx.node.attrs.get("positive_divisor"):
         for vec, size in zip(ctx.ins[1], ctx.in_shapes[1] or ()):
             if size > 1:
                 ctx.space.mark_lossy(vec, f"{ctx.where} divides by these channels")
@@ -423,12 +430,30 @@ def _index_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, 
 @_register("index", rewrite=_index_rewrite)
 def _index(ctx: RuleContext) -> list[Labels | None]:
     """Basic indexing: ``items`` holds one entry per indexed dim — a ``slice``, an ``int``
-    (drops the dim), ``None`` (new size-1 dim), ``Ellipsis``, or ``"tensor"`` (advanced
-    indexing, which pins the dim it gathers from). Slice bounds are rewritten to count only the
-    surviving positions before them; a constant integer index pins its dim."""
+    (drops the dim), ``None`` (new size-1 dim), ``Ellipsis``, ``"gather"`` (an integer index
+    tensor, the node's next tensor operand) or ``"tensor"`` (any other advanced index, which
+    pins everything). Slice bounds are rewritten to count only the surviving positions before
+    them; a constant integer index pins its dim.
+
+    One index tensor (``table[index]``, ``biases[:, idx]``: relative-position and attention-bias
+    tables) gathers along its dim like an embedding: that dim's rows are addressed by value and
+    pinned, the index's own dims take its place in the output (its positions are positions of
+    the result, never channels of their own) and the table's other dims pass through — so a
+    bias table's head dim follows the heads it is added to."""
     x = ctx.ins[0]
     assert x is not None
     items = list(ctx.node.attrs["items"])
+    gathers = list(ctx.ins[1:])
+    if items.count("gather") != len(gathers) or len(gathers) > 1 or \
+            (gathers and "tensor" in items) or any(g is None for g in gathers):
+        reason = f"advanced indexing in {ctx.where}"
+        for vec in x:
+            ctx.space.pin(vec, reason)
+        for g in gathers:
+            ctx.pin_all(g, f"index operand of {ctx.where}")
+        shape = ctx.out_shapes[0]
+        assert shape is not None
+        return [ctx.fresh_dims(shape, reason)]
     n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
     if Ellipsis in items:
         at = items.index(Ellipsis)
@@ -451,6 +476,10 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
             out.append(vec[it])
         elif isinstance(it, int):
             ctx.space.pin(vec, f"constant index into this dim in {ctx.where}")
+        elif it == "gather":
+            ctx.space.pin(vec, f"rows of this dim are addressed by the index tensor of "
+                          f"{ctx.where}")
+            out.extend(gathers[0])
         else:
             out = []
             break
@@ -459,6 +488,8 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
     if len(out) != len(shape) or any(len(v) != s for v, s in zip(out, shape)):
         for vec in x:
             ctx.space.pin(vec, f"advanced indexing in {ctx.where}")
+        for g in gathers:
+            ctx.pin_all(g, f"index operand of {ctx.where}")
         return [ctx.fresh_dims(shape, f"advanced indexing in {ctx.where}")]
     ctx.keep["items"] = kept
     return [out]
@@ -536,9 +567,20 @@ def _expand_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str,
 
 @_register("expand", rewrite=_expand_rewrite)
 def _expand(ctx: RuleContext) -> list[Labels | None]:
+    """Broadcast copies are equal, so removing some is exact if the expanded size is rewritten
+    (``sized``: explicit sizes; sizes taken from another tensor, ``expand_as``, pin).
+
+    Multi-query attention: ``repeat_kv`` (``k[:, :, None].expand(B, KV, n_rep, T, D)
+    .reshape(B, KV * n_rep, T, D)``) makes q head ``(g, r)`` the composite of kv head ``g`` and
+    repeat index ``r``. With one kv head the repeat index is the only way to remove q heads:
+    a copy whose preceding dim is absent or of size 1 is a unit of its own, and removing q
+    heads shrinks ``n_rep``. With several kv heads (GQA) the copies stay pinned and a kv head
+    is the unit that takes its q heads (what the HF configs describe: ``num_key_value_groups``
+    heads per kv head)."""
     x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
     assert x is not None and src is not None and dst is not None
     lead = len(dst) - len(src)
+    sized = bool(ctx.node.attrs.get("sized"))
     for d, size in enumerate(src):
         if size == 1 and dst[lead + d] > 1:
             _pin_broadcast(ctx, x[d], dst[lead + d])
@@ -546,6 +588,8 @@ def _expand(ctx: RuleContext) -> list[Labels | None]:
     for d, size in enumerate(dst):
         if d >= lead and src[d - lead] == size:
             out.append(x[d - lead])
+        elif sized and (d == 0 or dst[d - 1] == 1):
+            out.append(ctx.space.fresh(size))
         else:
             out.append(ctx.space.fresh(size, pin=f"broadcast by {ctx.where}"))
     ctx.keep["out"] = out
@@ -584,6 +628,76 @@ def _matmul(ctx: RuleContext) -> list[Labels | None]:
     assert out_shape is not None
     batch = _broadcast_batch(ctx, [(a[:-2], sa[:-2]), (b[:-2], sb[:-2])], out_shape[:-2])
     return [batch + [a[-2], b[-1]]]
+
+
+def einsum_terms(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]]:
+    """Index keys of every operand dim and of the output for an einsum ``equation``: a letter,
+    or ``...k`` for the k-th broadcast dim of an ellipsis (aligned from the right); without
+    ``->`` the output is the letters used once, sorted (numpy's implicit mode)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    parts = lhs.split(",")
+    if len(parts) != len(ranks):
+        raise ValueError(f"einsum '{equation}' has {len(parts)} operands, got {len(ranks)}")
+    n_ell = max((r - len(p.replace("...", "")) for p, r in zip(parts, ranks) if "..." in p),
+                default=0)
+
+    def expand(part: str, rank: int | None) -> list[str]:
+        head, dots, tail = part.partition("...")
+        if not dots:
+            return list(part)
+        k = (n_ell if rank is None else rank - len(head) - len(tail))
+        return list(head) + [f"...{n_ell - k + j}" for j in range(k)] + list(tail)
+
+    terms = [expand(p, r) for p, r in zip(parts, ranks)]
+    if arrow:
+        out = expand(rhs, None)
+    else:
+        letters = [c for p in parts for c in p.replace("...", "")]
+        out = [f"...{j}" for j in range(n_ell)] + sorted(c for c in set(letters)
+                                                          if letters.count(c) == 1)
+    return terms, out
+
+
+@_register("einsum")
+def _einsum(ctx: RuleContext) -> list[Labels | None]:
+    """Einstein summation (``attrs["equation"]``): each index is one dim, and every operand
+    dim of an index unifies with the others — a contracted index is a matmul's ``k`` (a zero
+    position adds nothing), a kept one carries its labels to the output (outer product
+    ``i,j->ij``, batched matmul ``bhqd,bhkd->bhqk``). Size-1 dims broadcast and stay; an index
+    repeated within one operand (a diagonal) pins its dims."""
+    shapes = ctx.in_shapes
+    if any(lab is None for lab in ctx.ins) or any(s is None for s in shapes):
+        raise ValueError(f"{ctx.where}: einsum operands need labels and shapes")
+    terms, out_terms = einsum_terms(str(ctx.node.attrs["equation"]),
+                                    [len(s) for s in shapes])  # type: ignore[arg-type]
+    members: dict[str, list[tuple[np.ndarray, int]]] = {}
+    for lab, shp, term in zip(ctx.ins, shapes, terms):
+        assert lab is not None and shp is not None
+        for d, key in enumerate(term):
+            if term.count(key) > 1:
+                ctx.space.pin(lab[d], f"index '{key}' repeated within one operand of "
+                                      f"{ctx.where} (a diagonal)")
+            members.setdefault(key, []).append((lab[d], shp[d]))
+    rep: dict[str, np.ndarray] = {}
+    for key, vecs in members.items():
+        size = max(s for _, s in vecs)
+        full = [v for v, s in vecs if s == size]
+        for v, s in vecs:
+            if s == 1 and size > 1:
+                _pin_broadcast(ctx, v, size)
+        for other in full[1:]:
+            ctx.space.unify(full[0], other)
+        rep[key] = full[0]
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None
+    out = [rep[k] if k in rep else ctx.space.fresh(s, pin=f"new index in {ctx.where}")
+           for k, s in zip(out_terms, out_shape)]
+    if len(out) != len(out_shape) or any(len(v) != s for v, s in zip(out, out_shape)):
+        for lab in ctx.ins:
+            ctx.pin_all(lab, f"einsum {ctx.where} whose output does not match its indices")
+        return [ctx.fresh_dims(out_shape, f"einsum output of {ctx.where}")]
+    return [out]
 
 
 @_register("outer")
@@ -645,41 +759,201 @@ def _sdpa_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, A
 
 @_register("sdpa", rewrite=_sdpa_rewrite)
 def _sdpa(ctx: RuleContext) -> list[Labels | None]:
-    """softmax(q kᵀ · scale) v: q and k contract over head dim E; k and v share the key axis;
-    batch/head dims broadcast. The default scale 1/sqrt(E) is made explicit when E shrinks."""
+    """softmax(q kᵀ · scale + mask) v: q and k contract over head dim E; k and v share the key
+    axis; batch/head dims broadcast. The ``attn_mask`` broadcasts against the scores
+    ``[..., L, S]``: a per-head mask (TinyViT's attention biases, BEiT's relative-position bias)
+    has its head dim unified with the heads, so removing a head slices the mask's producer too.
+    The default scale 1/sqrt(E) is made explicit when E shrinks."""
     q, k, v = ctx.ins[0], ctx.ins[1], ctx.ins[2]
     sq, sk, sv = ctx.in_shapes[0], ctx.in_shapes[1], ctx.in_shapes[2]
     assert q is not None and k is not None and v is not None
     assert sq is not None and sk is not None and sv is not None
     ctx.space.unify(q[-1], k[-1])
     ctx.space.unify(k[-2], v[-2])
-    for extra in ctx.ins[3:]:
-        ctx.pin_all(extra, f"attention mask of {ctx.where}")
     out_shape = ctx.out_shapes[0]
     assert out_shape is not None
+    mask = ctx.ins[3] if len(ctx.ins) > 3 else None
+    sm = ctx.in_shapes[3] if len(ctx.in_shapes) > 3 else None
     if sq[:-2] == sk[:-2] == sv[:-2]:
         batch = _broadcast_batch(ctx, [(q[:-2], sq[:-2]), (k[:-2], sk[:-2]), (v[:-2], sv[:-2])],
                                  out_shape[:-2])
+        scores = tuple(out_shape[:-2]) + (sq[-2], sk[-2])
+        if mask is not None and sm is not None and len(sm) <= len(scores):
+            _broadcast_batch(ctx, [(batch + [q[-2], k[-2]], scores), (mask, sm)], scores)
+        else:
+            ctx.pin_all(mask, f"attention mask of {ctx.where}")
     else:
         for lab in (q, k, v):
             ctx.pin_all(lab[:-2], f"unequal head counts in {ctx.where}")
+        ctx.pin_all(mask, f"attention mask of {ctx.where}")
         batch = q[:-2]
+    for extra in ctx.ins[4:]:
+        ctx.pin_all(extra, f"extra operand of {ctx.where}")
     ctx.keep["e"] = q[-1]
     return [batch + [q[-2], v[-1]]]
 
 
-@_register("mha")
-def _mha(ctx: RuleContext) -> list[Labels | None]:
-    """nn.MultiheadAttention checks that the query width equals ``embed_dim`` and splits it into
-    heads internally: its channels and heads stay (rewrite it as explicit attention to prune
-    heads)."""
-    reason = (f"{ctx.where} requires query width == embed_dim; its heads and width are "
-              "kept (write attention explicitly to prune them)")
+def _mha_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    if "heads" not in keep:
+        return {}
+    return {"num_heads": count(keep["heads"]), "head_dim": count(keep["dim"]),
+            "embed_dim": count(keep["in"]), "out_features": count(keep["out"]),
+            "scale": 1.0 / math.sqrt(len(keep["dim"]))}
+
+
+def _mha_pinned(ctx: RuleContext, reason: str) -> list[Labels | None]:
     for labels in ctx.ins:
         ctx.pin_all(labels, reason)
-    q = ctx.ins[0]
-    assert q is not None
+    return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
+
+
+@_register("mha", rewrite=_mha_rewrite)
+def _mha(ctx: RuleContext) -> list[Labels | None]:
+    """``nn.MultiheadAttention`` with a packed ``in_proj_weight [3E, E]``: operands query, key,
+    value, key_padding_mask, attn_mask, then in_proj_weight, in_proj_bias, out_proj weight and
+    bias (and the unpacked q/k/v weights, bias_k, bias_v, which pin). The packed rows factor as
+    (3, heads, head_dim): q, k and v share one head count and one head dim (the module has one
+    of each), the 3 stays; query, key and value widths are the weight's input dim; the output
+    is ``out_proj``'s. Apply swaps in a module whose inner width is ``num_heads * head_dim``
+    (torch's requires it to equal the query width) and keeps the original scale."""
+    q, k, v, kpm, mask = (ctx.ins + [None] * 5)[:5]
+    w, b, ow, ob, *unpacked = (ctx.ins[5:] + [None] * 9)[:9]
+    if w is None or ow is None or any(u is not None for u in unpacked) or \
+            ctx.node.attrs.get("add_zero_attn") or q is None or k is None or v is None:
+        return _mha_pinned(ctx, f"{ctx.where}: separate q/k/v weights, bias_k/bias_v or "
+                                "add_zero_attn are not rewritten; its heads and widths are kept")
+    sp = ctx.space
+    heads_n = int(ctx.node.attrs["num_heads"])
+    inner = len(w[0]) // 3
+    three, heads, dims = sp.factor(w[0], [3, heads_n, inner // heads_n])
+    sp.pin(three, f"{ctx.where} packs q, k and v into in_proj_weight: the 3 stays")
+    if b is not None:
+        sp.unify(b[0], w[0])
+    for x in (q, k, v):
+        sp.unify(x[-1], w[1])
+    if len(k) > 1:
+        sp.unify(k[-2] if ctx.node.attrs.get("batch_first") or len(k) == 2 else k[0],
+                 v[-2] if ctx.node.attrs.get("batch_first") or len(v) == 2 else v[0])
+    if len(q) == 3 and len(k) == 3 and len(v) == 3:
+        bdim = 0 if ctx.node.attrs.get("batch_first") else 1
+        sp.unify(q[bdim], k[bdim])
+        sp.unify(q[bdim], v[bdim])
+    sp.unify(ow[1], sp.compose(heads, dims))
+    sp.declare_root(ow[0])
+    if ob is not None:
+        sp.unify(ob[0], ow[0])
+    ctx.pin_all(kpm, f"key_padding_mask of {ctx.where}")
+    if mask is not None and len(mask) == 3:  # (B * heads, L, S): batch and heads merged
+        sp.pin(heads, f"{ctx.where} has a per-head attn_mask of shape (B * heads, L, S)")
+    ctx.pin_all(mask, f"attn_mask of {ctx.where}")
+    if ctx.node.attrs.get("weights_used"):
+        sp.pin(heads, f"{ctx.where} returns attention weights (averaged over its heads)")
+    ctx.keep.update({"heads": heads, "dim": dims, "in": w[1], "out": ow[0]})
+    outs: list[Labels | None] = [q[:-1] + [ow[0]]]
+    for shape in ctx.out_shapes[1:]:
+        outs.append(None if shape is None else
+                    ctx.fresh_dims(shape, f"attention weights of {ctx.where}"))
+    return outs
+
+
+# ---------------------------------------------------------------- stacking, selection, experts
+
+
+@_register("stack")
+def _stack(ctx: RuleContext) -> list[Labels | None]:
+    """``stack``: every input dim unifies across inputs (as ``cat``'s other dims); the new dim
+    indexes the inputs and stays."""
+    ins = [lab for lab in ctx.ins if lab is not None]
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None and ins
+    dim = int(ctx.node.attrs["dim"]) % len(out_shape)
+    for lab in ins[1:]:
+        for a, b in zip(ins[0], lab):
+            ctx.space.unify(a, b)
+    out = list(ins[0])
+    out.insert(dim, ctx.space.fresh(out_shape[dim], pin=f"stacked inputs of {ctx.where}"))
+    return [out]
+
+
+@_register("repeat_interleave")
+def _repeat_interleave(ctx: RuleContext) -> list[Labels | None]:
+    """Each position repeated ``repeats`` times in place: copies share its label."""
+    x = ctx.ins[0]
+    assert x is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    out = list(x)
+    out[dim] = np.repeat(x[dim], int(ctx.node.attrs["repeats"]))
+    return [out]
+
+
+@_register("gather")
+def _gather(ctx: RuleContext) -> list[Labels | None]:
+    """``out[..i..] = x[..index[..i..]..]`` along ``dim``: which positions of ``x`` are read is
+    data, so that dim of ``x`` stays; the output's positions along it are the index's. On the
+    other dims output, index and input are position for position (where the index covers the
+    whole dim; a shorter index reads a prefix, which stays)."""
+    x, idx = ctx.ins[0], ctx.ins[1]
+    sx, si = ctx.in_shapes[0], ctx.in_shapes[1]
+    assert x is not None and idx is not None and sx is not None and si is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    ctx.space.pin(x[dim], f"{ctx.where} reads positions of this dim chosen at run time")
+    out: Labels = []
+    for d, (xv, iv) in enumerate(zip(x, idx)):
+        if d == dim:
+            out.append(iv)
+        elif sx[d] == si[d]:
+            ctx.space.unify(xv, iv)
+            out.append(xv)
+        else:
+            ctx.space.pin(xv, f"{ctx.where} reads a prefix of this dim")
+            out.append(iv)
+    return [out]
+
+
+@_register("select_along")
+def _select_along(ctx: RuleContext) -> list[Labels | None]:
+    """``topk``/``sort``/``argsort``: positions along ``dim`` are chosen (or ordered) by value,
+    so removing one can change which are chosen; the other dims pass to values and indices."""
+    x = ctx.ins[0]
+    assert x is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    reason = f"{ctx.where} chooses positions of this dim by value"
+    ctx.space.pin(x[dim], reason)
     outs: list[Labels | None] = []
     for shape in ctx.out_shapes:
-        outs.append(None if shape is None else ctx.fresh_dims(shape, reason))
+        if shape is None:
+            outs.append(None)
+            continue
+        lab = list(x)
+        lab[dim] = ctx.space.fresh(shape[dim], pin=reason)
+        outs.append(lab)
     return outs
+
+
+@_register("grouped_mm")
+def _grouped_mm(ctx: RuleContext) -> list[Labels | None]:
+    """Fused MoE ``_grouped_mm(x[T, K], w[E, K, N], offs)``: rows of ``x`` are routed to experts
+    by ``offs``, so the expert dim stays; the kernel needs 16-byte aligned row strides, which an
+    arbitrary pruned K or N breaks, so those stay too (a batched ``bmm`` over the same
+    ``[E, K, N]`` weights prunes K and N: ``matmul``)."""
+    x, w = ctx.ins[0], ctx.ins[1]
+    assert x is not None and w is not None
+    ctx.space.unify(x[-1], w[-2])
+    ctx.space.pin(w[0], f"expert dim of {ctx.where} (rows routed by offsets)")
+    reason = f"{ctx.where} needs 16-byte aligned rows"
+    ctx.space.pin(w[-2], reason)
+    ctx.space.pin(w[-1], reason)
+    return [x[:-1] + [w[-1]]]
+
+
+_register("addcmul")(_elementwise)  # input + value * t1 * t2: broadcasting elementwise
+
+
+@_register("addcdiv")
+def _addcdiv(ctx: RuleContext) -> list[Labels | None]:
+    """input + value * t1 / t2: elementwise; the divisor's channels are lossy (as ``div``)."""
+    out = _elementwise(ctx)
+    for vec, size in zip(ctx.ins[2] or [], ctx.in_shapes[2] or ()):
+        if size > 1:
+            ctx.space.mark_lossy(vec, f"{ctx.where} divides by these channels")
+    return out

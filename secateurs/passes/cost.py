@@ -64,10 +64,13 @@ def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int
         elif node.op == "sdpa" and ins[0] is not None and ins[1] is not None:
             q, k = ins[0], ins[1]
             total += _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
-        elif node.op == "mha" and ins[0] is not None:
-            q = ins[0]
-            e = q[-1]
-            tokens = _prod(q[:-1])
-            seq = q[1] if len(q) > 2 else q[0]
-            total += tokens * 4 * e * e + 2 * tokens * seq * e
+        elif node.op == "mha" and ins[0] is not None:  # q, k, v, masks, in_proj, ..., out_proj
+            q, k = ins[0], ins[1] or ins[0]
+            w, ow = (ins + [None] * 8)[5], (ins + [None] * 8)[7]
+            e_in = q[-1]
+            inner = w[0] // 3 if w is not None else e_in
+            e_out = ow[0] if ow is not None else e_in
+            tq, tk = _prod(q[:-1]), _prod(k[:-1])
+            seq = k[0] if len(k) < 3 else (k[1] if node.attrs.get("batch_first") else k[0])
+            total += (tq + 2 * tk) * inner * e_in + 2 * tq * seq * inner + tq * inner * e_out
     return total

@@ -148,6 +148,7 @@ def group_channels(graph: ChannelGraph) -> Analysis:
                 labels[name] = [space.fresh(s, pin=f"value '{name}' of unknown origin")
                                 for s in shape]
             ins.append(labels[name])
+        space.origin(node.describe())
         ctx = RuleContext(
             node=node,
             ins=ins,
@@ -232,6 +233,8 @@ def _collect_groups(pd: ParamDims, res: Resolution) -> tuple[ChannelGroup, ...]:
                 row, col = np.nonzero(mat >= 0)
                 atom = mat[row, col]
                 g = res.group[atom]
+                if not len(g):  # composites of no atom (a reshape cycle): kept, pinned
+                    continue
             order = np.argsort(g, kind="stable")
             row, atom, g = row[order], atom[order], g[order]
             cuts = np.r_[0, np.nonzero(np.diff(g))[0] + 1, len(g)].tolist()

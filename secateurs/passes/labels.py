@@ -54,6 +54,17 @@ class LabelSpace:
         self.roots: list[np.ndarray] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.lossy: list[tuple[np.ndarray, str]] = []
+        # (first label, where): labels from ``first`` on were made by ``where`` (for messages)
+        self.origins: list[tuple[int, str]] = []
+
+    def origin(self, where: str) -> None:
+        """Labels allocated from now on are made by ``where`` (a node, for messages)."""
+        self.origins.append((self.count, where))
+
+    def made_by(self, label: int) -> str | None:
+        starts = [s for s, _ in self.origins]
+        i = int(np.searchsorted(starts, label, side="right")) - 1
+        return self.origins[i][1] if i >= 0 else None
 
     def _alloc(self, n: int) -> np.ndarray:
         out = np.arange(self.count, self.count + n, dtype=np.int64)
@@ -208,11 +219,34 @@ def _resolve(space: LabelSpace) -> Resolution:
     pin_reason = _first_reasons(atoms, comp, space.pins)
     lossy_reason = _first_reasons(atoms, comp, space.lossy)
     cyclic = ~is_atom & (atoms[:, 0] < 0)
-    if cyclic.any():  # a reshape cycle no factorisation explains: keep everything it touches
-        for c in np.nonzero(cyclic)[0]:
-            pin_reason.setdefault(int(c), "inconsistent reshapes")
+    if cyclic.any():
+        _pin_cycles(space, comp, cid, cyclic, is_atom, pa, pb, pin_reason)
     group, n_groups = _groups(space.roots, space.births, comp, is_atom)
     return Resolution(comp, atoms, is_atom, group, n_groups, pin_reason, lossy_reason)
+
+
+def _pin_cycles(space: LabelSpace, comp: np.ndarray, cid: np.ndarray, cyclic: np.ndarray,
+                is_atom: np.ndarray, pa: np.ndarray, pb: np.ndarray,
+                pin_reason: dict[int, str]) -> None:
+    """Composites that contain themselves (reshapes that factor a dim in two incompatible ways,
+    as Hiera's unroll/reroll of spatial dims into the batch dim does) expand to no atoms: their
+    positions are never removed, and every atom they are built from is pinned, with a reason
+    naming the reshape that made the first such composite."""
+    bad = np.nonzero(cyclic)[0]
+    made = cid[cyclic[comp[cid]]]
+    where = space.made_by(int(made.min())) if len(made) else None
+    reason = (f"{where or 'a reshape'} and a later reshape factor this dim in incompatible "
+              "ways; its channels are kept")
+    seen = np.zeros(len(is_atom), dtype=bool)
+    seen[bad] = True
+    frontier = bad
+    while len(frontier):
+        nxt = np.concatenate([pa[frontier], pb[frontier]])
+        nxt = np.unique(nxt[nxt >= 0])
+        frontier = nxt[~seen[nxt]]
+        seen[frontier] = True
+    for c in np.nonzero(seen)[0].tolist():
+        pin_reason.setdefault(c, reason)
 
 
 def _expand(is_atom: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> np.ndarray:

@@ -21,7 +21,11 @@ Each model reproduces one way real code spells an op, not a whole published netw
   query split off the qkv conv, softmax over tokens, ``expand_as``);
 * ``T5Buckets`` — T5 relative position buckets: binary ``torch.min(a, b)`` (not a reduction),
   ``full_like``, a bias ``nn.Embedding(buckets, heads)`` added to the attention scores;
-* more below, one per failure class.
+* ``ConvNeXtV2`` — ConvNeXt-V2's global response norm (``torch.addcmul``) inside the MLP, and a
+  selective-kernel branch merge (``torch.stack`` of two convs, softmax over the branches);
+* ``FusedMoE`` — a transformer block with grouped-query attention by ``repeat_interleave``,
+  token selection by ``topk`` + ``gather``, and a fused MoE FFN over 3-D ``[E, in, out]``
+  expert weights (``bmm``), gated by the router through ``.T``.
 
 Default configs are small (unit tests); constructor arguments give the large configs the
 benchmark (``tools/bench/coverage_speed.py``) uses.
@@ -37,8 +41,8 @@ from torch import nn
 
 from secateurs.zoo._common import ZooModel, seeded_build, seeded_randint, seeded_randn
 
-__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet", "SplitNet", "BroadcastNet", "T5Buckets",
-           "ENTRIES"]
+__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet", "SplitNet", "BroadcastNet", "T5Buckets", "ConvNeXtV2",
+           "FusedMoE", "ENTRIES"]
 
 
 # ------------------------------------------------------------------ Swin-style window attention
@@ -627,6 +631,119 @@ class T5Buckets(nn.Module):
         return self.head(x.mean(1))
 
 
+# ------------------------------------------------------- ConvNeXt-V2 GRN (addcmul), SK stack
+
+
+class GlobalResponseNorm(nn.Module):
+    """timm's channels-last GRN: ``x + addcmul(bias, weight, x * Nx)``, with
+    ``Nx = Gx / mean_c(Gx)`` and ``Gx`` the L2 norm over space."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.rand(dim) - 0.5)
+        self.bias = nn.Parameter(torch.rand(dim) - 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        gx = x.norm(p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1),
+                                 x * nx)
+
+
+class ConvNeXtV2Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.grn, self.fc2 = nn.Linear(dim, 4 * dim), GlobalResponseNorm(4 * dim), \
+            nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        h = self.fc2(self.grn(F.gelu(self.fc1(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class SelectiveKernel(nn.Module):
+    """Two kernel sizes, stacked; a squeeze picks per-channel branch weights (softmax over the
+    two branches); the weighted branches are summed."""
+
+    def __init__(self, dim: int, mid: int) -> None:
+        super().__init__()
+        self.b3 = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False),
+                                nn.BatchNorm2d(dim), nn.ReLU())
+        self.b5 = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=2, dilation=2, bias=False),
+                                nn.BatchNorm2d(dim), nn.ReLU())
+        self.fc_reduce, self.fc_select = nn.Conv2d(dim, mid, 1), nn.Conv2d(mid, 2 * dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = torch.stack([self.b3(x), self.b5(x)], dim=1)  # [B, 2, C, H, W]
+        s = feats.sum(1).mean((2, 3), keepdim=True)
+        a = self.fc_select(F.relu(self.fc_reduce(s)))
+        a = a.view(a.shape[0], 2, -1, 1, 1).softmax(dim=1)
+        return (feats * a).sum(1)
+
+
+class ConvNeXtV2(nn.Module):
+    def __init__(self, dim: int = 16, blocks: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim))
+        self.blocks = nn.Sequential(*[ConvNeXtV2Block(dim) for _ in range(blocks)])
+        self.sk = SelectiveKernel(dim, dim // 2)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.sk(self.blocks(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+# ------------------------------------------------------- fused MoE, GQA, token selection
+
+
+class FusedMoE(nn.Module):
+    """Tokens [B, T, C]: pre-LN attention (q heads share kv heads by ``repeat_interleave``), the
+    ``keep`` tokens the class token attends to most (``topk`` + ``gather``), and a dense-routed
+    MoE FFN with expert weights ``w1 [E, C, F]``, ``w2 [E, F, C]`` applied by ``bmm``."""
+
+    def __init__(self, vocab: int = 40, dim: int = 16, heads: int = 4, kv_heads: int = 2,
+                 experts: int = 4, hidden: int = 16, keep: int = 6,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.hd, self.keep = heads, kv_heads, dim // heads, keep
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.hd)
+        self.o = nn.Linear(dim, dim)
+        self.router = nn.Linear(dim, experts)
+        self.w1 = nn.Parameter(torch.randn(experts, dim, hidden) * dim ** -0.5)
+        self.b1 = nn.Parameter(torch.rand(experts, 1, hidden) - 0.5)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, dim) * hidden ** -0.5)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        b, t, c = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k, v = self.kv(h).view(b, t, 2, self.kv_heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        attn = ((q @ k.transpose(-2, -1)) * self.hd ** -0.5).softmax(-1)
+        x = x + self.o((attn @ v).transpose(1, 2).reshape(b, t, c))
+        idx = torch.topk(attn[:, :, 0].mean(1), self.keep, dim=-1).indices  # [B, keep]
+        x = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, c))
+        h = self.norm2(x).reshape(-1, c)  # [N, C]
+        gates = self.router(h).softmax(-1)  # [N, E]
+        e = self.w1.shape[0]
+        y = F.gelu(torch.bmm(h.unsqueeze(0).expand(e, -1, -1), self.w1) + self.b1)
+        y = torch.bmm(y, self.w2)  # [E, N, C]
+        y = (y * gates.T.unsqueeze(-1)).sum(0)
+        x = x + y.view(b, self.keep, c)
+        return self.head(x.mean(1))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="swin_window",
@@ -685,5 +802,21 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="T5 encoder layer: relative position buckets with binary torch.min and "
                     "full_like, bias Embedding(buckets, heads) on the scores",
         tags=frozenset({"attention", "transformer", "rmsnorm", "relative-position"}),
+    ),
+    ZooModel(
+        name="convnextv2_grn",
+        build=seeded_build(ConvNeXtV2),
+        example_inputs=seeded_randn(1, 3, 32, 32),
+        description="ConvNeXt-V2 block with global response norm (torch.addcmul) and a "
+                    "selective-kernel merge (torch.stack)",
+        tags=frozenset({"cnn", "residual", "layernorm", "depthwise", "stack"}),
+    ),
+    ZooModel(
+        name="fused_moe",
+        build=seeded_build(FusedMoE),
+        example_inputs=seeded_randint(40, 2, 10),
+        description="GQA by repeat_interleave, topk+gather token selection, fused MoE over "
+                    "[E, in, out] expert weights (bmm), router gates via .T",
+        tags=frozenset({"attention", "transformer", "layernorm", "moe", "gqa"}),
     ),
 )

@@ -122,11 +122,13 @@ def test_unknown_op_pins_with_reason():
     assert any("cumsum" in r for r in reasons), reasons
 
 
-def test_mha_pinned_with_reason_and_mlp_prunable():
+def test_mha_heads_prunable_packed_count_pinned_with_reason():
     a, _ = _analyze("mha_transformer")
     reasons = " ".join(r for g in a.groups for r in g.pin_reasons)
-    assert "embed_dim" in reasons
-    assert any(g.prunable and not g.is_lossy for g in a.groups)
+    assert "packs q, k and v into in_proj_weight" in reasons
+    heads = [g for g in a.groups if g.size == 4 and g.prunable == 4 and not g.is_lossy]
+    assert len(heads) == 2 and all(any(m.param.endswith("in_proj_weight") for m in g.members)
+                                   for g in heads)
 
 
 def test_layernorm_group_is_lossy_with_reason():

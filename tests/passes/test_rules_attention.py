@@ -4,6 +4,7 @@ the units that can go must go, and what stays pinned says why."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,8 @@ def _prune(name: str, ratio: float, **kw):
     result = secateurs.prune(model, x, ratio=ratio, **kw)
     ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
     assert ok, f"{name} at {ratio}: max |diff| {diff}"
+    # the rules got it right by themselves: the safety net (if present) repaired nothing
+    assert not getattr(result.report, "repairs", ()), result.report.repairs
     return model, x, result
 
 
@@ -66,3 +69,191 @@ def test_fused_qkv_count_dims_are_pinned_with_the_op_that_needs_them():
         heads = [g for g in groups if g.size == 4]  # 4 heads, 8 head dims: prunable units
         dims = [g for g in groups if g.size == 8]
         assert heads and heads[0].prunable == 4 and dims and dims[0].prunable == 8, param
+
+
+# ------------------------------------------- class 2 and 9: bias tables read through an index
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("name", ["beit_relpos", "levit_bias"])
+def test_bias_tables_follow_the_heads(name, ratio):
+    model, x, result = _prune(name, ratio)
+    _runs_at_batch(result.model, x, 3)
+    orig = dict(model.named_parameters()) | dict(model.named_buffers())
+    pruned = dict(result.model.named_parameters()) | dict(result.model.named_buffers())
+    table = ("relative_position_bias_table" if name == "beit_relpos" else "attention_biases")
+    for i in range(3):
+        key = f"blocks.{i}.attn.{table}"
+        head_dim = 0 if name == "levit_bias" or i == 2 else 1
+        # a head went, and with it the head's row/column of the bias table; offsets stay
+        assert pruned[key].shape[head_dim] < orig[key].shape[head_dim], key
+        assert pruned[key].shape[1 - head_dim] == orig[key].shape[1 - head_dim], key
+    for key, t in orig.items():  # index buffers are never sliced
+        if ("idx" in key or "index" in key) and key in pruned:
+            assert torch.equal(pruned[key], t), key
+    assert not any(("idx" in k or "index" in k) for k in result.plan.removed)
+
+
+def test_index_operands_carry_no_channels_and_table_rows_say_why():
+    analysis = _analysis("levit_bias")
+    rows = _groups_of(analysis, "blocks.0.attn.attention_biases", 1)
+    assert len(rows) == 1 and rows[0].is_pinned
+    assert "addressed by the index tensor" in rows[0].pin_reasons[0]
+    heads = _groups_of(analysis, "blocks.0.attn.attention_biases", 0)
+    assert len(heads) == 1 and heads[0].prunable == heads[0].size == 4
+    assert any(m.param == "blocks.0.attn.qkv.weight" for m in heads[0].members)
+    for g in analysis.groups:  # an index buffer's dims only ever follow the tokens (pinned)
+        if any(m.param.endswith("attention_bias_idxs") for m in g.members):
+            assert g.is_pinned
+
+
+def test_sdpa_per_head_mask_is_sliced_with_its_heads():
+    analysis = _analysis("beit_relpos")
+    heads = _groups_of(analysis, "blocks.1.attn.relative_position_bias_table", 1)
+    assert len(heads) == 1 and heads[0].prunable == 4  # block 1 passes it as attn_mask
+    assert any(m.param == "blocks.1.attn.qkv.weight" for m in heads[0].members)
+
+
+# ---------------------------------------- class 8: composites that expand to no atom at all
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_unroll_and_packed_in_projection_prune_without_crashing(ratio):
+    model, x, result = _prune("hiera_unroll", ratio)
+    _runs_at_batch(result.model, x, 3)
+    pruned = dict(result.model.named_parameters())
+    for i in range(2):  # mask-unit attention heads still prune
+        assert pruned[f"blocks.{i}.attn.qkv.weight"].shape[0] < 96
+    # the packed attention merges batch and heads: kept whole, with a reason
+    assert pruned["packed.in_proj_weight"].shape == (96, 32)
+    rows = {r.members: r for r in result.report.groups}
+    packed = [r for m, r in rows.items() if "packed.in_proj_weight[0]" in m and r.pinned]
+    assert any("factor this dim in incompatible ways" in r.pinned and "reshape '" in r.pinned
+               for r in packed), [r.pinned for r in packed]
+
+
+def test_a_reshape_cycle_pins_its_atoms_with_the_node_that_made_it():
+    from secateurs.passes.labels import LabelSpace
+
+    space = LabelSpace()
+    space.origin("view 'v0'")
+    a = space.fresh(4)
+    space.origin("view 'v1'")
+    head = space.fresh(2)
+    space.unify(a, space.compose(head, a[:2]))  # a dim made of a part of itself
+    res = space.resolve()
+    assert (res.atoms_of(a) < 0).all()  # no atom: never removed
+    for atom in np.unique(res.comp[head]).tolist():
+        assert "view 'v1'" in res.pin_reason[atom]
+
+
+# ------------------------------------------- class 13 and 12: multi-query heads, q/k norms
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_multi_query_heads_and_qk_normed_heads_prune(ratio):
+    model, x, result = _prune("mqa_qknorm", ratio)
+    _runs_at_batch(result.model, x, 3)
+    pruned = dict(result.model.named_parameters())
+    # MQA: q heads go (uniformly: the repeat index), the single kv head stays
+    c_attn = pruned["blocks.0.attn.c_attn.weight"].shape[0]
+    assert c_attn < 32 + 16
+    assert pruned["blocks.0.attn.c_proj.weight"].shape[1] < 32
+    # Qwen3: a kv head goes with its q heads although q and k are RMS-normalised per head
+    if ratio >= 0.5:  # floor(0.3 * 2 kv heads) = 0
+        assert pruned["blocks.1.attn.k_proj.weight"].shape[0] < 16
+    assert pruned["blocks.1.attn.q_norm.weight"].shape == (8,)  # the normalised dim stays
+
+
+def test_per_head_rms_norm_marks_only_the_normalised_dim_lossy():
+    analysis = _analysis("mqa_qknorm")
+    kv = [g for g in _groups_of(analysis, "blocks.1.attn.k_proj.weight", 0) if g.size == 2]
+    assert len(kv) == 1 and not kv[0].is_lossy and kv[0].prunable == 2
+    dims = _groups_of(analysis, "blocks.1.attn.q_norm.weight", 0)
+    assert len(dims) == 1 and dims[0].lossy.all()
+    assert any("mean over this dim" in r for r in dims[0].lossy_reasons), dims[0].lossy_reasons
+
+
+def test_multi_query_repeat_index_is_a_unit_and_gqa_keeps_kv_groups():
+    analysis = _analysis("mqa_qknorm")
+    q_heads = [g for g in _groups_of(analysis, "blocks.0.attn.c_proj.weight", 1) if g.size == 4]
+    assert len(q_heads) == 1 and q_heads[0].prunable == 4 and not q_heads[0].is_lossy
+    # with several kv heads a kv head is the unit: the repeat index stays, and says why
+    rep = [g for g in _groups_of(analysis, "blocks.1.attn.o_proj.weight", 1) if g.is_pinned]
+    assert rep and any("broadcast by expand" in r for g in rep for r in g.pin_reasons)
+
+
+def test_rsqrt_of_a_possibly_zero_value_stays_lossy():
+    import torch.nn as nn
+
+    class Bad(nn.Module):  # rsqrt of a plain mean square: zero for a removed channel
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.out(h * torch.rsqrt(h.pow(2)))
+
+    analysis = secateurs.analyze(Bad(), (torch.randn(2, 8),))
+    (g,) = _groups_of(analysis, "fc.weight", 0)
+    assert g.lossy.all() and any("singular at zero" in r for r in g.lossy_reasons)
+
+
+# ------------------------ class 11: nn.MultiheadAttention and nn.TransformerEncoderLayer
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("name", ["tv_vit_mha", "torch_encoder", "mha_transformer"])
+def test_multihead_attention_heads_and_ffn_prune(name, ratio):
+    from secateurs.graph.fx_modules import PrunedMultiheadAttention
+
+    model, x, result = _prune(name, ratio)
+    _runs_at_batch(result.model, x, 3)
+    before = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    after = dict(result.model.named_modules())
+    assert before
+    fewer_heads = 0
+    for n, m in before.items():
+        p = after[n]
+        assert p.in_proj_weight.shape[0] == 3 * p.num_heads * p.head_dim
+        assert p.out_proj.weight.shape[1] == p.num_heads * p.head_dim
+        assert p.head_dim <= m.head_dim and p.num_heads <= m.num_heads
+        if (p.num_heads, p.head_dim) != (m.num_heads, m.head_dim):
+            assert isinstance(p, PrunedMultiheadAttention)
+            assert p.scale == pytest.approx(m.head_dim ** -0.5)  # the original scale
+        fewer_heads += p.num_heads < m.num_heads
+    if ratio >= 0.5:
+        assert fewer_heads >= 2
+    ffn = [k for k in result.plan.removed if "linear1" in k or "mlp.0" in k]
+    assert ffn  # the feed-forward widths prune too
+
+
+def test_mha_whose_weights_are_used_keeps_its_heads_and_says_why():
+    analysis = _analysis("tv_vit_mha")
+    heads = [g for g in _groups_of(analysis, "pool.in_proj_weight", 0) if g.size == 4]
+    assert len(heads) == 1 and heads[0].is_pinned
+    assert "returns attention weights" in heads[0].pin_reasons[0]
+    (count,) = [g for g in _groups_of(analysis, "pool.in_proj_weight", 0) if g.size == 3]
+    assert count.is_pinned and "the 3 stays" in count.pin_reasons[0]
+
+
+def test_pruned_multihead_attention_matches_torch_unpruned():
+    from secateurs.graph.fx_modules import prune_multihead_attention
+
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+        x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+        mask = torch.zeros(2, 5, dtype=torch.bool)
+        mask[0, -1] = True
+        causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        with torch.no_grad():
+            want, w_want = mha(x, x, x, key_padding_mask=mask if batch_first else None,
+                               attn_mask=causal)
+            prune_multihead_attention(mha, 4, 4, 16, 0.5)
+            got, w_got = mha(x, x, x, key_padding_mask=mask if batch_first else None,
+                             attn_mask=causal)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(w_got, w_want, atol=1e-5, rtol=1e-4)
