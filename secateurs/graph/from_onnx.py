@@ -59,7 +59,8 @@ from secateurs.graph.ir import ChannelGraph, Node, Value
 
 __all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constants",
            "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton",
-           "group_norm_decompositions", "GroupNormDecomposition"]
+           "group_norm_decompositions", "GroupNormDecomposition",
+           "check_supported_version"]
 
 log = logging.getLogger(__name__)
 
@@ -924,6 +925,34 @@ def _lower_source(lw: _Lowering, node: onnx.NodeProto) -> None:
 
 # ---------------------------------------------------------------- entry point
 
+# Opset 7 made broadcasting numpy-style; before it, Add/Mul/... broadcast through the
+# ``broadcast``/``axis`` attributes and PRelu's slope ``[C]`` meant per channel. The rules
+# assume numpy broadcasting, so older graphs are refused rather than mis-analysed.
+MIN_OPSET = 7
+MIN_IR_VERSION = 3
+
+
+def check_supported_version(model: onnx.ModelProto) -> None:
+    """Raise :class:`InputError` for IR versions and default-domain opsets the frontend does
+    not read correctly, saying how to convert the model."""
+    opset = _opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    convert = (f"convert it first: onnx.version_converter.convert_version(model, 13) (or "
+               f"re-export it at opset 13-{newest})")
+    if model.ir_version < MIN_IR_VERSION:
+        raise InputError(f"ONNX IR version {model.ir_version} is older than the oldest "
+                         f"supported ({MIN_IR_VERSION}); {convert}")
+    if opset < MIN_OPSET:
+        raise InputError(f"the model imports opset {opset} of the default ONNX domain: before "
+                         f"opset {MIN_OPSET}, broadcasting used the 'broadcast'/'axis' "
+                         f"attributes (and PRelu's slope was per channel), which secateurs "
+                         f"does not analyse; {convert}")
+    if opset > newest:
+        raise InputError(f"the model imports opset {opset}, newer than this onnx "
+                         f"{onnx.__version__} knows ({newest}); upgrade onnx or re-export the "
+                         f"model at opset <= {newest}")
+
+
 
 def from_onnx(model: onnx.ModelProto,
               input_shapes: Mapping[str, Sequence[int]] | None = None) -> ChannelGraph:
@@ -934,6 +963,7 @@ def from_onnx(model: onnx.ModelProto,
     """
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto, got {type(model).__name__}")
+    check_supported_version(model)
     work, shapes = infer_static_shapes(model, input_shapes)
     consts = fold_constants(work, shapes)
     graph = _Lowering(work, shapes, consts).lower()

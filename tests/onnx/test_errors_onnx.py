@@ -97,3 +97,22 @@ def test_plan_from_another_frontend_is_refused(export_dir: Path) -> None:
         apply_plan_onnx(model, Plan({"features.0.weight": {0: [1]}}, frontend="fx"))
     with pytest.raises(PlanError, match="neither an initializer"):
         apply_plan_onnx(model, Plan({"nope": {0: [1]}}, frontend="onnx"))
+
+
+def test_legacy_opsets_are_refused_with_a_conversion_hint() -> None:
+    from _onnx_testlib import init, make_model, rand
+    from onnx import helper
+
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, {"x": [2, 8]}, {"y": [2, 4]}, [init("w", rand(4, 8))])
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 6))
+    with pytest.raises(InputError, match=r"opset 6.*broadcast.*convert_version"):
+        prune_onnx(model, ratio=0.5)
+    model.opset_import[0].version = 99
+    with pytest.raises(InputError, match="opset 99, newer"):
+        prune_onnx(model, ratio=0.5)
+    model.opset_import[0].version = 17
+    model.ir_version = 2
+    with pytest.raises(InputError, match="IR version 2"):
+        prune_onnx(model, ratio=0.5)

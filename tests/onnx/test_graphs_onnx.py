@@ -230,3 +230,56 @@ def test_group_normalization_num_groups_is_rewritten() -> None:
     gn = next(n for n in result.model.graph.node if n.name == "gn")
     groups = next(a.i for a in gn.attribute if a.name == "num_groups")
     assert groups == 2
+
+
+def test_einsum_batched_matmul_contracts_like_matmul() -> None:
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+        helper.make_node("Einsum", ["q", "k"], ["s"], name="qk", equation="bqd,bkd->bqk"),
+        helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Einsum", ["p", "v"], ["o"], name="pv", equation="bqk,bkd->bqd"),
+        helper.make_node("MatMul", ["o", "wo"], ["y"], name="proj"),
+    ]
+    model = make_model(nodes, {"x": [1, 6, 8]}, {"y": [1, 6, 8]}, [
+        init("wq", rand(8, 16)), init("wk", rand(8, 16, seed=1)), init("wv", rand(8, 16, seed=2)),
+        init("wo", rand(16, 8, seed=3))])
+    analysis = analyze_onnx(model)
+    qk = _group_of(analysis, "wq", 1)
+    assert not qk.is_pinned and qk is _group_of(analysis, "wk", 1)
+    assert not _group_of(analysis, "wv", 1).is_pinned
+    result = _prune(model)
+    dims = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert dims["wq"][1] == dims["wk"][1] == 8 and dims["wv"][1] == dims["wo"][0] == 8
+
+
+def test_einsum_outer_product_keeps_both_factors() -> None:
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Einsum", ["h", "freq"], ["o"], name="outer", equation="bi,j->bij"),
+        helper.make_node("ReduceSum", ["o", "ax2"], ["s"], name="sum", keepdims=0),
+        helper.make_node("Gemm", ["s", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, {"x": [2, 8]}, {"y": [2, 4]}, [
+        init("w1", rand(16, 8)), init("b1", rand(16)), init("freq", rand(4, seed=5)),
+        init("ax2", np.array([2])), init("w2", rand(4, 16, seed=6))])
+    group = _group_of(analyze_onnx(model), "w1", 0)
+    assert not group.is_pinned and group.size == 16
+    result = _prune(model)
+    w1 = next(t for t in result.model.graph.initializer if t.name == "w1")
+    assert w1.dims[0] == 8
+
+
+def test_einsum_diagonal_pins() -> None:
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Einsum", ["h", "h"], ["o"], name="outer", equation="bi,bj->bij"),
+        helper.make_node("Einsum", ["o"], ["d"], name="diag", equation="bii->bi"),
+        helper.make_node("Gemm", ["d", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, {"x": [1, 8]}, {"y": [1, 4]},
+                       [init("w1", rand(16, 8)), init("w2", rand(4, 16, seed=1))])
+    group = _group_of(analyze_onnx(model), "w1", 0)
+    assert group.is_pinned
+    assert any("repeated" in r for r in group.pin_reasons), group.pin_reasons
