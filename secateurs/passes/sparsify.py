@@ -414,6 +414,26 @@ def _probe(
     return calls, groups, chain
 
 
+def _one_row(sample: Any, row: int = 0) -> Any:
+    """The first row of a batch whose tensors all share one leading size: the probe learns
+    the call order and the chain from it at a fraction of a padded batch's cost. Anything
+    else (no tensor, mixed leading sizes) is probed whole."""
+    if isinstance(sample, BoundArgs):
+        return sample
+    items = list(sample.values()) if isinstance(sample, Mapping) else (
+        list(sample) if isinstance(sample, (tuple, list)) else [sample])
+    sizes = {int(t.shape[0]) for t in items if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1 or sizes == {1} or not all(
+            isinstance(t, torch.Tensor) and t.dim() > 0 for t in items):
+        return sample
+    pick = slice(row, row + 1) if row >= 0 else slice(row, None if row == -1 else row + 1)
+    if isinstance(sample, Mapping):
+        return {k: v[pick] for k, v in sample.items()}
+    if isinstance(sample, (tuple, list)):
+        return type(sample)(t[pick] for t in sample)
+    return sample[pick]
+
+
 def _verify_chain(chain: _Chain, calls: Mapping[str, int],
                   owners: Mapping[str, set[int | None]]) -> _Chain | None:
     for name in calls:  # every call of a layer happens inside its own block (or outside all)
@@ -439,11 +459,12 @@ def _verify_chain(chain: _Chain, calls: Mapping[str, int],
 
 
 def _replays(chain: _Chain, model: nn.Module, samples: Sequence[Any]) -> bool:
-    """Blocks are functions of their arguments: re-run on sample 0's captured inputs (after a
-    forward of another sample, when there is one) they reproduce the captured outputs."""
+    """Blocks are functions of their arguments: re-run on the probe's captured inputs after a
+    forward of another input (a row of the last sample) they reproduce the captured outputs."""
     with torch.no_grad():
-        if len(samples) > 1:
-            call_batch(model, samples[-1])
+        other = _one_row(samples[-1], -1)
+        if other is not samples[0] or len(samples) > 1:
+            call_batch(model, other)
         for i in sorted({0, len(chain.blocks) - 1}):
             bound, out = chain.captured[i]
             again = call_batch(chain.blocks[i], bound)
@@ -675,7 +696,7 @@ class Sparsify:
             model.eval()
             container = _chain_container(model, candidates) if mode != "dense" and not (
                 whole_block and mode == "block") else None
-            calls, groups, chain = _probe(model, candidates, samples[0], container)
+            calls, groups, chain = _probe(model, candidates, _one_row(samples[0]), container)
             if chain is not None:  # keep the verdict, drop sample 0's captured activations
                 chain = _Chain(chain.names, chain.blocks, chain.first) if _replays(
                     chain, model, samples) else None
