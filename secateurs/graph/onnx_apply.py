@@ -101,7 +101,9 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
             raise InputError(f"cannot read the external data of {target}: "
                              f"{type(exc).__name__}: {exc}") from exc
     try:
-        onnx.checker.check_model(model)
+        # By path: the checker reads external data itself, and a model over protobuf's 2 GB
+        # limit cannot be checked as one in-memory proto.
+        onnx.checker.check_model(str(target))
     except Exception as exc:  # noqa: BLE001 - ValidationError and C++ checker errors
         raise InputError(f"{target} is not a valid ONNX model: {exc}") from exc
     return model, external
@@ -117,16 +119,124 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str],
         check_full(model)
     except Exception as exc:  # noqa: BLE001
         raise PlanError(f"refusing to write an invalid ONNX model: {exc}") from exc
-    return atomic_save_onnx(model, path, external_data=external_data)
+    if external_data is None:
+        external_data = tensor_bytes(model) > BIG_MODEL_BYTES
+    if external_data:
+        return save_external(model, path)
+    return atomic_save_onnx(model, path, external_data=False)
+
+
+# Above this many tensor bytes a model is handled as one that protobuf cannot serialise
+# (its limit is 2 GiB): checks run on the skeleton, files keep external data.
+BIG_MODEL_BYTES = 1_800_000_000
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers' data (raw or typed fields), without serialising."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims, dtype=np.int64))
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize \
+            if t.data_type != onnx.TensorProto.STRING else 1
+        total += n * size
+    return total
+
+
+def save_external(model: onnx.ModelProto, path: str | os.PathLike[str],
+                  size_threshold: int = 1024) -> Path:
+    """Write ``model`` with its tensors of ``size_threshold`` bytes or more in one data file
+    next to it, atomically (``runtime.io``'s scheme: a fresh data file name, the model file's
+    rename is the commit point), without a second copy of the weights in memory: each
+    tensor's bytes are moved to the file and read back after the model file is written, so
+    ``model`` is unchanged afterwards."""
+    import secrets
+
+    from secateurs.runtime.io import _external_locations, _remove_quietly, atomic_path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = _external_locations(target) if target.exists() else set()
+    location = f"{target.name}.{secrets.token_hex(4)}.data"
+    data_path = target.parent / location
+    moved: list[tuple[onnx.TensorProto, int, int]] = []
+    try:
+        with open(data_path, "wb") as fh:
+            for tensor in model.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL \
+                        or not tensor.HasField("raw_data") \
+                        or len(tensor.raw_data) < size_threshold:
+                    continue
+                offset = fh.tell()
+                data = tensor.raw_data
+                fh.write(data)
+                moved.append((tensor, offset, len(data)))
+                del data
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", str(offset)),
+                                   ("length", str(moved[-1][2]))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+            fh.flush()
+            os.fsync(fh.fileno())
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(model.SerializeToString())
+    except BaseException:
+        _restore(moved, data_path)
+        _remove_quietly(data_path)
+        raise
+    _restore(moved, data_path)
+    for stale in previous - {location}:
+        if (target.parent / stale).parent == target.parent:
+            _remove_quietly(target.parent / stale)
+    return target
+
+
+def _restore(moved: list[tuple[onnx.TensorProto, int, int]], data_path: Path) -> None:
+    """Put the bytes ``save_external`` moved to ``data_path`` back into their tensors."""
+    if not moved:
+        return
+    with open(data_path, "rb") as fh:
+        for tensor, offset, length in moved:
+            fh.seek(offset)
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = fh.read(length)
 
 
 # ---------------------------------------------------------------- tensors
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def _copy(model: onnx.ModelProto, skip: set[str] | frozenset[str] = frozenset()
+          ) -> onnx.ModelProto:
+    """A copy of ``model``; initializers named in ``skip`` are left as empty placeholders (a
+    prune writes their sliced values, so the full-size originals are never copied: peak
+    memory is the original plus the pruned model, not two originals)."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if not skip:
+        out.CopyFrom(model)
+        return out
+    _copy_fields(model, out, skip_field="graph")
+    _copy_fields(model.graph, out.graph, skip_field="initializer")
+    for init in model.graph.initializer:
+        if init.name in skip:
+            out.graph.initializer.add().name = init.name
+        else:
+            out.graph.initializer.append(init)
     return out
+
+
+def _copy_fields(src: Any, dst: Any, skip_field: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` but ``skip_field``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip_field:
+            continue
+        if hasattr(value, "CopyFrom"):
+            getattr(dst, fd.name).CopyFrom(value)
+        elif hasattr(value, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def _float_constants(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -134,15 +244,18 @@ def _float_constants(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
             and any(a.name == "value" for a in n.attribute)}
 
 
-def _edit_tensors(model: onnx.ModelProto, plan: Plan, fn: Any) -> None:
-    """Replace every tensor the plan names by ``fn(array, dims)``."""
+def _edit_tensors(model: onnx.ModelProto, plan: Plan, fn: Any,
+                  source: onnx.ModelProto | None = None) -> None:
+    """Replace every tensor the plan names by ``fn(array, dims)`` (initializer values read
+    from ``source`` when given: ``model`` then holds placeholders, see ``_copy``)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    read = inits if source is None else {t.name: t for t in source.graph.initializer}
     consts = _float_constants(graph)
     inputs = {i.name: i for i in graph.input}
     for name, dims in plan.removed.items():
         if name in inits:
-            arr = numpy_helper.to_array(inits[name])
+            arr = numpy_helper.to_array(read[name])
         elif name in consts:
             attr = next(a for a in consts[name].attribute if a.name == "value")
             arr = numpy_helper.to_array(attr.t)
@@ -680,17 +793,26 @@ def _drop_dead(model: onnx.ModelProto, roots: list[str]) -> None:
             graph.initializer.remove(t)
 
 
-def apply_plan_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
-    """A pruned copy of ``model`` (never modified) following ``plan``."""
+def apply_plan_onnx(model: onnx.ModelProto, plan: Plan,
+                    in_place: bool = False) -> onnx.ModelProto:
+    """A pruned copy of ``model`` (never modified) following ``plan``; ``in_place=True``
+    prunes ``model`` itself instead (no second copy of the weights: for a model the caller
+    loaded privately, e.g. from a path)."""
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a secateurs.Plan, got {type(plan).__name__}")
     if plan.frontend != "onnx":
         raise PlanError(f"this plan was made by the '{plan.frontend}' frontend; an ONNX model "
                         "needs a plan made from ONNX (its tensors are keyed by initializer "
                         "names)")
-    out = _copy(model)
-    io = _Constants(out, model, plan)
-    _edit_tensors(out, plan, _delete)
+    inits = {t.name for t in model.graph.initializer}
+    if in_place:
+        original, out = skeleton(model), model  # the original's shapes and constants
+        io = _Constants(out, original, plan)
+        _edit_tensors(out, plan, _delete)
+    else:
+        out = _copy(model, {n for n in plan.removed if n in inits})
+        io = _Constants(out, model, plan)
+        _edit_tensors(out, plan, _delete, source=model)
     order = {name: i for i, name in enumerate(onnx_node_names(out.graph))}
     opset = _opset(out)
     for node_name, consts in plan.constants.items():
@@ -717,9 +839,27 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
 def check_full(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_model(full_check=True)`` without serialising the weights twice:
     the structural check (initializer sizes included) on the model, the strict shape
-    inference on its ``skeleton``."""
+    inference on its ``skeleton``. A model over protobuf's limit (``BIG_MODEL_BYTES``) cannot
+    be handed to the checker whole: the structural check runs on the skeleton and every
+    initializer's data size is checked against its dims here."""
+    if tensor_bytes(model) > BIG_MODEL_BYTES:
+        _check_tensor_sizes(model)
+        onnx.checker.check_model(skeleton(model), full_check=True)
+        return
     onnx.checker.check_model(model)
     onnx.checker.check_model(skeleton(model), full_check=True)
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+            continue
+        want = int(np.prod(t.dims, dtype=np.int64)) * \
+            onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(t.raw_data) != want:
+            raise onnx.checker.ValidationError(
+                f"initializer '{t.name}' holds {len(t.raw_data)} bytes, its dims "
+                f"{list(t.dims)} need {want}")
 
 
 def static_input_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...] | None]:

@@ -25,7 +25,6 @@ from onnx import numpy_helper
 from secateurs.errors import InputError
 from secateurs.passes.masks import Pattern, mask_from_scores, parse_pattern
 from secateurs.passes.sparsify import LayerSparsity, SkippedLayer, SparsityReport, is_nm_sparse
-from secateurs.runtime.io import atomic_save_onnx
 
 __all__ = ["sparsify_onnx", "sparsify_onnx_with_report", "save_onnx_atomic", "onnx_weight_axes"]
 
@@ -100,13 +99,15 @@ def sparsify_onnx_with_report(
     parsed = parse_pattern(pattern)
     if parsed.kind != "nm" and not 0.0 <= sparsity < 1.0:
         raise InputError(f"sparsity={sparsity} is out of range; use 0 <= sparsity < 1")
+    from secateurs.graph.onnx_apply import load_onnx, save_onnx, uses_external_data
+
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
+        external = uses_external_data(model_or_path)
     else:
-        if not Path(model_or_path).is_file():
-            raise InputError(f"ONNX model {model_or_path} does not exist")
-        model = onnx.load(os.fspath(model_or_path))
+        # By path (checked by path, > 2 GB models included); the loaded copy is ours to edit.
+        model, external = load_onnx(model_or_path)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     unknown = [x for x in ignore if x not in inits and x not in {n.name for n in graph.node}]
@@ -139,7 +140,8 @@ def sparsify_onnx_with_report(
     target = parsed.nm_sparsity if parsed.kind == "nm" else sparsity
     report = SparsityReport(str(parsed), "magnitude", target, tuple(layers), tuple(skipped), total)
     if output_path is not None:
-        save_onnx_atomic(model, output_path)
+        # External data in, external data out; a model over protobuf's limit always.
+        save_onnx(model, output_path, external_data=True if external else None)
     return model, report
 
 
@@ -159,7 +161,10 @@ def sparsify_onnx(
     return sparsify_onnx_with_report(model_or_path, pattern, sparsity, ignore, min_numel, output_path)[0]
 
 
-def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Check the model (``full_check=True``) and write it atomically."""
-    onnx.checker.check_model(model, full_check=True)
-    return atomic_save_onnx(model, path)
+def save_onnx_atomic(model: onnx.ModelProto, path: str | os.PathLike[str],
+                     external_data: bool | None = None) -> Path:
+    """Check the model (``full_check``, on the skeleton for models over protobuf's limit)
+    and write it atomically (external data when asked or when the model is that large)."""
+    from secateurs.graph.onnx_apply import save_onnx
+
+    return save_onnx(model, path, external_data=external_data)

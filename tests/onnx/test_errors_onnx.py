@@ -116,3 +116,64 @@ def test_legacy_opsets_are_refused_with_a_conversion_hint() -> None:
     model.ir_version = 2
     with pytest.raises(InputError, match="IR version 2"):
         prune_onnx(model, ratio=0.5)
+
+
+def _refuse_whole_protos(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """Make the big-model path (``BIG_MODEL_BYTES``) apply from ``limit`` bytes on, and make
+    the checker fail on any in-memory model holding more tensor bytes than that, as protobuf
+    does past 2 GB: what passes here never serialises a big model whole."""
+    import secateurs.graph.onnx_apply as oa
+
+    real = onnx.checker.check_model
+    monkeypatch.setattr(oa, "BIG_MODEL_BYTES", limit)
+
+    def check(model, *args, **kwargs):
+        if isinstance(model, onnx.ModelProto) and oa.tensor_bytes(model) > limit and any(
+                t.HasField("raw_data") and len(t.raw_data) > 4096
+                for t in model.graph.initializer):
+            raise ValueError("EncodeError: the model is over the (lowered) protobuf limit")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check)
+
+
+def test_big_model_path_prunes_and_sparsifies_by_path_keeping_external_data(
+        tmp_path: Path, export_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from secateurs.passes.onnx_sparsify import sparsify_onnx
+
+    src = tmp_path / "big.onnx"
+    _save_external(onnx.load(str(export_zoo("resnet", export_dir))), src)
+    _refuse_whole_protos(monkeypatch, 100_000)
+    pruned_path = tmp_path / "out" / "pruned.onnx"
+    result = prune_onnx(src, ratio=0.5, output_path=pruned_path)
+    assert result.plan.n_removed > 0
+    sparse_path = tmp_path / "out" / "sparse.onnx"
+    sparsify_onnx(src, "2:4", output_path=sparse_path)
+    for path in (pruned_path, sparse_path):
+        head = onnx.load(str(path), load_external_data=False)
+        assert uses_external_data(head), f"{path.name} was written without external data"
+        assert path.stat().st_size < 200_000
+        reloaded, external = load_onnx(path)
+        assert external
+        feeds = {reloaded.graph.input[0].name: np.zeros((1, 3, 32, 32), np.float32)}
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    # the in-memory result still holds its weights (the writer put them back)
+    assert not uses_external_data(result.model)
+
+
+def test_save_external_leaves_nothing_on_failure(tmp_path: Path, export_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import secateurs.runtime.io as sio
+    from secateurs.graph.onnx_apply import save_external
+
+    model = onnx.load(str(export_zoo("resnet", export_dir)))
+    before = model.SerializeToString()
+
+    def broken(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sio, "atomic_path", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_external(model, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    assert model.SerializeToString() == before
