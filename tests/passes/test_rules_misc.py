@@ -246,3 +246,91 @@ def test_binary_min_max_are_elementwise(tracer):
            if "GuardsFn" not in n.source]  # export's guard module, not part of the model
     assert ops.count("minimum") == 1 and ops.count("maximum") == 1
     assert ops.count("reduce") == 1 and "opaque" not in ops and "source" not in ops
+
+
+# ------------------------------------------------------------------ class 11: ops with no rule
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_grn_addcmul_and_stack(ratio):
+    model, result = _prune("convnextv2_grn", ratio)
+    assert result.model.get_parameter("sk.b3.0.weight").shape[0] < 16  # stacked branches
+    analysis = secateurs.analyze(model, zoo.get("convnextv2_grn").example_inputs())
+    pins = [r for g in analysis.groups for r in g.pin_reasons]
+    assert not [r for r in pins if "addcmul" in r or "stack" in r and "stacked" not in r]
+    # GRN divides by the mean response over its channels: the MLP hidden dim is lossy, not
+    # pinned, and says why
+    lossy = _reasons(analysis, "blocks.0.grn.weight", kind="lossy")
+    assert any("takes the mean over this dim" in r for r in lossy)
+    assert not _reasons(analysis, "blocks.0.grn.weight")
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_fused_moe_experts_topk_gather_repeat_interleave(ratio):
+    model, result = _prune("fused_moe", ratio)
+    w1, w2 = result.model.get_parameter("w1"), result.model.get_parameter("w2")
+    assert w1.shape[0] == 4 and w1.shape[2] < 16 and w2.shape[1] == w1.shape[2]
+    assert result.model.get_parameter("q.weight").shape[0] < 16  # head dims (GQA)
+    analysis = secateurs.analyze(model, zoo.get("fused_moe").example_inputs())
+    pins = [r for g in analysis.groups for r in g.pin_reasons]
+    assert not [r for r in pins if "no channel rule" in r]
+
+
+def test_gather_topk_pin_only_the_chosen_dim():
+    class Select(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, 4]
+            h = self.a(x)
+            order = torch.sort(h, dim=1).indices                  # along T
+            h = torch.gather(h, 1, order) + h.topk(2, dim=1).values.sum(1, keepdim=True)
+            return self.b(h)
+
+    model, x = Select().eval(), (torch.randn(2, 5, 4),)
+    analysis = secateurs.analyze(model, x)
+    chosen = [r for g in analysis.groups for r in g.pin_reasons]
+    assert not [r for r in chosen if "no channel rule" in r]
+    result = secateurs.prune(model, x, ratio=0.5)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
+    assert result.model.get_submodule("a").out_features == 4
+
+
+def test_grouped_mm_pins_with_reason():
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.w = nn.Parameter(torch.randn(2, 16, 16) * 0.1)
+            self.register_buffer("offs", torch.tensor([3, 8], dtype=torch.int32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [8 tokens, 8]
+            return torch._grouped_mm(self.inp(x), self.w, self.offs)
+
+    # the meta kernel takes bf16 only (the CPU one also fp32)
+    model, x = Grouped().eval().to(torch.bfloat16), (torch.randn(8, 8, dtype=torch.bfloat16),)
+    analysis = secateurs.analyze(model, x)
+    reasons = _reasons(analysis, "w")
+    assert any("expert dim" in r for r in reasons)
+    assert any("16-byte aligned rows" in r for r in reasons)
+    result = secateurs.prune(model, x, ratio=0.5)
+    assert not result.plan.removed.get("w")
+
+
+def test_new_tensor_template_is_not_pinned():
+    class New(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c1(x)
+            return self.c2(torch.relu(y) + torch.zeros_like(y)) + y.new_zeros(1)
+
+    model, x = New().eval(), (torch.randn(1, 3, 8, 8),)
+    result = secateurs.prune(model, x, ratio=0.5)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
+    assert result.model.get_submodule("c1").out_channels == 4
