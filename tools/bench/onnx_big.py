@@ -1,0 +1,131 @@
+"""A > 2 GB ONNX model with external data: prune and sparsify by path, peak memory.
+
+Builds an MLP of ``--layers`` Linear(8192, 8192) + ReLU layers (8 layers: 537 M float32
+weights, 2.15 GB) directly as ONNX (Gemm nodes, weights in one external data file; no torch
+export, which would hold the weights twice). Each operation then runs in a fresh process (so
+peak RSS is its own): ``prune_onnx(path, ratio=0.5, output_path=...)`` and
+``sparsify_onnx(path, "2:4", output_path=...)``. Reported: wall time, peak RSS (ru_maxrss),
+peak RSS / weight bytes, and that each output keeps external data and loads.
+
+    python tools/bench/onnx_big.py [--layers 8] [--dir /tmp/secateurs_big]
+        [--out tools/bench/results/onnx_big.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parents[2]
+WIDTH = 8192
+
+
+def build(path: Path, layers: int) -> int:
+    """Write the MLP with external data, one layer's weights in memory at a time."""
+    data = path.with_suffix(".onnx.data")
+    nodes, inits = [], []
+    rng = np.random.default_rng(0)
+    offset = 0
+    with open(data, "wb") as fh:
+        for i in range(layers):
+            for name, shape in ((f"w{i}", (WIDTH, WIDTH)), (f"b{i}", (WIDTH,))):
+                arr = (rng.standard_normal(shape, dtype=np.float32) * 0.01)
+                fh.write(arr.tobytes())
+                tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape)
+                tensor.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", data.name), ("offset", str(offset)),
+                             ("length", str(arr.nbytes))):
+                    e = tensor.external_data.add()
+                    e.key, e.value = k, v
+                offset += arr.nbytes
+                inits.append(tensor)
+                del arr
+            x = "x" if i == 0 else f"r{i - 1}"
+            nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"],
+                                          name=f"fc{i}", transB=1))
+            if i < layers - 1:
+                nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+    graph = helper.make_graph(nodes, "big_mlp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+                              [helper.make_tensor_value_info(f"h{layers - 1}", TensorProto.FLOAT,
+                                                             [1, WIDTH])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save_model(model, str(path))
+    return offset
+
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+from secateurs.passes.prune_onnx import prune_onnx
+from secateurs.passes.onnx_sparsify import sparsify_onnx
+start = time.perf_counter()
+if {op!r} == "prune":
+    r = prune_onnx({src!r}, ratio=0.5, round_to=16, output_path={dst!r})
+    extra = {{"params_kept": r.report.params_kept, "repairs": len(r.report.repairs)}}
+else:
+    sparsify_onnx({src!r}, "2:4", output_path={dst!r})
+    extra = {{}}
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  **extra}}))
+"""
+
+
+def run(op: str, src: Path, dst: Path) -> dict:
+    code = CHILD.format(root=str(ROOT), op=op, src=str(src), dst=str(dst))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    if out.returncode:
+        return {"error": out.stderr[-2000:]}
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    head = onnx.load(str(dst), load_external_data=False)
+    row["output_external_data"] = any(t.data_location == TensorProto.EXTERNAL
+                                      for t in head.graph.initializer)
+    row["output_model_file_bytes"] = dst.stat().st_size
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--dir", default="/tmp/secateurs_big")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "onnx_big.json"))
+    args = ap.parse_args()
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        src = work / "big.onnx"
+        t0 = time.perf_counter()
+        weights = build(src, args.layers)
+        rows = {"weights_bytes": weights, "build_s": round(time.perf_counter() - t0, 1)}
+        for op in ("prune", "sparsify"):
+            row = run(op, src, work / f"{op}.onnx")
+            if "peak_rss_bytes" in row:
+                row["peak_rss_over_weights"] = round(row["peak_rss_bytes"] / weights, 3)
+            rows[op] = row
+            print(op, row, flush=True)
+            for f in work.glob(f"{op}.onnx*"):
+                f.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc = {"bench": "onnx_big", "platform": platform.platform(), "onnx": onnx.__version__,
+           "layers": args.layers, "width": WIDTH, **rows,
+           "parent_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
