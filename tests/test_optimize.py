@@ -210,3 +210,23 @@ def test_cli_bad_input_exits_2_with_one_line(resnet_onnx, tmp_path, capsys) -> N
     with pytest.raises(SystemExit) as exc:
         main(["optimize", resnet_onnx, "--prune", "0.5", "--target-macs", "0.5"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("spec", ["zoo:resnet", pytest.param("zoo:vit", marks=pytest.mark.slow)])
+def test_cli_zoo_pruned_int8_runs_in_ort(spec, tmp_path, capsys) -> None:
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    code = main(["optimize", spec, "-o", str(out), "--prune", "0.5", "--quantize", "int8",
+                 "--no-measure", "--json"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in data["stages"]] == ["input", "prune", "quantize"]
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    x = zoo.get(spec[4:]).example_inputs()
+    x = (x[0] if isinstance(x, tuple) else x).numpy()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    assert np.isfinite(y).all() and y.shape[0] == 1
