@@ -37,6 +37,7 @@ Criteria that need data carry ``needs`` (``{"grads"}``, ``{"fisher"}``, ``{"acti
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ from secateurs.passes.group_channels import ChannelGroup, Member
 
 __all__ = ["ScoreContext", "Criterion", "CRITERIA", "get_criterion", "member_scores",
            "normalize", "calibrate_gradients", "calibrate_fisher", "activation_statistics",
-           "calibration_context", "bn_l1_regularizer", "criterion_needs", "is_batchnorm_weight"]
+           "calibration_context", "bn_l1_regularizer", "criterion_needs", "is_batchnorm_weight",
+           "rounded_keep"]
 
 
 @dataclass
@@ -481,3 +483,19 @@ def normalize(scores: np.ndarray, how: str = "mean") -> np.ndarray:
         return scores
     denom = {"mean": scores.mean(), "max": scores.max(), "sum": scores.sum()}[how]
     return scores / denom if denom > 0 else scores
+
+
+def rounded_keep(size: int, keep: int, round_to: int | None) -> int:
+    """How many units a plain channel group keeps under ``round_to``: ``keep`` rounded up to
+    a multiple of ``round_to``, never below ``round_to`` itself once the group has that many.
+
+    A group of exactly ``round_to`` channels stays whole: halving a 16-channel group to 8
+    takes its convolutions off ONNX Runtime's NCHWc kernels (block 16 on AVX-512, 8 on AVX2)
+    onto the plain NCHW path with reorders around it; measured on MobileNetV2's first block
+    (112x112, 16 channels) that cost more than the MACs it removed
+    (``tools/bench/latency_efficiency.py``). Groups smaller than ``round_to`` are left as
+    chosen (they cannot be aligned either way).
+    """
+    if not round_to or round_to <= 1 or size < round_to:
+        return keep
+    return min(size, max(round_to, int(math.ceil(keep / round_to)) * round_to))

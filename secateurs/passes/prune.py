@@ -27,7 +27,13 @@ from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
-from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
+from secateurs.passes.importance import (
+    Criterion,
+    ScoreContext,
+    get_criterion,
+    normalize,
+    rounded_keep,
+)
 from secateurs.passes.plan import Plan, build_plan
 from secateurs.passes.repair import FxNet, Repair, compare_outputs, repair
 
@@ -210,8 +216,8 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     for gid, n_remove in targets.items():
         g = analysis.groups[gid]
         keep = g.size - n_remove
-        if round_to and round_to > 1 and _plain(g) and g.size > round_to:
-            keep = min(g.size, max(round_to, int(math.ceil(keep / round_to)) * round_to))
+        if _plain(g):
+            keep = rounded_keep(g.size, keep, round_to)
         keep = max(keep, min_units, int(g.pinned.sum()))
         n_remove = min(g.size - keep, len(eligible[gid]))
         if n_remove <= 0:
