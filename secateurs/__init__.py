@@ -64,6 +64,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name == "hf":  # the Hugging Face layer, imported on first use (needs transformers)
+        return importlib.import_module("secateurs.hf")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'secateurs' has no attribute '{name}'")

@@ -134,6 +134,8 @@ def _build(model: nn.Module, overrides: Mapping[str, Any]) -> tuple[nn.Module | 
     for attr, val in overrides.items():
         setattr(cfg, attr, val)
     try:
+        if hasattr(cfg, "validate"):  # what save_pretrained runs (CLIP refuses 64 % 3 there)
+            cfg.validate()
         with torch.device("meta"):
             return type(model)(cfg), ""
     except Exception as e:  # noqa: BLE001 - any constructor failure: try the build overrides
@@ -199,13 +201,12 @@ def _diff(model: nn.Module, ref: nn.Module) -> tuple[dict, dict, list[str], list
         for kind, mine, theirs in (("parameter", mod._parameters, r._parameters),
                                    ("buffer", mod._buffers, r._buffers)):
             for k, t in mine.items():
-                if t is None:
-                    continue
+                if t is None or (kind == "buffer" and k in mod._non_persistent_buffers_set):
+                    continue  # non-persistent buffers: tensors, below
                 rt = theirs.get(k)
                 if rt is None:
                     problems.append(f"{kind} '{prefix}{k}' is not built by the config")
-                elif tuple(rt.shape) != tuple(t.shape) and \
-                        k not in mod._non_persistent_buffers_set:
+                elif tuple(rt.shape) != tuple(t.shape):
                     shapes[prefix + k] = list(t.shape)
         for k, t in _tensor_attrs(mod).items():
             rt = getattr(r, k, None)
@@ -236,9 +237,11 @@ def loader_record(model: nn.Module, extra_tensors: list[str] | None = None
             return {"loader": LOADER, "format": FORMAT, "reasons": reasons,
                     "problems": [f"the architecture refuses the pruned config ({why}) and the "
                                  f"config with one head ({why2})"],
-                    "build": {}, "config": {}, "shapes": {}, "attrs": {}, "tensors": []}
+                    "build": {}, "config": {}, "shapes": {}, "attrs": {}, "tensors": [],
+                    "buffers": []}
     shapes, attrs, tensors, problems = _diff(model, ref)
     tensors = sorted(set(tensors) | set(extra_tensors or ()))
+    buffers = [n for n in tensors if _is_buffer(model, n)]
     if not (build or shapes or attrs or tensors or problems):
         return None
     reasons += [f"{n}: {tuple(s)} but the config builds another shape" for n, s in
@@ -247,7 +250,13 @@ def loader_record(model: nn.Module, extra_tensors: list[str] | None = None
                 for m, d in list(attrs.items())[:3] for a in list(d)[:2]]
     return {"loader": LOADER, "format": FORMAT, "reasons": reasons[:8], "problems": problems,
             "build": build, "config": {a: _encode(getattr(model.config, a)) for a in build},
-            "shapes": shapes, "attrs": attrs, "tensors": tensors}
+            "shapes": shapes, "attrs": attrs, "tensors": tensors, "buffers": buffers}
+
+
+def _is_buffer(model: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    return attr in mod._buffers
 
 
 # ---------------------------------------------------------------- replaying a record
@@ -283,7 +292,7 @@ def _set_attrs(model: nn.Module, attrs: Mapping[str, Mapping[str, Any]]) -> None
                 else setattr(obj, field, _decode(val))
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, buffer: bool) -> None:
     owner, _, attr = name.rpartition(".")
     mod = model.get_submodule(owner) if owner else model
     cur = getattr(mod, attr, None)
@@ -292,6 +301,8 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     value = value.to(device)
     if attr in mod._buffers:
         mod._buffers[attr] = value
+    elif buffer:
+        mod.register_buffer(attr, value, persistent=False)
     else:
         object.__setattr__(mod, attr, value)
 
@@ -364,7 +375,7 @@ def from_pretrained_pruned(path: str | os.PathLike[str], model_class: Any = None
         setattr(model.config, a, v)
     _set_attrs(model, rec["attrs"])
     for name in rec["tensors"]:
-        _set_tensor(model, name, tensors[name])
+        _set_tensor(model, name, tensors[name], name in rec.get("buffers", ()))
     return model.eval()
 
 

@@ -188,7 +188,7 @@ def _kind_report(hfa: HFAnalysis, kind: str, ratio: float, removed: dict[int, np
 
 def _warn_shortfalls(report: dict[str, KindReport], model: nn.Module) -> None:
     for r in report.values():
-        if r.asked > 0 and r.removed == 0:
+        if r.ratio > 0 and r.removed == 0:
             warnings.warn(f"prune_hf({type(model).__name__}): {r.kind}={r.ratio} removed "
                           f"nothing (asked {r.asked} of {r.units} units): "
                           f"{'; '.join(r.reasons) or 'no reason recorded'}",
@@ -341,7 +341,7 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     ctx = score_context or ScoreContext(tensors)
     t = time.perf_counter()
     criterion = _criterion(importance, probe, ctx, batches,
-                           on_meta and score_context is None)
+                           on_meta and not _has_values(score_context))
     scores = {gid: normalize(np.asarray(criterion(analysis.groups[gid], ctx), dtype=np.float64))
               for gid in hfa.units}
     seconds["importance"] = time.perf_counter() - t
@@ -350,7 +350,13 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
                      uniform=uniform)
     if free:
         t = time.perf_counter()
-        r_fit = fit_ratio(hfa, scores, ratios, free, float(target_macs), select_kw)
+        try:
+            r_fit = fit_ratio(hfa, scores, ratios, free, float(target_macs), select_kw)
+        except InputError as e:  # name what holds the MACs back
+            why = [f"{k}: " + "; ".join(_kind_report(hfa, k, 0.99, {}, allow_lossy, 0,
+                                                     hd_before, {}).reasons or ("-",))
+                   for k in free]
+            raise InputError(f"{e}; what blocks it: {' | '.join(why)}") from None
         ratios.update({k: r_fit for k in free})
         seconds["fit_ratio"] = time.perf_counter() - t
     n_blocks = 0
@@ -406,6 +412,18 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     return HFPruneResult(work, plan, hfa, removed, changes, macs_before, macs_after,
                          params_before, params_after, seconds, report, example_inputs,
                          verified=check and not inplace)
+
+
+def _has_values(ctx: ScoreContext | None) -> bool:
+    """A score context whose tensors carry values (not meta stand-ins)."""
+    if ctx is None:
+        return False
+    from secateurs.hf.shards import CheckpointTensors
+
+    if isinstance(ctx.tensors, CheckpointTensors):
+        return True
+    first = next(iter(ctx.tensors.values()), None)
+    return first is not None and not first.is_meta
 
 
 def _removes_lossy(hfa: HFAnalysis, removed: dict[int, np.ndarray]) -> bool:

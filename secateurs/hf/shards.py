@@ -20,16 +20,20 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from secateurs.errors import InputError
 from secateurs.graph.fx_apply import slice_tensor
+from secateurs.passes.importance import ScoreContext
 from secateurs.passes.plan import Plan
 
-__all__ = ["prune_checkpoint", "meta_model"]
+__all__ = ["prune_checkpoint", "meta_model", "CheckpointTensors", "checkpoint_score_context"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -43,6 +47,82 @@ def meta_model(config: Any, model_cls: Any = None) -> torch.nn.Module:
         if hasattr(model_cls, "from_config"):
             return model_cls.from_config(config).eval()
         return model_cls(config).eval()
+
+
+class CheckpointTensors(Mapping):
+    """The tensors of a safetensors checkpoint (a ``save_pretrained`` directory, sharded or
+    not) by parameter name, each read from its shard when asked for (the last few are kept):
+    magnitude scores for a plan made on ``meta`` stream the checkpoint tensor by tensor.
+    ``aliases`` maps a model name to the name the checkpoint stores (tied weights)."""
+
+    def __init__(self, path: str, aliases: Mapping[str, str] | None = None,
+                 keep: int = 4) -> None:
+        self.path = str(path)
+        index = os.path.join(self.path, INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                self.where: dict[str, str] = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(self.path, SINGLE)):
+            with safe_open(os.path.join(self.path, SINGLE), "pt") as f:
+                self.where = {k: SINGLE for k in f.keys()}
+        else:
+            raise InputError(f"{self.path} holds no {SINGLE} or {INDEX}")
+        self.aliases = dict(aliases or {})
+        self.keep = keep
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def _key(self, name: str) -> str | None:
+        if name in self.where:
+            return name
+        alias = self.aliases.get(name)
+        return alias if alias in self.where else None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._key(name)
+        if key is None:
+            raise KeyError(name)
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
+        with safe_open(os.path.join(self.path, self.where[key]), "pt") as f:
+            t = f.get_tensor(key)
+        self._recent[key] = t
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(set(self.where) | {a for a, k in self.aliases.items() if k in self.where})
+
+    def __len__(self) -> int:
+        return len(set(self))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._key(name) is not None
+
+
+def checkpoint_score_context(path: str, model: torch.nn.Module | None = None) -> ScoreContext:
+    """A ``ScoreContext`` reading the checkpoint at ``path`` tensor by tensor, for
+    ``prune_hf(meta_model, ..., importance="l2", score_context=...)``: the plan of a model
+    larger than memory gets the magnitude scores of its real weights. ``model`` (the meta
+    model) resolves tied names (``lm_head.weight`` -> ``model.embed_tokens.weight``)."""
+    aliases: dict[str, str] = {}
+    if model is not None:
+        by_id: dict[int, list[str]] = {}
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + \
+                list(model.named_buffers(remove_duplicate=False)):
+            by_id.setdefault(id(t), []).append(name)
+        for names in by_id.values():
+            for n in names:
+                for other in names:
+                    if other != n:
+                        aliases.setdefault(n, other)
+    tensors = CheckpointTensors(path, aliases)
+    if model is not None:
+        for name, tied in list(aliases.items()):
+            if tied not in tensors.where and name in tensors.where:
+                aliases[tied] = name
+    return ScoreContext(tensors)
 
 
 def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> dict[str, Any]:
