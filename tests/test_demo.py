@@ -31,3 +31,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys) -> None:
     assert result["best_criterion"] in result["criteria"]
     for points in result["sweep"].values():
         assert all(p["exact"] for p in points)
+
+    # deployment: dense fp32 -> pruned fp32 -> pruned + INT8, measured in ONNX Runtime
+    dep = result["deployment"]
+    dense, pruned, int8 = dep["models"]
+    assert [m["name"] for m in dep["models"]] == ["dense fp32", "pruned fp32", "pruned + INT8"]
+    assert dense["accuracy"] == result["baseline"]["accuracy"]  # same model, same test set
+    assert abs(pruned["accuracy"] - result["final"]["accuracy"]) <= 1 / 360  # fp32 in ORT
+    assert int8["accuracy"] >= pruned["accuracy"] - 0.01  # INT8 costs at most 1 point
+    assert int8["bytes"] < pruned["bytes"] < dense["bytes"]
+    assert int8["bytes"] < 0.25 * dense["bytes"]
+    assert all(m["latency_ms"] > 0 for m in dep["models"])
+    assert dep["quantization"]["mode"] == "int8"
+    assert dep["quantization"]["calibration_source"] == "data"
+    assert "Deployed as ONNX in ONNX Runtime" in text and "pruned + INT8" in text

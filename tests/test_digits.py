@@ -229,6 +229,32 @@ def test_plot_accuracy_vs_macs_writes_png_atomically(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["acc_vs_macs.png"]
 
 
+def test_plot_with_deployment_panels_and_highlight(tmp_path) -> None:
+    from matplotlib.image import imread
+
+    from secateurs.demo.report import plot_accuracy_vs_macs
+
+    names = ["l1", "l2", "bn_scale", "taylor", "fisher", "activation", "lamp", "random"]
+    results = {n: [(1.0, 0.99), (0.75, 0.98 - 0.01 * i), (0.5, 0.9 - 0.02 * i)]
+               for i, n in enumerate(names)}
+    results["l2 + fine-tune"] = [(1.0, 0.99), (0.5, 0.985)]
+    rows = [{"name": "dense fp32", "accuracy": 0.99, "bytes": 600_000, "latency_ms": 40.0},
+            {"name": "pruned fp32", "accuracy": 0.985, "bytes": 300_000, "latency_ms": 30.0},
+            {"name": "pruned + INT8", "accuracy": 0.986, "bytes": 100_000, "latency_ms": 15.0}]
+    wide = plot_accuracy_vs_macs(results, tmp_path / "wide.png", baseline=0.99,
+                                 highlight="l2 + fine-tune", deployment=rows)
+    narrow = plot_accuracy_vs_macs(results, tmp_path / "narrow.png", baseline=0.99)
+    wide_px, narrow_px = imread(wide), imread(narrow)
+    assert wide_px.shape[1] > 1.4 * narrow_px.shape[1]  # two bar panels beside the curves
+    # the legend sits outside the axes: the right part of the narrow plot holds legend text,
+    # not white space only
+    assert (narrow_px[:, -narrow_px.shape[1] // 5:, :3] < 0.5).any()
+    with pytest.raises(ValueError, match="latency_ms"):
+        plot_accuracy_vs_macs(results, tmp_path / "bad.png",
+                              deployment=[{"name": "x", "accuracy": 1.0, "bytes": 1}])
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_plot_rejects_empty_or_bad_results(tmp_path) -> None:
     from secateurs.demo.report import plot_accuracy_vs_macs
 

@@ -16,7 +16,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,50 +31,33 @@ __all__ = ["plot_accuracy_vs_macs", "ProgressBar", "format_table", "write_bytes_
 
 
 def write_bytes_atomically(data: bytes, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
+    """Write ``data`` to ``path`` atomically (``secateurs.runtime.io.atomic_write_bytes``:
+    temp file in the same folder, fsync, ``os.replace``). Creates missing parent folders."""
+    from secateurs.runtime.io import atomic_write_bytes
 
-    Creates missing parent folders. The file gets the usual ``0666 & ~umask`` mode.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+    return atomic_write_bytes(path, data)
 
 
 # --------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------
 
+# Okabe-Ito's colour-blind-safe palette (yellow dropped: unreadable on white) and three more
+# dark tones, each with its own marker and dash, so 11 lines stay apart in colour, shape and
+# grey-scale print alike.
+_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#882255",
+           "#44AA99", "#999933", "#661100", "#6699CC")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*")
+_DASHES = ("-", "--", "-.", ":")
 
-def plot_accuracy_vs_macs(
-    results: Mapping[str, Sequence[tuple[float, float]]],
-    path: str | os.PathLike[str],
-    *,
-    title: str = "Accuracy retention under structured pruning",
-    baseline: float | None = None,
-    ylabel: str = "test accuracy",
-) -> Path:
-    """Plot accuracy against MACs kept, one line per criterion, and write a PNG to ``path``.
 
-    ``results`` maps a criterion name to ``(macs_kept_fraction, accuracy)`` points, where
-    ``macs_kept_fraction`` is pruned MACs / dense MACs (1.0 = unpruned) and ``accuracy`` is in
-    ``[0, 1]``. Points are drawn in order of ``macs_kept_fraction``; the x axis runs from
-    dense on the right to most pruned on the left. ``baseline`` (the dense model's accuracy)
-    adds a dashed reference line. Returns the written path.
-    """
+def _style(index: int) -> dict[str, object]:
+    return {"color": _COLORS[index % len(_COLORS)], "marker": _MARKERS[index % len(_MARKERS)],
+            "linestyle": _DASHES[(index // len(_COLORS) + index) % len(_DASHES)],
+            "markersize": 6, "linewidth": 1.6}
+
+
+def _check_results(results: Mapping[str, Sequence[tuple[float, float]]]) -> None:
     if not results:
         raise ValueError("plot_accuracy_vs_macs needs at least one criterion in results")
     for name, points in results.items():
@@ -88,23 +70,107 @@ def plot_accuracy_vs_macs(
                     "(macs_kept_fraction, accuracy)"
                 )
 
+
+def _accuracy_panel(axes: object, results: Mapping[str, Sequence[tuple[float, float]]],
+                    baseline: float | None, highlight: str | None, ylabel: str) -> None:
+    from matplotlib.ticker import PercentFormatter
+
+    names = [n for n in results if n != highlight]
+    for index, name in enumerate(names):
+        points = sorted((float(x), float(y)) for x, y in results[name])
+        axes.plot([x for x, _ in points], [y for _, y in points], label=name, **_style(index))
+    if highlight is not None and highlight in results:
+        points = sorted((float(x), float(y)) for x, y in results[highlight])
+        axes.plot([x for x, _ in points], [y for _, y in points], label=highlight,
+                  color="black", marker="*", markersize=13, linewidth=2.6, zorder=5)
+    if baseline is not None:
+        axes.axhline(baseline, color="0.35", linestyle=(0, (4, 3)), linewidth=1.2,
+                     label=f"dense ({100 * baseline:.2f}%)", zorder=1)
+    axes.set_xlabel("MACs kept (% of the dense model)")
+    axes.set_ylabel(ylabel)
+    axes.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    axes.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+    axes.grid(True, alpha=0.3)
+    xs = [float(x) for pts in results.values() for x, _ in pts]
+    axes.set_xlim(min(xs) - 0.05, max(xs) + 0.05)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                fontsize=9, frameon=False)
+
+
+def _deployment_panels(axes_size: object, axes_latency: object,
+                       rows: Sequence[Mapping[str, object]]) -> None:
+    """Horizontal bars per deployed model: size and ORT latency, accuracy in the labels."""
+    labels = [f"{r['name']}\n{100 * float(r['accuracy']):.2f}% acc." for r in rows][::-1]
+    colors = ["#999999", "#0072B2", "#D55E00", "#009E73"][:len(rows)][::-1]
+    panels = ((axes_size, "size on disk (KB)", [float(r["bytes"]) / 1e3 for r in rows],
+               "smaller"),
+              (axes_latency, "ONNX Runtime CPU latency (ms)",
+               [float(r["latency_ms"]) for r in rows], "faster"))
+    for ax, title, values, word in panels:
+        bars = ax.barh(labels, values[::-1], color=colors, height=0.6)
+        base = values[0]
+        for bar, value in zip(bars, values[::-1]):
+            ratio = base / value if value else 1.0
+            note = f" {value:.3g}"
+            if value != base:
+                note += (f" ({ratio:.1f}x {word})" if ratio >= 1
+                         else f" ({1 / ratio:.1f}x {'larger' if word == 'smaller' else 'slower'})")
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center",
+                    fontsize=9)
+        ax.set_xlim(0, max(values) * 2.0)
+        ax.set_xlabel(title)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=9)
+    axes_latency.tick_params(axis="y", labelleft=False)
+
+
+def plot_accuracy_vs_macs(
+    results: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike[str],
+    *,
+    title: str = "Accuracy retention under structured pruning",
+    baseline: float | None = None,
+    ylabel: str = "test accuracy",
+    highlight: str | None = None,
+    deployment: Sequence[Mapping[str, object]] | None = None,
+    deployment_title: str = "Deployed in ONNX Runtime",
+) -> Path:
+    """Plot accuracy against MACs kept, one line per criterion, and write a PNG to ``path``.
+
+    ``results`` maps a criterion name to ``(macs_kept_fraction, accuracy)`` points, where
+    ``macs_kept_fraction`` is pruned MACs / dense MACs (1.0 = unpruned) and ``accuracy`` is in
+    ``[0, 1]``; both axes are drawn in percent. Each line has its own colour, marker and dash;
+    ``highlight`` (a key of ``results``) is drawn bold in black; the legend sits outside the
+    axes so it never covers a curve. ``baseline`` (the dense model's accuracy) adds a dashed
+    reference line. ``deployment``: rows ``{"name", "accuracy", "bytes", "latency_ms"}`` (first
+    row = the reference) add two bar panels, size and latency. Returns the written path.
+    """
+    _check_results(results)
+    if deployment is not None:
+        missing = [k for k in ("name", "accuracy", "bytes", "latency_ms")
+                   if any(k not in row for row in deployment)]
+        if not deployment or missing:
+            raise ValueError(f"deployment rows need name, accuracy, bytes and latency_ms; "
+                             f"missing {missing or 'rows'}")
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4, 4.4), dpi=120)
+    wide = deployment is not None
+    figure = Figure(figsize=(13.0, 5.0) if wide else (8.8, 5.0), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for name in sorted(results):
-        points = sorted((float(x), float(y)) for x, y in results[name])
-        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
-    if baseline is not None:
-        axes.axhline(baseline, color="0.4", linestyle="--", linewidth=1, label="dense")
-    axes.set_xlabel("MACs kept (fraction of dense)")
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right")
-    figure.tight_layout()
+    if wide:
+        left, right = figure.subfigures(1, 2, width_ratios=[1.2, 1.0], wspace=0.0)
+        axes = left.subplots()
+        size_ax, latency_ax = right.subplots(1, 2, sharey=True)
+        _deployment_panels(size_ax, latency_ax, deployment)
+        right.suptitle(deployment_title, fontsize=12)
+        left.suptitle(title, fontsize=12)
+    else:
+        axes = figure.add_subplot()
+        figure.suptitle(title, fontsize=12)
+    _accuracy_panel(axes, results, baseline, highlight, ylabel if "%" in ylabel
+                    else f"{ylabel} (%)")
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
