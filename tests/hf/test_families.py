@@ -51,9 +51,7 @@ MLP_BLOCKED = {
     "qwen3_moe": "MoE experts (3-D expert tensors) are not pruned yet (issue 12 item 3)",
 }
 # families the analysis cannot trace at all yet (op-level rule fixes pending)
-BLOCKED = {
-    "t5": "binary torch.min in T5's relative position buckets has no channel rule",
-}
+BLOCKED: dict[str, str] = {}  # (T5's binary torch.min got its rule in the rule table)
 
 
 # the families the issue names run by default; the others (covered by test_prune_hf and
