@@ -17,6 +17,8 @@ import pytest
 
 from ._helpers import assert_error, entry_point, mlp_onnx, run_cli, snapshot
 
+pytestmark = pytest.mark.slow  # ~3 s of torch start-up per case: run with -m slow
+
 SPEC = "model.py:make"
 
 
