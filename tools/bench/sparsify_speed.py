@@ -122,7 +122,7 @@ def _run_layers(model, batches, make_stats, prune):
         for layer in model.encoder.layer:
             subset = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
             stats = {n: make_stats(m) for n, m in subset.items()}
-            handles = [m.register_forward_hook(lambda mod, i, o, n=n: stats[n].add(i[0]))
+            handles = [m.register_forward_hook(lambda mod, i, o, n=n, s=stats: s[n].add(i[0]))
                        for n, m in subset.items()]
             for args, kwargs in inps:
                 layer(*args, **kwargs)
