@@ -14,7 +14,7 @@ import secateurs
 from secateurs import zoo
 from secateurs.cli import main
 from secateurs.errors import InputError, SecateursError
-from secateurs.passes.optimize import TOLERANCES, optimize
+from secateurs.passes.optimize import TOLERANCES, check_output_paths, optimize
 from secateurs.runtime.onnx_export import export_onnx
 
 torch.set_num_threads(1)
@@ -140,12 +140,16 @@ def test_bad_options_fail_before_any_work(resnet_onnx, kwargs, message) -> None:
 def test_bad_output_paths(resnet_onnx, tmp_path) -> None:
     with pytest.raises(InputError, match="same file as the input"):
         optimize(resnet_onnx, output=resnet_onnx)
-    with pytest.raises(InputError, match="must end in .onnx"):
+    with pytest.raises(InputError, match=r"written as \.onnx; name the file x\.onnx"):
         optimize(resnet_onnx, output=tmp_path / "x.pt")
-    with pytest.raises(InputError, match="must end in .json"):
+    with pytest.raises(InputError, match=r"written as \.json"):
         optimize(resnet_onnx, report=tmp_path / "x.onnx")
-    with pytest.raises(InputError, match="does not exist"):
-        optimize(resnet_onnx, output=tmp_path / "missing" / "x.onnx")
+    with pytest.raises(InputError, match="same file as output"):
+        optimize(resnet_onnx, output=tmp_path / "a.onnx", report=tmp_path / "a.onnx")
+    # a missing parent is created when the file is written, never by the check
+    assert check_output_paths({"output": tmp_path / "new" / "x.onnx"}) == {
+        "output": tmp_path / "new" / "x.onnx"}
+    assert not (tmp_path / "new").exists()
     (tmp_path / "d.onnx").mkdir()
     with pytest.raises(InputError, match="is a directory"):
         optimize(resnet_onnx, output=tmp_path / "d.onnx")

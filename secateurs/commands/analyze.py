@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         from secateurs.errors import InputError
 
         raise InputError("use 'secateurs inspect MODEL.onnx' for ONNX files")
-    from secateurs.commands._paths import check_input_file, spec_files
+    from secateurs.runtime.paths import check_input_file, spec_files
 
     for f in spec_files(args.model):
         check_input_file(f, "model")

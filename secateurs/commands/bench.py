@@ -13,7 +13,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from secateurs.commands._paths import Output, check_input_file, check_outputs, read_onnx
+from secateurs.runtime.paths import Output, check_input_file, check_outputs, read_onnx
 from secateurs.errors import InputError
 from secateurs.runtime.io import atomic_write_bytes
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from secateurs.commands._paths import Output, check_input_file, check_outputs, read_onnx
+from secateurs.runtime.paths import Output, check_input_file, check_outputs, read_onnx
 from secateurs.errors import InputError
 from secateurs.runtime.io import atomic_write_bytes
 from secateurs.runtime.tensorrt import (

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target_macs < 1.0:
         raise InputError(f"--target-macs must be in (0, 1), got {args.target_macs}")
-    from secateurs.commands._paths import Output, check_outputs
+    from secateurs.runtime.paths import Output, check_outputs
 
     check_outputs([Output("--json", args.json, (".json",), "results"),
                    Output("--png", args.png, (".png",), "plot")])

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not is_onnx(args.model):
         raise InputError("inspect reads .onnx files; use 'secateurs analyze' for torch models")
-    from secateurs.commands._paths import check_input_file
+    from secateurs.runtime.paths import check_input_file
 
     check_input_file(args.model, "ONNX model")
     model, _ = load_model(args.model)

@@ -59,7 +59,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from secateurs.commands._spec import is_onnx, load_torch_spec, parse_shapes
     from secateurs.errors import InputError
-    from secateurs.passes.optimize import check_output_paths, optimize
+    from secateurs.passes.optimize import optimize
+    from secateurs.runtime.paths import Output, check_outputs
 
     if not (args.output or args.report or args.plot or args.json):
         raise InputError("optimize writes nothing: give -o OUT.onnx, --report, --plot or --json")
@@ -68,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration:
         inputs.append(args.calibration)
     # before the model is built: a bad output path costs nothing
-    check_output_paths({"output": args.output, "report": args.report, "plot": args.plot},
-                       inputs)
+    check_outputs([Output("-o", args.output, (".onnx",), "model"),
+                   Output("--report", args.report, (".json",), "report"),
+                   Output("--plot", args.plot, (".png",), "plot")],
+                  {f"the input '{p}'": p for p in inputs})
     shapes = parse_shapes(args.input_shape)
     if is_onnx(args.model):
         model: Any = args.model

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from secateurs.commands._paths import (
+from secateurs.runtime.paths import (
     Output,
     check_input_file,
     check_outputs,

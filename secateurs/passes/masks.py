@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,17 +202,9 @@ def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
     """Save masks as a ``.pt`` state dict of bool tensors, atomically (temp file + ``os.replace``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({k: v.detach().to("cpu", torch.bool) for k, v in masks.items()}, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    from secateurs.runtime.io import atomic_save_torch
+
+    return atomic_save_torch({k: v.detach().to("cpu", torch.bool) for k, v in masks.items()}, path)
 
 
 def load_masks(path: str | os.PathLike[str]) -> Masks:

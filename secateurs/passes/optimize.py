@@ -149,29 +149,18 @@ class OptimizeResult:
 
 def check_output_paths(outputs: Mapping[str, str | os.PathLike[str] | None],
                        inputs: Sequence[str | os.PathLike[str]] = ()) -> dict[str, Path]:
-    """Check output paths before any work: distinct from the inputs and from each other, not
-    directories, parent directory existing (it is not created), right extension."""
-    chosen = {k: Path(v) for k, v in outputs.items() if v is not None}
-    seen: dict[Path, str] = {Path(p).resolve(): "the input" for p in inputs}
-    for key, path in chosen.items():
-        if not str(path) or str(path) in (".", ""):
-            raise InputError(f"{key} path is empty; name a file")
-        suffix = _OUTPUT_SUFFIXES.get(key)
-        if suffix and path.suffix.lower() != suffix:
-            raise InputError(f"{key} '{path}' must end in {suffix}")
-        if path.is_dir():
-            raise InputError(f"{key} '{path}' is a directory; name a file inside it")
-        if not path.parent.is_dir():
-            raise InputError(f"{key} '{path}': directory '{path.parent}' does not exist; "
-                             "create it first")
-        if not os.access(path.parent, os.W_OK):
-            raise InputError(f"{key} '{path}': directory '{path.parent}' is not writable")
-        resolved = path.resolve()
-        if resolved in seen:
-            raise InputError(f"{key} '{path}' is the same file as {seen[resolved]}; choose "
-                             "another name")
-        seen[resolved] = f"{key} '{path}'"
-    return chosen
+    """Check output paths before any work, with the same checks as every command
+    (:func:`secateurs.runtime.paths.check_outputs`): distinct from the inputs and from each
+    other, the right extension, not a directory, writable. A missing parent directory is
+    created when the file is written, not here."""
+    from secateurs.runtime.paths import Output, check_outputs
+
+    what = {"output": "model", "report": "report", "plot": "plot"}
+    chosen = {k: v for k, v in outputs.items() if v is not None}
+    checked = check_outputs([Output(k, str(v), (_OUTPUT_SUFFIXES[k],), what[k])
+                             for k, v in chosen.items()],
+                            {f"the input '{p}'": str(p) for p in inputs})
+    return dict(zip(chosen, checked))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -898,30 +897,21 @@ class ShardedCheckpoint:
         return {n[len(prefix) + 1 :]: t for n, t in self.load(names).items()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _save_shard(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from secateurs.runtime.io import atomic_path
+
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _write_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> Path:
     index = directory / "model.safetensors.index.json"
     payload = {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
-    _atomic_write_text(index, json.dumps(payload, indent=1, sort_keys=True))
+    from secateurs.runtime.io import atomic_write_text
+
+    atomic_write_text(index, json.dumps(payload, indent=1, sort_keys=True))
     return index
 
 
