@@ -9,6 +9,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from secateurs.errors import InputError
+from secateurs.graph.fx_lower import _SHAPE_KEY
+from secateurs.graph.fx_shapes import _meta_shape_prop
+from secateurs.graph.fx_trace import trace
 from secateurs.zoo import ZOO, ZooModel, get, names, randomize_bn_stats
 from secateurs.zoo.layers import RMSNorm
 
@@ -184,6 +187,17 @@ def test_symbolic_trace_reproduces_outputs(name: str) -> None:
     traced = torch.fx.symbolic_trace(model)
     with torch.no_grad():
         assert torch.equal(traced(*inputs), expected)
+
+
+@pytest.mark.parametrize("name", TRACEABLE)
+def test_shapes_propagate_on_meta_without_the_fake_tensor_fallback(name: str) -> None:
+    """The fast path covers every zoo graph: a ``contiguous`` after a permute has row-major
+    strides (window partition's ``view`` then works), and a Linear that an
+    ``nn.MultiheadAttention`` reads itself (``out_proj``) gets a meta stand-in."""
+    entry = get(name)
+    gm, _ = trace(entry.build(), entry.example_inputs())
+    _meta_shape_prop(gm, entry.example_inputs())  # raises where the slow fallback was needed
+    assert all(_SHAPE_KEY in n.meta for n in gm.graph.nodes if n.op == "call_module")
 
 
 @pytest.mark.parametrize("name", UNTRACEABLE)

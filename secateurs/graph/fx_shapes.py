@@ -71,7 +71,12 @@ _SAME_SHAPE_OPS = frozenset(
     "relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardswish hardsigmoid "
     "hardtanh softplus softsign neg abs sqrt square exp sin cos erf sign logsigmoid "
     "tanhshrink rsqrt reciprocal dropout dropout1d dropout2d dropout3d alpha_dropout "
-    "feature_alpha_dropout identity contiguous clone".split())
+    "feature_alpha_dropout identity".split())
+# Copies whose strides differ from their input's: ``contiguous`` makes row-major strides (a
+# ``detach``ed alias of a permuted input would keep the permuted ones, and the ``view`` of
+# window partition that follows fails on meta: the whole graph then fell back to
+# ``FakeTensorMode``, 13 s on a Swin); ``clone`` keeps the input's layout (preserve_format).
+_COPY_OPS = frozenset({"contiguous", "clone"})
 
 ShapeFn = Callable[[tuple[Any, ...], dict[str, Any], Any], "Sequence[int] | None"]
 
@@ -204,8 +209,8 @@ _SHAPE_FNS: dict[str, ShapeFn] = {
                                   "rms_norm")},
 }
 # Modules whose output the shortcuts make without reading their tensors: no meta stand-ins.
-_SHORTCUT_MODULE_OPS = _SAME_SHAPE_OPS | {"linear", "conv", "batch_norm", "instance_norm",
-                                          "group_norm", "layer_norm", "rms_norm"}
+_SHORTCUT_MODULE_OPS = _SAME_SHAPE_OPS | _COPY_OPS | {
+    "linear", "conv", "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"}
 
 
 def _torch_forward(mod: nn.Module) -> bool:
@@ -227,6 +232,14 @@ def _fast_shape(key: str, args: tuple[Any, ...], kwargs: dict[str, Any],
         if isinstance(x, torch.Tensor) and x.is_floating_point() and "out" not in kwargs:
             return x.detach()
         return None
+    if key in _COPY_OPS:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or len(args) > 1 or kwargs:
+            return None  # memory_format=...: let the op lay it out
+        if key == "clone":
+            return torch.empty_like(x)
+        return x.detach() if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype,
+                                                                device="meta")
     fn = _SHAPE_FNS.get(key)
     if fn is None:
         return None
@@ -274,7 +287,14 @@ def _meta_shape_prop(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> None:
     # Stand-ins only where a tensor is read: not for meta tensors, nor for modules whose
     # output ``_fast_shape`` makes (BatchNorm's four tensors are most of a CNN's).
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    skip = {name for name, mod in gm.named_modules() if _shortcut_module(mod)}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    shortcut = {name for name in called if _shortcut_module(gm.get_submodule(name))}
+    runs = called - shortcut
+    # only modules the graph calls itself: ``nn.MultiheadAttention`` reads its ``out_proj``
+    # (a Linear) directly, so a Linear inside a module that runs keeps its stand-ins
+    skip = {name for name in shortcut
+            if not any(".".join(name.split(".")[:i]) in runs
+                       for i in range(1, name.count(".") + 1))}
     meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()
             if not v.is_meta and (k in read or k.rpartition(".")[0] not in skip)}
     meta_args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
