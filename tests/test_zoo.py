@@ -56,6 +56,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "hiera_unroll": (2, 10),
     "mqa_qknorm": (2, 8, 64),
     "tv_vit_mha": (2, 10),
+    "einsum_vit": (2, 10),
 }
 
 # Parameter counts of the real architectures (torchvision / timm / Llama-3-8B), so a full-size

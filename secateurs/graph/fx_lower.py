@@ -419,6 +419,21 @@ def _like(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "like", [b.get("input", node.args[0])], {}
 
 
+def _einsum(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``torch.einsum(eq, a, b)``, ``torch.einsum(eq, [a, b])``, ``aten.einsum(eq, tensors)``:
+    the canonical ``einsum`` with its ``equation`` (the ONNX ``Einsum`` lowers to the same)."""
+    args = list(node.args)
+    eq = node.kwargs.get("equation", args.pop(0) if args else None)
+    operands = node.kwargs.get("tensors", args)
+    if len(operands) >= 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(eq, str) or not operands or \
+            not all(isinstance(o, torch.fx.Node) for o in operands):
+        flat = [a for a in _flat(node.args) + _flat(node.kwargs) if isinstance(a, torch.fx.Node)]
+        return "opaque", flat, {"reason": "einsum in sublist form (no equation string)"}
+    return "einsum", list(operands), {"equation": eq}
+
+
 def _first_only(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
     return lambda node, b: (op, [node.args[0]], {})
 
@@ -475,7 +490,7 @@ _CALLS.update({
     # addmm/baddbmm are lowered by ``emit_addmm`` (matmul + add); the entry makes them reachable
     "addmm": _elementwise("matmul"), "baddbmm": _elementwise("matmul"),
     "bmm": _elementwise("matmul"),
-    "outer": _elementwise("outer"), "ger": _elementwise("outer"),
+    "outer": _elementwise("outer"), "ger": _elementwise("outer"), "einsum": _einsum,
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),
     "amin": _reduce("min"), "max": _reduce("max"), "min": _reduce("min"),
     "var": _reduce("var"), "std": _reduce("std"), "logsumexp": _reduce("logsumexp"),

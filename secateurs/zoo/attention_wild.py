@@ -16,6 +16,9 @@ right (issue 11, "Real-world coverage"); the code is written here from the patte
 * ``mqa_qknorm`` — GPT-BigCode multi-query attention (q heads over one repeated kv head) and
   Qwen3/Gemma3 q/k RMSNorm per head: q heads prune by the repeat index, whole heads stay exact
   under the per-head norm (only the normalised head dim is lossy).
+* ``einsum_vit`` — attention spelled in ``torch.einsum`` (scores, context, an ``[H, D, C]``
+  output weight contracting heads and head dims at once) and an outer-product head: the FX
+  einsum lowers to the canonical ``einsum`` the ONNX frontend uses.
 * ``tv_vit_mha`` — torchvision's ViT ``EncoderBlock`` around ``nn.MultiheadAttention``, a
   post-norm ``nn.TransformerEncoderLayer`` and an attention pooling that uses its weights:
   heads and FFNs prune through the modules' projections.
@@ -34,7 +37,8 @@ __all__ = ["UnbindAttention", "FusedKVAttention", "UnbindViT", "RelPosAttention"
            "AttentionBiasAttention", "AttentionBiasNet", "relative_position_index",
            "attention_offsets_index", "unroll", "MaskUnitAttention", "PackedInProjAttention",
            "UnrollNet", "repeat_kv", "MultiQueryAttention", "QKNormAttention", "MQADecoder",
-           "TorchvisionEncoderBlock", "TorchAttentionViT", "ENTRIES"]
+           "TorchvisionEncoderBlock", "TorchAttentionViT", "EinsumAttention", "EinsumViT",
+           "ENTRIES"]
 
 
 class _Mlp(nn.Module):
@@ -529,6 +533,51 @@ class TorchAttentionViT(nn.Module):
         return self.head(torch.cat([pooled[0], weights[:, 0]], dim=-1))
 
 
+# ---------------------------------------------------------------- attention written in einsum
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with ``torch.einsum`` (Perceiver/Flax ports, lucidrains): scores
+    ``bhqd,bhkd->bhqk``, context ``bhqk,bhkd->bhqd``, and the output projection as an einsum
+    with a ``[H, D, C]`` weight, ``bhnd,hdc->bnc`` (heads and head dims contracted at once)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.w_o = nn.Parameter(torch.randn(heads, self.head_dim, dim) * dim ** -0.5)
+        self.b_o = nn.Parameter(torch.rand(dim) - 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        attn = (torch.einsum("bhqd,bhkd->bhqk", q, k) * self.head_dim ** -0.5).softmax(-1)
+        ctx = torch.einsum("bhqk,bhkd->bhqd", attn, v)
+        return torch.einsum("bhnd,hdc->bnc", ctx, self.w_o) + self.b_o
+
+
+class EinsumViT(nn.Module):
+    """Patch embedding, two blocks of einsum attention, and a bilinear-pooling head: the
+    outer product of two projections of the mean token, ``torch.einsum("bi,bj->bij", [a, b])``
+    (list form), flattened into the classifier.."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, mlp: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, kernel_size=4, stride=4)
+        self.blocks = nn.Sequential(*[_Block(dim, EinsumAttention(dim, heads), mlp)
+                                      for _ in range(2)])
+        self.norm = nn.LayerNorm(dim)
+        self.pa, self.pb = nn.Linear(dim, 8), nn.Linear(dim, 6)
+        self.head = nn.Linear(8 * 6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+        h = self.norm(x).mean(1)
+        outer = torch.einsum("bi,bj->bij", [self.pa(h), torch.tanh(self.pb(h))])
+        return self.head(outer.flatten(1))
+
+
 _TAGS = frozenset({"transformer", "attention", "layernorm", "wild"})
 
 ENTRIES: tuple[ZooModel, ...] = (
@@ -571,6 +620,14 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="GPT-BigCode multi-query attention (1 kv head, fused c_attn split) and "
                     "Qwen3 per-head q/k RMSNorm with GQA",
         tags=_TAGS | {"fused-qkv", "sdpa", "gqa", "rmsnorm"},
+    ),
+    ZooModel(
+        name="einsum_vit",
+        build=seeded_build(EinsumViT),
+        example_inputs=seeded_randn(2, 3, 16, 16),
+        description="attention in torch.einsum (bhqd,bhkd->bhqk, an [H, D, C] output weight "
+                    "bhnd,hdc->bnc) and a bilinear outer-product head (bi,bj->bij)",
+        tags=_TAGS | {"einsum"},
     ),
     ZooModel(
         name="tv_vit_mha",

@@ -257,3 +257,46 @@ def test_pruned_multihead_attention_matches_torch_unpruned():
                              attn_mask=causal)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(w_got, w_want, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------ einsum: one canonical op for FX and ONNX
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_einsum_attention_prunes_heads_head_dims_and_outer_product(ratio):
+    model, x, result = _prune("einsum_vit", ratio)
+    _runs_at_batch(result.model, x, 3)
+    pruned = dict(result.model.named_parameters())
+    for i in range(2):
+        h, d, c = pruned[f"blocks.{i}.attn.w_o"].shape  # [H, D, C]: heads and v's head dims
+        assert h < 4 and d < 8 and c == 32
+        assert pruned[f"blocks.{i}.attn.v.weight"].shape[0] == h * d
+        assert pruned[f"blocks.{i}.attn.q.weight"].shape[0] == \
+            pruned[f"blocks.{i}.attn.k.weight"].shape[0] < 32
+    # the outer product's flattened [i, j] feeds the head: both factors shrink
+    a, b = pruned["pa.weight"].shape[0], pruned["pb.weight"].shape[0]
+    assert a < 8 and b < 6 and pruned["head.weight"].shape[1] == a * b
+
+
+def test_fx_einsum_lowers_to_the_canonical_einsum_with_its_equation():
+    analysis = _analysis("einsum_vit")
+    eqs = sorted(n.attrs["equation"] for n in analysis.graph.nodes if n.op == "einsum")
+    assert eqs == sorted(["bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd", "bhnd,hdc->bnc"] * 2
+                         + ["bi,bj->bij"])
+    assert not [n for n in analysis.graph.nodes if n.op == "opaque"]
+
+
+def test_einsum_in_sublist_form_pins_with_a_reason():
+    class Sublist(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(4, 5)
+            self.out = torch.nn.Linear(30, 3)
+
+        def forward(self, x):
+            return self.out(torch.einsum(self.a(x), [0, 1], self.b(x), [0, 2], [0, 1, 2])
+                            .flatten(1))
+
+    analysis = secateurs.analyze(Sublist().eval(), (torch.randn(2, 4),))
+    (g,) = _groups_of(analysis, "a.weight", 0)
+    assert g.is_pinned and any("sublist form" in r for r in g.pin_reasons), g.pin_reasons
