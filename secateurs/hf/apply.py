@@ -16,6 +16,7 @@ from secateurs.graph.fx_apply import slice_tensors
 from secateurs.hf.layout import block_list, hidden_size, out_features
 from secateurs.hf.layout import head_dim as head_dim_of
 from secateurs.hf.loader import LOADER, loader_record
+from secateurs.hf.moe import refresh_moe
 from secateurs.hf.rotary import (
     check_head_dim_pruning,
     express_rotary,
@@ -314,6 +315,8 @@ def apply_hf_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
                             old_hd - head_dim)
     changes = _update_config(cfg, facts, head_dim, new_hidden, head_dim != old_hd,
                              hf.get("mlp_sizes"))
+    if hf.get("moe"):
+        changes.update(refresh_moe(model, hf["moe"]))
     if head_dim != old_hd and rope_before is not None:
         kept = [i for i in range(old_hd // 2) if i not in set(freq_removed)]
         changes["rope_parameters"] = express_rotary(model, rope_before, kept, old_hd, head_dim)

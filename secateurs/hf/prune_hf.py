@@ -48,6 +48,13 @@ from secateurs.hf.criteria import (
 from secateurs.hf.layout import block_list, linear_dims, positional_inputs
 from secateurs.hf.layout import head_dim as head_dim_of
 from secateurs.hf.loader import from_pretrained_pruned, save_pretrained
+from secateurs.hf.moe import (
+    EXPERT_CRITERIA,
+    MoeSelection,
+    expert_reference,
+    merge_slices,
+    select_moe,
+)
 from secateurs.hf.rotary import check_head_dim_pruning
 from secateurs.hf.select import fit_ratio, macs, select_hf
 from secateurs.passes.calibration import call_batch
@@ -212,15 +219,13 @@ def _check(original: nn.Module, pruned: nn.Module, plan: Plan, args: tuple[Any, 
            exact: bool, drop: list[int]) -> str:
     """'' when the pruned model runs (and, ``exact``, equals the original with the removed
     slices zeroed and the same layers dropped); else what went wrong."""
-    from secateurs.passes.prune import zero_plan_slices
-
     try:
         got = _outputs(pruned, args)
     except Exception as e:  # noqa: BLE001 - any failure of the pruned forward is the finding
         return f"raises {type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if not exact:
         return ""
-    ref = zero_plan_slices(original, plan)
+    ref = expert_reference(original, plan)  # zero_plan_slices (+ removed experts unrouted)
     if drop:
         drop_blocks(ref, drop)
     want = _outputs(ref, args)
@@ -279,7 +284,8 @@ def _criterion(importance: Any, work: nn.Module, ctx: ScoreContext, batches: lis
 def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, *,
              heads: float | None = None, mlp: float | None = None,
              head_dim: float | None = None, hidden: float | None = None,
-             blocks: int | float = 0, importance: str | Any = "l2",
+             blocks: int | float = 0, experts: int | float = 0,
+             expert_importance: str = "reap", importance: str | Any = "l2",
              allow_lossy: bool = False, round_to: int | None = None,
              calibration: list[Any] | None = None, inplace: bool = False,
              score_context: ScoreContext | None = None, uniform: bool = True,
@@ -299,6 +305,14 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     ``score_context=`` from the checkpoint, see ``shards.checkpoint_score_context``).
     ``calibration``: batches of positional arguments (tuples) or keyword arguments (dicts).
 
+    MoE layers (``secateurs.hf.moe``): ``mlp`` also removes that fraction of every routed
+    expert's intermediate width (all experts of a layer alike); ``experts`` removes that many
+    experts per layer (a fraction when < 1; at least top-k stay), chosen by
+    ``expert_importance`` (``reap``: mean router probability x expert output norm over the
+    tokens routed to it on the calibration batches; ``frequency``; ``random``). Removing
+    experts changes the routing: the contract is the original with the removed experts'
+    router logits at ``-inf`` (``moe.expert_reference``).
+
     ``uniform=False`` ranks heads and MLP neurons across layers. ``target_macs`` (fraction of
     MACs to keep) bisects one ratio shared by ``heads`` and ``mlp`` (those not given).
 
@@ -311,6 +325,12 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     """
     ratios = _ratios(ratio, {"heads": heads, "mlp": mlp, "head_dim": head_dim,
                              "hidden": hidden})
+    if not (experts >= 0 and (experts >= 1 and float(experts).is_integer() or experts < 1)):
+        raise InputError(f"experts must be a count (int >= 1) or a fraction in [0, 1), got "
+                         f"{experts!r}")
+    if expert_importance not in EXPERT_CRITERIA:
+        raise InputError(f"unknown expert_importance {expert_importance!r}; choose one of "
+                         f"{EXPERT_CRITERIA}")
     if ratios.get("hidden") and not allow_lossy:
         raise InputError("hidden-size pruning is lossy (every norm normalises over it); "
                          "pass allow_lossy=True")
@@ -366,14 +386,21 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     if n_blocks:
         bi = block_influence(probe, batches)
         drop = sorted(int(i) for i in np.argsort(bi, kind="stable")[:n_blocks])
+    t = time.perf_counter()
+    moe = select_moe(probe, ratios.get("mlp", 0.0), float(experts), ctx.tensors, importance,
+                     expert_importance, batches, round_to, on_meta)
+    if moe.blocks:
+        seconds["moe"] = time.perf_counter() - t
     failed: dict[str, str] = {}
     active = dict(ratios)
+    if experts:
+        active["experts"] = float(experts)
     params_before = sum(p.numel() for p in model.parameters())
     check = verify and not on_meta
     while True:
         removed, dims_removed = select_hf(hfa, scores, active, **select_kw)
         plan = _plan(hfa, removed, dims_removed, drop, hd_before, ratios, importance,
-                     criterion, uniform, target_macs, model)
+                     criterion, uniform, target_macs, model, moe, active)
         t = time.perf_counter()
         work = probe if probe is not None else copy.deepcopy(model)
         probe = None
@@ -393,7 +420,7 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
                                  f"{problem} with no width pruning at all (blocks={blocks})")
         bad = _failing_kinds(model, hfa, scores, active, select_kw, kinds, args, drop, plan,
                              hd_before, ratios, importance, criterion, uniform, target_macs,
-                             problem)
+                             problem, moe)
         for k, why in bad.items():
             failed[k] = why
             active[k] = 0.0
@@ -404,6 +431,7 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
         macs_after = int(macs_after * (1 - len(drop) / len(block_list(model)[1])))
     report = {k: _kind_report(hfa, k, r, removed, allow_lossy, dims_removed, hd_before, failed)
               for k, r in ratios.items() if r > 0}
+    _moe_report(report, moe, active, failed, float(experts))
     if n_blocks:
         report["blocks"] = KindReport("blocks", float(blocks), len(block_list(model)[1]),
                                       n_blocks, len(drop))
@@ -431,9 +459,32 @@ def _removes_lossy(hfa: HFAnalysis, removed: dict[int, np.ndarray]) -> bool:
     return any(groups[g].lossy[idx].any() for g, idx in removed.items() if len(idx))
 
 
+def _moe_report(report: dict[str, KindReport], moe: MoeSelection, active: dict[str, float],
+                failed: dict[str, str], experts: float) -> None:
+    """Merge the MoE layers' expert widths into ``mlp`` and add ``experts``."""
+    for kind, (units, asked, got, why) in moe.counts.items():
+        if kind == "experts" and not experts:
+            continue
+        got = got if active.get(kind, 0) > 0 else 0
+        reasons = list(why)
+        if kind in failed:
+            reasons.append(f"not applied: the model pruned this way {failed[kind]}")
+        base = report.get(kind)
+        if base is None:
+            report[kind] = KindReport(kind, experts if kind == "experts" else 0.0, units,
+                                      asked, got, tuple(reasons))
+            continue
+        # the analysis sees the 3-D expert tensors as pinned 'other' groups: with their
+        # widths pruned here, "found no mlp units" is no longer the story
+        kept = [r for r in base.reasons if not (got and r.startswith("the analysis found no"))]
+        report[kind] = KindReport(kind, base.ratio, base.units + units, base.asked + asked,
+                                  base.removed + got, tuple(kept + reasons))
+
+
 def _plan(hfa: HFAnalysis, removed: dict[int, np.ndarray], dims_removed: int, drop: list[int],
           hd_before: int, ratios: dict[str, float], importance: Any, criterion: Any,
-          uniform: bool, target_macs: float | None, model: nn.Module) -> Plan:
+          uniform: bool, target_macs: float | None, model: nn.Module,
+          moe: MoeSelection | None = None, active: dict[str, float] | None = None) -> Plan:
     hidden_removed = sum(len(removed.get(u.gid, ())) for u in hfa.of_kind("hidden"))
     meta = {"importance": getattr(criterion, "__name__", str(importance)), "ratios": ratios,
             "uniform": uniform, "target_macs": target_macs,
@@ -443,14 +494,24 @@ def _plan(hfa: HFAnalysis, removed: dict[int, np.ndarray], dims_removed: int, dr
                    "mlp_sizes": sorted({(u.size, u.size - len(removed.get(u.gid, ())))
                                         for u in hfa.of_kind("mlp")}),
                    "model_type": getattr(model.config, "model_type", "")}}
-    return build_plan(hfa.analysis, removed, meta)
+    plan = build_plan(hfa.analysis, removed, meta)
+    moe_meta = moe.meta(active or ratios) if moe is not None else {}
+    if moe_meta:
+        merge_slices(plan.removed, moe.slices(active or ratios))
+        hf = plan.meta["hf"]
+        hf["moe"] = moe_meta
+        i0, i1 = moe_meta["inter"]
+        if i0 != i1:
+            hf["mlp_sizes"] = sorted(set(map(tuple, hf["mlp_sizes"])) | {(i0, i1)})
+    return plan
 
 
 def _failing_kinds(model: nn.Module, hfa: HFAnalysis, scores: dict[int, np.ndarray],
                    active: dict[str, float], select_kw: dict[str, Any], kinds: list[str],
                    args: tuple[Any, ...], drop: list[int], plan: Plan, hd_before: int,
                    ratios: dict[str, float], importance: Any, criterion: Any, uniform: bool,
-                   target_macs: float | None, problem: str) -> dict[str, str]:
+                   target_macs: float | None, problem: str,
+                   moe: MoeSelection | None = None) -> dict[str, str]:
     """Each kind alone: those whose pruned model fails the check, with what went wrong (all
     of them, with the combined failure, when each passes alone)."""
     if len(kinds) == 1:
@@ -460,7 +521,7 @@ def _failing_kinds(model: nn.Module, hfa: HFAnalysis, scores: dict[int, np.ndarr
         alone = {kk: (r if kk == k else 0.0) for kk, r in active.items()}
         removed, dims = select_hf(hfa, scores, alone, **select_kw)
         p = _plan(hfa, removed, dims, drop, hd_before, ratios, importance, criterion, uniform,
-                  target_macs, model)
+                  target_macs, model, moe, alone)
         work = copy.deepcopy(model)
         apply_hf_plan(work, p)
         why = _check(model, work.eval(), p, args, not _removes_lossy(hfa, removed), drop)

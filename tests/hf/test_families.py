@@ -45,11 +45,9 @@ HEADS_BLOCKED = {
     "convnext": "no heads",  # no attention at all: the report says so
     "resnet": "no heads",
 }
-# families whose MLP the analysis cannot remove yet
-MLP_BLOCKED = {
-    "mixtral": "MoE experts (3-D expert tensors) are not pruned yet (issue 12 item 3)",
-    "qwen3_moe": "MoE experts (3-D expert tensors) are not pruned yet (issue 12 item 3)",
-}
+# families whose MLP the analysis cannot remove yet (MoE expert widths are pruned by
+# secateurs.hf.moe since issue 12 item 3)
+MLP_BLOCKED: dict[str, str] = {}
 # families the analysis cannot trace at all yet (op-level rule fixes pending)
 BLOCKED: dict[str, str] = {}  # (T5's binary torch.min got its rule in the rule table)
 

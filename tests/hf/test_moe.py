@@ -1,0 +1,120 @@
+"""MoE layers (``secateurs.hf.moe``): expert widths and whole experts, per family that
+transformers builds from a config (random weights, no hub).
+
+Contract: width pruning is mask-equivalent as usual (the removed slices zeroed); removing
+experts changes the routing, so the reference is the original with the removed slices zeroed
+*and the removed experts' router logits at -inf* (``moe.expert_reference``): they are never
+chosen and take no probability mass.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import transformers  # noqa: E402
+
+from secateurs.errors import InputError  # noqa: E402
+from secateurs.hf import PruneShortfall, from_pretrained_pruned, prune_hf, save_pretrained  # noqa: E402
+from secateurs.hf.models import example_inputs, output_tensor, tiny_model  # noqa: E402
+from secateurs.hf.moe import expert_reference, moe_blocks  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(1)
+
+# 3-D experts as recent transformers write them: concatenated gate_up (Mixtral, Qwen3-MoE),
+# transposed + interleaved + biases (GPT-OSS), shared expert (Qwen2-MoE), dense first layer
+# and sigmoid router with correction bias (DeepSeek-V3), OLMoE, PhiMoE (its own router)
+MOE = ("mixtral", "gpt_oss", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v3")
+
+
+@functools.cache
+def _pruned(family: str):
+    m = tiny_model(family)
+    x = example_inputs(m)
+    r = prune_hf(m, x, mlp=0.5, experts=2)
+    return m, x, r
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_experts_and_widths_pruned_reference_equal_and_reload(tmp_path, family):
+    m, x, r = _pruned(family)
+    before, after = moe_blocks(m), moe_blocks(r.model)
+    assert before and len(after) == len(before)
+    for b0, b1 in zip(before, after):
+        assert b1.num_experts == b0.num_experts - 2
+        assert b1.inter == b0.inter // 2
+        for name in b1.expert_tensors:
+            assert r.model.get_parameter(name).shape[0] == b1.num_experts
+    assert r.report["experts"].removed == 2 * len(before)
+    assert r.report["mlp"].removed >= len(before) * (before[0].inter // 2)
+    assert r.verified
+    # the contract for removed experts: the original never routing to them
+    want, got = output_tensor(expert_reference(m, r.plan), x), output_tensor(r.model, x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), float((got - want).abs().max())
+    save_pretrained(r, tmp_path / "m")
+    back = from_pretrained_pruned(tmp_path / "m")
+    cfg = back.config
+    assert min(v for k, v in vars(cfg).items() if k in ("num_experts", "num_local_experts",
+                                                         "n_routed_experts")) \
+        == before[0].num_experts - 2
+    assert torch.equal(output_tensor(back, x), got)
+
+
+def test_width_alone_is_mask_equivalent():
+    from secateurs import zero_plan_slices
+
+    m = tiny_model("qwen3_moe")
+    x = example_inputs(m)
+    r = prune_hf(m, x, heads=0.0, mlp=0.25)
+    assert "moe" in r.plan.meta["hf"] and r.plan.meta["hf"]["moe"]["experts"] == [4, 4]
+    assert r.model.config.moe_intermediate_size == 24
+    want, got = output_tensor(zero_plan_slices(m, r.plan), x), output_tensor(r.model, x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_reap_removes_the_expert_that_contributes_nothing():
+    """REAP scores an expert by router probability x output norm on its routed tokens: an
+    expert whose down projection is zero scores 0 and goes first."""
+    m = tiny_model("mixtral")
+    x = example_inputs(m)
+    with torch.no_grad():
+        for b in moe_blocks(m):
+            m.get_submodule(b.experts).down_proj[1].zero_()
+    r = prune_hf(m, x, heads=0.0, mlp=0.0, experts=1)
+    removed = r.plan.meta["hf"]["moe"]["removed_experts"]
+    assert removed and all(idx == [1] for idx in removed.values())
+
+
+def test_experts_shortfall_is_reported():
+    m = tiny_model("mixtral")  # 4 experts, top-2: at most 2 can go
+    x = example_inputs(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruneShortfall)
+        r = prune_hf(m, x, heads=0.0, mlp=0.0, experts=3)
+    rep = r.report["experts"]
+    assert (rep.asked, rep.removed) == (6, 4)
+    assert any("top-k = 2" in why for why in rep.reasons)
+    assert r.model.config.num_local_experts == 2
+
+
+def test_experts_on_a_dense_model_warn():
+    m = tiny_model("llama")
+    x = example_inputs(m)
+    with pytest.warns(PruneShortfall, match="no MoE layers"):
+        r = prune_hf(m, x, heads=0.0, mlp=0.0, experts=0.5)
+    assert r.report["experts"].removed == 0
+
+
+def test_experts_argument_checked():
+    m = tiny_model("mixtral")
+    with pytest.raises(InputError, match="experts must be"):
+        prune_hf(m, example_inputs(m), experts=1.5)
+    with pytest.raises(InputError, match="expert_importance"):
+        prune_hf(m, example_inputs(m), experts=1, expert_importance="magic")
