@@ -21,6 +21,27 @@ UNTRACEABLE = names("fx-untraceable")
 BENCH = names("bench")
 
 OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    # public_lookalikes (held-out look-alikes of public architectures)
+    "googlenet_inception": (1, 10),
+    "cbam_attention": (1, 10),
+    "eca_channel_conv": (1, 10),
+    "resnest_split_attn": (1, 10),
+    "sknet_selective": (1, 10),
+    "xception_separable": (1, 10),
+    "cait_talking_heads": (1, 10),
+    "deit_distilled": (1, 10),
+    "conformer_glu": (1, 12, 11),
+    "hrnet_fuse": (1, 5, 32, 32),
+    "yolo_c2f_sppf": (1, 3, 8, 8, 8),
+    "gpt2_tied": (1, 12, 50),
+    "wav2vec_weightnorm": (1, 39, 12),
+    "espcn_pixelshuffle": (1, 3, 32, 32),
+    "effnetv2_fused": (1, 10),
+    "vgg_adaptive_flatten": (1, 10),
+    "detr_queries": (1, 6, 9),
+    "crnn_lstm": (1, 20, 11),
+    "maxvit_grid": (1, 10),
+    # end public_lookalikes
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),
     "convnext_tv": (1, 10),
@@ -31,6 +52,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "t5_buckets": (2, 10),
     "convnextv2_grn": (1, 10),
     "fused_moe": (2, 10),
+    "pad_net": (1, 10),
     # end conv_wild
     "conv1d_net": (1, 10),
     "conv3d_net": (1, 5),

@@ -137,6 +137,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "masked_fill": ("input", "mask", "value"), "where": ("condition", "input", "other"),
     "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2"),
     "interpolate": ("input", "size", "scale_factor"),
+    "roll": ("input", "shifts", "dims"), "pad": ("input", "pad", "mode", "value"),
 }
 
 
@@ -434,6 +435,45 @@ def _einsum(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "einsum", list(operands), {"equation": eq}
 
 
+def _roll(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``torch.roll(x, shifts, dims)``: ``dims`` are the rolled dims; none (or ``[]``, ATen's
+    default) rolls the flattened tensor."""
+    x = b.get("input", node.args[0])
+    dims = b.get("dims")
+    if isinstance(dims, torch.fx.Node) or (isinstance(dims, (list, tuple)) and
+                                           any(not isinstance(d, int) for d in dims)):
+        return "opaque", [x], {"reason": "roll over dims unknown at trace time"}
+    return "roll", [x], {"dims": _dims(dims, _ndim(x)) or None}
+
+
+_PAD_MODES = {"reflection": "reflect", "replication": "replicate", "_pad_circular": "circular",
+              "constant_pad_nd": "constant"}
+
+
+def _pad_pairs(pad: Any, nd: int) -> list[tuple[int, int] | None]:
+    """``F.pad``'s flat ``(last_before, last_after, 2nd_last_before, ...)`` as one
+    ``(before, after)`` per dim; an amount computed at run time (Swin's and timm's "same"
+    padding: a size expression) makes its dim's entry None."""
+    if not isinstance(pad, (list, tuple)) or len(pad) % 2 or len(pad) > 2 * nd:
+        return [None] * nd
+    pairs: list[tuple[int, int] | None] = [(0, 0)] * nd
+    for i in range(len(pad) // 2):
+        lo, hi = pad[2 * i], pad[2 * i + 1]
+        pairs[nd - 1 - i] = (lo, hi) if isinstance(lo, int) and isinstance(hi, int) else None
+    return pairs
+
+
+def _pad(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``F.pad``, ``aten.constant_pad_nd``/``pad``/``reflection_padNd``/``replication_padNd``:
+    the canonical ``pad`` with one ``(before, after)`` per dim and the ``mode``."""
+    key = call_key(node)
+    x = b.get("input", node.args[0])
+    mode = next((m for k, m in _PAD_MODES.items() if key.startswith(k)), None) or \
+        str(b.get("mode") or "constant")
+    return "pad", [x], {"pads": _pad_pairs(b.get("pad", b.get("padding")), _ndim(x)),
+                        "mode": mode}
+
+
 def _first_only(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
     return lambda node, b: (op, [node.args[0]], {})
 
@@ -491,6 +531,8 @@ _CALLS.update({
     "addmm": _elementwise("matmul"), "baddbmm": _elementwise("matmul"),
     "bmm": _elementwise("matmul"),
     "outer": _elementwise("outer"), "ger": _elementwise("outer"), "einsum": _einsum,
+    "roll": _roll, "pad": _pad, "constant_pad_nd": _pad, "_pad_circular": _pad,
+    **{f"{kind}_pad{n}d": _pad for kind in ("reflection", "replication") for n in (1, 2, 3)},
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),
     "amin": _reduce("min"), "max": _reduce("max"), "min": _reduce("min"),
     "var": _reduce("var"), "std": _reduce("std"), "logsumexp": _reduce("logsumexp"),
@@ -535,6 +577,13 @@ _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgP
                  nn.LPPool2d)
 
 
+_PAD_MODULES_MODE = ((nn.modules.padding._ConstantPadNd, "constant"),
+                     (nn.modules.padding._ReflectionPadNd, "reflect"),
+                     (nn.modules.padding._ReplicationPadNd, "replicate"),
+                     (nn.modules.padding._CircularPadNd, "circular"))
+_PAD_MODULES = tuple(cls for cls, _ in _PAD_MODULES_MODE)
+
+
 def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, Any]]:
     """Canonical op, parameter attribute names (in operand order, '' for absent), attrs."""
     if isinstance(mod, nn.modules.conv._ConvNd):
@@ -566,6 +615,9 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         kind = type(mod).__name__
         return "pool", [], {"spatial": int(kind[-2]) if kind[-2].isdigit()
                             else max(_ndim(x) - 2, 1)}
+    if isinstance(mod, _PAD_MODULES):
+        mode = next(m for cls, m in _PAD_MODULES_MODE if isinstance(mod, cls))
+        return "pad", [], {"pads": _pad_pairs(tuple(mod.padding), _ndim(x)), "mode": mode}
     if isinstance(mod, nn.Upsample):
         return "resize", [], {"spatial": max(_ndim(x) - 2, 1)}
     if isinstance(mod, (nn.Flatten, nn.Unflatten)):

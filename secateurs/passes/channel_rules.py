@@ -561,6 +561,61 @@ def _permute(ctx: RuleContext) -> list[Labels | None]:
     return [[x[p] for p in ctx.node.attrs["perm"]]]
 
 
+@_register("roll")
+def _roll(ctx: RuleContext) -> list[Labels | None]:
+    """``roll`` moves positions along ``dims`` by a shift taken modulo the dim's size (Swin's
+    cyclic shift of the spatial dims): a rolled dim's positions stay — removing one changes
+    which positions wrap around — and the other dims, channels included, pass through. No
+    ``dims`` rolls the flattened tensor: every dim stays."""
+    x = ctx.ins[0]
+    assert x is not None
+    dims = ctx.node.attrs.get("dims")
+    rolled = range(len(x)) if dims is None else {int(d) % len(x) for d in dims}
+    what = "the flattened tensor" if dims is None else "this dim"
+    for d in rolled:
+        ctx.space.pin(x[d], f"{ctx.where} rolls {what}: positions move by a shift taken "
+                            "modulo its size")
+    return [list(x)]
+
+
+@_register("pad")
+def _pad(ctx: RuleContext) -> list[Labels | None]:
+    """``pads`` holds one ``(before, after)`` per dim (None: computed at run time). An
+    unpadded dim passes through (the channels of a spatial pad: Swin, timm's "same" conv
+    padding). Constant padding is a concatenation with constant positions: the input's
+    positions pass, the new ones stay (CIFAR ResNet's zero-padded channel shortcut). A dim
+    padded by reflection, replication or wrap-around copies positions counted from its edges,
+    one padded or cropped by an amount known only at run time or a negative one (a crop) has
+    edges that move when positions go: those dims stay."""
+    x, dst = ctx.ins[0], ctx.out_shapes[0]
+    assert x is not None and dst is not None
+    pads = list(ctx.node.attrs.get("pads") or [None] * len(x))
+    mode = str(ctx.node.attrs.get("mode", "constant"))
+    out: Labels = []
+    for vec, pair, size in zip(x, pads + [None] * (len(x) - len(pads)), dst):
+        if pair is not None and tuple(pair) == (0, 0):
+            out.append(vec)
+            continue
+        if pair is None:
+            reason = f"{ctx.where} pads this dim by an amount computed at run time"
+        elif min(pair) < 0:
+            reason = f"{ctx.where} crops this dim (negative padding {tuple(pair)})"
+        elif mode != "constant":
+            reason = (f"{ctx.where} pads this dim in {mode} mode: the new positions copy "
+                      "positions counted from its edges")
+        else:
+            new = f"positions added by {ctx.where}"
+            out.append(np.concatenate([ctx.space.fresh(int(pair[0]), pin=new), vec,
+                                       ctx.space.fresh(int(pair[1]), pin=new)]))
+            continue
+        ctx.space.pin(vec, reason)
+        out.append(ctx.space.fresh(size, pin=reason))
+    if len(out) != len(dst) or any(len(v) != s for v, s in zip(out, dst)):
+        ctx.pin_all(x, f"{ctx.where} whose output does not match its padding")
+        return [ctx.fresh_dims(dst, f"output of {ctx.where}")]
+    return [out]
+
+
 def _expand_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
     return {"shape": [count(v) for v in keep["out"]]}
 

@@ -23,6 +23,9 @@ Each model reproduces one way real code spells an op, not a whole published netw
   ``full_like``, a bias ``nn.Embedding(buckets, heads)`` added to the attention scores;
 * ``ConvNeXtV2`` — ConvNeXt-V2's global response norm (``torch.addcmul``) inside the MLP, and a
   selective-kernel branch merge (``torch.stack`` of two convs, softmax over the branches);
+* ``PadNet`` — padding as conv nets write it: a CIFAR ResNet "option A" shortcut zero-padding
+  the channel dim with ``F.pad``, timm's ``Conv2dSame`` (pad amounts computed from the input
+  size), pix2pix's ``ReflectionPad2d`` residual block, ``ZeroPad2d`` before a stride-2 conv;
 * ``FusedMoE`` — a transformer block with grouped-query attention by ``repeat_interleave``,
   token selection by ``topk`` + ``gather``, and a fused MoE FFN over 3-D ``[E, in, out]``
   expert weights (``bmm``), gated by the router through ``.T``.
@@ -41,8 +44,9 @@ from torch import nn
 
 from secateurs.zoo._common import ZooModel, seeded_build, seeded_randint, seeded_randn
 
-__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet", "SplitNet", "BroadcastNet", "T5Buckets", "ConvNeXtV2",
-           "FusedMoE", "ENTRIES"]
+__all__ = ["WindowSwin", "TvConvNeXt", "TvEfficientNet", "stochastic_depth", "StdConvNet",
+           "SplitNet", "BroadcastNet", "T5Buckets", "ConvNeXtV2", "FusedMoE", "PadNet",
+           "ENTRIES"]
 
 
 # ------------------------------------------------------------------ Swin-style window attention
@@ -744,6 +748,76 @@ class FusedMoE(nn.Module):
         return self.head(x.mean(1))
 
 
+# ------------------------------------------------------- padding: F.pad, nn.*Pad2d
+
+
+class ReflectResBlock(nn.Module):
+    """pix2pix/CycleGAN ``ResnetBlock``: ``ReflectionPad2d(1)`` before each unpadded 3x3 conv."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3),
+                                  nn.BatchNorm2d(dim), nn.ReLU(), nn.ReflectionPad2d(1),
+                                  nn.Conv2d(dim, dim, 3), nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class OptionABlock(nn.Module):
+    """CIFAR ResNet basic block with the "option A" shortcut: where the width doubles, the
+    input is subsampled and zero-padded on the channel dim,
+    ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p), "constant", 0)``."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = (cout - cin) // 2 if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.pad is not None:
+            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
+        return F.relu(out + x)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm ``Conv2dSame`` (TF "same" padding): the pad is computed from the input size at run
+    time, ``F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])``, then an unpadded conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        k, st = self.kernel_size[0], self.stride[0]
+        ph, pw = k - st + (-ih) % st, k - st + (-iw) % st
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PadNet(nn.Module):
+    """Conv net padding every way public code does: a reflection-padded residual block, option-A
+    CIFAR ResNet blocks (zero-padded channel shortcut), a timm ``Conv2dSame`` (depthwise, pad
+    computed from the size), and ``ZeroPad2d((0, 1, 0, 1))`` before a stride-2 conv (TF ports)."""
+
+    def __init__(self, dim: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 3, 1, 1), nn.BatchNorm2d(dim), nn.ReLU())
+        self.reflect = ReflectResBlock(dim)
+        self.stage = nn.Sequential(OptionABlock(dim, dim, 1), OptionABlock(dim, 2 * dim, 2),
+                                   OptionABlock(2 * dim, 2 * dim, 1))
+        self.same = nn.Sequential(Conv2dSame(2 * dim, 2 * dim, 3, stride=2, groups=2 * dim),
+                                  nn.BatchNorm2d(2 * dim), nn.ReLU())
+        self.down = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(2 * dim, 3 * dim, 3, 2),
+                                  nn.BatchNorm2d(3 * dim), nn.ReLU())
+        self.head = nn.Linear(3 * dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(self.same(self.stage(self.reflect(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="swin_window",
@@ -810,6 +884,14 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="ConvNeXt-V2 block with global response norm (torch.addcmul) and a "
                     "selective-kernel merge (torch.stack)",
         tags=frozenset({"cnn", "residual", "layernorm", "depthwise", "stack"}),
+    ),
+    ZooModel(
+        name="pad_net",
+        build=seeded_build(PadNet),
+        example_inputs=seeded_randn(1, 3, 16, 16),
+        description="F.pad on the channel dim (CIFAR ResNet option-A shortcut), timm "
+                    "Conv2dSame run-time pad, ReflectionPad2d residual block, ZeroPad2d",
+        tags=frozenset({"cnn", "residual", "batchnorm", "depthwise", "pad"}),
     ),
     ZooModel(
         name="fused_moe",

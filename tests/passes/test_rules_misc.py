@@ -334,3 +334,89 @@ def test_new_tensor_template_is_not_pinned():
     ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
     assert ok, diff
     assert result.model.get_submodule("c1").out_channels == 4
+
+
+# ------------------------------------------------------------------ roll and pad
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_swin_roll_and_pad_pass_the_channels(ratio):
+    model, result = _prune("swin_window", ratio)
+    analysis = result.analysis if hasattr(result, "analysis") else \
+        secateurs.analyze(model, zoo.get("swin_window").example_inputs())
+    ops = {n.op for n in analysis.graph.nodes}
+    assert {"roll", "pad"} <= ops and "opaque" not in ops
+    # the residual stream (patch conv's channels) is LayerNorm-lossy, no longer pinned by pad/roll
+    (stream,) = [g for g in analysis.groups
+                 if any(m.param == "patch.weight" and m.dim == 0 for m in g.members)]
+    assert not stream.is_pinned and stream.is_lossy
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_pad_net_prunes_through_every_padding(ratio):
+    model, result = _prune("pad_net", ratio)
+    assert not result.report.repairs
+    pruned = result.model
+    before, after = dict(model.named_parameters()), dict(pruned.named_parameters())
+    for path in ("stem.0", "reflect.body.1", "same.0", "down.1"):  # same.0 is traced through
+        key = f"{path}.weight"
+        assert after[key].shape[0] < before[key].shape[0], path
+    # option A: the zero-padded shortcut keeps its 2 x 8 added channels, the rest shrink with
+    # the stem's stream
+    stream = after["stem.0.weight"].shape[0]
+    assert after["stage.1.conv2.weight"].shape[0] == stream + 16
+    with torch.no_grad():
+        assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_padded_positions_and_padded_channel_dims_say_why():
+    analysis = secateurs.analyze(zoo.get("pad_net").build(), zoo.get("pad_net").example_inputs())
+    assert any("positions added by pad 'pad'" in r for r in _reasons(analysis,
+                                                                      "stage.1.conv2.weight"))
+
+    class ChannelPads(nn.Module):
+        def __init__(self, how: str) -> None:
+            super().__init__()
+            self.how = how
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d({"runtime": 12, "crop": 6}.get(how, 10), 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            if self.how == "reflect":
+                y = nn.functional.pad(y.unsqueeze(0), (0, 0, 0, 0, 1, 1), mode="reflect")[0]
+            elif self.how == "runtime":
+                p = y.shape[1] % 3  # 2 at trace time
+                y = nn.functional.pad(y, (0, 0, 0, 0, p, p))
+            elif self.how == "crop":
+                y = nn.functional.pad(y, (0, 0, 0, 0, -1, -1))
+            else:
+                y = torch.roll(y, 1, 1)
+                y = nn.functional.pad(y, (0, 0, 0, 0, 1, 1))
+            return self.b(y)
+
+    want = {"reflect": "pads this dim in reflect mode: the new positions copy positions "
+                       "counted from its edges",
+            "runtime": "pads this dim by an amount computed at run time",
+            "crop": "crops this dim (negative padding (-1, -1))",
+            "roll": "rolls this dim: positions move by a shift taken modulo its size"}
+    for how, text in want.items():
+        model = ChannelPads(how).eval()
+        analysis = secateurs.analyze(model, (torch.randn(1, 3, 4, 4),))
+        reasons = _reasons(analysis, "a.weight")
+        assert any(text in r for r in reasons), (how, reasons)
+        result = secateurs.prune(model, (torch.randn(1, 3, 4, 4),), ratio=0.5)
+        assert _width(result.model, "a", "out_channels") == 8, how  # a's channels stay
+
+
+def test_roll_over_the_flattened_tensor_pins_every_dim():
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.b(torch.roll(self.a(x), 2))
+
+    analysis = secateurs.analyze(Flat().eval(), (torch.randn(3, 4),))
+    assert any("rolls the flattened tensor" in r for r in _reasons(analysis, "a.weight"))
