@@ -11,7 +11,16 @@ analysis or benchmarks, not for unit tests. Entries tagged ``"fx-untraceable"`` 
 from __future__ import annotations
 
 from secateurs.errors import InputError
-from secateurs.zoo import attention_wild, cnn, conv_wild, llama, misc, mobile, transformer
+from secateurs.zoo import (
+    attention_wild,
+    cnn,
+    conv_wild,
+    llama,
+    misc,
+    mobile,
+    public_lookalikes,
+    transformer,
+)
 from secateurs.zoo._common import ZooModel, randomize_affine, randomize_bn_stats
 
 __all__ = ["ZooModel", "ZOO", "get", "names", "randomize_bn_stats", "randomize_affine"]
@@ -19,7 +28,8 @@ __all__ = ["ZooModel", "ZOO", "get", "names", "randomize_bn_stats", "randomize_a
 
 def _collect() -> dict[str, ZooModel]:
     zoo: dict[str, ZooModel] = {}
-    for family in (cnn, mobile, transformer, llama, misc, attention_wild, conv_wild):
+    for family in (cnn, mobile, transformer, llama, misc, attention_wild, conv_wild,
+                   public_lookalikes):
         for entry in family.ENTRIES:
             if entry.name in zoo:
                 raise RuntimeError(f"zoo model {entry.name!r} is registered twice")

@@ -1,0 +1,88 @@
+"""What the public-architecture look-alikes (``zoo/public_lookalikes.py``) must show beyond
+mask-equivalence (which ``test_prune_zoo.py`` checks for every one): the right things pinned,
+with a reason a user can read, and the structure a real checkpoint relies on kept intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import secateurs
+from secateurs import zoo
+
+
+def _prune(name: str, **kwargs):
+    entry = zoo.get(name)
+    model, x = entry.build(), entry.example_inputs()
+    result = secateurs.prune(model, x, ratio=0.5, **kwargs)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    return model, x, result, ok, diff
+
+
+def _reasons(result) -> list[str]:
+    return [row.pinned for row in result.report.groups if row.pinned]
+
+
+def test_eca_conv_across_channels_pins_them_with_the_conv_named() -> None:
+    _, _, result, ok, _ = _prune("eca_channel_conv")
+    assert ok and result.report.macs_after == result.report.macs_before
+    assert "spatial dim of conv 'e1_conv' (e1.conv: Conv1d)" in _reasons(result)
+
+
+def test_cbam_mean_over_channels_is_lossy_not_exact() -> None:
+    model, x, exact, ok, _ = _prune("cbam_attention")
+    assert ok
+    # the residual channels feed mean/amax over C: kept in exact mode, only the MLP shrinks
+    shapes = {k: v.shape for k, v in exact.model.state_dict().items()}
+    assert shapes["c1.0.weight"][0] == 32
+    assert shapes["a1.mlp.0.weight"][0] < 8
+    assert any("reduced by reduce 'mean'" in r for r in _reasons(exact))
+    lossy = secateurs.prune(model, x, ratio=0.5, allow_lossy=True)
+    assert lossy.model.state_dict()["c1.0.weight"].shape[0] < 32
+
+
+@pytest.mark.parametrize("allow_lossy", [False, True])
+def test_tied_embedding_stays_tied(allow_lossy: bool) -> None:
+    entry = zoo.get("gpt2_tied")
+    model, x = entry.build(), entry.example_inputs()
+    result = secateurs.prune(model, x, ratio=0.5, allow_lossy=allow_lossy)
+    pruned = result.model
+    assert pruned.lm_head.weight is pruned.wte.weight
+    assert pruned.wte.weight.shape[0] == 50  # vocabulary rows are addressed by index
+    if allow_lossy:
+        assert pruned.wte.weight.shape[1] < 32
+    with torch.no_grad():
+        assert pruned(torch.randint(0, 50, (3, 12))).shape == (3, 12, 50)
+
+
+def test_talking_heads_linear_over_heads_is_sliced_both_ways() -> None:
+    _, _, result, ok, diff = _prune("cait_talking_heads")
+    assert ok, diff
+    attn = result.model.a1
+    heads = attn.proj_l.weight.shape[0]
+    assert heads < 4 and attn.proj_l.weight.shape == (heads, heads)
+    assert attn.proj_w.weight.shape == (heads, heads)
+    # qkv = 3 x heads x head_dim
+    assert attn.qkv.weight.shape[0] % (3 * heads) == 0
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("crnn_lstm", "no channel rule for module type LSTM"),
+    ("espcn_pixelshuffle", "no channel rule for module type PixelShuffle"),
+])
+def test_opaque_modules_pin_their_neighbours_with_a_reason(name: str, reason: str) -> None:
+    _, _, result, ok, _ = _prune(name)
+    assert ok
+    assert any(reason in r for r in _reasons(result))
+    assert result.report.macs_after < result.report.macs_before  # the rest still prunes
+
+
+def test_every_lookalike_runs_at_another_batch_size() -> None:
+    for name in zoo.names("public-lookalike"):
+        entry = zoo.get(name)
+        model, x = entry.build(), entry.example_inputs()
+        pruned = secateurs.prune(model, x, ratio=0.5).model
+        batch3 = tuple(torch.cat([t] * 3) for t in x)
+        with torch.no_grad():
+            out, ref = pruned(*batch3), model(*batch3)
+        assert out.shape == ref.shape, name
