@@ -713,6 +713,11 @@ def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
             _set_int_attr(node, "split", sizes.tolist())
     elif op == "Slice" and "items" in consts:
         _rewrite_slice(node, list(consts["items"]), io)
+    elif op == "Resize" and "shape" in consts and len(node.input) > 3 and node.input[3]:
+        shape = [int(v) for v in consts["shape"]]
+        axes = _attr(node, "axes", None)
+        sizes = [shape[int(a)] for a in axes] if axes else shape
+        io.write(node, 3, np.asarray(sizes, dtype=np.int64))
     elif op in ("Conv", "ConvTranspose") and "groups" in consts:
         _set_int_attr(node, "group", int(consts["groups"]))
     elif op == "GroupNormalization" and "num_groups" in consts:

@@ -794,7 +794,7 @@ def _softmax(ctx: RuleContext) -> list[Labels | None]:
     return [x]
 
 
-@_register("pool", "resize")
+@_register("pool")
 def _pool(ctx: RuleContext) -> list[Labels | None]:
     """Pooling and interpolation act on the trailing ``spatial`` dims; channels pass."""
     x = ctx.ins[0]
@@ -803,6 +803,20 @@ def _pool(ctx: RuleContext) -> list[Labels | None]:
     n = int(ctx.node.attrs.get("spatial", 2))
     reason = f"spatial dim of {ctx.where}"
     return [x[: len(x) - n] + [ctx.space.fresh(s, pin=reason) for s in out_shape[len(x) - n:]]]
+
+
+def _resize_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"shape": [count(v) for v in keep["out"]]}
+
+
+@_register("resize", rewrite=_resize_rewrite)
+def _resize(ctx: RuleContext) -> list[Labels | None]:
+    """Interpolation: as pooling. The output shape is recorded for frontends that spell the
+    target size as a whole shape, channels included (ONNX ``Resize`` ``sizes``, often
+    ``Concat(Shape(x)[:2], hw)``), so the channel entry follows the pruned width."""
+    out = _pool(ctx)
+    ctx.keep["out"] = out[0]
+    return out
 
 
 def _sdpa_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
