@@ -185,11 +185,14 @@ def _plain(group: ChannelGroup) -> bool:
 
 
 def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: float,
-                 round_to: int | None = None, global_pruning: bool = False,
+                 round_to: int | Callable[[ChannelGroup, int], int] | None = None,
+                 global_pruning: bool = False,
                  allow_lossy: bool = False, skip: set[int] | None = None,
                  ratios: Mapping[int, float] | None = None,
                  min_units: int = 1) -> dict[int, np.ndarray]:
-    """Choose the units to remove, per group (or ranked globally)."""
+    """Choose the units to remove, per group (or ranked globally). ``round_to``: one
+    multiple for every plain channel group, or a policy ``(group, keep) -> keep`` that rounds
+    any group it chooses to (``passes/kernel_widths.py``)."""
     skip = skip or set()
     eligible: dict[int, np.ndarray] = {}
     for g in analysis.groups:
@@ -216,7 +219,9 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     for gid, n_remove in targets.items():
         g = analysis.groups[gid]
         keep = g.size - n_remove
-        if _plain(g):
+        if callable(round_to):
+            keep = round_to(g, keep)
+        elif _plain(g):
             keep = rounded_keep(g.size, keep, round_to)
         keep = max(keep, min_units, int(g.pinned.sum()))
         n_remove = min(g.size - keep, len(eligible[gid]))

@@ -18,6 +18,12 @@ multiples of 16 runs 1.25-1.5x the MAC/s of other widths, and 16 is the smallest
 which every width is fast (``results/ort_rounding.json``); ResNet-50 pruned to 2x fewer MACs
 runs 2.0x faster with ``round_to=16`` but only 1.39x with ``round_to=1`` (1 thread, batch 1,
 ``results/onnx_prune.json``).
+
+``round_to="auto"`` (the default) refines this per op kind (``passes/kernel_widths.py``): conv
+groups keep multiples of 16 and at least 32 channels, attention head dims multiples of 16, heads
+unrounded; an integer ``round_to`` is applied as given. After the apply, the shape patches of
+run-time shapes are folded into their constants (``passes/onnx_fold_patches.py``) so ONNX
+Runtime's fusions still fire on the pruned graph.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ from secateurs.graph.onnx_apply import (
 from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
+from secateurs.passes.kernel_widths import ort_cpu_widths
+from secateurs.passes.onnx_fold_patches import fold_shape_patches
 from secateurs.passes.plan import Plan
 from secateurs.passes.prune import PruneReport, StageTimer, _describe, group_rows, select_units
 from secateurs.passes.repair import OnnxNet, Repair, repair
@@ -209,8 +217,15 @@ def verify_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: Plan,
     return ok, worst
 
 
+def _apply_folded(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+    """``apply_plan_onnx``, then the shape patches folded into their ``Concat`` constants
+    (``passes/onnx_fold_patches.py``: ORT's fusions see the shapes again); every trial, check
+    and verify of the safety net runs on this final form."""
+    return fold_shape_patches(apply_plan_onnx(model, plan)).model
+
+
 def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criterion = "l2",
-               round_to: int | None = ORT_ROUND_TO, allow_lossy: bool = False,
+               round_to: int | str | None = "auto", allow_lossy: bool = False,
                ignore: Iterable[str] = (), global_pruning: bool = False,
                input_shapes: Mapping[str, Sequence[int]] | None = None, verify: bool = False,
                output_path: str | os.PathLike[str] | None = None, reduction: str = "sum",
@@ -221,8 +236,9 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     groups stay whole."""
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise InputError(f"ratio must be in [0, 1), got {ratio!r}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+    if round_to is not None and round_to != "auto" and (
+            not isinstance(round_to, int) or round_to < 1):
+        raise InputError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
     criterion = get_criterion(importance)
     timer = StageTimer()
     model, external = timer.run("load", load_model, model_or_path)
@@ -233,13 +249,18 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
         for g in analysis.groups if g.prunable and g.size > 1})
+    # "auto": a round_to per group for ONNX Runtime's CPU kernels (passes/kernel_widths.py)
+    widths = ort_cpu_widths(analysis) if round_to == "auto" else round_to
+
     def reselect(pinned: set[int]) -> dict[int, np.ndarray]:
-        return select_units(analysis, scores, ratio, round_to, global_pruning, allow_lossy,
+        return select_units(analysis, scores, ratio, widths, global_pruning, allow_lossy,
                             skip | pinned, None, min_units)
 
     removed = timer.run("select", reselect, set())
     meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
-            "round_to": round_to, "global_pruning": global_pruning, "allow_lossy": allow_lossy,
+            "round_to": ORT_ROUND_TO if round_to == "auto" else round_to,
+            "widths": "ort-cpu" if round_to == "auto" else "uniform",
+            "global_pruning": global_pruning, "allow_lossy": allow_lossy,
             "tracer": "onnx", "onnx": onnx.__version__,
             "input_shapes": {n: list(graph.values[n].shape or ()) for n in graph.inputs}}
     # the safety net (passes/repair.py): the plan must check and run under ONNX Runtime
@@ -247,7 +268,7 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
         else frozenset()
     feeds = _feeds(model, analysis)
     macs = count_macs(graph, lambda v: graph.values[v].shape)
-    net = OnnxNet(model, analysis, feeds, apply_plan_onnx, _run, verify_onnx, meta,
+    net = OnnxNet(model, analysis, feeds, _apply_folded, _run, verify_onnx, meta,
                   dynamic_batch=_dynamic_batch(model), exclude_exact=lossy,
                   use_ort=verify or macs <= ORT_TRIAL_MACS)
     if not net.use_ort:
