@@ -24,6 +24,7 @@ writes the model and checks that ``from_pretrained_pruned`` reloads it identical
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -55,12 +56,14 @@ from secateurs.hf.moe import (
     merge_slices,
     select_moe,
 )
+from secateurs.hf.net import HFNet, describe_group
 from secateurs.hf.rotary import check_head_dim_pruning
 from secateurs.hf.select import fit_ratio, macs, select_hf
 from secateurs.passes.calibration import call_batch
 from secateurs.passes.cost import SizeRatios
 from secateurs.passes.importance import CRITERIA, ScoreContext, normalize
 from secateurs.passes.plan import Plan, build_plan
+from secateurs.passes.repair import Repair, repair
 
 __all__ = ["HFAnalysis", "HFPruneResult", "KindReport", "PruneShortfall", "analyze_hf",
            "prune_hf", "apply_hf_plan", "drop_blocks", "block_influence", "unit_counts",
@@ -116,6 +119,8 @@ class HFPruneResult(SizeRatios):
     report: dict[str, KindReport] = field(default_factory=dict)
     example_inputs: Any = field(default=None, repr=False)
     verified: bool = False
+    repairs: tuple[Repair, ...] = ()  # groups the safety net pinned (each a missing rule)
+    notes: tuple[str, ...] = ()  # what the safety net could not check
 
     @property
     def needs_loader(self) -> bool:
@@ -134,7 +139,8 @@ class HFPruneResult(SizeRatios):
                 "config_changes": self.config_changes, "seconds": self.seconds,
                 "needs_loader": self.needs_loader, "units": unit_counts(self.hf_analysis),
                 "report": {k: r.to_dict() for k, r in self.report.items()},
-                "verified": self.verified}
+                "verified": self.verified, "repairs": [r.to_dict() for r in self.repairs],
+                "notes": list(self.notes)}
 
 
 # ---------------------------------------------------------------- what was not done
@@ -289,7 +295,8 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
              allow_lossy: bool = False, round_to: int | None = None,
              calibration: list[Any] | None = None, inplace: bool = False,
              score_context: ScoreContext | None = None, uniform: bool = True,
-             target_macs: float | None = None, verify: bool = True) -> HFPruneResult:
+             target_macs: float | None = None, verify: bool = True,
+             safety_net: bool = True) -> HFPruneResult:
     """Prune a Hugging Face model and return it (a real ``PreTrainedModel``, so
     ``save_pretrained`` works) with its plan and a per-kind report.
 
@@ -316,6 +323,10 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     ``uniform=False`` ranks heads and MLP neurons across layers. ``target_macs`` (fraction of
     MACs to keep) bisects one ratio shared by ``heads`` and ``mlp`` (those not given).
 
+    ``safety_net`` (``secateurs.passes.repair`` with an HF probe, ``hf.net``): before the
+    apply, the plan is applied to a meta copy that must run at the example shapes and at a
+    second batch size; groups that break it are found by bisection, pinned with the reason
+    (``result.repairs``, and in the report of their kind) and the units re-selected.
     ``verify`` (real weights only): the pruned model must run and equal the original with the
     removed slices zeroed; a kind that breaks this is left out and the report says so.
     ``result.report[kind]``: units asked, removed, and the reasons for any shortfall.
@@ -397,8 +408,20 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
         active["experts"] = float(experts)
     params_before = sum(p.numel() for p in model.parameters())
     check = verify and not on_meta
+    net_pins: dict[int, Repair] = {}
+    notes: list[str] = []
     while True:
-        removed, dims_removed = select_hf(hfa, scores, active, **select_kw)
+        removed, dims_removed = select_hf(hfa, scores, active, skip=set(net_pins),
+                                          **select_kw)
+        if safety_net and removed:
+            t = time.perf_counter()
+            removed, dims_removed = _safety_net(
+                model, hfa, args, removed, dims_removed, net_pins, notes,
+                lambda sel, dims: _plan(hfa, dict(sel), dims, drop, hd_before, ratios,
+                                        importance, criterion, uniform, target_macs, model,
+                                        moe, active),
+                lambda pinned: select_hf(hfa, scores, active, skip=pinned, **select_kw))
+            seconds["check"] = seconds.get("check", 0.0) + time.perf_counter() - t
         plan = _plan(hfa, removed, dims_removed, drop, hd_before, ratios, importance,
                      criterion, uniform, target_macs, model, moe, active)
         t = time.perf_counter()
@@ -432,6 +455,7 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     report = {k: _kind_report(hfa, k, r, removed, allow_lossy, dims_removed, hd_before, failed)
               for k, r in ratios.items() if r > 0}
     _moe_report(report, moe, active, failed, float(experts))
+    _net_report(report, hfa, net_pins)
     if n_blocks:
         report["blocks"] = KindReport("blocks", float(blocks), len(block_list(model)[1]),
                                       n_blocks, len(drop))
@@ -439,7 +463,52 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     params_after = sum(p.numel() for p in work.parameters())
     return HFPruneResult(work, plan, hfa, removed, changes, macs_before, macs_after,
                          params_before, params_after, seconds, report, example_inputs,
-                         verified=check and not inplace)
+                         verified=check and not inplace,
+                         repairs=tuple(net_pins[g] for g in sorted(net_pins)),
+                         notes=tuple(notes))
+
+
+def _safety_net(model: nn.Module, hfa: HFAnalysis, args: tuple[Any, ...],
+                removed: dict[int, np.ndarray], dims_removed: int,
+                pinned: dict[int, Repair], notes: list[str], plan_of: Any,
+                select: Any) -> tuple[dict[int, np.ndarray], int]:
+    """``repair.repair`` with the HF probe (``hf.net``): the selection whose plan runs on a
+    meta copy at the example shapes and a second batch size; culprits land in ``pinned``."""
+    state = {"dims": dims_removed}
+
+    def reselect(skip: set[int]) -> dict[int, np.ndarray]:
+        sel, state["dims"] = select(skip)
+        return sel
+
+    net = HFNet(model, hfa, args, lambda sel: plan_of(sel, state["dims"]))
+    before = len(pinned)
+    try:
+        removed = repair(removed, reselect, net.runs, pinned, net.candidates,
+                         describe_group(hfa))
+    except SecateursError as e:  # not the groups' doing (MoE slices, dropped layers)
+        notes.append(f"safety net: {e}")
+    notes.extend(n for n in net.notes if n not in notes)
+    if len(pinned) > before:
+        log.warning("prune_hf(%s): the safety net pinned %d group(s) (a missing or wrong "
+                    "rule each; please report this model): %s", type(model).__name__,
+                    len(pinned) - before,
+                    "; ".join(r.reason for g, r in sorted(pinned.items())))
+    return removed, state["dims"]
+
+
+def _net_report(report: dict[str, KindReport], hfa: HFAnalysis,
+                pinned: dict[int, Repair]) -> None:
+    by_kind: dict[str, list[str]] = {}
+    for g, rep in sorted(pinned.items()):
+        u = hfa.units.get(g)
+        if u is not None:
+            by_kind.setdefault(u.kind, []).append(rep.reason)
+    for kind, why in by_kind.items():
+        if kind in report:
+            r = report[kind]
+            text = f"{len(why)} group(s) pinned by the safety net: " + "; ".join(why[:3])
+            kept = tuple(x for x in r.reasons if not x.startswith("rounding:"))
+            report[kind] = dataclasses.replace(r, reasons=(*kept, text))
 
 
 def _has_values(ctx: ScoreContext | None) -> bool:

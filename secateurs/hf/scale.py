@@ -115,14 +115,18 @@ def replicate_analysis(model: nn.Module, args: tuple[Any, ...]) -> tuple[Analysi
     n = len(layers)
     if n <= TRACED_LAYERS:
         raise NotReplicable(f"{n} layers: nothing to replicate beyond {TRACED_LAYERS}")
-    reason = uniformity_problem(model, layers)
+    p, reason = layer_period(model, layers)
     if reason:
         raise NotReplicable(reason)
-    with _first_layers(model, block, layers, TRACED_LAYERS):
+    if n // p <= TRACED_LAYERS:
+        raise NotReplicable(f"{n} layers of period {p}: nothing to replicate beyond "
+                            f"{TRACED_LAYERS} periods")
+    with _first_layers(model, block, layers, TRACED_LAYERS * p):
         gm, graph, how = trace_graph(model, args)
         analysis = group_channels(graph)
-    exp = _Expansion(gm, graph, analysis, block, TRACED_LAYERS, n)
-    return exp.analysis(), f"{how}+replicate({TRACED_LAYERS}->{n})"
+    exp = _Expansion(gm, graph, analysis, block, TRACED_LAYERS, n // p, p)
+    per = f", period {p}" if p > 1 else ""
+    return exp.analysis(), f"{how}+replicate({TRACED_LAYERS * p}->{n}{per})"
 
 
 # ---------------------------------------------------------------- before tracing
@@ -142,17 +146,40 @@ def _signature(layer: nn.Module) -> tuple:
     return tuple(mods), tuple(tensors)
 
 
+def _periodic(items: list[Any], p: int) -> bool:
+    return all(items[i] == items[i % p] for i in range(len(items)))
+
+
+def layer_period(model: nn.Module, layers: nn.ModuleList) -> tuple[int, str | None]:
+    """The smallest period ``p`` of the layer stack (layer ``i`` is interchangeable with layer
+    ``i mod p``: module types, plain attributes other than ``layer_idx``, tensor shapes, and
+    every per-layer list of the config — ``layer_types`` and any other list of one entry per
+    layer), with ``p`` dividing the layer count; and why there is none (``p`` = 0)."""
+    n = len(layers)
+    cfg = model.config
+    lists = {k: list(v) for k, v in vars(cfg).items()
+             if isinstance(v, (list, tuple)) and len(v) == n and n > 1 and not k.startswith("_")}
+    sigs = [_signature(layer) for layer in layers]
+    for p in range(1, n // 2 + 1):
+        if n % p == 0 and _periodic(sigs, p) and all(_periodic(v, p) for v in lists.values()):
+            return p, None
+    types = getattr(cfg, "layer_types", None)
+    if types and len(set(types)) > 1:
+        return 0, f"config.layer_types mixes {sorted(set(types))} with no period dividing {n}"
+    bad = next((k for k, v in lists.items() if len(set(map(repr, v))) > 1), None)
+    if bad:
+        return 0, f"config.{bad} varies by layer with no period dividing {n}"
+    i = next(i for i in range(1, n) if sigs[i] != sigs[0])
+    return 0, (f"layer {i} ({type(layers[i]).__name__}) differs from layer 0 in its modules, "
+               f"attributes or parameter shapes, with no period dividing {n}")
+
+
 def uniformity_problem(model: nn.Module, layers: nn.ModuleList) -> str | None:
     """Why the layers are not interchangeable (None when they are)."""
-    types = getattr(model.config, "layer_types", None)
-    if types and len(set(types)) > 1:
-        return f"config.layer_types mixes {sorted(set(types))}"
-    first = _signature(layers[0])
-    for i in range(1, len(layers)):
-        if _signature(layers[i]) != first:
-            return (f"layer {i} ({type(layers[i]).__name__}) differs from layer 0 in its "
-                    f"modules, attributes or parameter shapes")
-    return None
+    p, why = layer_period(model, layers)
+    if p == 1:
+        return None
+    return why or f"the layers repeat with period {p}, not 1"
 
 
 @contextlib.contextmanager
@@ -216,8 +243,9 @@ class _Expansion:
     (in traced order), then ``n_loc`` ids per copy j = 1..N-1 of the template (layer 1)."""
 
     def __init__(self, gm: torch.fx.GraphModule, graph: ChannelGraph, analysis: Analysis,
-                 block: str, k: int, n: int) -> None:
+                 block: str, k: int, n: int, period: int = 1) -> None:
         self.graph, self.a, self.block, self.k, self.n = graph, analysis, block, k, n
+        self.p = period  # layers per replicated unit ("layer" below: p consecutive layers)
         self.res = analysis.resolution
         self.comp = self.res.comp  # traced label -> traced component, kept after analysis()
         self._layout(gm)
@@ -228,8 +256,20 @@ class _Expansion:
     # ------------------------------------------------------------ where things live
 
     def _param_layer(self, fqn: str | None) -> tuple[int, str]:
+        """(unit, name inside the unit): with a period ``p``, layer ``i`` is position
+        ``i % p`` of unit ``i // p`` and its names read ``"<i % p>.<rest>"``."""
         m = self.param_re.match(fqn or "")
-        return (int(m.group(1)), m.group(2)) if m else (_GLOBAL, fqn or "")
+        if not m:
+            return _GLOBAL, fqn or ""
+        i = int(m.group(1))
+        return (i, m.group(2)) if self.p == 1 else (i // self.p, f"{i % self.p}.{m.group(2)}")
+
+    def _unit_name(self, rel: str, unit: int) -> str:
+        """The FQN of ``rel`` (as ``_param_layer`` names it) in unit ``unit``."""
+        if self.p == 1:
+            return f"{self.block}.{unit}.{rel}"
+        sub, rest = rel.split(".", 1)
+        return f"{self.block}.{unit * self.p + int(sub)}.{rest}"
 
     def _layout(self, gm: torch.fx.GraphModule) -> None:
         path_re = re.compile(rf"^{re.escape(self.block)}\.(\d+)(?:\.|$)")
@@ -238,7 +278,7 @@ class _Expansion:
         for fx_node in gm.graph.nodes:
             stack = fx_node.meta.get("nn_module_stack") or {}
             hits = [path_re.match(str(v[0])) for v in stack.values()]
-            found = [int(h.group(1)) for h in hits if h]
+            found = [int(h.group(1)) // self.p for h in hits if h]
             fx_layer[fx_node.name] = found[0] if found else _GLOBAL
         k = self.k
         # lowering may split an FX node ('addmm' -> 'addmm__mm', 'addmm'): same layer
@@ -496,7 +536,7 @@ class _Expansion:
         for m in g.members:
             p_lay, rel = self._param_layer(m.param)
             if p_lay == lay:
-                out.add((f"{self.block}.{as_lay}.{rel}", m.dim, m.positions.tobytes(),
+                out.add((self._unit_name(rel, as_lay), m.dim, m.positions.tobytes(),
                          m.units.tobytes()))
         return out
 
@@ -581,7 +621,7 @@ class _Expansion:
 
     def _param_name(self, fqn: str, copy: int) -> str:
         lay, rel = self._param_layer(fqn)
-        return f"{self.block}.{copy}.{rel}"
+        return self._unit_name(rel, copy)
 
     def _graph(self) -> tuple[ChannelGraph, dict[str, tuple[str, int | None]],
                               dict[str, tuple[str, int | None]]]:

@@ -20,14 +20,16 @@ __all__ = ["select_hf", "fit_ratio", "macs"]
 
 def select_hf(hfa: HFAnalysis, scores: dict[int, np.ndarray], ratios: dict[str, float],
             allow_lossy: bool, head_dim_per_head: int, round_to: int | None,
-            uniform: bool = True):
+            uniform: bool = True, skip: set[int] | frozenset[int] = frozenset()):
     """Per-kind ratios. ``uniform``: every group of a kind loses the same number of units so
     the config (one num_heads, one intermediate_size, one head_dim per model) describes the
-    result; otherwise heads and MLP neurons are ranked across layers (per-layer widths)."""
+    result; otherwise heads and MLP neurons are ranked across layers (per-layer widths).
+    ``skip``: groups kept whole (pinned by the safety net); a skipped head-dim group keeps
+    every head dim (HF attention reads one head_dim for q, k and v)."""
     by_group: dict[int, float] = {}
     global_kinds = () if uniform else ("heads", "mlp")
     for u in hfa.units.values():
-        if u.kind in global_kinds:
+        if u.kind in global_kinds or u.gid in skip:
             continue
         if u.kind in ("heads", "mlp") or (u.kind == "hidden" and allow_lossy):
             r = ratios.get(u.kind, 0.0)
@@ -37,12 +39,13 @@ def select_hf(hfa: HFAnalysis, scores: dict[int, np.ndarray], ratios: dict[str, 
                            allow_lossy=allow_lossy, ratios=by_group,
                            skip={g for g in hfa.units if g not in by_group})
     for kind in global_kinds:
-        removed.update(_select_across_layers(hfa, scores, hfa.of_kind(kind),
+        removed.update(_select_across_layers(hfa, scores,
+                                             [u for u in hfa.of_kind(kind) if u.gid not in skip],
                                              ratios.get(kind, 0.0),
                                              round_to if kind == "mlp" else None))
     dims_removed = 0
     r = ratios.get("head_dim", 0.0)
-    if r > 0:
+    if r > 0 and not any(u.gid in skip for u in hfa.of_kind("head_dim")):
         qk = [u for u in hfa.of_kind("head_dim") if u.sub == "qk"]
         v = [u for u in hfa.of_kind("head_dim") if u.sub == "v"]
         pair = max([u.dims_per_unit for u in qk] + [1])

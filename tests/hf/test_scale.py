@@ -276,3 +276,55 @@ def test_random_importance_does_not_depend_on_group_numbering():
     assert a.keys() == b.keys()
     assert any(a[k][0] != b[k][0] for k in a)  # the numbering really differs
     assert all(a[k][1] == b[k][1] for k in a)
+
+
+def _plans_match(rep, full) -> int:
+    """Remove one unit of every prunable group in both analyses (groups matched by their
+    members): the plans (sliced tensors, dims, indices) must be equal. Returns tensors sliced."""
+    key = {frozenset((m.param, m.dim, m.positions.tobytes()) for m in g.members): g
+           for g in full.analysis.groups}
+    rng = np.random.default_rng(0)
+    removed_rep, removed_full = {}, {}
+    for g in rep.analysis.groups:
+        if g.size < 2 or g.is_pinned:
+            continue
+        units = np.sort(rng.choice(np.nonzero(~g.pinned)[0], 1, replace=False))
+        removed_rep[g.id] = units
+        removed_full[key[frozenset((m.param, m.dim, m.positions.tobytes())
+                                   for m in g.members)].id] = units
+    plan_rep = build_plan(rep.analysis, removed_rep)
+    plan_full = build_plan(full.analysis, removed_full)
+    assert plan_rep.removed == plan_full.removed
+    assert _macs(rep.analysis, removed_rep) == _macs(full.analysis, removed_full)
+    return len(plan_rep.removed)
+
+
+def test_gemma2_alternating_layers_replicate_by_period():
+    """Gemma-2 alternates sliding and global attention (config.layer_types): the stack has
+    period 2, so 3 periods (6 layers) are traced and expanded to 8; analysis and plans equal
+    the full trace."""
+    cfg = tiny_config("gemma2", num_hidden_layers=8)
+    assert cfg.layer_types[:2] == ["sliding_attention", "full_attention"]
+    model, x = meta_model(cfg), example_inputs("gemma2")
+    rep = analyze_hf(model, x)
+    full = analyze_hf(model, x, replicate=False)
+    assert rep.tracer.endswith("replicate(6->8, period 2)"), rep.tracer
+    _same_analysis(rep, full)
+    assert unit_counts(rep)["heads_groups"] == 8
+    assert _plans_match(rep, full) > 30
+    assert len(model.model.layers) == 8 and model.config.num_hidden_layers == 8
+
+
+def test_layer_period():
+    from secateurs.hf.scale import layer_period
+
+    cfg = tiny_config("gemma2", num_hidden_layers=6)
+    model = meta_model(cfg)
+    assert layer_period(model, model.model.layers) == (2, None)
+    cfg = tiny_config("gemma2", num_hidden_layers=6,
+                      layer_types=["sliding_attention"] * 2 + ["full_attention"] * 4)
+    model = meta_model(cfg)
+    p, why = layer_period(model, model.model.layers)
+    assert p == 0 and "layer_types mixes" in why and "no period dividing 6" in why
+    model = meta_model(tiny_config("llama", num_hidden_layers=4))
+    assert layer_period(model, model.model.layers) == (1, None)

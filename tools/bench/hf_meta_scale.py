@@ -1,4 +1,4 @@
-"""Meta-device analysis of Llama-3.2-1B / Llama-3-8B / Llama-3-70B configs: time, peak memory,
+"""Meta-device analysis of Llama-3.2-1B / Llama-3-8B / Llama-3-70B / Gemma-2-27B configs: time, peak memory,
 groups, units, MACs; layer replication (the default on meta) and the full trace side by side;
 a whole plan made on meta (``prune_hf``); Torch-Pruning 1.6's DependencyGraph on the largest
 Llama config it handles here.
@@ -17,6 +17,8 @@ widths it returns, with one channel-wise group per attention block (the k/v outp
 tied index-wise to q and o, not heads) and one per MLP.
 
     python tools/bench/hf_meta_scale.py [--only 8b] [--no-tp] [--no-full]
+
+Rows of configs not run (``--only``) are kept from the previous results file.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ CONFIGS = {
     "llama-toy-1layer": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1,
                              num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
 }
+# Gemma-2-27B: alternating sliding/global attention (config.layer_types), replicated by its
+# period of 2 layers (6 traced -> 46)
+GEMMA2 = {
+    "gemma2-27b": dict(vocab_size=256000, hidden_size=4608, intermediate_size=36864,
+                       num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16,
+                       head_dim=128, query_pre_attn_scalar=144, sliding_window=4096,
+                       max_position_embeddings=8192, final_logit_softcapping=30.0,
+                       attn_logit_softcapping=50.0, use_cache=False),
+}
 SEQ = 128
 TP_TIMEOUT = {"llama3.2-1b": 300, "llama3.2-3b": 600, "llama3.2-1b-2layers": 120,
               "llama-toy-1layer": 60}
@@ -54,7 +65,12 @@ TP_DTYPE = {"llama3.2-3b": "bfloat16"}
 
 
 def _config(name: str):
-    from transformers import LlamaConfig
+    from transformers import Gemma2Config, LlamaConfig
+
+    if name in GEMMA2:
+        cfg = Gemma2Config(**GEMMA2[name])
+        cfg._attn_implementation = "eager"  # Gemma-2 has no sdpa path (logit soft-capping)
+        return cfg
 
     kw = dict(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
               use_cache=False, tie_word_embeddings=False)
@@ -77,7 +93,7 @@ def run_secateurs(name: str, how: str, measure: str) -> dict:
 
     torch.set_num_threads(1)
     from secateurs.hf import analyze_hf, unit_counts
-    from secateurs.hf.prune_hf import _macs
+    from secateurs.hf.select import macs as _macs
     from secateurs.hf.shards import meta_model
 
     t0 = time.perf_counter()
@@ -187,7 +203,7 @@ def _table(results: list[dict]) -> str:
            f"{'maxrss MB':>11}{'groups':>8}  units / MACs / note"
     rows = [head, "-" * len(head)]
     for r in results:
-        t = r.get("analyze_s", r.get("total_s"))
+        t = r.get("analyze_s", r.get("total_s")) or None
         if t is None and "build_dependency_s" in r:
             t = r["build_dependency_s"] + r.get("get_all_groups_s", 0.0)
         units = r.get("units", {})
@@ -201,8 +217,8 @@ def _table(results: list[dict]) -> str:
             note = f"{r.get('dtype')}; weights included in RSS; widths {r.get('group_widths')}"
         rows.append(f"{r['tool']:<20}{r['config']:<22}{str(r.get('analysis', '')):<30}"
                     f"{t if t is not None else float('nan'):>9.2f}"
-                    f"{r.get('tracemalloc_peak_mb', float('nan')):>16.0f}"
-                    f"{r.get('maxrss_mb', float('nan')):>11.0f}{r.get('groups', ''):>8}  {note}")
+                    f"{r.get('tracemalloc_peak_mb') or float('nan'):>16.0f}"
+                    f"{r.get('maxrss_mb') or float('nan'):>11.0f}{r.get('groups', ''):>8}  {note}")
     return "\n".join(rows)
 
 
@@ -242,11 +258,11 @@ def main() -> None:
         return
     results = []
     jobs: list[tuple[list[list[str]], float]] = []
-    for name in ("llama3.2-1b", "llama3.2-3b", "llama3-8b", "llama3-70b"):
+    for name in ("llama3.2-1b", "llama3.2-3b", "llama3-8b", "llama3-70b", *GEMMA2):
         if args.only not in name:
             continue
         jobs.append(([["secateurs", name, "replicate", m] for m in ("time", "memory")], 900))
-        if not args.no_full and name in ("llama3.2-1b", "llama3-8b"):
+        if not args.no_full and name in ("llama3.2-1b", "llama3-8b", *GEMMA2):
             jobs.append(([["secateurs", name, "full", m] for m in ("time", "memory")], 900))
         if name in ("llama3-8b", "llama3-70b"):
             jobs.append(([["plan", name]], 900))
@@ -260,10 +276,17 @@ def main() -> None:
         print(json.dumps(res), flush=True)
         results.append(res)
     path = os.path.join(os.path.dirname(__file__), "results", "hf_meta_scale.json")
+    # rows of configs not run this time (--only, --no-tp) are kept from the previous file
+    key = lambda r: (r.get("tool"), r.get("config"), str(r.get("analysis")))  # noqa: E731
+    fresh = {key(r) for r in results}
+    old: list[dict] = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = [r for r in json.load(f).get("results", []) if key(r) not in fresh]
     with open(path, "w") as f:
         json.dump({"machine": "2-core CPU, 1 thread, no GPU", "seq": SEQ,
-                   "results": results}, f, indent=2)
-    print(_table(results))
+                   "results": old + results}, f, indent=2)
+    print(_table(old + results))
 
 
 if __name__ == "__main__":
