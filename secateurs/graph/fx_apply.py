@@ -139,6 +139,8 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
         _apply_index(node, key, consts["items"])
     if "scale" in consts and key == "scaled_dot_product_attention":
         node.kwargs = {**node.kwargs, "scale": consts["scale"]}
+    if "repeats" in consts and key == "repeat_interleave":
+        _set_arg(node, key, "repeats", consts["repeats"])
     if "groups" in consts and key.startswith("conv"):
         _set_arg(node, key, "groups", consts["groups"])
     if "normalized_shape" in consts and key in ("layer_norm", "rms_norm"):

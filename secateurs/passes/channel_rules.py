@@ -631,7 +631,8 @@ def _expand(ctx: RuleContext) -> list[Labels | None]:
     a copy whose preceding dim is absent or of size 1 is a unit of its own, and removing q
     heads shrinks ``n_rep``. With several kv heads (GQA) the copies stay pinned and a kv head
     is the unit that takes its q heads (what the HF configs describe: ``num_key_value_groups``
-    heads per kv head)."""
+    heads per kv head; the HF layer's reports count on it). ``repeat_interleave`` makes the
+    copy index a unit in both cases."""
     x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
     assert x is not None and src is not None and dst is not None
     lead = len(dst) - len(src)
@@ -645,8 +646,14 @@ def _expand(ctx: RuleContext) -> list[Labels | None]:
             out.append(x[d - lead])
         elif sized and (d == 0 or dst[d - 1] == 1):
             out.append(ctx.space.fresh(size))
+        elif sized:
+            out.append(ctx.space.fresh(size, pin=(
+                f"broadcast by {ctx.where}: copies following a dim of size {dst[d - 1]} stay "
+                "(grouped-query attention's repeat index: a kv head is removed with all its "
+                "q heads; `repeat_interleave` also removes q heads in every group)")))
         else:
-            out.append(ctx.space.fresh(size, pin=f"broadcast by {ctx.where}"))
+            out.append(ctx.space.fresh(size, pin=f"broadcast by {ctx.where} to the size of "
+                                                 "another tensor"))
     ctx.keep["out"] = out
     return [out]
 
@@ -944,14 +951,27 @@ def _stack(ctx: RuleContext) -> list[Labels | None]:
     return [out]
 
 
-@_register("repeat_interleave")
+def _repeat_interleave_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"repeats": count(keep["copy"])}
+
+
+@_register("repeat_interleave", rewrite=_repeat_interleave_rewrite)
 def _repeat_interleave(ctx: RuleContext) -> list[Labels | None]:
-    """Each position repeated ``repeats`` times in place: copies share its label."""
+    """Each position ``i`` repeated ``repeats`` times in place: output position
+    ``i * repeats + r`` is the composite (position, copy ``r``) — the row-major flattening, so
+    removing a position removes its copies, and removing a copy index (copies are equal)
+    removes one copy of every position and shrinks ``repeats``. Grouped-query attention by
+    ``k.repeat_interleave(n_rep, dim=1)``: a kv head goes with its q heads, and q heads go
+    uniformly in every kv group. A single copy stays (removing it would empty the output)."""
     x = ctx.ins[0]
     assert x is not None
     dim = int(ctx.node.attrs["dim"]) % len(x)
+    reps = int(ctx.node.attrs["repeats"])
+    copy = ctx.space.fresh(reps, pin=None if reps > 1 else
+                           f"single copy in {ctx.where}")
     out = list(x)
-    out[dim] = np.repeat(x[dim], int(ctx.node.attrs["repeats"]))
+    out[dim] = ctx.space.compose(x[dim], copy)
+    ctx.keep["copy"] = copy
     return [out]
 
 

@@ -15,7 +15,8 @@ right (issue 11, "Real-world coverage"); the code is written here from the patte
   in-projection merging batch and heads: reshapes that factor one dim in incompatible ways.
 * ``mqa_qknorm`` — GPT-BigCode multi-query attention (q heads over one repeated kv head) and
   Qwen3/Gemma3 q/k RMSNorm per head: q heads prune by the repeat index, whole heads stay exact
-  under the per-head norm (only the normalised head dim is lossy).
+  under the per-head norm (only the normalised head dim is lossy); gpt-fast GQA by
+  ``repeat_interleave``: kv groups prune, and so do q heads uniformly in every group.
 * ``einsum_vit`` — attention spelled in ``torch.einsum`` (scores, context, an ``[H, D, C]``
   output weight contracting heads and head dims at once) and an outer-product head: the FX
   einsum lowers to the canonical ``einsum`` the ONNX frontend uses.
@@ -36,9 +37,9 @@ from secateurs.zoo.layers import RMSNorm
 __all__ = ["UnbindAttention", "FusedKVAttention", "UnbindViT", "RelPosAttention", "RelPosViT",
            "AttentionBiasAttention", "AttentionBiasNet", "relative_position_index",
            "attention_offsets_index", "unroll", "MaskUnitAttention", "PackedInProjAttention",
-           "UnrollNet", "repeat_kv", "MultiQueryAttention", "QKNormAttention", "MQADecoder",
-           "TorchvisionEncoderBlock", "TorchAttentionViT", "EinsumAttention", "EinsumViT",
-           "ENTRIES"]
+           "UnrollNet", "repeat_kv", "MultiQueryAttention", "QKNormAttention",
+           "InterleaveGQAAttention", "MQADecoder", "TorchvisionEncoderBlock", "TorchAttentionViT",
+           "EinsumAttention", "EinsumViT", "ENTRIES"]
 
 
 class _Mlp(nn.Module):
@@ -456,6 +457,31 @@ class QKNormAttention(nn.Module):
         return self.o_proj(x.transpose(1, 2).reshape(b, t, -1))
 
 
+class InterleaveGQAAttention(nn.Module):
+    """gpt-fast-style grouped-query attention: one fused ``wqkv``, kv heads repeated by
+    ``k.repeat_interleave(n_rep, dim=1)`` (the q heads of kv head ``g`` are ``g * n_rep`` to
+    ``g * n_rep + n_rep - 1``, as ``repeat_kv`` orders them)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        kv = kv_heads * self.head_dim
+        self.wqkv = nn.Linear(dim, dim + 2 * kv, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.sizes = [dim, kv, kv]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        n_rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(x.transpose(1, 2).reshape(b, t, -1))
+
+
 class _DecoderBlock(nn.Module):
     def __init__(self, dim: int, attn: nn.Module, mlp: int) -> None:
         super().__init__()
@@ -471,13 +497,16 @@ class _DecoderBlock(nn.Module):
 
 class MQADecoder(nn.Module):
     """Token embedding, a GPT-BigCode multi-query block (4 q heads over 1 kv head), a Qwen3
-    block (q/k RMSNorm per head, 4 q heads over 2 kv heads), final RMSNorm, lm head."""
+    block (q/k RMSNorm per head, 4 q heads over 2 kv heads by ``repeat_kv``), a gpt-fast block
+    (4 q heads over 2 kv heads by ``repeat_interleave``), final RMSNorm, lm head."""
 
     def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.Sequential(_DecoderBlock(dim, MultiQueryAttention(dim, heads), 64),
-                                    _DecoderBlock(dim, QKNormAttention(dim, heads, 2), 64))
+                                    _DecoderBlock(dim, QKNormAttention(dim, heads, 2), 64),
+                                    _DecoderBlock(dim, InterleaveGQAAttention(dim, heads, 2),
+                                                  64))
         self.norm = RMSNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
@@ -617,8 +646,8 @@ ENTRIES: tuple[ZooModel, ...] = (
         name="mqa_qknorm",
         build=seeded_build(MQADecoder),
         example_inputs=seeded_randint(64, 2, 8),
-        description="GPT-BigCode multi-query attention (1 kv head, fused c_attn split) and "
-                    "Qwen3 per-head q/k RMSNorm with GQA",
+        description="GPT-BigCode multi-query attention (1 kv head, fused c_attn split), "
+                    "Qwen3 per-head q/k RMSNorm with GQA, gpt-fast GQA by repeat_interleave",
         tags=_TAGS | {"fused-qkv", "sdpa", "gqa", "rmsnorm"},
     ),
     ZooModel(

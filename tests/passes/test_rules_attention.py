@@ -183,6 +183,31 @@ def test_multi_query_repeat_index_is_a_unit_and_gqa_keeps_kv_groups():
     assert rep and any("broadcast by expand" in r for g in rep for r in g.pin_reasons)
 
 
+def test_gqa_by_repeat_interleave_removes_kv_groups_and_q_heads_in_every_group():
+    analysis = _analysis("mqa_qknorm")
+    heads = [g for g in _groups_of(analysis, "blocks.2.attn.wo.weight", 1) if g.size == 2]
+    # two units of 2: the kv heads (each with its q heads) and the copy index in every group
+    assert len(heads) == 2 and all(g.prunable == 2 and not g.is_lossy for g in heads)
+    rows = sorted(len(m.positions) for g in heads for m in g.members
+                  if m.param == "blocks.2.attn.wqkv.weight")
+    # a kv unit holds its k and v rows and its 2 q heads; a copy unit one q head per group
+    assert rows == [4 * 8, 2 * (2 * 8 + 8 + 8)]
+    model, x, result = _prune("mqa_qknorm", 0.5)
+    pruned = dict(result.model.named_parameters())
+    q_heads = pruned["blocks.2.attn.wo.weight"].shape[1] // 4  # head dim 8 -> 4
+    kv_rows = (pruned["blocks.2.attn.wqkv.weight"].shape[0] - 4 * q_heads) // 2
+    assert q_heads == 1 and kv_rows == 4  # 1 kv head x 1 copy: both units went
+    _runs_at_batch(result.model, x, 3)
+
+
+def test_gqa_by_expand_keeps_q_heads_within_a_group_and_says_why():
+    analysis = _analysis("mqa_qknorm")
+    (rep,) = [g for g in _groups_of(analysis, "blocks.1.attn.o_proj.weight", 1) if g.is_pinned]
+    assert rep.size == 2 and rep.prunable == 0
+    assert any("grouped-query attention's repeat index: a kv head is removed with all its q "
+               "heads" in r for r in rep.pin_reasons), rep.pin_reasons
+
+
 def test_rsqrt_of_a_possibly_zero_value_stays_lossy():
     import torch.nn as nn
 
