@@ -79,7 +79,8 @@ def test_random_architectures_prune_exactly(ops, width, ratio, seed):
 
 
 # ---- the patterns public transformers are written in (issue 11): fused qkv + unbind,
-# relative-position bias tables gathered through an index buffer, window attention and
+# relative-position bias tables gathered through an index buffer, window attention (also
+# shifted by roll), attention in einsum, zero-padded channel shortcuts (F.pad) and
 # weight-standardised convs. With the safety net, every draw is exact or pinned with a
 # reason, never a model that crashes or differs.
 
@@ -98,9 +99,10 @@ class FusedAttention(nn.Module):
     (B, N, 3, H, D), permute(2, 0, 3, 1, 4), unbind(0); optional relative-position bias
     ``table[index]`` (ws x ws tokens)."""
 
-    def __init__(self, c: int, heads: int, head_dim: int, ws: int | None) -> None:
+    def __init__(self, c: int, heads: int, head_dim: int, ws: int | None,
+                 einsum: bool = False) -> None:
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.einsum = heads, head_dim, einsum
         self.qkv = nn.Linear(c, 3 * heads * head_dim)
         self.proj = nn.Linear(heads * head_dim, c)
         self.ws = ws
@@ -112,7 +114,8 @@ class FusedAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        att = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        att = torch.einsum("bhqd,bhkd->bhqk", q * self.head_dim ** -0.5, k) if self.einsum \
+            else (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
         if self.ws is not None:
             bias = self.table[self.index].reshape(n, n, self.heads).permute(2, 0, 1)
             att = att + bias.unsqueeze(0)
@@ -121,11 +124,12 @@ class FusedAttention(nn.Module):
 
 
 class GlobalAttention(nn.Module):
-    """Feature map -> tokens -> attention -> feature map, residual."""
+    """Feature map -> tokens -> attention (``@`` or ``torch.einsum``) -> feature map, residual."""
 
-    def __init__(self, c: int, heads: int, head_dim: int, rel: bool, side: int) -> None:
+    def __init__(self, c: int, heads: int, head_dim: int, rel: bool, side: int,
+                 einsum: bool = False) -> None:
         super().__init__()
-        self.attn = FusedAttention(c, heads, head_dim, side if rel else None)
+        self.attn = FusedAttention(c, heads, head_dim, side if rel else None, einsum)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -135,21 +139,23 @@ class GlobalAttention(nn.Module):
 
 class WindowAttention(nn.Module):
     """Swin-style: partition the map into ws x ws windows (reshape + permute), attend in
-    each window with a relative-position table, reverse the partition, residual."""
+    each window with a relative-position table, reverse the partition, residual; ``shift``
+    rolls the map by half a window before and back after (the cyclic shift, without mask)."""
 
-    def __init__(self, c: int, heads: int, head_dim: int, ws: int) -> None:
+    def __init__(self, c: int, heads: int, head_dim: int, ws: int, shift: bool = False) -> None:
         super().__init__()
-        self.ws = ws
+        self.ws, self.shift = ws, ws // 2 if shift else 0
         self.attn = FusedAttention(c, heads, head_dim, ws)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        ws = self.ws
-        t = x.permute(0, 2, 3, 1).reshape(b, h // ws, ws, w // ws, ws, c)
+        ws, s = self.ws, self.shift
+        t = torch.roll(x, (-s, -s), dims=(2, 3)) if s else x
+        t = t.permute(0, 2, 3, 1).reshape(b, h // ws, ws, w // ws, ws, c)
         t = t.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         t = self.attn(t).reshape(b, h // ws, w // ws, ws, ws, c)
         t = t.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return x + t
+        return x + (torch.roll(t, (s, s), dims=(2, 3)) if s else t)
 
 
 class StdConv(nn.Conv2d):
@@ -182,10 +188,16 @@ class WildNet(nn.Module):
             elif op == "std_conv":
                 self.layers.append(nn.Sequential(StdConv(c, c + 2, 3, padding=1), nn.GELU()))
                 c += 2
-            elif op in ("attention", "attention_rel"):
-                self.layers.append(GlobalAttention(c, heads, head_dim, op == "attention_rel", 8))
-            elif op == "window_attention":
-                self.layers.append(WindowAttention(c, heads, head_dim, 4))
+            elif op == "pad_channels":  # CIFAR ResNet option A: zero-padded channel shortcut
+                self.layers.append(nn.Sequential(nn.Conv2d(c, c + 4, 3, padding=1),
+                                                 nn.BatchNorm2d(c + 4)))
+                c += 4
+            elif op in ("attention", "attention_rel", "einsum_attention"):
+                self.layers.append(GlobalAttention(c, heads, head_dim, op == "attention_rel", 8,
+                                                   op == "einsum_attention"))
+            elif op in ("window_attention", "shifted_window"):
+                self.layers.append(WindowAttention(c, heads, head_dim, 4,
+                                                   op == "shifted_window"))
         self.fc = nn.Linear(c * 4, 5)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -197,13 +209,17 @@ class WildNet(nn.Module):
     def forward(self, x):
         x = self.stem(x)
         for op, layer in zip(self.ops, self.layers):
-            x = torch.relu(x + layer(x)) if op == "residual" else layer(x)
+            if op == "pad_channels":
+                x = torch.relu(layer(x) + nn.functional.pad(x, (0, 0, 0, 0, 2, 2)))
+            else:
+                x = torch.relu(x + layer(x)) if op == "residual" else layer(x)
         x = nn.functional.adaptive_avg_pool2d(x, 2)
         return self.fc(torch.flatten(x, 1))
 
 
 WILD_OPS = st.lists(st.sampled_from(["conv", "residual", "std_conv", "attention",
-                                     "attention_rel", "window_attention"]),
+                                     "attention_rel", "window_attention", "shifted_window",
+                                     "einsum_attention", "pad_channels"]),
                     min_size=1, max_size=4)
 
 
