@@ -60,7 +60,8 @@ from secateurs.graph.ir import ChannelGraph, Node, Value
 __all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constants",
            "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton",
            "group_norm_decompositions", "GroupNormDecomposition",
-           "check_supported_version"]
+           "check_supported_version", "tensor_array", "is_lazy", "external_info",
+           "LAZY_BASEPATH", "defer_tensor", "is_deferred"]
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,8 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     g.sparse_initializer.extend(src.sparse_initializer)
     declared = {i.name for i in src.input}
     for t in src.initializer:
-        if int(np.prod(t.dims)) <= _SKELETON_KEEP or not _is_param_init(t):
+        if not is_lazy(t) and (int(np.prod(t.dims)) <= _SKELETON_KEEP
+                               or not _is_param_init(t)):
             g.initializer.append(t)
         elif t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -317,6 +319,104 @@ def _static(dims: list[int | str | None] | None) -> Shape | None:
 # ---------------------------------------------------------------- constant folding
 
 
+# ---------------------------------------------------------------- lazy external tensors
+#
+# A model loaded by path with ``load_onnx(..., lazy=True)`` keeps its large external tensors
+# on disk: the tensor keeps its ``external_data`` entries and gains ``basepath`` (the model's
+# directory, a key ONNX's ``ExternalDataInfo`` knows), so a value is read when it is needed
+# and freed after (peak memory: one tensor, not the weights).
+
+LAZY_BASEPATH = "basepath"
+
+# dtypes whose raw little-endian bytes numpy reads directly (others go through numpy_helper)
+_PLAIN_DTYPES = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+                           TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16,
+                           TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32,
+                           TensorProto.INT64, TensorProto.UINT64, TensorProto.BOOL})
+
+
+# A *deferred* tensor is a lazy tensor whose value is a function of another tensor's value
+# (a sliced weight of a pruned model): its ``location`` names an entry of ``_DEFERRED`` and its
+# value is computed when read, so an apply or a safety-net trial on a big model slices
+# nothing until the save streams the result to disk. Entries are small (the source's external
+# reference and the plan's indices) and live as long as the process.
+DEFERRED_SCHEME = "secateurs-deferred:"
+_DEFERRED: dict[str, tuple[TensorProto, Callable[[np.ndarray], np.ndarray]]] = {}
+
+
+def defer_tensor(target: TensorProto, source: TensorProto,
+                 fn: Callable[[np.ndarray], np.ndarray], shape: Sequence[int]) -> None:
+    """Make ``target`` a deferred tensor of ``shape`` whose value is ``fn(value of source)``
+    (``source``, lazy, is copied: its external reference, not its data)."""
+    import secrets
+
+    token = f"{DEFERRED_SCHEME}{secrets.token_hex(8)}"
+    held = TensorProto()
+    held.CopyFrom(source)
+    _DEFERRED[token] = (held, fn)
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(source.data_type).itemsize
+    name = target.name
+    target.Clear()
+    target.name, target.data_type = name, source.data_type
+    target.dims.extend(int(d) for d in shape)
+    target.data_location = TensorProto.EXTERNAL
+    length = int(np.prod(shape, dtype=np.int64)) * itemsize
+    for key, value in (("location", token), ("offset", "0"), ("length", str(length)),
+                       (LAZY_BASEPATH, "")):
+        entry = target.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def is_deferred(t: TensorProto) -> bool:
+    return is_lazy(t) and any(e.key == "location" and e.value.startswith(DEFERRED_SCHEME)
+                              for e in t.external_data)
+
+
+def is_lazy(t: TensorProto) -> bool:
+    """An external tensor whose data is read from ``basepath/location`` when needed."""
+    return t.data_location == TensorProto.EXTERNAL and any(
+        e.key == LAZY_BASEPATH for e in t.external_data)
+
+
+def external_info(t: TensorProto) -> tuple[str, int, int]:
+    """``(file path, offset, length)`` of a lazy tensor's bytes."""
+    import os
+
+    entries = {e.key: e.value for e in t.external_data}
+    length = int(entries["length"]) if "length" in entries else \
+        int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(
+            t.data_type).itemsize
+    return (os.path.join(entries.get(LAZY_BASEPATH, ""), entries["location"]),
+            int(entries.get("offset", 0)), length)
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """The value of an initializer (``numpy_helper.to_array``); a lazy tensor is read from
+    its file into a fresh array (no memory map: its pages would stay resident)."""
+    if not is_lazy(t):
+        return numpy_helper.to_array(t)
+    path, offset, length = external_info(t)
+    if path.startswith(DEFERRED_SCHEME):
+        if path not in _DEFERRED:
+            raise InputError(f"tensor '{t.name}' refers to a deferred value of another "
+                             f"process ({path}); save the model where it was made")
+        source, fn = _DEFERRED[path]
+        return fn(tensor_array(source))
+    if t.data_type in _PLAIN_DTYPES:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims, dtype=np.int64))
+        arr = np.fromfile(path, dtype=np.dtype(dtype).newbyteorder("<"), count=count,
+                          offset=offset)
+        if arr.size != count:
+            raise InputError(f"external data of '{t.name}' in {path} is truncated")
+        return arr.astype(dtype, copy=False).reshape(tuple(t.dims))
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(length)
+    inline = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, raw_data=raw)
+    return numpy_helper.to_array(inline)
+
+
 def _is_param_init(init: TensorProto) -> bool:
     return init.data_type in _FLOAT_TYPES and int(np.prod(init.dims, dtype=np.int64)) > 1
 
@@ -367,7 +467,7 @@ def fold_constants(model: onnx.ModelProto,
     consts: dict[str, np.ndarray] = {}
     for init in model.graph.initializer:
         if not _is_param_init(init):
-            consts[init.name] = numpy_helper.to_array(init)
+            consts[init.name] = tensor_array(init)
     opsets = {"": _opset(model)}
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE \
@@ -520,7 +620,7 @@ class _Lowering:
         if name in self.consts:
             return self.consts[name]
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return tensor_array(self.inits[name])
         if name in self.const_params:
             return _constant_value(self.const_params[name])
         return None

@@ -25,6 +25,7 @@ and ops whose widths follow their initializers (Conv, Gemm, MatMul, norms) need 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -37,17 +38,25 @@ from onnx import numpy_helper
 
 from secateurs.errors import InputError, PlanError
 from secateurs.graph.from_onnx import (
+    _SKELETON_KEEP,
+    LAZY_BASEPATH,
+    _is_param_init,
     _static,
+    defer_tensor,
+    external_info,
     fold_constants,
     infer_shapes_folding,
+    is_deferred,
+    is_lazy,
     onnx_node_names,
     skeleton,
+    tensor_array,
     with_input_shapes,
 )
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_onnx", "zero_plan_slices_onnx", "load_onnx", "save_onnx",
-           "uses_external_data"]
+           "uses_external_data", "has_lazy_tensors", "materialized", "TensorSpill"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +69,15 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model))
 
 
-def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
+def load_onnx(path: str | os.PathLike[str], lazy: bool = False
+              ) -> tuple[onnx.ModelProto, bool]:
     """Load a model with its external data; return it and whether it used external data.
 
-    A missing file, a file that is not a (complete) ONNX protobuf, or a missing external data
-    file raises :class:`InputError` naming the file.
+    ``lazy=True`` leaves large external parameters on disk (``from_onnx.is_lazy``: read by
+    ``tensor_array`` when needed, copied by ``save_external`` without loading them); small
+    ones and integer tensors (shape arithmetic) are loaded. A missing file, a file that is not
+    a (complete) ONNX protobuf, or a missing external data file raises :class:`InputError`
+    naming the file.
     """
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
 
@@ -94,7 +107,9 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
             raise InputError(f"{target}: external data file {data_file} is truncated "
                              f"({data_file.stat().st_size} bytes, initializer '{tensor.name}' "
                              f"needs {need})")
-    if external:
+    if external and lazy:
+        _load_lazily(model, target.parent)
+    elif external:
         try:
             onnx.load_external_data_for_model(model, str(target.parent))
         except Exception as exc:  # noqa: BLE001
@@ -109,8 +124,104 @@ def load_onnx(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, bool]:
     return model, external
 
 
+def _load_lazily(model: onnx.ModelProto, base: Path) -> None:
+    """Load the small external tensors of ``model``; mark the large ones lazy."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor
+
+    base_dir = str(base.resolve())
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and _is_param_init(tensor) \
+                and int(np.prod(tensor.dims, dtype=np.int64)) > _SKELETON_KEEP:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = LAZY_BASEPATH, base_dir
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or is_lazy(tensor):
+            continue
+        try:
+            load_external_data_for_tensor(tensor, base_dir)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read the external data of initializer '{tensor.name}' "
+                             f"from {base_dir}: {type(exc).__name__}: {exc}") from exc
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def has_lazy_tensors(model: onnx.ModelProto) -> bool:
+    return any(is_lazy(t) for t in model.graph.initializer)
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself, or a copy with its lazy tensors read into memory (for consumers
+    that serialise it: ONNX Runtime from bytes, a single-file save)."""
+    if not has_lazy_tensors(model):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if is_lazy(t):
+            t.CopyFrom(numpy_helper.from_array(tensor_array(t), t.name))
+    return out
+
+
+class TensorSpill:
+    """A scratch data file that sliced or rewritten tensors are written to as they are made
+    and referenced lazily (so a pass over a big model holds one tensor at a time);
+    ``save_external`` then copies them into the output's data file. Remove it with
+    ``close()`` (or use it as a context manager) once the model is saved."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        import secrets
+
+        self.dir = Path(directory).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path: Path | None = self.dir / f".secateurs-spill-{secrets.token_hex(4)}.data"
+        self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+
+    def put(self, tensor: onnx.TensorProto, arr: np.ndarray) -> None:
+        """Write ``arr`` to the spill file and make ``tensor`` a lazy reference to it."""
+        offset = self._fh.tell()
+        _write_array(arr, self._fh)
+        self._fh.flush()
+        name = tensor.name
+        tensor.Clear()
+        tensor.name = name
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        tensor.dims.extend(arr.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)),
+                           ("length", str(arr.nbytes)), (LAZY_BASEPATH, str(self.dir))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    def seal(self, data_path: Path) -> str:
+        """Stop writing and move the file to ``data_path`` (a save adopts it); returns the
+        path its tensors refer to now."""
+        self._fh.close()
+        old = str(self.path)
+        os.replace(self.path, data_path)
+        self.path = data_path
+        return old
+
+    def keep(self) -> None:
+        """The file is a saved model's data now: ``close`` leaves it."""
+        self.path = None
+
+    def close(self) -> None:
+        from secateurs.runtime.io import _remove_quietly
+
+        self._fh.close()
+        if self.path is not None:
+            _remove_quietly(self.path)
+
+    def __enter__(self) -> TensorSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str],
-              external_data: bool | None = None) -> Path:
+              external_data: bool | None = None, adopt: TensorSpill | None = None) -> Path:
     """Check (``full_check``) and write ``model`` atomically (temp file + ``os.replace``);
     ``external_data=True`` keeps tensors in a data file next to it. On error nothing is left."""
     from secateurs.runtime.io import atomic_save_onnx
@@ -122,8 +233,8 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str],
     if external_data is None:
         external_data = tensor_bytes(model) > BIG_MODEL_BYTES
     if external_data:
-        return save_external(model, path)
-    return atomic_save_onnx(model, path, external_data=False)
+        return save_external(model, path, adopt=adopt)
+    return atomic_save_onnx(materialized(model), path, external_data=False)
 
 
 # Above this many tensor bytes a model is handled as one that protobuf cannot serialise
@@ -143,12 +254,14 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def save_external(model: onnx.ModelProto, path: str | os.PathLike[str],
-                  size_threshold: int = 1024) -> Path:
+                  size_threshold: int = 1024, adopt: TensorSpill | None = None) -> Path:
     """Write ``model`` with its tensors of ``size_threshold`` bytes or more in one data file
     next to it, atomically (``runtime.io``'s scheme: a fresh data file name, the model file's
     rename is the commit point), without a second copy of the weights in memory: each
-    tensor's bytes are moved to the file and read back after the model file is written, so
-    ``model`` is unchanged afterwards."""
+    tensor's bytes are moved to the file and read back after the model file is written, lazy
+    tensors are copied from their files (deferred ones computed) a tensor at a time, so
+    ``model`` is unchanged afterwards. ``adopt``: a spill in the target's directory becomes
+    the data file (its tensors are not copied; they then read from the written file)."""
     import secrets
 
     from secateurs.runtime.io import _external_locations, _remove_quietly, atomic_path
@@ -159,9 +272,27 @@ def save_external(model: onnx.ModelProto, path: str | os.PathLike[str],
     location = f"{target.name}.{secrets.token_hex(4)}.data"
     data_path = target.parent / location
     moved: list[tuple[onnx.TensorProto, int, int]] = []
+    relinked: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
+    kept: list[onnx.TensorProto] = []  # adopted: they read from the written file after
+    adopted = adopt.seal(data_path) if adopt is not None \
+        and adopt.dir == target.parent.resolve() else None
     try:
-        with open(data_path, "wb") as fh:
+        with open(data_path, "ab" if adopted else "wb") as fh:
             for tensor in model.graph.initializer:
+                if adopted and is_lazy(tensor) and external_info(tensor)[0] == adopted:
+                    _, offset, length = external_info(tensor)
+                    _set_external(tensor, location, offset, length)
+                    kept.append(tensor)
+                    continue
+                if is_lazy(tensor):  # copied from its file (or sliced now), one at a time
+                    relinked.append((tensor, [(e.key, e.value) for e in tensor.external_data]))
+                    offset = fh.tell()
+                    if is_deferred(tensor):
+                        _write_array(tensor_array(tensor), fh)
+                    else:
+                        _copy_bytes(*external_info(tensor), fh)
+                    _set_external(tensor, location, offset, fh.tell() - offset)
+                    continue
                 if tensor.data_location == onnx.TensorProto.EXTERNAL \
                         or not tensor.HasField("raw_data") \
                         or len(tensor.raw_data) < size_threshold:
@@ -172,24 +303,71 @@ def save_external(model: onnx.ModelProto, path: str | os.PathLike[str],
                 moved.append((tensor, offset, len(data)))
                 del data
                 tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", location), ("offset", str(offset)),
-                                   ("length", str(moved[-1][2]))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                _set_external(tensor, location, offset, moved[-1][2])
             fh.flush()
             os.fsync(fh.fileno())
         with atomic_path(target) as tmp:
             tmp.write_bytes(model.SerializeToString())
     except BaseException:
         _restore(moved, data_path)
+        _relink(relinked)
         _remove_quietly(data_path)
         raise
     _restore(moved, data_path)
+    _relink(relinked)
+    if adopted:
+        adopt.keep()  # type: ignore[union-attr]
+        for tensor in kept:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = LAZY_BASEPATH, str(target.parent.resolve())
     for stale in previous - {location}:
         if (target.parent / stale).parent == target.parent:
             _remove_quietly(target.parent / stale)
     return target
+
+
+_COPY_CHUNK = 64 << 20
+
+
+def _copy_bytes(src: str, offset: int, length: int, fh: Any) -> None:
+    """Append ``length`` bytes of ``src`` from ``offset`` to ``fh``, a chunk at a time."""
+    with open(src, "rb") as inp:
+        inp.seek(offset)
+        left = length
+        while left:
+            chunk = inp.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise InputError(f"external data file {src} is truncated (needs "
+                                 f"{offset + length} bytes)")
+            fh.write(chunk)
+            left -= len(chunk)
+
+
+def _write_array(arr: np.ndarray, fh: Any) -> None:
+    """Append ``arr``'s little-endian bytes to ``fh`` without a bytes copy of it."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    fh.flush()
+    arr.tofile(fh)
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _relink(relinked: list[tuple[onnx.TensorProto, list[tuple[str, str]]]]) -> None:
+    """Point the lazy tensors ``save_external`` re-pointed back at their source files."""
+    for tensor, entries in relinked:
+        del tensor.external_data[:]
+        for key, value in entries:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
 
 
 def _restore(moved: list[tuple[onnx.TensorProto, int, int]], data_path: Path) -> None:
@@ -247,7 +425,9 @@ def _float_constants(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 def _edit_tensors(model: onnx.ModelProto, plan: Plan, fn: Any,
                   source: onnx.ModelProto | None = None) -> None:
     """Replace every tensor the plan names by ``fn(array, dims)`` (initializer values read
-    from ``source`` when given: ``model`` then holds placeholders, see ``_copy``)."""
+    from ``source`` when given: ``model`` then holds placeholders, see ``_copy``). A lazy
+    initializer (a big model loaded by path) becomes a deferred one: it is sliced when read
+    or saved, one tensor at a time, never here."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     read = inits if source is None else {t.name: t for t in source.graph.initializer}
@@ -255,32 +435,39 @@ def _edit_tensors(model: onnx.ModelProto, plan: Plan, fn: Any,
     inputs = {i.name: i for i in graph.input}
     for name, dims in plan.removed.items():
         if name in inits:
-            arr = numpy_helper.to_array(read[name])
+            tensor = read[name]
         elif name in consts:
-            attr = next(a for a in consts[name].attribute if a.name == "value")
-            arr = numpy_helper.to_array(attr.t)
+            tensor = next(a for a in consts[name].attribute if a.name == "value").t
         else:
             raise PlanError(f"the plan removes slices of '{name}', which is neither an "
                             f"initializer nor a Constant of this model; was the plan made for "
                             f"another model?")
+        shape = [int(s) for s in tensor.dims]
         for d, idx in dims.items():
-            if not 0 <= int(d) < arr.ndim:
+            if not 0 <= int(d) < len(shape):
                 raise PlanError(f"the plan removes dim {d} of '{name}', which has shape "
-                                f"{list(arr.shape)}")
-            if idx and (min(idx) < 0 or max(idx) >= arr.shape[int(d)]):
+                                f"{shape}")
+            if idx and (min(idx) < 0 or max(idx) >= shape[int(d)]):
                 raise PlanError(f"the plan removes index {max(idx)} of dim {d} of '{name}' "
-                                f"(size {arr.shape[int(d)]})")
-        new = numpy_helper.from_array(np.ascontiguousarray(fn(arr, dims)), name)
-        if name in inits:
-            inits[name].CopyFrom(new)
-            if name in inputs:  # IR < 4: initializers are graph inputs too
-                tt = inputs[name].type.tensor_type
-                tt.ClearField("shape")
-                for s in new.dims:
-                    tt.shape.dim.add().dim_value = s
+                                f"(size {shape[int(d)]})")
+        if fn is _delete:
+            for d, idx in dims.items():
+                shape[int(d)] -= len(set(idx))
+        if is_lazy(tensor):
+            target = inits[name] if name in inits else tensor
+            defer_tensor(target, tensor, functools.partial(fn, dims=dict(dims)), shape)
         else:
-            attr = next(a for a in consts[name].attribute if a.name == "value")
-            attr.t.CopyFrom(new)
+            new = numpy_helper.from_array(np.ascontiguousarray(fn(numpy_helper.to_array(
+                tensor), dims)), name)
+            if name in inits:
+                inits[name].CopyFrom(new)
+            else:
+                tensor.CopyFrom(new)
+        if name in inits and name in inputs:  # IR < 4: initializers are graph inputs too
+            tt = inputs[name].type.tensor_type
+            tt.ClearField("shape")
+            for s in shape:
+                tt.shape.dim.add().dim_value = s
 
 
 def _delete(arr: np.ndarray, dims: Mapping[int, list[int]]) -> np.ndarray:
@@ -473,7 +660,7 @@ class _Constants:
 
     def value(self, name: str) -> np.ndarray | None:
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return tensor_array(self.inits[name])
         if name in self.consts:
             attr = next(a for a in self.consts[name].attribute if a.name == "value")
             return numpy_helper.to_array(attr.t)
@@ -847,7 +1034,9 @@ def check_full(model: onnx.ModelProto) -> None:
     inference on its ``skeleton``. A model over protobuf's limit (``BIG_MODEL_BYTES``) cannot
     be handed to the checker whole: the structural check runs on the skeleton and every
     initializer's data size is checked against its dims here."""
-    if tensor_bytes(model) > BIG_MODEL_BYTES:
+    if tensor_bytes(model) > BIG_MODEL_BYTES or has_lazy_tensors(model):
+        # a lazy tensor's file is not next to the working directory: the checker cannot
+        # resolve it in memory
         _check_tensor_sizes(model)
         onnx.checker.check_model(skeleton(model), full_check=True)
         return
@@ -857,13 +1046,16 @@ def check_full(model: onnx.ModelProto) -> None:
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+        lazy = is_lazy(t)
+        if not lazy and (t.data_location == onnx.TensorProto.EXTERNAL
+                         or not t.HasField("raw_data")):
             continue
         want = int(np.prod(t.dims, dtype=np.int64)) * \
             onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if len(t.raw_data) != want:
+        have = external_info(t)[2] if lazy else len(t.raw_data)
+        if have != want:
             raise onnx.checker.ValidationError(
-                f"initializer '{t.name}' holds {len(t.raw_data)} bytes, its dims "
+                f"initializer '{t.name}' holds {have} bytes, its dims "
                 f"{list(t.dims)} need {want}")
 
 

@@ -69,6 +69,38 @@ def onnx_weight_axes(graph: onnx.GraphProto) -> tuple[dict[str, tuple[str, int]]
     return axes, reasons
 
 
+# N:M masks are row-local: computed this many elements at a time (scores are float64)
+_MASK_CHUNK = 1 << 22
+
+
+def _keep_mask(weight: np.ndarray, axis: int, pattern: Pattern, sparsity: float) -> np.ndarray:
+    """The keep mask of ``weight`` (its shape): N:M groups run along ``axis``; an N:M mask
+    is computed a block of rows at a time (a big weight's float64 scores never exist whole)."""
+    moved = np.moveaxis(weight, axis, -1)
+    if pattern.kind != "nm":
+        keep2 = mask_from_scores(_scores_2d(weight, axis), pattern, sparsity).numpy()
+        return np.moveaxis(keep2.reshape(moved.shape), -1, axis)
+    keep = np.empty(moved.shape, dtype=bool)
+    step = max(1, _MASK_CHUNK // max(1, moved[0].size))
+    for r in range(0, moved.shape[0], step):
+        block = np.abs(moved[r:r + step].astype(np.float64))
+        rows = torch.from_numpy(np.ascontiguousarray(block.reshape(-1, moved.shape[-1])))
+        keep[r:r + step] = mask_from_scores(rows, pattern, sparsity).numpy().reshape(block.shape)
+    return np.moveaxis(keep, -1, axis)
+
+
+def _valid_nm(sparse: np.ndarray, axis: int, pattern: Pattern) -> bool:
+    """``is_nm_sparse`` a block at a time along the first axis that is not ``axis``."""
+    along = 0 if axis != 0 else 1
+    size = sparse.shape[along]
+    step = max(1, _MASK_CHUNK // max(1, sparse.size // max(1, size)))
+    for r in range(0, size, step):
+        block = np.ascontiguousarray(np.take(sparse, range(r, min(size, r + step)), axis=along))
+        if not is_nm_sparse(torch.from_numpy(block), pattern.n, pattern.m, axis):
+            return False
+    return True
+
+
 def _scores_2d(weight: np.ndarray, axis: int) -> torch.Tensor:
     """Move ``axis`` last and flatten the rest, so N:M groups run along the columns."""
     moved = np.moveaxis(np.abs(weight.astype(np.float64)), axis, -1)
@@ -99,7 +131,13 @@ def sparsify_onnx_with_report(
     parsed = parse_pattern(pattern)
     if parsed.kind != "nm" and not 0.0 <= sparsity < 1.0:
         raise InputError(f"sparsity={sparsity} is out of range; use 0 <= sparsity < 1")
-    from secateurs.graph.onnx_apply import load_onnx, save_onnx, uses_external_data
+    from secateurs.graph.onnx_apply import (
+        TensorSpill,
+        has_lazy_tensors,
+        load_onnx,
+        save_onnx,
+        uses_external_data,
+    )
 
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -107,7 +145,30 @@ def sparsify_onnx_with_report(
         external = uses_external_data(model_or_path)
     else:
         # By path (checked by path, > 2 GB models included); the loaded copy is ours to edit.
-        model, external = load_onnx(model_or_path)
+        # Large external tensors stay on disk; written to a file next to the output, each
+        # sparse tensor is dropped as soon as it is made (one tensor in memory at a time).
+        model, external = load_onnx(model_or_path, lazy=True)
+    spill = TensorSpill(Path(output_path).parent) \
+        if output_path is not None and has_lazy_tensors(model) else None
+    try:
+        report = _sparsify_tensors(model, parsed, sparsity, ignore, min_numel, spill)
+        if output_path is not None:
+            # External data in, external data out; a model over protobuf's limit always.
+            # (the spill becomes the output's data file; the model then reads from it)
+            save_onnx(model, output_path, external_data=True if external or spill else None,
+                      adopt=spill)
+    finally:
+        if spill is not None:
+            spill.close()
+    return model, report
+
+
+def _sparsify_tensors(model: onnx.ModelProto, parsed: Pattern, sparsity: float,
+                      ignore: Sequence[str], min_numel: int, spill: object | None
+                      ) -> SparsityReport:
+    """Sparsify ``model``'s eligible weights in place (into ``spill`` when given)."""
+    from secateurs.graph.from_onnx import tensor_array
+
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     unknown = [x for x in ignore if x not in inits and x not in {n.name for n in graph.node}]
@@ -122,27 +183,29 @@ def sparsify_onnx_with_report(
         if name in ignored_inits:
             skipped.append(SkippedLayer(name, "ignored by request"))
             continue
-        weight = numpy_helper.to_array(inits[name])
+        weight = tensor_array(inits[name])
         reason = _skip_reason(name, op, weight, axis, parsed, min_numel)
         if reason:
             skipped.append(SkippedLayer(name, reason))
             continue
-        keep2 = mask_from_scores(_scores_2d(weight, axis), parsed, sparsity).numpy()
-        moved_shape = np.moveaxis(weight, axis, -1).shape
-        keep = np.moveaxis(keep2.reshape(moved_shape), -1, axis)
-        sparse = np.where(keep, weight, np.zeros((), dtype=weight.dtype)).astype(weight.dtype)
-        inits[name].CopyFrom(numpy_helper.from_array(sparse, name))
-        tensor = torch.from_numpy(np.ascontiguousarray(sparse))
-        valid = is_nm_sparse(tensor, parsed.n, parsed.m, axis) if parsed.kind == "nm" else True
-        layers.append(LayerSparsity(name, op, tuple(weight.shape), int(weight.size), int((~keep).sum()), valid))
+        drop = _keep_mask(weight, axis, parsed, sparsity)
+        np.logical_not(drop, out=drop)  # in place: one mask in memory
+        sparse = weight if weight.flags.writeable else weight.copy()
+        np.putmask(sparse, drop, 0)
+        dropped = int(drop.sum())
+        del drop
+        valid = _valid_nm(sparse, axis, parsed) if parsed.kind == "nm" else True
+        layers.append(LayerSparsity(name, op, tuple(sparse.shape), int(sparse.size), dropped,
+                                    valid))
+        if spill is not None:
+            spill.put(inits[name], sparse)  # type: ignore[attr-defined]
+        else:
+            inits[name].CopyFrom(numpy_helper.from_array(sparse, name))
+        del weight, sparse
 
     total = sum(int(np.prod(init.dims)) for init in graph.initializer)
     target = parsed.nm_sparsity if parsed.kind == "nm" else sparsity
-    report = SparsityReport(str(parsed), "magnitude", target, tuple(layers), tuple(skipped), total)
-    if output_path is not None:
-        # External data in, external data out; a model over protobuf's limit always.
-        save_onnx(model, output_path, external_data=True if external else None)
-    return model, report
+    return SparsityReport(str(parsed), "magnitude", target, tuple(layers), tuple(skipped), total)
 
 
 def sparsify_onnx(

@@ -31,20 +31,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from secateurs.errors import InputError, SecateursError
-from secateurs.graph.from_onnx import from_onnx, onnx_node_names
+from secateurs.graph.from_onnx import from_onnx, onnx_node_names, tensor_array
 from secateurs.graph.onnx_apply import (
     apply_plan_onnx,
     load_onnx,
+    materialized,
     save_onnx,
     zero_plan_slices_onnx,
 )
@@ -85,12 +85,13 @@ class OnnxPruneResult:
                   else external_data)
 
 
-def load_model(model_or_path: Any) -> tuple[onnx.ModelProto, bool]:
-    """A ModelProto (used as is) or a path (loaded with its external data)."""
+def load_model(model_or_path: Any, lazy: bool = False) -> tuple[onnx.ModelProto, bool]:
+    """A ModelProto (used as is) or a path (loaded with its external data; ``lazy=True``
+    leaves large external tensors on disk, see ``onnx_apply.load_onnx``)."""
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, False
     if isinstance(model_or_path, (str, os.PathLike)):
-        return load_onnx(model_or_path)
+        return load_onnx(model_or_path, lazy=lazy)
     raise InputError(f"expected an onnx.ModelProto or a path to an .onnx file, got "
                      f"{type(model_or_path).__name__}")
 
@@ -98,21 +99,33 @@ def load_model(model_or_path: Any) -> tuple[onnx.ModelProto, bool]:
 def analyze_onnx(model_or_path: Any,
                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
     """Dependency analysis of an ONNX model (not modified)."""
-    model, _ = load_model(model_or_path)
+    model, _ = load_model(model_or_path, lazy=True)
     return group_channels(from_onnx(model, input_shapes))
 
 
-def _param_tensors(model: onnx.ModelProto, analysis: Analysis) -> dict[str, torch.Tensor]:
-    wanted = set(analysis.param_values)
-    out: dict[str, torch.Tensor] = {}
-    for t in model.graph.initializer:
-        if t.name in wanted:
-            out[t.name] = torch.from_numpy(numpy_helper.to_array(t).astype(np.float32))
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] in wanted:
-            attr = next(a for a in n.attribute if a.name == "value")
-            out[n.output[0]] = torch.from_numpy(numpy_helper.to_array(attr.t).astype(np.float32))
-    return out
+class _ParamTensors(Mapping[str, torch.Tensor]):
+    """The analysed parameters as float32 tensors, read when a criterion asks for one and
+    not kept: scoring a model holds one tensor at a time, not a second copy of the weights
+    (a parameter in two groups is read twice)."""
+
+    def __init__(self, model: onnx.ModelProto, analysis: Analysis) -> None:
+        wanted = set(analysis.param_values)
+        self._tensors: dict[str, onnx.TensorProto] = {
+            t.name: t for t in model.graph.initializer if t.name in wanted}
+        for n in model.graph.node:
+            if n.op_type == "Constant" and n.output and n.output[0] in wanted:
+                self._tensors[n.output[0]] = next(a for a in n.attribute
+                                                  if a.name == "value").t
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        arr = np.ascontiguousarray(tensor_array(self._tensors[name]), dtype=np.float32)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _ignored_groups(analysis: Analysis, model: onnx.ModelProto, ignore: Iterable[str]) -> set[int]:
@@ -189,7 +202,7 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.nda
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
+    sess = ort.InferenceSession(materialized(model).SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
     return sess.run(None, dict(feeds))
 
@@ -241,11 +254,12 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
         raise InputError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
     criterion = get_criterion(importance)
     timer = StageTimer()
-    model, external = timer.run("load", load_model, model_or_path)
+    # by path: large external tensors stay on disk until the apply and the save read them
+    model, external = timer.run("load", load_model, model_or_path, True)
     graph = timer.run("lower", from_onnx, model, input_shapes)
     analysis = timer.run("group_channels", group_channels, graph)
     skip = _ignored_groups(analysis, model, ignore)
-    ctx = ScoreContext(_param_tensors(model, analysis), reduction=reduction)
+    ctx = ScoreContext(_ParamTensors(model, analysis), reduction=reduction)
     scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
         for g in analysis.groups if g.prunable and g.size > 1})

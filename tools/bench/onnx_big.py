@@ -5,7 +5,10 @@ weights, 2.15 GB) directly as ONNX (Gemm nodes, weights in one external data fil
 export, which would hold the weights twice). Each operation then runs in a fresh process (so
 peak RSS is its own): ``prune_onnx(path, ratio=0.5, output_path=...)`` and
 ``sparsify_onnx(path, "2:4", output_path=...)``. Reported: wall time, peak RSS (ru_maxrss),
-peak RSS / weight bytes, and that each output keeps external data and loads.
+peak RSS / weight bytes, and that each output keeps external data and loads. ``io``: load
+(and load + save) time and peak RSS with raw protobuf, secateurs' lazy load and onnx-ir, on
+the big model and on ResNet-50 (one file), the measurement behind the choice of IR in
+docs/architecture.md.
 
     python tools/bench/onnx_big.py [--layers 8] [--dir /tmp/secateurs_big]
         [--out tools/bench/results/onnx_big.json]
@@ -83,6 +86,89 @@ print(json.dumps({{"seconds": time.perf_counter() - start,
 """
 
 
+# Reading and writing the model: raw protobuf (``onnx.load`` with its external data),
+# secateurs' lazy protobuf load (``load_onnx(lazy=True)``: large external tensors stay on
+# disk), and onnx-ir (``onnx_ir.load``: lazy memory-mapped external tensors). Each in a fresh
+# process; "roundtrip" also writes the model with external data.
+IO_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+start = time.perf_counter()
+how, src, dst = {how!r}, {src!r}, {dst!r}
+if how == "protobuf":
+    import onnx
+    m = onnx.load(src)
+    n = len(m.graph.initializer)
+elif how == "secateurs_lazy":
+    from secateurs.graph.onnx_apply import load_onnx
+    m, _ = load_onnx(src, lazy=True)
+    n = len(m.graph.initializer)
+elif how == "secateurs_lazy_roundtrip":
+    from secateurs.graph.onnx_apply import load_onnx, save_external
+    m, _ = load_onnx(src, lazy=True)
+    save_external(m, dst)
+    n = len(m.graph.initializer)
+elif how == "onnx_ir":
+    import onnx_ir as ir
+    m = ir.load(src)
+    n = sum(1 for v in m.graph.initializers.values() if v.const_value is not None)
+elif how == "onnx_ir_roundtrip":
+    import onnx_ir as ir
+    m = ir.load(src)
+    ir.save(m, dst, external_data=__import__("os").path.basename(dst) + ".data")
+    n = len(m.graph.initializers)
+elif how == "protobuf_to_onnx_ir":  # what a port on top of today's loader would add
+    import onnx, onnx_ir as ir
+    m = ir.serde.deserialize_model(onnx.load(src))
+    n = len(m.graph.initializers)
+print(json.dumps({{"seconds": round(time.perf_counter() - start, 3), "initializers": n,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def io_rows(src: Path, work: Path, weights: int, hows: tuple[str, ...]) -> dict:
+    rows = {}
+    for how in hows:
+        dst = work / f"io_{how}.onnx"
+        code = IO_CHILD.format(root=str(ROOT), how=how, src=str(src), dst=str(dst))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=False)
+        if out.returncode:
+            rows[how] = {"error": out.stderr[-1500:]}
+        else:
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["peak_rss_over_weights"] = round(row["peak_rss_bytes"] / weights, 3)
+            rows[how] = row
+        print(how, rows[how], flush=True)
+        for f in work.glob(f"io_{how}.onnx*"):
+            f.unlink()
+    return rows
+
+
+BIG_IO = ("protobuf", "secateurs_lazy", "onnx_ir", "secateurs_lazy_roundtrip",
+          "onnx_ir_roundtrip")
+TYPICAL_IO = ("protobuf", "secateurs_lazy", "onnx_ir", "protobuf_to_onnx_ir")
+
+
+def typical_model(work: Path) -> tuple[Path, int] | None:
+    """ResNet-50 (``zoo:resnet50_full``, TorchScript export, one file): a typical model."""
+    import warnings
+
+    import torch
+
+    from secateurs import zoo
+
+    entry = zoo.get("resnet50_full")
+    path = work / "resnet50.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(entry.build().eval(), entry.example_inputs(), str(path),
+                          dynamo=False, opset_version=17, input_names=["x"])
+    model = onnx.load(str(path))
+    weights = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
+    return path, weights
+
+
 def run(op: str, src: Path, dst: Path) -> dict:
     code = CHILD.format(root=str(ROOT), op=op, src=str(src), dst=str(dst))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -101,6 +187,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--dir", default="/tmp/secateurs_big")
+    ap.add_argument("--skip-io", action="store_true",
+                    help="skip the load/save comparison (protobuf, lazy protobuf, onnx-ir)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "onnx_big.json"))
     args = ap.parse_args()
     work = Path(args.dir)
@@ -119,6 +207,13 @@ def main() -> None:
             print(op, row, flush=True)
             for f in work.glob(f"{op}.onnx*"):
                 f.unlink()
+        if not args.skip_io:
+            rows["io"] = {"big": io_rows(src, work, weights, BIG_IO)}
+            for f in work.glob("big.onnx*"):
+                f.unlink()
+            path, typical = typical_model(work)
+            rows["io"]["resnet50"] = {"weights_bytes": typical,
+                                      **io_rows(path, work, typical, TYPICAL_IO)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"bench": "onnx_big", "platform": platform.platform(), "onnx": onnx.__version__,
