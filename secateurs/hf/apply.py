@@ -79,6 +79,8 @@ def attention_snapshot(model: nn.Module, hidden: int, head_dim: int) -> list[_At
     its projections, taken before slicing; the new counts are read from the sliced widths."""
     out = []
     for name, mod in model.named_modules():
+        if isinstance(getattr(mod, "kv_lora_rank", None), int):
+            continue  # MLA attention is never pruned (classify._pin_mla): its counts stay
         counts: dict[str, int] = {}
         for k, v in vars(mod).items():
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:

@@ -30,7 +30,8 @@ from secateurs.hf.layout import hidden_size, no_cache, positional_inputs, unit_d
 from secateurs.hf.scale import channel_analysis
 from secateurs.passes.group_channels import Analysis, ChannelGroup
 
-__all__ = ["KINDS", "UnitGroup", "HFAnalysis", "analyze_hf", "unit_counts", "classify_group"]
+__all__ = ["KINDS", "UnitGroup", "HFAnalysis", "analyze_hf", "unit_counts", "classify_group",
+           "mla_modules"]
 
 KINDS = ("heads", "head_dim", "mlp", "hidden")
 
@@ -51,6 +52,7 @@ class HFAnalysis:
     tracer: str
     seconds: float
     pinned: dict[int, UnitGroup] = field(default_factory=dict)  # fully pinned, named too
+    reasons: dict[str, tuple[str, ...]] = field(default_factory=dict)  # kind -> HF-layer pins
 
     def of_kind(self, kind: str) -> list[UnitGroup]:
         return [u for u in self.units.values() if u.kind == kind]
@@ -107,7 +109,36 @@ def analyze_hf(model: nn.Module, example_inputs: Any, *,
             continue  # vocabulary, image channels: the interface, not a unit kind
         if g.size > 1:
             (units if g.prunable > 0 else pinned)[g.id] = classify_group(g, lin, hidden, hd)
-    return HFAnalysis(analysis, units, how, time.perf_counter() - t0, pinned)
+    reasons = _pin_mla(model, analysis, units, pinned)
+    return HFAnalysis(analysis, units, how, time.perf_counter() - t0, pinned, reasons)
+
+
+def mla_modules(model: nn.Module) -> list[str]:
+    """Multi-head latent attention modules (DeepSeek-V2/V3 style: ``kv_lora_rank``)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(getattr(m, "kv_lora_rank", None), int)
+            and hasattr(m, "kv_b_proj") and hasattr(m, "kv_a_proj_with_mqa")]
+
+
+def _pin_mla(model: nn.Module, analysis: Analysis, units: dict[int, UnitGroup],
+             pinned: dict[int, UnitGroup]) -> dict[str, tuple[str, ...]]:
+    """MLA attention is left whole: its heads read one shared low-rank latent through
+    ``kv_b_proj`` and a rotary key part shared by every head (``qk_rope_head_dim``), and its
+    low-rank widths (``q_lora_rank``, ``kv_lora_rank``) are not MLP neurons. Groups with a
+    tensor in an MLA module are named ``other`` (pinned); the report of heads/head_dim says
+    why."""
+    mla = mla_modules(model)
+    if not mla:
+        return {}
+    prefixes = tuple(f"{n}." for n in mla)
+    why = (f"multi-head latent attention ({mla[0]}{' +' + str(len(mla) - 1) if len(mla) > 1 else ''}"
+           ", DeepSeek-V3 style: heads read one low-rank latent through kv_b_proj and share "
+           "the rotary key part): attention is not pruned")
+    for gid, u in list(units.items()):
+        if any(m.param.startswith(prefixes) for m in analysis.groups[gid].members):
+            del units[gid]
+            pinned[gid] = UnitGroup(gid, "other", "mla", u.size, u.dims_per_unit)
+    return {"heads": (why,), "head_dim": (why,)}
 
 
 def unit_counts(hfa: HFAnalysis) -> dict[str, int]:

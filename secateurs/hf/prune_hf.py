@@ -173,7 +173,8 @@ def _kind_report(hfa: HFAnalysis, kind: str, ratio: float, removed: dict[int, np
         units = sum(u.size for u in mine + pinned)
     if kind in failed:
         reasons.append(f"not applied: the model pruned this way {failed[kind]}")
-    if not mine and not pinned:
+    reasons += list(hfa.reasons.get(kind, ()))
+    if not mine and not pinned and not hfa.reasons.get(kind):
         other = [g for g in groups if g.size > 1 and g.id not in hfa.units
                  and g.id not in hfa.pinned]
         other += [groups[u.gid] for u in list(hfa.units.values()) + list(hfa.pinned.values())

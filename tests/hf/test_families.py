@@ -41,7 +41,7 @@ HEADS_BLOCKED = {
     "qwen3_moe": "lossy",
     "swin": "index",  # relative position bias table indexed per head
     "bloom": "",
-    "deepseek_v3": "",  # MLA: low-rank q/kv projections, heads pinned by new_empty sources
+    "deepseek_v3": "multi-head latent attention",  # MLA left whole by the HF layer
     "convnext": "no heads",  # no attention at all: the report says so
     "resnet": "no heads",
 }

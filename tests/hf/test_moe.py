@@ -118,3 +118,22 @@ def test_experts_argument_checked():
         prune_hf(m, example_inputs(m), experts=1.5)
     with pytest.raises(InputError, match="expert_importance"):
         prune_hf(m, example_inputs(m), experts=1, expert_importance="magic")
+
+
+def test_mla_attention_is_left_whole_with_a_reason():
+    """DeepSeek-V3: MLP, shared and routed experts prune; multi-head latent attention is
+    pinned by the HF layer with a reason, its low-rank widths are not called MLP, and the
+    config alone describes the result."""
+    m = tiny_model("deepseek_v3")
+    x = example_inputs(m)
+    with pytest.warns(PruneShortfall, match="heads=0.5 removed nothing"):
+        r = prune_hf(m, x, heads=0.5, mlp=0.5, experts=1)
+    rep = r.report["heads"]
+    assert rep.removed == 0 and r.report["mlp"].removed > 0
+    assert r.report["experts"].removed == 1  # layer 0 is dense (first_k_dense_replace)
+    assert any("multi-head latent attention" in why for why in rep.reasons)
+    attn = {n: p.shape for n, p in m.named_parameters() if ".self_attn." in n}
+    assert {n: p.shape for n, p in r.model.named_parameters() if ".self_attn." in n} == attn
+    assert r.model.config.num_attention_heads == m.config.num_attention_heads
+    assert not any("lossy" in why for why in r.report["mlp"].reasons)
+    assert not r.needs_loader
