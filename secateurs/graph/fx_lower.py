@@ -713,6 +713,8 @@ class _Lowering:
                 obj = _fetch_attr(self.gm, str(n.target))
                 if isinstance(obj, torch.Tensor):
                     self.alias[n.name] = self.param_value(obj, str(n.target))
+            elif n.op == "call_module" and str(n.target) in _SKIP:
+                continue  # torch.export's ``_guards_fn`` submodule: input checks, no tensor
             elif n.op == "call_module":
                 self.lower_module(n)
             elif n.op in ("call_function", "call_method"):

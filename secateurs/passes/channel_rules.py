@@ -538,7 +538,8 @@ def _reshape(ctx: RuleContext) -> list[Labels | None]:
     assert x is not None and src is not None and dst is not None
     out: list[np.ndarray | None] = [None] * len(dst)
     for gi, gj in reshape_groups(tuple(src), tuple(dst)):
-        if not gj:
+        if not gj:  # a size-1 dim squeezed away: removing its one position would empty it
+            ctx.space.pin(x[gi[0]], f"size-1 dim squeezed by {ctx.where}")
             continue
         if not gi:
             out[gj[0]] = ctx.space.fresh(1, pin=f"new axis in {ctx.where}")
@@ -962,7 +963,9 @@ def _repeat_interleave(ctx: RuleContext) -> list[Labels | None]:
     removing a position removes its copies, and removing a copy index (copies are equal)
     removes one copy of every position and shrinks ``repeats``. Grouped-query attention by
     ``k.repeat_interleave(n_rep, dim=1)``: a kv head goes with its q heads, and q heads go
-    uniformly in every kv group. A single copy stays (removing it would empty the output)."""
+    uniformly in every kv group. A single copy stays (removing it would empty the output); a
+    size-1 dim is broadcast, as ``expand`` does it: it stays and the copies are the units
+    (multi-query attention)."""
     x = ctx.ins[0]
     assert x is not None
     dim = int(ctx.node.attrs["dim"]) % len(x)
@@ -970,7 +973,11 @@ def _repeat_interleave(ctx: RuleContext) -> list[Labels | None]:
     copy = ctx.space.fresh(reps, pin=None if reps > 1 else
                            f"single copy in {ctx.where}")
     out = list(x)
-    out[dim] = ctx.space.compose(x[dim], copy)
+    if len(x[dim]) == 1:
+        _pin_broadcast(ctx, x[dim], reps)
+        out[dim] = copy
+    else:
+        out[dim] = ctx.space.compose(x[dim], copy)
     ctx.keep["copy"] = copy
     return [out]
 

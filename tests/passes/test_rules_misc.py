@@ -420,3 +420,60 @@ def test_roll_over_the_flattened_tensor_pins_every_dim():
 
     analysis = secateurs.analyze(Flat().eval(), (torch.randn(3, 4),))
     assert any("rolls the flattened tensor" in r for r in _reasons(analysis, "a.weight"))
+
+
+class _ExportedOps(nn.Module):
+    """``list(x.chunk(...))`` defeats FX, so this traces by ``torch.export``: ``aten.pad``,
+    ``aten.roll``, ``aten.einsum``, ``aten.repeat_interleave``, and ``aten.constant_pad_nd``
+    called directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(12, 8, 3)
+        self.c, self.d = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.cat(list(self.a(x).chunk(2, 1)), 1)
+        y = torch.ops.aten.constant_pad_nd.default(y, [0, 0, 0, 0, 2, 2])
+        y = self.b(nn.functional.pad(y, (1, 1, 1, 1), mode="reflect"))
+        y = torch.roll(y, (1, 1), (2, 3)) + y.roll(1, 3)
+        t = y.flatten(2).transpose(1, 2)
+        q = self.c(t).view(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)
+        k = q[:, :1].repeat_interleave(2, dim=1)
+        att = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+        o = torch.einsum("bhqk,bhkd->bhqd", att, q).transpose(1, 2).flatten(2)
+        return self.d(o).mean(1)
+
+
+def test_aten_pad_roll_einsum_repeat_interleave_lower_to_their_rules():
+    model, x = _ExportedOps().eval(), (torch.randn(2, 3, 6, 6),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    ops = [n.op for n in result.analysis.graph.nodes]
+    assert {"pad", "roll", "einsum", "repeat_interleave"} <= set(ops) and "opaque" not in ops
+    assert ops.count("pad") == 2
+    assert result.report.exact and not result.report.repairs
+    pruned = dict(result.model.named_parameters())
+    assert pruned["a.weight"].shape[0] < 8 and pruned["c.weight"].shape[1] < 8
+    # k = q[:, :1].repeat_interleave(2, dim=1): the size-1 head is broadcast and stays, its
+    # copies (q head 1) may go
+    (head,) = [g for g in result.analysis.groups
+               if any(m.param == "c.weight" and m.dim == 0 for m in g.members) and g.size == 2]
+    assert head.prunable == 1 and any("size-1 dim broadcast against 2" in r
+                                      for r in head.pin_reasons), head.pin_reasons
+
+
+def test_a_size_1_slice_squeezed_by_reshape_stays():
+    class Squeeze(nn.Module):  # the first of 3 groups, taken by a slice and squeezed away
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(2, 3)
+
+        def forward(self, x):
+            g = self.a(x).view(x.shape[0], 3, 2)
+            return self.b(g[:, :1].reshape(x.shape[0], 2))
+
+    model, x = Squeeze().eval(), (torch.randn(2, 4),)
+    analysis = secateurs.analyze(model, x)
+    assert any("size-1 dim squeezed by reshape" in r for r in _reasons(analysis, "a.weight"))
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact and not result.report.repairs
