@@ -1,8 +1,9 @@
 """Every tiny HF family through prune -> check -> checked save -> reload (the issue-12 survey).
 
 For each family of ``secateurs.hf.models.ZOO`` (random weights from a small config, no hub):
-``prune_hf(heads=.5, mlp=.5)``, the per-kind report, mask-equivalence against the original
-with the removed slices zeroed, ``secateurs.hf.save_pretrained`` (which reloads through
+``prune_hf(heads=.5, mlp=.5)`` (and ``experts=1`` in MoE models), the per-kind report,
+mask-equivalence against the original with the removed slices zeroed (and, for removed
+experts, their router logits at -inf: ``moe.expert_reference``), the safety net's repairs, ``secateurs.hf.save_pretrained`` (which reloads through
 ``from_pretrained_pruned`` and refuses a round trip that differs) and, when it saved, the
 reloaded model's outputs against the in-memory pruned model. Writes
 ``tools/bench/results/hf_families.json``.
@@ -25,21 +26,22 @@ warnings.filterwarnings("ignore")
 
 
 def run(family: str) -> dict:
-    from secateurs import zero_plan_slices
     from secateurs.hf import from_pretrained_pruned, prune_hf, save_pretrained
     from secateurs.hf.models import example_inputs, output_tensor, tiny_model
+    from secateurs.hf.moe import expert_reference, moe_blocks
 
     row: dict = {"family": family}
     t0 = time.perf_counter()
     try:
         m = tiny_model(family)
         x = example_inputs(m)
-        r = prune_hf(m, x, heads=0.5, mlp=0.5)
+        r = prune_hf(m, x, heads=0.5, mlp=0.5, experts=1 if moe_blocks(m) else 0)
         row["report"] = {k: {"asked": v.asked, "removed": v.removed, "reasons": v.reasons}
                          for k, v in r.report.items()}
         row["macs_kept"] = round(r.macs_kept, 3)
         row["needs_loader"] = r.needs_loader
-        a, b = output_tensor(r.model, x), output_tensor(zero_plan_slices(m, r.plan), x)
+        row["repairs"] = [rep.reason for rep in r.repairs]
+        a, b = output_tensor(r.model, x), output_tensor(expert_reference(m, r.plan), x)
         row["mask_equivalence_max_err"] = float((a - b).abs().max())
         with tempfile.TemporaryDirectory() as d:
             try:
