@@ -985,6 +985,40 @@ def _lower_pool(lw: _Lowering, node: onnx.NodeProto) -> None:
             {"spatial": max(lw.rank(node.input[0]) - 2, 1)})
 
 
+@_reg("Pad")
+def _lower_pad(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """``pads`` as an attribute (opset < 11) or a constant input ``[x1_begin, ..., x1_end,
+    ...]``, optionally over ``axes`` (opset 18); mode ``constant``/``reflect``/``edge``/
+    ``wrap``. Pads computed at run time are None per dim (the rule keeps those dims)."""
+    a = _attrs(node)
+    rank = lw.rank(node.input[0])
+    flat: list[int] | None = None
+    if "pads" in a:
+        flat = [int(p) for p in a["pads"]]
+    elif len(node.input) > 1 and node.input[1]:
+        c = lw.const(node.input[1])
+        flat = None if c is None else [int(p) for p in c.reshape(-1).tolist()]
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        c = lw.const(node.input[3])
+        if c is None:
+            flat = None
+        else:
+            axes = [int(d) % rank for d in c.reshape(-1).tolist()]
+    pairs: list[tuple[int, int] | None] = [None] * rank
+    if flat is not None and len(flat) == 2 * len(axes):
+        for k, d in enumerate(axes):
+            pairs[d] = (flat[k], flat[k + len(axes)])
+        if len(axes) < rank:  # dims not in axes are not padded
+            pairs = [(0, 0) if p is None else p for p in pairs]
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+             "wrap": "circular"}
+    lw.emit("pad", [node.input[0]], _first_out(node),
+            {"pads": pairs, "mode": modes.get(mode, mode)})
+
+
 @_reg("Resize", "Upsample")
 def _lower_resize(lw: _Lowering, node: onnx.NodeProto) -> None:
     sx, sy = lw.shape(node.input[0]), lw.shape(node.output[0])
