@@ -544,6 +544,9 @@ def _reshape(ctx: RuleContext) -> list[Labels | None]:
         if not gi:
             out[gj[0]] = ctx.space.fresh(1, pin=f"new axis in {ctx.where}")
             continue
+        for i in gi:  # a size-1 dim merged into others is no factor of the composite
+            if len(gi) > 1 and src[i] == 1:
+                ctx.space.pin(x[i], f"size-1 dim squeezed by {ctx.where}")
         flat = ctx.space.compose_all([x[i] for i in gi])
         if len(gj) == 1:
             out[gj[0]] = flat
