@@ -39,6 +39,7 @@ HEADS_BLOCKED = {
     "qwen3": "lossy",  # per-head q/k RMSNorm (rsqrt) marks heads lossy
     "gemma3": "lossy",
     "qwen3_moe": "lossy",
+    "olmoe": "lossy",  # q/k RMSNorm over all heads at once: removing a head is lossy by nature
     "swin": "index",  # relative position bias table indexed per head
     "bloom": "",
     "deepseek_v3": "multi-head latent attention",  # MLA left whole by the HF layer
