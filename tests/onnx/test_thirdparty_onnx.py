@@ -272,3 +272,39 @@ def test_ort_extended_optimised_graph_pins_fused_ops_and_runs(tmp_path) -> None:
                for g in result.analysis.groups for r in g.pin_reasons)
     ok, diff = verify_onnx(opt, result.model, result.plan, _feeds([1, 8, 8, 3], 2))
     assert ok, diff
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_with_pads_input_passes_channels(mode: str) -> None:
+    """Opset 13+ Pad (pads as an input, tf2onnx's SAME padding and reflect padding): the
+    channel dim is not padded, so the channels pass through; a dim it pads keeps its size."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad", mode=mode),
+        helper.make_node("Conv", ["p1", "w2"], ["y"], name="conv2", kernel_shape=[3, 3]),
+    ]
+    model = _model(nodes, ["N", 3, 6, 6], "y", [
+        init("w1", rand(16, 3, 1, 1)), init("b1", rand(16)),
+        init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+        init("w2", rand(8, 16, 3, 3))], 13)
+    result = _exact(model, [1, 3, 6, 6])
+    _removed(result, "w1", "b1", "w2")
+
+
+def test_pad_of_the_channel_dim_keeps_the_padded_positions() -> None:
+    """A constant pad of the channel dim (the zero-padded shortcut of CIFAR ResNets, written
+    with the opset-9 attribute): the input's channels prune, the padded ones stay."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Pad", ["r1"], ["p1"], name="pad", pads=[0, 4, 0, 0, 0, 4, 0, 0]),
+        helper.make_node("Conv", ["p1", "w2"], ["y"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    model = _model(nodes, [1, 3, 4, 4], "y", [init("w1", rand(16, 3, 1, 1)),
+                                              init("w2", rand(8, 24, 1, 1))], 9)
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    onnx.checker.check_model(result.model, full_check=True)
+    w2 = result.plan.removed["w2"][1]
+    assert w2 and all(4 <= i < 20 for i in w2), w2
