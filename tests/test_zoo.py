@@ -218,6 +218,8 @@ def test_shapes_propagate_on_meta_without_the_fake_tensor_fallback(name: str) ->
     strides (window partition's ``view`` then works), and a Linear that an
     ``nn.MultiheadAttention`` reads itself (``out_proj``) gets a meta stand-in."""
     entry = get(name)
+    if "fake-shapes" in entry.tags:  # creates real tensors in its forward: the fallback is right
+        pytest.skip("tagged fake-shapes")
     gm, _ = trace(entry.build(), entry.example_inputs())
     _meta_shape_prop(gm, entry.example_inputs())  # raises where the slow fallback was needed
     assert all(_SHAPE_KEY in n.meta for n in gm.graph.nodes if n.op == "call_module")
