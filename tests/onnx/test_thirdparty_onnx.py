@@ -308,3 +308,31 @@ def test_pad_of_the_channel_dim_keeps_the_padded_positions() -> None:
     onnx.checker.check_model(result.model, full_check=True)
     w2 = result.plan.removed["w2"][1]
     assert w2 and all(4 <= i < 20 for i in w2), w2
+
+
+def test_opset8_upsample_scales_attribute_and_reshape_tokens_are_exact() -> None:
+    """Opset 7-8 idioms: Upsample with a ``scales`` attribute, BatchNormalization with
+    ``spatial=1``, Reshape to ``[0, -1]`` (copy the batch, infer the rest)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "g1", "be1", "m1", "v1"], ["n1"],
+                         name="bn1", spatial=1),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Upsample", ["r1"], ["u1"], name="up", scales=[1.0, 1.0, 2.0, 2.0]),
+        helper.make_node("Conv", ["u1", "w2"], ["c2"], name="conv2", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Reshape", ["r2", "shape"], ["flat"], name="reshape"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    model = _model(nodes, [1, 3, 4, 4], "y", [
+        init("w1", rand(16, 3, 3, 3)), init("b1", rand(16)), init("g1", rand(16) + 2),
+        init("be1", rand(16)), init("m1", rand(16)), init("v1", np.abs(rand(16)) + 0.5),
+        init("w2", rand(8, 16, 2, 2)), init("shape", np.array([0, -1], np.int64)),
+        init("fc_w", rand(5, 8 * 4 * 4)), init("fc_b", rand(5))], 8, ir=3,
+        inits_as_inputs=True)
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    onnx.checker.check_model(result.model, full_check=True)
+    _removed(result, "w1", "g1", "w2", "fc_w")
