@@ -45,7 +45,8 @@ from secateurs.errors import InputError
 from secateurs.passes.calibration import call_batch
 from secateurs.passes.plan import Plan
 
-__all__ = ["MoeBlock", "MoeSelection", "select_moe", "moe_blocks", "expert_width_slices", "expert_slices", "width_scores",
+__all__ = ["MoeBlock", "MoeSelection", "select_moe", "moe_blocks", "checkpoint_key",
+           "per_expert_keys", "expert_width_slices", "expert_slices", "width_scores",
            "expert_scores", "refresh_moe", "expert_reference", "EXPERT_CRITERIA"]
 
 EXPERT_CRITERIA = ("reap", "frequency", "random")
@@ -330,7 +331,11 @@ class MoeSelection:
                 "experts": [b0.num_experts, b0.num_experts - ne],
                 "inter": [b0.inter, b0.inter - nw],
                 "removed_experts": {b.router: [int(i) for i in self.experts.get(b.name, [])]
-                                    for b in self.blocks if ne}}
+                                    for b in self.blocks if ne},
+                "by_block": {b.name: {
+                    "experts": [int(i) for i in self.experts.get(b.name, [])] if ne else [],
+                    "neurons": [int(i) for i in self.width.get(b.name, [])] if nw else []}
+                    for b in self.blocks}}
 
 
 def select_moe(model: nn.Module, mlp: float, experts: float, tensors: Any, importance: Any,
@@ -385,6 +390,72 @@ def select_moe(model: nn.Module, mlp: float, experts: float, tensors: Any, impor
         counts["experts"] = (sum(b.num_experts for b in blocks), sum(per),
                              n * len(blocks), tuple(reasons))
     return MoeSelection(blocks, width, removed, counts)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+# transformers 5 writes routed experts back in the per-expert layout of the hub checkpoints
+# (``experts.<e>.gate_proj/up_proj/down_proj.weight``; Mixtral/PhiMoE ``block_sparse_moe.
+# experts.<e>.w1/w3/w2.weight``) and fuses them on load; GPT-OSS keeps the 3-D tensors
+_ROWS = ("gate_proj", "up_proj", "w1", "w3")  # [I, H]: neuron = row
+_COLS = ("down_proj", "w2")  # [H, I]: neuron = column
+_LEGACY_BLOCK = ("block_sparse_moe",)
+
+
+def _block_spellings(block: str) -> list[str]:
+    parent, _, last = block.rpartition(".")
+    return [block] + [f"{parent}.{alt}" if parent else alt for alt in _LEGACY_BLOCK
+                      if alt != last]
+
+
+def per_expert_keys(name: str, keys: Any) -> list[tuple[str, ...]] | None:
+    """For a fused expert tensor name (``<block>.experts.gate_up_proj`` / ``down_proj``) the
+    checkpoint keys holding it per expert: ``[(gate, up), ...]`` or ``[(down,), ...]``."""
+    head, _, leaf = name.rpartition(".experts.")
+    if leaf not in ("gate_up_proj", "down_proj") or not head:
+        return None
+    for block in _block_spellings(head):
+        for gate, up, down in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+            e, out = 0, []
+            while f"{block}.experts.{e}.{down}.weight" in keys:
+                key = f"{block}.experts.{e}"
+                out.append((f"{key}.{gate}.weight", f"{key}.{up}.weight")
+                           if leaf == "gate_up_proj" else (f"{key}.{down}.weight",))
+                e += 1
+            if out:
+                return out
+    return None
+
+
+def checkpoint_key(key: str, plan: Plan) -> tuple[str | None, str, dict[int, list[int]]] | None:
+    """How a checkpoint tensor under an MoE block of ``plan`` is written: ``(new key or None
+    to drop it, the model name the plan knows it by, dims to slice)``; None when ``key`` is
+    not under an MoE block (the plain path applies)."""
+    moe = plan.meta.get("hf", {}).get("moe") or {}
+    for block, what in (moe.get("by_block") or {}).items():
+        for spelled in _block_spellings(block):
+            if not key.startswith(spelled + "."):
+                continue
+            rest = key[len(spelled) + 1:]
+            parts = rest.split(".")
+            if len(parts) >= 3 and parts[0] == "experts" and parts[1].isdigit():
+                e = int(parts[1])
+                gone = what.get("experts", [])
+                fused = f"{block}.experts." + ("down_proj" if parts[2] in _COLS
+                                               else "gate_up_proj")
+                if e in gone:
+                    return None, fused, {}
+                new_e = e - sum(1 for g in gone if g < e)
+                neurons = what.get("neurons", [])
+                dims: dict[int, list[int]] = {}
+                if neurons and parts[2] in _ROWS:
+                    dims = {0: list(neurons)}
+                elif neurons and parts[2] in _COLS and parts[-1] == "weight":
+                    dims = {1: list(neurons)}
+                return ".".join([spelled, "experts", str(new_e), *parts[2:]]), fused, dims
+            model_name = f"{block}.{rest}"
+            return key, model_name, dict(plan.removed.get(model_name, {}))
+    return None
 
 
 # ---------------------------------------------------------------- apply

@@ -7,7 +7,9 @@ importance scores on a smaller machine). ``prune_checkpoint`` then:
 1. applies the plan to a meta model built from the checkpoint's config, which gives the new
    config (heads, kv heads, head_dim, intermediate and hidden sizes, layer count) for free;
 2. streams every shard: each tensor is loaded alone, sliced by the plan (tied aliases follow
-   their canonical tensor) and, where step 1 folded the attention scale into q (head-dim
+   their canonical tensor; MoE experts stored per expert — ``experts.<e>.gate_proj`` /
+   ``w1`` ..., as transformers writes them — are dropped, renumbered and sliced as the fused
+   3-D tensors of the plan: ``moe.checkpoint_key``) and, where step 1 folded the attention scale into q (head-dim
    pruning without rotary), scaled the same way; dropped layers are skipped and the remaining
    layers renumbered;
 3. writes the pruned shards, a new ``model.safetensors.index.json`` and ``config.json``.
@@ -80,7 +82,7 @@ class CheckpointTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         key = self._key(name)
         if key is None:
-            raise KeyError(name)
+            return self._fused_experts(name)
         if key in self._recent:
             self._recent.move_to_end(key)
             return self._recent[key]
@@ -90,6 +92,16 @@ class CheckpointTensors(Mapping):
         while len(self._recent) > self.keep:
             self._recent.popitem(last=False)
         return t
+
+    def _fused_experts(self, name: str) -> torch.Tensor:
+        """A 3-D expert tensor the model fuses on load (``experts.gate_up_proj [E, 2I, H]``,
+        ``experts.down_proj [E, H, I]``) from the checkpoint's per-expert tensors."""
+        from secateurs.hf.moe import per_expert_keys
+
+        per = per_expert_keys(name, self.where)
+        if per is None:
+            raise KeyError(name)
+        return torch.stack([torch.cat([self[k] for k in keys], dim=0) for keys in per])
 
     def __iter__(self) -> Iterator[str]:
         return iter(set(self.where) | {a for a, k in self.aliases.items() if k in self.where})
@@ -160,21 +172,34 @@ def prune_checkpoint(src: str, dst: str, plan: Plan, model_cls: Any = None) -> d
     else:
         with safe_open(os.path.join(src, SINGLE), "pt") as f:
             weight_map = {k: SINGLE for k in f.keys()}
+    from secateurs.hf.moe import checkpoint_key
+
+    moe_keys = {k: checkpoint_key(k, plan) for k in weight_map}
+    seen = {alias.get(k, k) for k in weight_map} | {h[1] for h in moe_keys.values() if h}
+    stored = set(model.state_dict())  # non-persistent buffers (inv_freq) are not saved
+    missing = sorted(n for n in plan.removed if n not in seen and n in stored)
+    if missing:
+        raise InputError(f"the plan slices {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                         f"which the checkpoint {src} does not hold (was the plan made for "
+                         "another model?)")
     new_map: dict[str, str] = {}
     total = 0
     for shard in sorted(set(weight_map.values())):
         out: dict[str, torch.Tensor] = {}
         with safe_open(os.path.join(src, shard), "pt") as f:
             for key in f.keys():
-                name = key
-                m = layer_re.match(key)
+                hit = moe_keys.get(key)
+                if hit is not None and hit[0] is None:
+                    continue  # a removed expert
+                name = key if hit is None else hit[0]
+                m = layer_re.match(name)
                 if m:
                     i = int(m.group(1))
                     if i in drop:
                         continue
                     name = f"{block_name}.{renumber[i]}.{m.group(2)}"
                 t = f.get_tensor(key)
-                dims = plan.removed.get(alias.get(key, key))
+                dims = plan.removed.get(alias.get(key, key)) if hit is None else hit[2]
                 if dims:
                     t = slice_tensor(t, dims, key).contiguous()
                 factor = scaled.get(alias.get(key, key))

@@ -137,3 +137,33 @@ def test_mla_attention_is_left_whole_with_a_reason():
     assert r.model.config.num_attention_heads == m.config.num_attention_heads
     assert not any("lossy" in why for why in r.report["mlp"].reasons)
     assert not r.needs_loader
+
+
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+                                    pytest.param("gpt_oss", marks=pytest.mark.slow)])
+def test_meta_plan_applied_to_shards(tmp_path, family):
+    """A plan made on meta (widths scored from the checkpoint, experts drawn at random) and
+    applied shard by shard: transformers writes experts per expert (``experts.<e>.gate_proj``,
+    Mixtral's ``block_sparse_moe.experts.<e>.w1``; GPT-OSS keeps 3-D tensors), which are
+    dropped, renumbered and sliced like the fused tensors; the reloaded checkpoint equals the
+    contract's reference, and the width choice equals the real-weights plan's."""
+    from transformers import AutoModelForCausalLM
+
+    from secateurs.hf.models import tiny_config
+    from secateurs.hf.shards import checkpoint_score_context, meta_model, prune_checkpoint
+
+    m = tiny_model(family)
+    x = example_inputs(m)
+    m.save_pretrained(tmp_path / "src")
+    meta = meta_model(tiny_config(family))
+    r = prune_hf(meta, x, heads=0.0, mlp=0.5, experts=1, expert_importance="random",
+                 score_context=checkpoint_score_context(str(tmp_path / "src"), meta))
+    prune_checkpoint(str(tmp_path / "src"), str(tmp_path / "dst"), r.plan)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    want = output_tensor(expert_reference(m, r.plan), x)
+    got = output_tensor(back, x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), float((got - want).abs().max())
+    real = prune_hf(m, x, heads=0.0, mlp=0.5)
+    by_block = r.plan.meta["hf"]["moe"]["by_block"]
+    assert {b: v["neurons"] for b, v in by_block.items()} == \
+        {b: v["neurons"] for b, v in real.plan.meta["hf"]["moe"]["by_block"].items()}
