@@ -73,9 +73,11 @@ def load_onnx(path: str | os.PathLike[str], lazy: bool = False
               ) -> tuple[onnx.ModelProto, bool]:
     """Load a model with its external data; return it and whether it used external data.
 
-    ``lazy=True`` leaves large external parameters on disk (``from_onnx.is_lazy``: read by
-    ``tensor_array`` when needed, copied by ``save_external`` without loading them); small
-    ones and integer tensors (shape arithmetic) are loaded. A missing file, a file that is not
+    ``lazy=True`` leaves large external parameters of a model of ``LAZY_MIN_BYTES`` or more
+    on disk (``from_onnx.is_lazy``: read by ``tensor_array`` when needed, copied by
+    ``save_external`` without loading them); small ones and integer tensors (shape
+    arithmetic) are loaded. A smaller model is loaded whole (its proto serialises as it is,
+    for ONNX Runtime and friends). A missing file, a file that is not
     a (complete) ONNX protobuf, or a missing external data file raises :class:`InputError`
     naming the file.
     """
@@ -107,7 +109,7 @@ def load_onnx(path: str | os.PathLike[str], lazy: bool = False
             raise InputError(f"{target}: external data file {data_file} is truncated "
                              f"({data_file.stat().st_size} bytes, initializer '{tensor.name}' "
                              f"needs {need})")
-    if external and lazy:
+    if external and lazy and tensor_bytes(model) >= LAZY_MIN_BYTES:
         _load_lazily(model, target.parent)
     elif external:
         try:
@@ -122,6 +124,12 @@ def load_onnx(path: str | os.PathLike[str], lazy: bool = False
     except Exception as exc:  # noqa: BLE001 - ValidationError and C++ checker errors
         raise InputError(f"{target} is not a valid ONNX model: {exc}") from exc
     return model, external
+
+
+# By path, external-data models of this many tensor bytes or more keep their large tensors on
+# disk (``load_onnx(lazy=True)``); below it a copy is cheap and a whole proto is simpler for
+# the caller (``materialized`` reads a lazy model in).
+LAZY_MIN_BYTES = 1 << 28
 
 
 def _load_lazily(model: onnx.ModelProto, base: Path) -> None:

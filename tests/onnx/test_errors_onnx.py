@@ -132,6 +132,7 @@ def _refuse_whole_protos(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
 
     real = onnx.checker.check_model
     monkeypatch.setattr(oa, "BIG_MODEL_BYTES", limit)
+    monkeypatch.setattr(oa, "LAZY_MIN_BYTES", limit)
 
     def check(model, *args, **kwargs):
         if isinstance(model, onnx.ModelProto) and oa.tensor_bytes(model) > limit and any(
@@ -190,10 +191,14 @@ def test_save_external_leaves_nothing_on_failure(tmp_path: Path, export_dir: Pat
     assert model.SerializeToString() == before
 
 
-def test_lazy_by_path_matches_in_memory(tmp_path: Path, export_dir: Path) -> None:
+def test_lazy_by_path_matches_in_memory(tmp_path: Path, export_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """By path, large external tensors stay on disk (read, sliced or sparsified one at a
     time); the files written hold exactly what the in-memory passes compute."""
+    import secateurs.graph.onnx_apply as oa
     from secateurs.passes.onnx_sparsify import sparsify_onnx
+
+    monkeypatch.setattr(oa, "LAZY_MIN_BYTES", 0)  # the big-model path at a small size
 
     src = tmp_path / "m.onnx"
     _save_external(onnx.load(str(export_zoo("resnet", export_dir))), src)
@@ -214,3 +219,15 @@ def test_lazy_by_path_matches_in_memory(tmp_path: Path, export_dir: Path) -> Non
             np.testing.assert_array_equal(numpy_helper.to_array(t), want[t.name])
             np.testing.assert_array_equal(got[t.name], want[t.name])
     assert not list((tmp_path / "s").glob(".secateurs-spill-*"))
+
+
+def test_small_external_model_loads_whole(tmp_path: Path, export_dir: Path) -> None:
+    """Below ``LAZY_MIN_BYTES`` a by-path prune returns a whole proto (ORT runs it from
+    bytes), as before."""
+    src = tmp_path / "m.onnx"
+    _save_external(onnx.load(str(export_zoo("resnet", export_dir))), src)
+    result = prune_onnx(src, ratio=0.5)
+    assert result.external_data and not has_lazy_tensors(result.model)
+    feeds = {result.model.graph.input[0].name: np.zeros((1, 3, 32, 32), np.float32)}
+    ort.InferenceSession(result.model.SerializeToString(),
+                         providers=["CPUExecutionProvider"]).run(None, feeds)
