@@ -4,7 +4,8 @@
 width costs depends on the op that reads it, so :func:`ort_cpu_widths` picks a rule per group
 from the ops its parameters feed, for ONNX Runtime's x86 CPU provider (MLAS). Measured on this
 project's AVX-512 machine, ORT 1.32, 1 thread, single-op models timed interleaved
-(``tools/bench/latency_efficiency.py --micro``; ``results/latency_efficiency.json``, "micro"):
+(``tools/bench/latency_efficiency.py``, its "micro" section; numbers from a quieter window
+than the committed run's, load average ~1.9):
 
 * **Conv** (NCHWc kernels, block 16 on AVX-512, 8 on AVX2): a width off the block costs what
   the next multiple of 16 costs (depthwise 3x3 at 56x56: 24 and 32 channels, 40 and 48, 56
