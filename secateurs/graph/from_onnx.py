@@ -354,10 +354,10 @@ def defer_tensor(target: TensorProto, source: TensorProto,
     held = TensorProto()
     held.CopyFrom(source)
     _DEFERRED[token] = (held, fn)
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(source.data_type).itemsize
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(held.data_type).itemsize
     name = target.name
-    target.Clear()
-    target.name, target.data_type = name, source.data_type
+    target.Clear()  # (``target`` may be ``source`` itself: read from ``held`` from here on)
+    target.name, target.data_type = name, held.data_type
     target.dims.extend(int(d) for d in shape)
     target.data_location = TensorProto.EXTERNAL
     length = int(np.prod(shape, dtype=np.int64)) * itemsize

@@ -43,8 +43,9 @@ from secateurs.errors import InputError, SecateursError
 from secateurs.graph.from_onnx import from_onnx, onnx_node_names, tensor_array
 from secateurs.graph.onnx_apply import (
     apply_plan_onnx,
+    has_lazy_tensors,
     load_onnx,
-    materialized,
+    save_external,
     save_onnx,
     zero_plan_slices_onnx,
 )
@@ -202,9 +203,20 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.nda
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(materialized(model).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-    return sess.run(None, dict(feeds))
+    if not has_lazy_tensors(model):
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(None, dict(feeds))
+    # a big model loaded by path: streamed to a scratch file a tensor at a time (its proto
+    # may be past protobuf's limit), which ORT reads with its external data
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="secateurs-ort-") as scratch:
+        path = save_external(model, os.path.join(scratch, "model.onnx"))
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        out = sess.run(None, dict(feeds))
+        del sess
+    return out
 
 
 def verify_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: Plan,

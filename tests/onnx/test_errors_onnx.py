@@ -219,6 +219,9 @@ def test_lazy_by_path_matches_in_memory(tmp_path: Path, export_dir: Path,
             np.testing.assert_array_equal(numpy_helper.to_array(t), want[t.name])
             np.testing.assert_array_equal(got[t.name], want[t.name])
     assert not list((tmp_path / "s").glob(".secateurs-spill-*"))
+    # verify=True runs both models under ORT from scratch files with external data
+    checked = prune_onnx(src, ratio=0.5, verify=True)
+    assert checked.report.exact is True and has_lazy_tensors(checked.model)
 
 
 def test_small_external_model_loads_whole(tmp_path: Path, export_dir: Path) -> None:
