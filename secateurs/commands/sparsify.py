@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from secateurs.commands._spec import load_torch_spec
+from secateurs.errors import InputError
+from secateurs.runtime.io import atomic_save_torch, atomic_write_text
 from secateurs.runtime.paths import (
     Output,
     check_input_file,
@@ -21,9 +24,6 @@ from secateurs.runtime.paths import (
     read_onnx,
     spec_files,
 )
-from secateurs.commands._spec import load_torch_spec
-from secateurs.errors import InputError
-from secateurs.runtime.io import atomic_save_torch, atomic_write_text
 
 __all__ = ["register", "run"]
 
@@ -71,16 +71,15 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if onnx_in:
         from secateurs.passes.onnx_sparsify import sparsify_onnx_with_report
-        from secateurs.runtime.io import atomic_save_onnx
 
         if args.method != "magnitude":
             raise InputError(f"--method {args.method} needs a torch model; ONNX input supports magnitude only")
-        source = read_onnx(args.model, load_external_data=True)  # InputError: corrupt, empty
-        external = _uses_external_data(args.model)
-        sparse, report = sparsify_onnx_with_report(
-            source, args.pattern, args.sparsity, ignore, args.min_numel)
-        _check_something_sparsified(report, args)
-        atomic_save_onnx(sparse, output, external_data=True if external else None)
+        read_onnx(args.model)  # InputError: corrupt, empty (the graph only, not the weights)
+        # by path: large external tensors are read and written one at a time, external data
+        # in gives external data out, and nothing is written when no layer was sparsified
+        _, report = sparsify_onnx_with_report(
+            args.model, args.pattern, args.sparsity, ignore, args.min_numel, output_path=output,
+            before_save=lambda rep: _check_something_sparsified(rep, args))
     else:
         from secateurs.passes.sparsify import sparsify
 
@@ -110,10 +109,3 @@ def _check_something_sparsified(report: Any, args: argparse.Namespace) -> None:
     raise InputError(f"nothing to sparsify in '{args.model}': every layer was skipped "
                      f"({'; '.join(reasons[:3]) or 'no eligible weights'}); lower --min-numel or "
                      "check --ignore/--pattern. Nothing was written")
-
-
-def _uses_external_data(path: str) -> bool:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)

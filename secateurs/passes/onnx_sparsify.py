@@ -14,7 +14,7 @@ The result is a new ``ModelProto`` (the input is never modified) that passes
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +126,12 @@ def sparsify_onnx_with_report(
     ignore: Sequence[str] = (),
     min_numel: int = 0,
     output_path: str | os.PathLike[str] | None = None,
+    before_save: Callable[[SparsityReport], None] | None = None,
 ) -> tuple[onnx.ModelProto, SparsityReport]:
-    """Like :func:`sparsify_onnx`, also returning the per-initializer report."""
+    """Like :func:`sparsify_onnx`, also returning the per-initializer report.
+
+    ``before_save`` sees the report before ``output_path`` is written; raising there writes
+    nothing (the CLI refuses a run that sparsified no layer)."""
     parsed = parse_pattern(pattern)
     if parsed.kind != "nm" and not 0.0 <= sparsity < 1.0:
         raise InputError(f"sparsity={sparsity} is out of range; use 0 <= sparsity < 1")
@@ -152,6 +156,8 @@ def sparsify_onnx_with_report(
         if output_path is not None and has_lazy_tensors(model) else None
     try:
         report = _sparsify_tensors(model, parsed, sparsity, ignore, min_numel, spill)
+        if before_save is not None:
+            before_save(report)
         if output_path is not None:
             # External data in, external data out; a model over protobuf's limit always.
             # (the spill becomes the output's data file; the model then reads from it)
