@@ -26,6 +26,7 @@ from prune_speed import run_tp
 
 import secateurs
 from secateurs import zoo
+from secateurs.zoo import attention_wild as aw
 from secateurs.zoo import conv_wild as cw
 from secateurs.zoo._common import seeded_build
 
@@ -61,6 +62,9 @@ MODELS = {
     "res2net_edgenext": _own(lambda: cw.SplitNet(dim=64, width=16, scale=4, splits=4,
                                                  blocks=6, num_classes=1000)),
     "convnextv2_grn": _own(lambda: cw.ConvNeXtV2(dim=96, blocks=6, num_classes=1000)),
+    "pad_net": _own(lambda: cw.PadNet(dim=64, num_classes=1000)),
+    "einsum_vit": _own(lambda: aw.EinsumViT(dim=384, heads=6, mlp=1536, classes=1000),
+                       (1, 3, 64, 64)),
 }
 
 
