@@ -69,13 +69,14 @@ MODELS = {
 
 
 def _time_prune(model, x, repeats: int):
-    times, result = [], None
+    """Median time of ``repeats`` prunes, and the result of the median run (its stages)."""
+    runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         result = secateurs.prune(model, x, ratio=0.5)
-        times.append(time.perf_counter() - t0)
-    assert result is not None
-    return statistics.median(times), result
+        runs.append((time.perf_counter() - t0, result))
+    runs.sort(key=lambda r: r[0])
+    return statistics.median(t for t, _ in runs), runs[(len(runs) - 1) // 2][1]
 
 
 def _nodes(model, x) -> int:
