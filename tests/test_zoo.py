@@ -36,6 +36,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "gpt2_tied": (1, 12, 50),
     "wav2vec_weightnorm": (1, 39, 12),
     "espcn_pixelshuffle": (1, 3, 32, 32),
+    "edsr_pixel_shuffle": (1, 3, 16, 16),
     "effnetv2_fused": (1, 10),
     "vgg_adaptive_flatten": (1, 10),
     "detr_queries": (1, 6, 9),

@@ -66,9 +66,20 @@ def test_talking_heads_linear_over_heads_is_sliced_both_ways() -> None:
     assert attn.qkv.weight.shape[0] % (3 * heads) == 0
 
 
+def test_pixel_shuffle_removes_whole_sub_pixel_blocks() -> None:
+    _, _, result, ok, diff = _prune("edsr_pixel_shuffle")
+    assert ok, diff
+    shapes = {k: tuple(v.shape) for k, v in result.model.state_dict().items()}
+    c = shapes["tail.weight"][1]
+    assert c < 16 and shapes["up.0.weight"][0] == 4 * c  # r * r = 4 channels per output one
+    assert shapes["head.weight"][1] == 12  # the unshuffled image channels stay
+    reasons = _reasons(result)
+    assert any("sub-pixel position of" in r for r in reasons)
+    assert not any("no channel rule" in r for r in reasons)
+
+
 @pytest.mark.parametrize("name, reason", [
     ("crnn_lstm", "no channel rule for module type LSTM"),
-    ("espcn_pixelshuffle", "no channel rule for module type PixelShuffle"),
 ])
 def test_opaque_modules_pin_their_neighbours_with_a_reason(name: str, reason: str) -> None:
     _, _, result, ok, _ = _prune(name)

@@ -13,9 +13,9 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from secateurs.runtime.paths import Output, check_input_file, check_outputs, read_onnx
 from secateurs.errors import InputError
 from secateurs.runtime.io import atomic_write_bytes
+from secateurs.runtime.paths import Output, check_input_file, check_outputs, read_onnx
 
 if TYPE_CHECKING:
     from secateurs.runtime.ort import CompareTable

@@ -14,9 +14,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from secateurs.runtime.paths import Output, check_input_file, check_outputs, read_onnx
 from secateurs.errors import InputError
 from secateurs.runtime.io import atomic_write_bytes
+from secateurs.runtime.paths import Output, check_input_file, check_outputs, read_onnx
 from secateurs.runtime.tensorrt import (
     PRECISIONS,
     build_engine,

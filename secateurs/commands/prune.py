@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from secateurs.runtime.paths import Output, check_input_file, check_outputs, spec_files
 from secateurs.commands._spec import is_onnx, load_torch_spec, parse_shapes
 from secateurs.errors import InputError
+from secateurs.runtime.paths import Output, check_input_file, check_outputs, spec_files
 
 __all__ = ["register", "run"]
 

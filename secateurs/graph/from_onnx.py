@@ -985,6 +985,20 @@ def _lower_pool(lw: _Lowering, node: onnx.NodeProto) -> None:
             {"spatial": max(lw.rank(node.input[0]) - 2, 1)})
 
 
+@_reg("DepthToSpace", "SpaceToDepth")
+def _lower_depth_to_space(lw: _Lowering, node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    if lw.rank(node.input[0]) != 4:
+        lw.opaque(node, f"{node.op_type} of a rank-{lw.rank(node.input[0])} tensor")
+        return
+    inverse = node.op_type == "SpaceToDepth"  # SpaceToDepth orders (sub-pixel, c)
+    mode = a.get("mode", b"DCR")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    order = "dcr" if inverse or mode.upper() == "DCR" else "crd"
+    lw.emit("pixel_shuffle", [node.input[0]], _first_out(node),
+            {"factor": int(a["blocksize"]), "inverse": inverse, "order": order})
+
+
 @_reg("Pad")
 def _lower_pad(lw: _Lowering, node: onnx.NodeProto) -> None:
     """``pads`` as an attribute (opset < 11) or a constant input ``[x1_begin, ..., x1_end,

@@ -138,6 +138,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2"),
     "interpolate": ("input", "size", "scale_factor"),
     "roll": ("input", "shifts", "dims"), "pad": ("input", "pad", "mode", "value"),
+    "pixel_shuffle": ("input", "upscale_factor"), "pixel_unshuffle": ("input", "downscale_factor"),
 }
 
 
@@ -446,6 +447,17 @@ def _roll(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "roll", [x], {"dims": _dims(dims, _ndim(x)) or None}
 
 
+def _pixel_shuffle(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``F.pixel_shuffle(x, r)`` / ``F.pixel_unshuffle(x, r)``: channel ``c * r * r + i * r + j``
+    <-> channel ``c`` at sub-pixel ``(i, j)``."""
+    x = b.get("input", node.args[0])
+    inverse = call_key(node) == "pixel_unshuffle"
+    r = b.get("downscale_factor" if inverse else "upscale_factor")
+    if not isinstance(r, int) or _ndim(x) < 3:
+        return "opaque", [x], {"reason": "pixel shuffle factor unknown at trace time"}
+    return "pixel_shuffle", [x], {"factor": r, "inverse": inverse, "order": "crd"}
+
+
 _PAD_MODES = {"reflection": "reflect", "replication": "replicate", "_pad_circular": "circular",
               "constant_pad_nd": "constant"}
 
@@ -531,6 +543,7 @@ _CALLS.update({
     "addmm": _elementwise("matmul"), "baddbmm": _elementwise("matmul"),
     "bmm": _elementwise("matmul"),
     "outer": _elementwise("outer"), "ger": _elementwise("outer"), "einsum": _einsum,
+    "pixel_shuffle": _pixel_shuffle, "pixel_unshuffle": _pixel_shuffle,
     "roll": _roll, "pad": _pad, "constant_pad_nd": _pad, "_pad_circular": _pad,
     **{f"{kind}_pad{n}d": _pad for kind in ("reflection", "replication") for n in (1, 2, 3)},
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),
@@ -615,6 +628,10 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         kind = type(mod).__name__
         return "pool", [], {"spatial": int(kind[-2]) if kind[-2].isdigit()
                             else max(_ndim(x) - 2, 1)}
+    if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):
+        inverse = isinstance(mod, nn.PixelUnshuffle)
+        r = mod.downscale_factor if inverse else mod.upscale_factor
+        return "pixel_shuffle", [], {"factor": int(r), "inverse": inverse, "order": "crd"}
     if isinstance(mod, _PAD_MODULES):
         mode = next(m for cls, m in _PAD_MODULES_MODE if isinstance(mod, cls))
         return "pad", [], {"pads": _pad_pairs(tuple(mod.padding), _ndim(x)), "mode": mode}

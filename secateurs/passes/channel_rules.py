@@ -985,6 +985,31 @@ def _repeat_interleave(ctx: RuleContext) -> list[Labels | None]:
     return [out]
 
 
+@_register("pixel_shuffle")
+def _pixel_shuffle(ctx: RuleContext) -> list[Labels | None]:
+    """``pixel_shuffle(x, r)`` / ONNX ``DepthToSpace``: the channel dim is ``(c, sub-pixel)``
+    row-major (``order="crd"``; ONNX's default ``DCR`` is ``(sub-pixel, c)``), ``c`` becomes
+    the output channel and the sub-pixel index moves into the (pinned) spatial dims; so a
+    channel ``c`` of the output removes its ``r * r`` input channels. ``inverse``
+    (``pixel_unshuffle`` / ``SpaceToDepth``): the output channel is the composite of the input
+    channel and a pinned sub-pixel index."""
+    x, out_shape = ctx.ins[0], ctx.out_shapes[0]
+    assert x is not None and out_shape is not None
+    r = int(ctx.node.attrs["factor"])
+    c_first = ctx.node.attrs.get("order", "crd") == "crd"
+    spatial = [ctx.space.fresh(s, pin=f"spatial dim of {ctx.where}") for s in out_shape[-2:]]
+    sub_reason = f"sub-pixel position of {ctx.where}"
+    if ctx.node.attrs.get("inverse"):
+        sub = ctx.space.fresh(r * r, pin=sub_reason)
+        channel = ctx.space.compose(x[-3], sub) if c_first else ctx.space.compose(sub, x[-3])
+        return [list(x[:-3]) + [channel] + spatial]
+    sizes = [out_shape[-3], r * r] if c_first else [r * r, out_shape[-3]]
+    parts = ctx.space.factor(x[-3], sizes)
+    channel, sub = (parts[0], parts[1]) if c_first else (parts[1], parts[0])
+    ctx.space.pin(sub, sub_reason)
+    return [list(x[:-3]) + [channel] + spatial]
+
+
 @_register("gather")
 def _gather(ctx: RuleContext) -> list[Labels | None]:
     """``out[..i..] = x[..index[..i..]..]`` along ``dim``: which positions of ``x`` are read is

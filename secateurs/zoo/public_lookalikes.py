@@ -30,6 +30,8 @@ prunes exactly (``tests/test_prune_zoo.py``) or pins with a reason
 * ``Wav2VecLite`` — wav2vec2's conv feature extractor (per-channel GroupNorm) and its
   weight-normed grouped positional conv (``parametrizations.weight_norm``, ``dim=2``);
 * ``ESPCN`` — a ``PixelShuffle`` super-resolution tail;
+* ``EDSRLite`` — a ``pixel_unshuffle`` stem and a conv + ``PixelShuffle`` upsampler mid-network
+  (an output channel of the shuffle is ``r * r`` input channels);
 * ``EffV2`` — EfficientNetV2 fused-MBConv with a hard-sigmoid squeeze-excite;
 * ``VGGish`` — ``AdaptiveAvgPool2d((2, 2))`` then ``flatten`` into a Linear (4 features per
   channel);
@@ -532,6 +534,23 @@ class ESPCN(nn.Module):
         return self.ps(self.tail(y))
 
 
+# ------------------------------------------------------------------ EDSR/NAFNet-style: pixel_unshuffle stem, PixelShuffle upsampler
+class EDSRLite(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.head = nn.Conv2d(12, c, 3, padding=1)
+        self.body = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                                                nn.Conv2d(c, c, 3, padding=1)) for _ in range(2))
+        self.up = nn.Sequential(nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2))
+        self.tail = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.head(F.pixel_unshuffle(x, 2))
+        for block in self.body:
+            y = y + 0.1 * block(y)
+        return self.tail(self.up(y)) + x
+
+
 # ------------------------------------------------------------------ MnasNet/EfficientNetV2: fused-MBConv (3x3 expand conv), SE with hardsigmoid
 class FusedMB(nn.Module):
     def __init__(self, i, o, e=4, s=1):
@@ -692,6 +711,9 @@ ENTRIES: tuple[ZooModel, ...] = (
            "conv1d", "transformer"),
     _entry("espcn_pixelshuffle", ESPCN, seeded_randn(1, 3, 16, 16),
            "ESPCN: residual convs and a PixelShuffle tail", "cnn"),
+    _entry("edsr_pixel_shuffle", EDSRLite, seeded_randn(1, 3, 16, 16),
+           "EDSR/NAFNet-style: pixel_unshuffle stem, residual body, conv + PixelShuffle "
+           "upsampler", "cnn", "residual"),
     _entry("effnetv2_fused", EffV2, seeded_randn(1, 3, 32, 32),
            "EfficientNetV2 fused-MBConv with hard-sigmoid squeeze-excite", "cnn", "residual"),
     _entry("vgg_adaptive_flatten", VGGish, seeded_randn(1, 3, 16, 16),

@@ -336,3 +336,33 @@ def test_opset8_upsample_scales_attribute_and_reshape_tokens_are_exact() -> None
     assert result.report.exact is True
     onnx.checker.check_model(result.model, full_check=True)
     _removed(result, "w1", "g1", "w2", "fc_w")
+
+
+# ---------------------------------------------------------------- depth/space rearrangement
+
+
+@pytest.mark.parametrize("mode", ["DCR", "CRD"])
+def test_depth_to_space_and_space_to_depth_prune_whole_blocks(mode: str) -> None:
+    """Super-resolution tails (ESPCN, EDSR) as TensorFlow and PyTorch exporters write them:
+    SpaceToDepth stem, conv to ``C * r * r``, DepthToSpace (DCR: TensorFlow's order, CRD:
+    torch's pixel_shuffle). An output channel of DepthToSpace is ``r * r`` conv channels."""
+    nodes = [
+        helper.make_node("SpaceToDepth", ["x"], ["s"], name="stem/s2d", blocksize=2),
+        helper.make_node("Conv", ["s", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="up/conv", pads=[1, 1, 1, 1]),
+        helper.make_node("DepthToSpace", ["c2"], ["d"], name="up/d2s", blocksize=2, mode=mode),
+        helper.make_node("Relu", ["d"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["y"], name="tail", pads=[1, 1, 1, 1]),
+    ]
+    model = _model(nodes, ["N", 3, 8, 8], "y", [
+        init("w1", rand(8, 12, 3, 3)), init("b1", rand(8)), init("w2", rand(24, 8, 3, 3)),
+        init("b2", rand(24)), init("w3", rand(3, 6, 3, 3)), init("b3", rand(3))], 13)
+    result = _exact(model, [1, 3, 8, 8])
+    _removed(result, "w1", "w2", "w3")
+    removed = result.plan.removed["w2"][0]
+    assert len(removed) % 4 == 0  # whole r * r blocks
+    # the blocks follow the mode: CRD keeps c's 4 channels consecutive, DCR strides them by C
+    c = sorted({i // 4 for i in removed}) if mode == "CRD" else sorted({i % 6 for i in removed})
+    assert len(removed) == 4 * len(c)
+    assert "w1" not in result.plan.removed or 1 not in result.plan.removed["w1"]  # image stays
