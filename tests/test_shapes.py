@@ -21,7 +21,9 @@ def _reference_shapes(gm: torch.fx.GraphModule, inputs: tuple) -> dict:
         n.meta.pop("tensor_meta", None)
     tensors = dict(gm.named_parameters(remove_duplicate=False))
     tensors.update(gm.named_buffers(remove_duplicate=False))
-    meta = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+    by_id: dict[int, torch.Tensor] = {}  # tied tensors (GPT-2's lm_head/wte) stay one tensor
+    meta = {k: by_id.setdefault(id(v), torch.empty_like(v, device="meta"))
+            for k, v in tensors.items()}
     with _reparametrize_module(gm, meta, tie_weights=True):
         ShapeProp(gm).propagate(*[a.to("meta") for a in inputs])
     return {n.name: from_fx._node_shape(n) for n in gm.graph.nodes}

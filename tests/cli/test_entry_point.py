@@ -221,7 +221,10 @@ def test_ctrl_c_prints_one_line_exit_130_and_leaves_nothing(work):
     before = snapshot(work)
     proc = subprocess.Popen([entry_point(), "prune", "model.py:slow", "--input-shape", "1,8",
                              "-o", "out.pt2"], cwd=work, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            # a test run started in the background (`cmd &`) ignores SIGINT,
+                            # and an ignored SIGINT survives exec: give the CLI the default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     deadline = time.time() + 120
     while time.time() < deadline:
