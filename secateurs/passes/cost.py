@@ -1,6 +1,6 @@
 """Cost model: parameter counts and multiply-accumulates from the channel graph's shapes.
 
-MACs are counted for the ops that dominate inference (conv, linear, matmul, attention);
+MACs are counted for the ops that dominate inference (conv, linear, matmul, einsum, attention);
 elementwise ops and normalisations are ignored, as in the usual FLOP counters. The same
 function counts before and after pruning by taking the shapes as an argument.
 """
@@ -38,7 +38,7 @@ class SizeRatios:
         return self.params_after / self.params_before if self.params_before else 1.0
 
 
-_MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha"})
+_MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha", "einsum"})
 
 
 def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int:
@@ -64,6 +64,8 @@ def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int
         elif node.op == "sdpa" and ins[0] is not None and ins[1] is not None:
             q, k = ins[0], ins[1]
             total += _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
+        elif node.op == "einsum" and len(ins) >= 2 and all(i is not None for i in ins):
+            total += _einsum_macs(str(node.attrs.get("equation", "")), ins)  # type: ignore[arg-type]
         elif node.op == "mha" and ins[0] is not None:  # q, k, v, masks, in_proj, ..., out_proj
             q, k = ins[0], ins[1] or ins[0]
             w, ow = (ins + [None] * 8)[5], (ins + [None] * 8)[7]
@@ -74,3 +76,19 @@ def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int
             seq = k[0] if len(k) < 3 else (k[1] if node.attrs.get("batch_first") else k[0])
             total += (tq + 2 * tk) * inner * e_in + 2 * tq * seq * inner + tq * inner * e_out
     return total
+
+
+def _einsum_macs(equation: str, shapes: list[Shape]) -> int:
+    """A contraction of two or more operands: one multiply-add per point of the full index
+    space (output indices x contracted indices); broadcast size-1 dims count once."""
+    from secateurs.passes.channel_rules import einsum_terms
+
+    try:
+        terms, _ = einsum_terms(equation, [len(s) for s in shapes])
+    except ValueError:
+        return 0
+    sizes: dict[str, int] = {}
+    for keys, shape in zip(terms, shapes):
+        for key, size in zip(keys, shape):
+            sizes[key] = max(sizes.get(key, 1), int(size))
+    return math.prod(sizes.values())

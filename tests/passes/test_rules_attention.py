@@ -325,3 +325,35 @@ def test_einsum_in_sublist_form_pins_with_a_reason():
     analysis = secateurs.analyze(Sublist().eval(), (torch.randn(2, 4),))
     (g,) = _groups_of(analysis, "a.weight", 0)
     assert g.is_pinned and any("sublist form" in r for r in g.pin_reasons), g.pin_reasons
+
+
+def test_einsum_attention_macs_equal_the_matmul_spelling() -> None:
+    """The cost model counts einsum contractions as the matmuls they are: attention written
+    with einsum and with ``@`` reports the same MACs before and after pruning."""
+    import torch.nn.functional as F  # noqa: N812
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self, einsum: bool) -> None:
+            super().__init__()
+            self.einsum = einsum
+            self.qkv, self.proj = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.einsum:
+                a = F.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), -1)
+                y = torch.einsum("bhqk,bhkd->bhqd", a, v)
+            else:
+                y = F.softmax(q @ k.transpose(-1, -2), -1) @ v
+            return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+    x = torch.randn(1, 6, 32)
+    reports = []
+    for einsum in (True, False):
+        torch.manual_seed(0)
+        result = secateurs.prune(Attn(einsum).eval(), (x,), ratio=0.5)
+        reports.append((result.report.macs_before, result.report.macs_after))
+    assert reports[0] == reports[1]
+    assert reports[0][1] < reports[0][0]
