@@ -78,14 +78,17 @@ def test_pixel_shuffle_removes_whole_sub_pixel_blocks() -> None:
     assert not any("no channel rule" in r for r in reasons)
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("crnn_lstm", "no channel rule for module type LSTM"),
-])
-def test_opaque_modules_pin_their_neighbours_with_a_reason(name: str, reason: str) -> None:
-    _, _, result, ok, _ = _prune(name)
-    assert ok
-    assert any(reason in r for r in _reasons(result))
-    assert result.report.macs_after < result.report.macs_before  # the rest still prunes
+def test_lstm_input_features_prune_and_the_hidden_state_stays() -> None:
+    _, _, result, ok, diff = _prune("crnn_lstm")
+    assert ok, diff
+    rnn = result.model.rnn
+    shapes = {k: tuple(v.shape) for k, v in result.model.state_dict().items()}
+    assert rnn.input_size < 128 and shapes["rnn.weight_ih_l0"] == (128, rnn.input_size)
+    assert shapes["rnn.weight_ih_l0_reverse"] == (128, rnn.input_size)
+    assert shapes["rnn.weight_hh_l0"] == (128, 32)  # recurrent: kept
+    assert any("hidden state of" in r for r in _reasons(result))
+    with torch.no_grad():  # the module's cached weight list follows the sliced weights
+        assert result.model(torch.randn(2, 1, 16, 20)).shape == (2, 20, 11)
 
 
 def test_every_lookalike_runs_at_another_batch_size() -> None:

@@ -118,6 +118,8 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
                 mod.normalized_shape = tuple(value)
             elif hasattr(mod, attr):
                 setattr(mod, attr, value)
+        if isinstance(mod, nn.RNNBase):
+            mod._init_flat_weights()  # its cached weight list still holds the unsliced ones
         return
     key = call_key(node)
     if "shape" in consts and key in _SHAPE_ARG_OPS:

@@ -628,6 +628,9 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         kind = type(mod).__name__
         return "pool", [], {"spatial": int(kind[-2]) if kind[-2].isdigit()
                             else max(_ndim(x) - 2, 1)}
+    if isinstance(mod, nn.RNNBase) and not getattr(mod, "proj_size", 0):
+        params = ["weight_ih_l0"] + (["weight_ih_l0_reverse"] if mod.bidirectional else [])
+        return "rnn", params, {"batch_first": bool(mod.batch_first)}
     if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):
         inverse = isinstance(mod, nn.PixelUnshuffle)
         r = mod.downscale_factor if inverse else mod.upscale_factor

@@ -985,6 +985,36 @@ def _repeat_interleave(ctx: RuleContext) -> list[Labels | None]:
     return [out]
 
 
+def _rnn_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"input_size": count(keep["in"])}
+
+
+@_register("rnn", rewrite=_rnn_rewrite)
+def _rnn(ctx: RuleContext) -> list[Labels | None]:
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: the input features are the columns of the first
+    layer's ``weight_ih_l0`` (and ``_reverse``), so removing an input channel slices them and
+    sets ``input_size``: exact. The hidden state (gate rows, ``weight_hh``, later layers, the
+    outputs and ``(h, c)``) is recurrent and stays, pinned."""
+    x, w, *rest = ctx.ins + [None]
+    if x is None or w is None:
+        return [None if shape is None else ctx.fresh_dims(shape, f"output of {ctx.where}")
+                for shape in ctx.out_shapes]
+    hidden = f"hidden state of {ctx.where} (recurrent: not pruned)"
+    for weight in [w, *(r for r in rest if r is not None)]:
+        ctx.space.unify(weight[1], x[-1])
+        ctx.space.pin(weight[0], hidden)
+    ctx.keep["in"] = x[-1]
+    outs: list[Labels | None] = []
+    for k, shape in enumerate(ctx.out_shapes):
+        if shape is None:
+            outs.append(None)
+        elif k == 0 and len(shape) == len(x):
+            outs.append(list(x[:-1]) + [ctx.space.fresh(shape[-1], pin=hidden)])
+        else:
+            outs.append(ctx.fresh_dims(shape, hidden))
+    return outs
+
+
 @_register("pixel_shuffle")
 def _pixel_shuffle(ctx: RuleContext) -> list[Labels | None]:
     """``pixel_shuffle(x, r)`` / ONNX ``DepthToSpace``: the channel dim is ``(c, sub-pixel)``
