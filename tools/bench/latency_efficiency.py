@@ -54,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_prune import SHAPE, export, macs, session  # noqa: E402
+from onnx_prune import SHAPE, export, interleaved_stats, macs  # noqa: E402
 
 from secateurs.graph.from_onnx import from_onnx  # noqa: E402
 from secateurs.graph.onnx_apply import apply_plan_onnx  # noqa: E402
@@ -94,18 +94,9 @@ def time_interleaved(models: dict[str, onnx.ModelProto], threads: int,
                      rounds: int) -> dict[str, dict[str, float]]:
     """One run of each model per round; per model the median and the 10th percentile (ms).
     On a shared machine the low percentile is the closer estimate of uncontended time."""
-    sessions = {k: session(m, threads) for k, m in models.items()}
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    for s in sessions.values():
-        s.run(None, {"x": x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[k].append(time.perf_counter() - t0)
-    return {"median": {k: statistics.median(v) * 1e3 for k, v in times.items()},
-            "p10": {k: float(np.percentile(v, 10)) * 1e3 for k, v in times.items()}}
+    stats = interleaved_stats(models, 1, threads, rounds)
+    return {"median": {k: st.p50 for k, st in stats.items()},
+            "p10": {k: st.p10 for k, st in stats.items()}}
 
 
 # ---------------------------------------------------------------- per-op profile

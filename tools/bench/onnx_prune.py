@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -89,19 +88,23 @@ def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
                                 providers=["CPUExecutionProvider"])
 
 
+def interleaved_stats(models: dict[str, onnx.ModelProto], batch: int, threads: int,
+                      rounds: int) -> dict[str, Any]:
+    """Per model the ``LatencyStats`` (ms) of ``rounds`` interleaved runs on one random input
+    (``secateurs.runtime.ort.compare``: one warm-up, the order rotated every round)."""
+    from secateurs.runtime.ort import compare
+
+    keys = list(models)
+    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    table = compare(models[keys[0]], [models[k] for k in keys[1:]], inputs={"x": x},
+                    threads=[threads], batch=[batch], warmup=1, repeats=rounds, names=keys)
+    return {row.model: row.stats for row in table.rows}
+
+
 def time_interleaved(models: dict[str, onnx.ModelProto], batch: int, threads: int,
                      rounds: int) -> dict[str, float]:
-    sessions = {k: session(m, threads) for k, m in models.items()}
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    for s in sessions.values():  # warm-up
-        s.run(None, {"x": x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+    """Median ms per model, interleaved (:func:`interleaved_stats`)."""
+    return {k: st.p50 for k, st in interleaved_stats(models, batch, threads, rounds).items()}
 
 
 def compare_onnxsim(name: str, dense: onnx.ModelProto, ratio: float) -> dict[str, Any]:
