@@ -35,7 +35,7 @@ from secateurs.passes.importance import (
     rounded_keep,
 )
 from secateurs.passes.plan import Plan, build_plan
-from secateurs.passes.repair import FxNet, Repair, compare_outputs, repair
+from secateurs.passes.repair import FxNet, Repair, compare_outputs, conclude, repair
 
 __all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
            "GroupRow", "verify_mask_equivalence", "zero_plan_slices", "group_rows",
@@ -534,15 +534,7 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
                        timer.seconds, tracer, prep.repairs)
     report = dataclasses.replace(report, seconds=dict(timer.seconds), exact=ok,
                                  max_abs_diff=diff, notes=tuple(prep.notes))
-    if report.repairs:
-        log.warning("prune: the safety net pinned %d group(s) (a missing or wrong channel "
-                    "rule each; please report this model): %s", len(report.repairs),
-                    "; ".join(r.reason for r in report.repairs))
-    if verify and not ok:
-        raise SecateursError(f"mask-equivalence check failed (max |diff| {diff:.3g}) even "
-                             "after the safety net's repairs: the pruned model differs from "
-                             "the original with the removed slices zeroed. Please report "
-                             "this model.")
+    conclude(report, verify, ok, diff, log, "prune")
     log.info("pruned: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
              100 * report.params_kept)
     return PruneResult(pruned, plan, report, analysis)

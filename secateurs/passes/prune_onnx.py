@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 import torch
 
-from secateurs.errors import InputError, SecateursError
+from secateurs.errors import InputError
 from secateurs.graph.from_onnx import from_onnx, onnx_node_names, tensor_array
 from secateurs.graph.onnx_apply import (
     apply_plan_onnx,
@@ -56,7 +56,7 @@ from secateurs.passes.kernel_widths import ort_cpu_widths
 from secateurs.passes.onnx_fold_patches import fold_shape_patches
 from secateurs.passes.plan import Plan
 from secateurs.passes.prune import PruneReport, StageTimer, _describe, group_rows, select_units
-from secateurs.passes.repair import OnnxNet, Repair, repair
+from secateurs.passes.repair import OnnxNet, Repair, conclude, repair
 
 __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
            "load_model"]
@@ -317,15 +317,8 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
             ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
     report = _report(analysis, removed, model, pruned, timer.seconds, repairs)
     report = dataclasses.replace(report, exact=ok, max_abs_diff=diff, notes=tuple(net.notes))
-    if report.repairs:
-        log.warning("prune_onnx: the safety net pinned %d group(s) (a missing or wrong channel "
-                    "rule each; please report this model): %s", len(report.repairs),
-                    "; ".join(r.reason for r in report.repairs))
-    if verify and not ok:
-        raise SecateursError(f"mask-equivalence check failed under ONNX Runtime (max |diff| "
-                             f"{diff:.3g}) even after the safety net's repairs: the pruned "
-                             "model differs from the original with the removed slices "
-                             "zeroed. Please report this model.")
+    conclude(report, verify, ok, diff, log, "prune_onnx",
+             "mask-equivalence check under ONNX Runtime")
     result = OnnxPruneResult(pruned, plan, report, analysis, external)
     if output_path is not None:
         timer.run("save", result.save, output_path)

@@ -394,6 +394,33 @@ def _first_line(exc: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + "..."
 
 
+def _cannot_run(exc: BaseException) -> Failure:
+    return Failure("", f"removing it makes the model fail: {_first_line(exc)}", "exact")
+
+
+def _numeric(net: Any, ok: bool, diff: float) -> Failure | None:
+    """The numeric check's verdict for a net (``FxNet`` / ``OnnxNet``): record the last
+    passing diff, or the failure with it."""
+    if ok:
+        net.last_diff = diff
+        return None
+    return Failure("", f"removing it changes outputs (max abs diff {diff:.3g})", "exact")
+
+
+def conclude(report: Any, verify: bool, ok: bool, diff: float, logger: logging.Logger,
+             who: str, check: str = "mask-equivalence check") -> None:
+    """Shared end of ``prune`` / ``prune_onnx``: warn about every group the safety net
+    pinned, and refuse (``verify=True``) a result that is still not mask-equivalent."""
+    if report.repairs:
+        logger.warning("%s: the safety net pinned %d group(s) (a missing or wrong channel rule "
+                    "each; please report this model): %s", who, len(report.repairs),
+                    "; ".join(r.reason for r in report.repairs))
+    if verify and not ok:
+        raise SecateursError(f"{check} failed (max |diff| {diff:.3g}) even after the safety "
+                             "net's repairs: the pruned model differs from the original with "
+                             "the removed slices zeroed. Please report this model.")
+
+
 def _flat_nodes(arg: Any) -> list[Any]:
     out: list[Any] = []
     torch.fx.node.map_aggregate(arg, out.append)
@@ -590,12 +617,9 @@ class FxNet:
         except TrialBroken:
             raise
         except Exception as exc:  # noqa: BLE001 - a trial that cannot run is a failure
-            return Failure("", f"removing it makes the model fail: {_first_line(exc)}", "exact")
+            return _cannot_run(exc)
         ok, diff = compare_outputs(expected, got, self.rtol, self.atol)
-        if ok:
-            self.last_diff = diff
-            return None
-        return Failure("", f"removing it changes outputs (max abs diff {diff:.3g})", "exact")
+        return _numeric(self, ok, diff)
 
     def both(self, removed: Selection) -> Failure | None:
         return self.runs(removed) or self.exact(removed)
@@ -794,11 +818,8 @@ class OnnxNet:
         try:
             ok, diff = self.verify(self.model, self.apply(self.model, plan), plan, self.feeds)
         except Exception as exc:  # noqa: BLE001 - a trial that cannot run is a failure
-            return Failure("", f"removing it makes the model fail: {_first_line(exc)}", "exact")
-        if ok:
-            self.last_diff = diff
-            return None
-        return Failure("", f"removing it changes outputs (max abs diff {diff:.3g})", "exact")
+            return _cannot_run(exc)
+        return _numeric(self, ok, diff)
 
     def both(self, removed: Selection) -> Failure | None:
         return self.runs(removed) or self.exact(removed)
