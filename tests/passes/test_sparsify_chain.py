@@ -55,6 +55,15 @@ def _calibration(n: int = 3) -> list[dict[str, torch.Tensor]]:
             for _ in range(n)]
 
 
+def _prefix_run(monkeypatch, model, pattern: str, method: str, calibration):
+    """``sparsify`` with the block chain disabled: every layer's statistics from a prefix run
+    of the model (the reference the chained path must reproduce)."""
+    with monkeypatch.context() as m:
+        m.setattr(sp, "_chain_container", lambda model, layers: None)
+        return sp.sparsify(model, pattern, method=method, calibration=calibration,
+                           sequential="layer")
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 @pytest.mark.parametrize("pattern", ["2:4", "unstructured"])
 def test_chained_equals_prefix_runs(monkeypatch, method, pattern):
@@ -62,10 +71,7 @@ def test_chained_equals_prefix_runs(monkeypatch, method, pattern):
     model = Encoder()
     chained = sp.sparsify(model, pattern, method=method, calibration=_calibration(),
                           sequential="layer")
-    with monkeypatch.context() as m:
-        m.setattr(sp, "_chain_container", lambda model, layers: None)
-        prefix = sp.sparsify(model, pattern, method=method, calibration=_calibration(),
-                             sequential="layer")
+    prefix = _prefix_run(monkeypatch, model, pattern, method, _calibration())
     assert chained.masks.keys() == prefix.masks.keys() and len(chained.masks) == 26
     for name, mask in prefix.masks.items():
         assert torch.equal(chained.masks[name], mask), name
@@ -152,10 +158,7 @@ def test_chain_refused_when_a_replay_does_not_reproduce(monkeypatch):
     assert chain is not None  # arguments chain, but the blocks read the model's state
     assert not sp._replays(chain, model, samples)
     result = sp.sparsify(model, "2:4", method="wanda", calibration=samples, sequential="layer")
-    with monkeypatch.context() as m:
-        m.setattr(sp, "_chain_container", lambda model, layers: None)
-        prefix = sp.sparsify(model, "2:4", method="wanda", calibration=samples,
-                             sequential="layer")
+    prefix = _prefix_run(monkeypatch, model, "2:4", "wanda", samples)
     for name, mask in prefix.masks.items():
         assert torch.equal(result.masks[name], mask), name
 
@@ -176,10 +179,7 @@ def test_chain_on_hugging_face_bert(monkeypatch):
     assert chain is not None
     chained = sp.sparsify(model, "2:4", method="sparsegpt", calibration=calibration,
                           sequential="layer")
-    with monkeypatch.context() as m:
-        m.setattr(sp, "_chain_container", lambda model, layers: None)
-        prefix = sp.sparsify(model, "2:4", method="sparsegpt", calibration=calibration,
-                             sequential="layer")
+    prefix = _prefix_run(monkeypatch, model, "2:4", "sparsegpt", calibration)
     for name, mask in prefix.masks.items():
         assert torch.equal(chained.masks[name], mask), name
 
