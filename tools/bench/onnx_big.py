@@ -70,15 +70,19 @@ def build(path: Path, layers: int) -> int:
     return offset
 
 
-CHILD = r"""
-import json, sys, time
-sys.path.insert(0, {root!r})
+# Each child reports its own peak: VmHWM, its high-water mark (ru_maxrss keeps the parent's
+# across exec). Spliced into both child scripts below.
+PEAK_RSS = r"""
 def peak_rss():
-    # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-from secateurs.passes.prune_onnx import prune_onnx
+"""
+
+CHILD = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
+{peak_rss}from secateurs.passes.prune_onnx import prune_onnx
 from secateurs.passes.onnx_sparsify import sparsify_onnx
 start = time.perf_counter()
 if {op!r} == "prune":
@@ -100,12 +104,7 @@ print(json.dumps({{"seconds": time.perf_counter() - start,
 IO_CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
-def peak_rss():
-    # VmHWM: this process's own high-water mark (ru_maxrss keeps the parent's across exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-start = time.perf_counter()
+{peak_rss}start = time.perf_counter()
 how, src, dst = {how!r}, {src!r}, {dst!r}
 if how == "protobuf":
     import onnx
@@ -142,7 +141,8 @@ def io_rows(src: Path, work: Path, weights: int, hows: tuple[str, ...]) -> dict:
     rows = {}
     for how in hows:
         dst = work / f"io_{how}.onnx"
-        code = IO_CHILD.format(root=str(ROOT), how=how, src=str(src), dst=str(dst))
+        code = IO_CHILD.format(root=str(ROOT), peak_rss=PEAK_RSS, how=how, src=str(src),
+                               dst=str(dst))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=False)
         if out.returncode:
@@ -182,7 +182,7 @@ def typical_model(work: Path) -> tuple[Path, int] | None:
 
 
 def run(op: str, src: Path, dst: Path) -> dict:
-    code = CHILD.format(root=str(ROOT), op=op, src=str(src), dst=str(dst))
+    code = CHILD.format(root=str(ROOT), peak_rss=PEAK_RSS, op=op, src=str(src), dst=str(dst))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=False)
     if out.returncode:
