@@ -996,10 +996,12 @@ def _rnn(ctx: RuleContext) -> list[Labels | None]:
     sets ``input_size``: exact. The hidden state (gate rows, ``weight_hh``, later layers, the
     outputs and ``(h, c)``) is recurrent and stays, pinned."""
     x, w, *rest = ctx.ins + [None]
-    if x is None or w is None:
-        return [None if shape is None else ctx.fresh_dims(shape, f"output of {ctx.where}")
-                for shape in ctx.out_shapes]
     hidden = f"hidden state of {ctx.where} (recurrent: not pruned)"
+    if x is None or w is None:  # e.g. a PackedSequence input: its features cannot be followed
+        for weight in (v for v in (w, *rest) if v is not None):
+            ctx.pin_all(weight, f"input of {ctx.where} is not a plain tensor")
+        return [None if shape is None else ctx.fresh_dims(shape, hidden)
+                for shape in ctx.out_shapes]
     for weight in [w, *(r for r in rest if r is not None)]:
         ctx.space.unify(weight[1], x[-1])
         ctx.space.pin(weight[0], hidden)
