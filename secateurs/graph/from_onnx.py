@@ -20,6 +20,8 @@ Concat / Split / Slice / Gather        ``cat`` / ``split`` / ``index`` {items} (
 Reshape / Flatten / Squeeze /          ``reshape``
 Unsqueeze
 Transpose / Expand / Tile              ``permute`` / ``expand`` / ``repeat``
+LSTM / GRU / RNN                       ``rnn`` {input_dim = 2: ``W``'s input features; ``R``,
+                                       ``B``, states and outputs pinned}
 pools / Resize / Reduce* / Softmax     ``pool`` / ``resize`` / ``reduce`` / ``softmax``
 Constant, Shape and shape arithmetic   folded to constants (no node); a float ``Constant``
                                        of more than one element is a parameter
@@ -983,6 +985,25 @@ def _lower_tile(lw: _Lowering, node: onnx.NodeProto) -> None:
 def _lower_pool(lw: _Lowering, node: onnx.NodeProto) -> None:
     lw.emit("pool", [node.input[0]], _first_out(node),
             {"spatial": max(lw.rank(node.input[0]) - 2, 1)})
+
+
+@_reg("LSTM", "GRU", "RNN")
+def _lower_rnn(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """``X`` is ``[seq, batch, input]`` (``layout=0``) or ``[batch, seq, input]``
+    (``layout=1``): the features are last either way, and ``W`` ``[directions, gates·hidden,
+    input]`` holds them on dim 2. ``R``, ``B``, ``sequence_lens``, the initial states and the
+    peepholes are recurrent state, like the outputs (the ``rnn`` rule pins them). A ``W`` that
+    is not an initializer or Constant is not followed: the rule pins ``X``'s features."""
+    x, w = node.input[0], node.input[1]
+    if lw.rank(x) != 3 or len(lw.shape(w)) != 3:
+        lw.opaque(node, f"{node.op_type} with a rank-{lw.rank(x)} input or a "
+                        f"rank-{len(lw.shape(w))} W")
+        return
+    attrs: dict[str, Any] = {"layout": int(_attrs(node).get("layout", 0)), "input_dim": 2,
+                             "weights": 1, "sequence_output": False}
+    if not lw.is_param(w):
+        attrs["unfollowed"] = f"{node.op_type} input weights W '{w}' are computed at run time"
+    lw.emit("rnn", list(node.input), [o for o in node.output if o], attrs)
 
 
 @_reg("DepthToSpace", "SpaceToDepth")

@@ -991,26 +991,51 @@ def _rnn_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, An
 
 @_register("rnn", rewrite=_rnn_rewrite)
 def _rnn(ctx: RuleContext) -> list[Labels | None]:
-    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: the input features are the columns of the first
-    layer's ``weight_ih_l0`` (and ``_reverse``), so removing an input channel slices them and
-    sets ``input_size``: exact. The hidden state (gate rows, ``weight_hh``, later layers, the
-    outputs and ``(h, c)``) is recurrent and stays, pinned."""
-    x, w, *rest = ctx.ins + [None]
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` and ONNX ``LSTM`` / ``GRU`` / ``RNN``: the input
+    features are the columns of the first layer's input weights (torch ``weight_ih_l0`` and
+    ``_reverse``, ``[gates·hidden, input]``; ONNX ``W``, ``[directions, gates·hidden, input]``),
+    so removing an input channel slices them (and sets torch's ``input_size``): exact. The
+    hidden state (gate rows, ``weight_hh`` / ONNX ``R``, biases, later layers, the outputs and
+    the states) is recurrent and stays, pinned.
+
+    Attrs, all optional (torch's defaults): ``input_dim``, the dim of an input weight that holds
+    the input features (1; ONNX ``W``: 2); ``weights``, how many operands after ``x`` are input
+    weights (all of them; ONNX: 1), the rest (ONNX ``R``, ``B``, ``sequence_lens``, initial
+    states, peepholes) being recurrent state, pinned whole; ``sequence_output``, whether output
+    0 keeps ``x``'s leading dims (True; ONNX ``Y`` has a directions dim: False);
+    ``unfollowed``, why the input weights cannot be followed (ONNX ``W`` computed at run time):
+    ``x``'s features and the weights are pinned then, never a free group."""
+    a = ctx.node.attrs
     hidden = f"hidden state of {ctx.where} (recurrent: not pruned)"
-    if x is None or w is None:  # e.g. a PackedSequence input: its features cannot be followed
-        for weight in (v for v in (w, *rest) if v is not None):
-            ctx.pin_all(weight, f"input of {ctx.where} is not a plain tensor")
+    n = int(a.get("weights", len(ctx.ins) - 1))
+    x, weights, state = ctx.ins[0], ctx.ins[1:1 + n], ctx.ins[1 + n:]
+    for labels in state:
+        ctx.pin_all(labels, hidden)
+    unfollowed = a.get("unfollowed")
+    if x is None or not weights or weights[0] is None:  # e.g. a PackedSequence input
+        unfollowed = f"input of {ctx.where} is not a plain tensor"
+    elif unfollowed:
+        unfollowed = f"{unfollowed} ({ctx.where})"
+    if unfollowed:
+        if x is not None:
+            ctx.space.pin(x[-1], unfollowed)
+        for weight in weights:
+            ctx.pin_all(weight, unfollowed)
         return [None if shape is None else ctx.fresh_dims(shape, hidden)
                 for shape in ctx.out_shapes]
-    for weight in [w, *(r for r in rest if r is not None)]:
-        ctx.space.unify(weight[1], x[-1])
-        ctx.space.pin(weight[0], hidden)
+    assert x is not None
+    dim = int(a.get("input_dim", 1))
+    for weight in (v for v in weights if v is not None):
+        ctx.space.unify(weight[dim], x[-1])
+        for d, vec in enumerate(weight):
+            if d != dim:
+                ctx.space.pin(vec, hidden)
     ctx.keep["in"] = x[-1]
     outs: list[Labels | None] = []
     for k, shape in enumerate(ctx.out_shapes):
         if shape is None:
             outs.append(None)
-        elif k == 0 and len(shape) == len(x):
+        elif k == 0 and len(shape) == len(x) and a.get("sequence_output", True):
             outs.append(list(x[:-1]) + [ctx.space.fresh(shape[-1], pin=hidden)])
         else:
             outs.append(ctx.fresh_dims(shape, hidden))
