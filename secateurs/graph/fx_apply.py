@@ -89,17 +89,20 @@ def _set_arg(node: torch.fx.Node, key: str, name: str, value: Any) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def _rewrite_shape(seq: Any, new: list[int], old: Any = None) -> Any:
+def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
+                   channels: Sequence[int] = ()) -> Any:
     """Replace the integer sizes; a size computed at run time (``x.size(2)`` of another
-    tensor) whose dim shrank becomes the new constant."""
+    tensor, ``C // heads``) becomes the new constant where its dim shrank or is a channel dim
+    (``channels``: its size may follow another tensor's pruned width even where this dim
+    kept its own, e.g. ``view(B, T, heads, C // heads)`` with C pruned and head dims not)."""
     out = []
     for i, v in enumerate(seq):
         if i >= len(new):
             out.append(v)
         elif isinstance(v, int) and v != -1:
             out.append(new[i])
-        elif isinstance(v, torch.fx.Node) and isinstance(old, tuple) and i < len(old) \
-                and old[i] != new[i]:
+        elif isinstance(v, torch.fx.Node) and (i in channels or (
+                isinstance(old, tuple) and i < len(old) and old[i] != new[i])):
             out.append(new[i])
         else:
             out.append(v)
@@ -125,10 +128,12 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
     if "shape" in consts and key in _SHAPE_ARG_OPS:
         new = consts["shape"]
         old = _node_shape(node)
+        ch = consts.get("channel_dims", ())
         if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)):
-            node.args = (node.args[0], *_rewrite_shape(list(node.args[1:]), new, old))
+            node.args = (node.args[0], *_rewrite_shape(list(node.args[1:]), new, old, ch))
         else:
-            node.args = (node.args[0], _rewrite_shape(node.args[1], new, old), *node.args[2:])
+            node.args = (node.args[0], _rewrite_shape(node.args[1], new, old, ch),
+                         *node.args[2:])
     elif "shape" in consts and key == "unflatten":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
         nd = len(consts["shape"])

@@ -94,6 +94,15 @@ def _decode(v: Any) -> Any:
     return v
 
 
+def _units_mask(analysis: Analysis, free: bool) -> np.ndarray:
+    """As a removed-atoms mask: the unpinned units of the groups that touch a parameter
+    (``free``), or every other unit (pinned ones: graph inputs such as the batch; groups no
+    parameter has)."""
+    return analysis.removed_atoms({
+        g.id: np.nonzero(~g.pinned if free else (g.pinned | (not g.members)))[0]
+        for g in analysis.groups if g.members or not free})
+
+
 def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
                meta: dict[str, Any] | None = None) -> Plan:
     """Turn chosen units into sliced indices and rewritten constants."""
@@ -116,6 +125,8 @@ def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
                 if not alive.all():
                     removed.setdefault(pname, {})[d] = np.nonzero(~alive)[0].tolist()
     constants: dict[str, dict[str, Any]] = {}
+    weights: np.ndarray | None = None
+    other = weights
     for node in analysis.graph.nodes:
         rule = rule_for(node.op)
         keep = analysis.keep.get(node.name)
@@ -124,5 +135,17 @@ def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
         before = rule.rewrite(node, keep, len)
         after = rule.rewrite(node, keep, lambda v: int(res.alive(v, gone).sum()))
         if after != before:
+            if "shape" in after and "out" in keep:
+                # which dims are channels (sizes the weights fix): a size the model computes at
+                # run time there (``C // heads`` of another, pruned tensor's width) becomes
+                # the new constant even where this dim kept its size. A dim with any pinned
+                # unit (batch, tokens, a batch x heads merge) or a unit of a group no parameter
+                # has stays as computed: its size can change at run time
+                if weights is None:
+                    weights = _units_mask(analysis, True)
+                    other = _units_mask(analysis, False)
+                after["channel_dims"] = [
+                    i for i, v in enumerate(keep["out"])
+                    if not res.alive(v, weights).all() and res.alive(v, other).all()]
             constants[node.name] = after
     return Plan(removed, constants, analysis.graph.frontend, dict(meta or {}))
