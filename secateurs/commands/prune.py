@@ -45,7 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write the pruned model here: .pt2 (torch.export program) or .pt for "
                    "torch, .onnx for ONNX")
     p.add_argument("--ratio", type=float, default=0.5,
-                   help="fraction of units removed in each group (default 0.5)")
+                   help="fraction of each channel group's width removed; attention loses whole heads "
+                        "first (default 0.5)")
     p.add_argument("--importance", default="l2",
                    help="importance criterion (default l2; see below)")
     p.add_argument("--calibration", metavar="FILE.npz",

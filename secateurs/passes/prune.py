@@ -192,7 +192,14 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
                  min_units: int = 1) -> dict[int, np.ndarray]:
     """Choose the units to remove, per group (or ranked globally). ``round_to``: one
     multiple for every plain channel group, or a policy ``(group, keep) -> keep`` that rounds
-    any group it chooses to (``passes/kernel_widths.py``)."""
+    any group it chooses to (``passes/kernel_widths.py``).
+
+    Per group, ``ratio`` (or the group's entry in ``ratios``) is the fraction of its width
+    removed. Where one channel space is factored into several groups (heads x head dim,
+    conv groups x channels per group, shuffle groups), the ratio applies to the space's width,
+    not to every factor: the outer factor (heads) loses its share first and the inner ones only
+    what is still missing (:func:`factor_families`), so ``ratio=0.5`` keeps half of a ViT's
+    attention width in whole heads at their full head dim, not a quarter of it."""
     skip = skip or set()
     eligible: dict[int, np.ndarray] = {}
     for g in analysis.groups:
@@ -203,34 +210,117 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
         ok = ~g.pinned
         if ok.any():
             eligible[g.id] = np.nonzero(ok)[0]
-    targets: dict[int, int] = {}
-    if global_pruning:
-        pool = [(float(scores[gid][u]), gid, int(u)) for gid, units in eligible.items()
-                for u in units]
-        pool.sort()
-        budget = int(ratio * sum(analysis.groups[g].size for g in eligible))
-        for _, gid, _ in pool[:budget]:
-            targets[gid] = targets.get(gid, 0) + 1
-    else:
-        for gid in eligible:
-            r = (ratios or {}).get(gid, ratio)
-            targets[gid] = int(math.floor(r * analysis.groups[gid].size))
-    removed: dict[int, np.ndarray] = {}
-    for gid, n_remove in targets.items():
-        g = analysis.groups[gid]
+
+    def removal(g: ChannelGroup, n_remove: int) -> int:
+        """``n_remove`` after the width policy, the pinned units and ``min_units``."""
         keep = g.size - n_remove
         if callable(round_to):
             keep = round_to(g, keep)
         elif _plain(g):
             keep = rounded_keep(g.size, keep, round_to)
         keep = max(keep, min_units, int(g.pinned.sum()))
-        n_remove = min(g.size - keep, len(eligible[gid]))
-        if n_remove <= 0:
-            continue
+        return max(0, min(g.size - keep, len(eligible[g.id])))
+
+    def choose(gid: int, n_remove: int) -> np.ndarray:
+        """The ``n_remove`` lowest-scoring eligible units (no member left empty)."""
         units = eligible[gid]
         order = np.argsort(scores[gid][units], kind="stable")
-        removed[gid] = _keep_every_member(g, np.sort(units[order[:n_remove]]), scores[gid])
-    return removed
+        return _keep_every_member(analysis.groups[gid], np.sort(units[order[:n_remove]]),
+                                  scores[gid])
+
+    counts: dict[int, int] = {}
+    if global_pruning:
+        pool = [(float(scores[gid][u]), gid, int(u)) for gid, units in eligible.items()
+                for u in units]
+        pool.sort()
+        budget = int(ratio * sum(analysis.groups[g].size for g in eligible))
+        for _, gid, _ in pool[:budget]:
+            counts[gid] = counts.get(gid, 0) + 1
+        counts = {gid: removal(analysis.groups[gid], n) for gid, n in counts.items()}
+    else:
+        asked = {gid: (ratios or {}).get(gid, ratio) for gid in eligible}
+        for gid, r in asked.items():
+            counts[gid] = removal(analysis.groups[gid],
+                                  int(math.floor(r * analysis.groups[gid].size)))
+    removed = {gid: choose(gid, n) for gid, n in counts.items() if n > 0}
+    if not global_pruning:
+        spaces, order = factor_spaces(analysis, eligible)
+        spaces = [sp for sp in spaces if len({asked[gid] for gid in sp}) == 1]
+        kept: dict[int, float] = {}
+        for gid in (g for g in order if any(g in sp for sp in spaces)):  # outer factors first
+            g = analysis.groups[gid]
+            # what the factors before this one already took from each space it is part of
+            # (the least of them: no space loses more than its ratio)
+            done = min(math.prod(kept[o] for o in sp[:sp.index(gid)])
+                       for sp in spaces if gid in sp)
+            share = max(0.0, 1.0 - (1.0 - asked[gid]) / done)
+            n = removal(g, int(math.floor(share * g.size + 1e-9)))
+            removed.pop(gid, None)
+            if n > 0:
+                removed[gid] = choose(gid, n)
+            kept[gid] = 1.0 - len(removed.get(gid, ())) / g.size
+    return {gid: idx for gid, idx in removed.items() if len(idx)}
+
+
+def factor_spaces(analysis: Analysis,
+                  among: Iterable[int]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Channel spaces factored into several groups (of ``among``): the groups whose units
+    share positions of one parameter dim (each position is one head *and* one head dim).
+    Returns the spaces, each outer factor first (the factor whose units cover the longest runs
+    of positions: heads before head dims), and every factor in that same order. A group
+    that is some conv's or linear's own output channels (the operands of a flattened outer
+    product, a conv's channels split by a shuffle) is a channel space of its own and keeps its
+    ratio; groups over disjoint positions of one dim (concat parts) are not factors of each
+    other."""
+    slots: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
+    run_length: dict[int, float] = {}
+    outputs = _layer_outputs(analysis)
+    for gid in among:
+        g = analysis.groups[gid]
+        if any((m.param, m.dim) in outputs and len(m.units) == len(np.unique(m.units))
+               for m in g.members):
+            continue  # a layer's own output channels (an outer product's operand)
+        for m in g.members:
+            if len(m.units) == len(np.unique(m.units)):
+                continue
+            units = m.units[np.argsort(m.positions, kind="stable")]
+            runs = 1 + int(np.count_nonzero(units[1:] != units[:-1]))
+            run_length[gid] = max(run_length.get(gid, 0.0), len(units) / runs)
+            slots.setdefault((m.param, m.dim), []).append((gid, m.positions))
+
+    def key(gid: int) -> tuple[float, int]:
+        return -run_length[gid], gid
+
+    spaces: set[tuple[int, ...]] = set()
+    for entries in slots.values():
+        parent = list(range(len(entries)))
+
+        def find(i: int, parent: list[int] = parent) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for i, (a, pa) in enumerate(entries):
+            for j in range(i + 1, len(entries)):
+                b, pb = entries[j]
+                if a != b and np.intersect1d(pa, pb).size:
+                    parent[find(i)] = find(j)
+        parts: dict[int, set[int]] = {}
+        for i, (gid, _) in enumerate(entries):
+            parts.setdefault(find(i), set()).add(gid)
+        spaces.update(tuple(sorted(p, key=key)) for p in parts.values() if len(p) > 1)
+    factors = sorted({gid for sp in spaces for gid in sp}, key=key)
+    return sorted(spaces), factors
+
+
+def _layer_outputs(analysis: Analysis) -> set[tuple[str, int]]:
+    """``(parameter, dim)`` of every conv's and linear's output channels."""
+    values = {v: p for p, v in analysis.param_values.items()}
+    out: set[tuple[str, int]] = set()
+    for node in analysis.graph.nodes:
+        if node.op in ("conv", "linear") and len(node.inputs) > 1 and node.inputs[1] in values:
+            out.add((values[node.inputs[1]], 1 if node.attrs.get("transposed") else 0))
+    return out
 
 
 def _keep_every_member(group: ChannelGroup, chosen: np.ndarray, scores: np.ndarray) -> np.ndarray:

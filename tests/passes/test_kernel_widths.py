@@ -121,14 +121,15 @@ def test_head_dims_rounded_heads_not_and_exact() -> None:
     analysis = analyze_onnx(model, shapes)
     kinds = sorted((group_kind(analysis, g), g.size) for g in analysis.groups if g.prunable)
     assert ("head_dim", 40) in kinds and ("heads", 4) in kinds
-    result = prune_onnx(model, ratio=0.3, input_shapes=shapes, verify=True)
+    result = prune_onnx(model, ratio=0.7, input_shapes=shapes, verify=True)
     assert result.report.exact
     qkv = next(t for t in result.model.graph.initializer if t.name == "qkv.bias")
-    # heads 4 -> 3 (a head is not rounded); head dim 40 -> 28, rounded up to 32
-    assert qkv.dims[0] == 3 * 3 * 32
-    unrounded = prune_onnx(model, ratio=0.3, round_to=1, input_shapes=shapes)
+    # width 0.3 of 4 x 40: heads first, 4 -> 2 (a head is not rounded); the head dims make up
+    # the rest, 40 -> 24 (0.3 / 0.5 of 40), rounded up to 32
+    assert qkv.dims[0] == 3 * 2 * 32
+    unrounded = prune_onnx(model, ratio=0.7, round_to=1, input_shapes=shapes)
     qkv1 = next(t for t in unrounded.model.graph.initializer if t.name == "qkv.bias")
-    assert qkv1.dims[0] == 3 * 3 * 28
+    assert qkv1.dims[0] == 3 * 2 * 24
 
 
 def test_fold_removes_shape_patches_and_keeps_outputs() -> None:

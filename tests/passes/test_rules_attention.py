@@ -192,12 +192,14 @@ def test_gqa_by_repeat_interleave_removes_kv_groups_and_q_heads_in_every_group()
                   if m.param == "blocks.2.attn.wqkv.weight")
     # a kv unit holds its k and v rows and its 2 q heads; a copy unit one q head per group
     assert rows == [4 * 8, 2 * (2 * 8 + 8 + 8)]
-    model, x, result = _prune("mqa_qknorm", 0.5)
-    pruned = dict(result.model.named_parameters())
-    q_heads = pruned["blocks.2.attn.wo.weight"].shape[1] // 4  # head dim 8 -> 4
-    kv_rows = (pruned["blocks.2.attn.wqkv.weight"].shape[0] - 4 * q_heads) // 2
-    assert q_heads == 1 and kv_rows == 4  # 1 kv head x 1 copy: both units went
-    _runs_at_batch(result.model, x, 3)
+    # ratio = attention width: the kv heads (outer) go first, the copies make up the rest
+    for ratio, q_kept, kv_kept in ((0.5, 2, 1), (0.75, 1, 1)):
+        model, x, result = _prune("mqa_qknorm", ratio)
+        pruned = dict(result.model.named_parameters())
+        q_heads = pruned["blocks.2.attn.wo.weight"].shape[1] // 8  # whole heads: head dim 8
+        kv_rows = (pruned["blocks.2.attn.wqkv.weight"].shape[0] - 8 * q_heads) // 2
+        assert (q_heads, kv_rows) == (q_kept, 8 * kv_kept), ratio
+        _runs_at_batch(result.model, x, 3)
 
 
 def test_gqa_by_expand_keeps_q_heads_within_a_group_and_says_why():
@@ -287,14 +289,15 @@ def test_pruned_multihead_attention_matches_torch_unpruned():
 # ------------------------------------------------ einsum: one canonical op for FX and ONNX
 
 
-@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
 def test_einsum_attention_prunes_heads_head_dims_and_outer_product(ratio):
     model, x, result = _prune("einsum_vit", ratio)
     _runs_at_batch(result.model, x, 3)
     pruned = dict(result.model.named_parameters())
     for i in range(2):
         h, d, c = pruned[f"blocks.{i}.attn.w_o"].shape  # [H, D, C]: heads and v's head dims
-        assert h < 4 and d < 8 and c == 32
+        # whole heads first; the head dims go only where the heads cannot make the width
+        assert h < 4 and c == 32 and (d < 8 if ratio > 0.75 else d == 8)
         assert pruned[f"blocks.{i}.attn.v.weight"].shape[0] == h * d
         assert pruned[f"blocks.{i}.attn.q.weight"].shape[0] == \
             pruned[f"blocks.{i}.attn.k.weight"].shape[0] < 32
