@@ -125,8 +125,8 @@ def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
                 if not alive.all():
                     removed.setdefault(pname, {})[d] = np.nonzero(~alive)[0].tolist()
     constants: dict[str, dict[str, Any]] = {}
-    weights: np.ndarray | None = None
-    other = weights
+    weights: np.ndarray | None = None  # unit masks for channel_dims, made on first use
+    other: np.ndarray | None = None
     for node in analysis.graph.nodes:
         rule = rule_for(node.op)
         keep = analysis.keep.get(node.name)

@@ -26,7 +26,7 @@ from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
 from secateurs.passes.cost import SizeRatios, count_macs
-from secateurs.passes.group_channels import Analysis, ChannelGroup, group_channels
+from secateurs.passes.group_channels import Analysis, ChannelGroup, Member, group_channels
 from secateurs.passes.importance import (
     Criterion,
     ScoreContext,
@@ -179,9 +179,14 @@ def _ignored_groups(analysis: Analysis, model: nn.Module, ignore: Iterable[Any])
     return out
 
 
+def _plain_member(member: Member) -> bool:
+    """Every unit of the group has one position in this parameter dim (no unit repeats)."""
+    return len(member.units) == len(np.unique(member.units))
+
+
 def _plain(group: ChannelGroup) -> bool:
     """Units are single channels (not heads): round_to applies to their count."""
-    return all(len(m.units) == len(np.unique(m.units)) for m in group.members)
+    return all(_plain_member(m) for m in group.members)
 
 
 def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: float,
@@ -198,7 +203,7 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     removed. Where one channel space is factored into several groups (heads x head dim,
     conv groups x channels per group, shuffle groups), the ratio applies to the space's width,
     not to every factor: the outer factor (heads) loses its share first and the inner ones only
-    what is still missing (:func:`factor_families`), so ``ratio=0.5`` keeps half of a ViT's
+    what is still missing (:func:`factor_spaces`), so ``ratio=0.5`` keeps half of a ViT's
     attention width in whole heads at their full head dim, not a quarter of it."""
     skip = skip or set()
     eligible: dict[int, np.ndarray] = {}
@@ -277,11 +282,10 @@ def factor_spaces(analysis: Analysis,
     outputs = _layer_outputs(analysis)
     for gid in among:
         g = analysis.groups[gid]
-        if any((m.param, m.dim) in outputs and len(m.units) == len(np.unique(m.units))
-               for m in g.members):
+        if any((m.param, m.dim) in outputs and _plain_member(m) for m in g.members):
             continue  # a layer's own output channels (an outer product's operand)
         for m in g.members:
-            if len(m.units) == len(np.unique(m.units)):
+            if _plain_member(m):
                 continue
             units = m.units[np.argsort(m.positions, kind="stable")]
             runs = 1 + int(np.count_nonzero(units[1:] != units[:-1]))
