@@ -104,11 +104,13 @@ def inspect_onnx(path: str, input_shapes: dict[str, list[int]] | None = None,
                  include_pinned: bool = False) -> dict[str, Any]:
     """Everything ``inspect`` prints, as data."""
     from secateurs.graph.from_onnx import from_onnx
+    from secateurs.graph.onnx_untie import untie_shared_vectors
     from secateurs.passes.group_channels import group_channels
     from secateurs.passes.prune_onnx import load_model
 
     model, _ = load_model(path)
-    analysis = group_channels(from_onnx(model, input_shapes))
+    # the groups prune_onnx sees: the exporter's deduplicated vectors one per reader
+    analysis = group_channels(from_onnx(untie_shared_vectors(model)[0], input_shapes))
     groups = []
     for g in analysis.groups:
         if g.is_pinned and not include_pinned:

@@ -53,6 +53,7 @@ from secateurs.graph.from_onnx import (
     tensor_array,
     with_input_shapes,
 )
+from secateurs.graph.onnx_untie import retie, untie_shared_vectors
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_onnx", "zero_plan_slices_onnx", "load_onnx", "save_onnx",
@@ -498,7 +499,8 @@ def _zero(arr: np.ndarray, dims: Mapping[int, list[int]]) -> np.ndarray:
 def zero_plan_slices_onnx(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     """A copy of ``model`` with every slice the plan removes set to zero (the contract's
     reference)."""
-    out = _copy(model)
+    model, copies = untie_shared_vectors(model)  # the form the plan was made on
+    out = model if copies else _copy(model)
     _edit_tensors(out, plan, _zero)
     return out
 
@@ -1004,6 +1006,10 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: Plan,
         raise PlanError(f"this plan was made by the '{plan.frontend}' frontend; an ONNX model "
                         "needs a plan made from ONNX (its tensors are keyed by initializer "
                         "names)")
+    # the form the plan was made on (prune_onnx analyses it): the exporter's deduplicated
+    # per-channel vectors, one per reader; a copy made here is ours to prune in place
+    model, copies = untie_shared_vectors(model, in_place=in_place)
+    in_place = in_place or bool(copies)
     inits = {t.name for t in model.graph.initializer}
     if in_place:
         original, out = skeleton(model), model  # the original's shapes and constants
@@ -1023,6 +1029,7 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: Plan,
     io.freeze_live_uses()
     io.commit()
     _drop_dead(out, io.replaced)
+    retie(out, copies)  # copies the plan left equal to their source: shared again
     _drop_stale_value_info(out)
     custom = {o for n in out.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
     try:

@@ -49,6 +49,7 @@ from secateurs.graph.onnx_apply import (
     save_onnx,
     zero_plan_slices_onnx,
 )
+from secateurs.graph.onnx_untie import untie_shared_vectors
 from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
@@ -99,9 +100,10 @@ def load_model(model_or_path: Any, lazy: bool = False) -> tuple[onnx.ModelProto,
 
 def analyze_onnx(model_or_path: Any,
                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> Analysis:
-    """Dependency analysis of an ONNX model (not modified)."""
+    """Dependency analysis of an ONNX model (not modified; per-channel vectors the exporter
+    deduplicated are read as the separate parameters they were, ``graph/onnx_untie.py``)."""
     model, _ = load_model(model_or_path, lazy=True)
-    return group_channels(from_onnx(model, input_shapes))
+    return group_channels(from_onnx(untie_shared_vectors(model)[0], input_shapes))
 
 
 class _ParamTensors(Mapping[str, torch.Tensor]):
@@ -267,7 +269,9 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     criterion = get_criterion(importance)
     timer = StageTimer()
     # by path: large external tensors stay on disk until the apply and the save read them
-    model, external = timer.run("load", load_model, model_or_path, True)
+    given, external = timer.run("load", load_model, model_or_path, True)
+    # the exporter's deduplicated zero biases / unit norm weights, one per layer again
+    model, untied = timer.run("untie", untie_shared_vectors, given)
     graph = timer.run("lower", from_onnx, model, input_shapes)
     analysis = timer.run("group_channels", group_channels, graph)
     skip = _ignored_groups(analysis, model, ignore)
@@ -294,13 +298,20 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
         else frozenset()
     feeds = _feeds(model, analysis)
     macs = count_macs(graph, lambda v: graph.values[v].shape)
-    net = OnnxNet(model, analysis, feeds, _apply_folded, _run, verify_onnx, meta,
+    # the net applies to and verifies against the model as given (the apply unties it the same
+    # way; the plan's tensor names are that form's)
+    net = OnnxNet(given, analysis, feeds, _apply_folded, _run, verify_onnx, meta,
                   dynamic_batch=_dynamic_batch(model), exclude_exact=lossy,
                   use_ort=verify or macs <= ORT_TRIAL_MACS)
+    if untied:
+        net.notes.append(f"{len(untied)} per-channel vector(s) the exporter had deduplicated "
+                         "across layers were given one copy per reader (e.g. "
+                         f"'{next(iter(untied))}'), so unrelated layers prune independently")
     if not net.use_ort:
         net.notes.append(f"checked by strict shape inference only ({macs / 1e9:.2f} GMACs; "
                          "verify=True also runs the pruned model under ONNX Runtime)")
     repairs: dict[int, Repair] = {}
+
     removed = timer.run("check", repair, removed, reselect,
                         net.both if verify and lossy else net.runs, repairs, net.candidates,
                         _describe(analysis))
@@ -309,13 +320,13 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     if verify and lossy & set(removed):
         ok, diff = True, net.last_diff
     elif verify:
-        ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
+        ok, diff = timer.run("verify", verify_onnx, given, pruned, plan, feeds)
         if not ok:  # the net, numerically
             removed = timer.run("repair", repair, removed, reselect, net.both, repairs,
                                 net.candidates, _describe(analysis))
             plan, pruned = timer.run("apply", net.applied, removed)
-            ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
-    report = _report(analysis, removed, model, pruned, timer.seconds, repairs)
+            ok, diff = timer.run("verify", verify_onnx, given, pruned, plan, feeds)
+    report = _report(analysis, removed, given, pruned, timer.seconds, repairs)
     report = dataclasses.replace(report, exact=ok, max_abs_diff=diff, notes=tuple(net.notes))
     conclude(report, verify, ok, diff, log, "prune_onnx",
              "mask-equivalence check under ONNX Runtime")
