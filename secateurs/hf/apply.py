@@ -292,6 +292,33 @@ def _update_config(config: Any, facts: dict, head_dim: int, hidden: int,
     return changes
 
 
+# counts a module keeps as attributes that the plan rewrites (the rule table's names are the
+# torch modules' own: ``channel_rules._conv_rewrite``, the group_norm rule)
+_MODULE_COUNTS = {"conv": ("groups", "in_channels", "out_channels"),
+                  "group_norm": ("num_groups", "num_channels")}
+
+
+def module_attrs(graph: Any, constants: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """``{module path: {attribute: new value}}`` for the counts the plan rewrites on conv and
+    group-norm nodes of the traced graph (a depthwise conv's ``groups``, a per-channel
+    GroupNorm's ``num_groups``), which the weight shapes alone cannot tell: a grouped conv's
+    ``[out, in/groups, k]`` weight reads the same after whole groups or filters within every
+    group are removed. The module is the owner of the node's weight."""
+    out: dict[str, dict[str, int]] = {}
+    for node in graph.nodes:
+        names = _MODULE_COUNTS.get(node.op)
+        consts = constants.get(node.name)
+        if not names or not consts or len(node.inputs) < 2 or not node.inputs[1]:
+            continue
+        weight = node.inputs[1]
+        if not weight.endswith(".weight"):
+            continue
+        attrs = {k: int(consts[k]) for k in names if k in consts}
+        if attrs:
+            out.setdefault(weight[:-len(".weight")], {}).update(attrs)
+    return out
+
+
 def apply_hf_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     """Apply a plan made by ``prune_hf`` to ``model`` in place (real or meta weights):
     slice tensors by FQN, refresh module attributes, update ``model.config``, drop layers.
@@ -315,6 +342,11 @@ def apply_hf_plan(model: nn.Module, plan: Plan) -> dict[str, Any]:
     new_hidden = old_hidden - int(hf.get("hidden_removed", 0))
     facts = _update_modules(model, head_dim, old_hidden, new_hidden, attention,
                             old_hd - head_dim)
+    for path, attrs in hf.get("module_attrs", {}).items():
+        mod = model.get_submodule(path)
+        for attr, value in attrs.items():
+            if isinstance(getattr(mod, attr, None), int):
+                setattr(mod, attr, int(value))
     changes = _update_config(cfg, facts, head_dim, new_hidden, head_dim != old_hd,
                              hf.get("mlp_sizes"))
     if hf.get("moe"):

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "ZOO", "VISION", "tiny_config", "tiny_model", "example_inputs",
+__all__ = ["FAMILIES", "ZOO", "VISION", "AUDIO", "tiny_config", "tiny_model", "example_inputs",
            "output_tensor"]
 
 FAMILIES = ("llama", "qwen2", "mistral", "bert", "gpt2", "vit")
 VISION = {"vit": 16, "clip_vision": 16, "siglip_vision": 16, "swin": 32, "convnext": 32,
-          "resnet": 32}
+          "resnet": 32, "mobilenet_v2": 32, "regnet": 32}
+AUDIO = {"wav2vec2": 400}  # raw waveform samples
 
 # ------------------------------------------------------------ the wider zoo (one tiny config per
 # architecture family; 2 layers, hidden 64, 4 heads, 2 kv heads where the family has GQA)
@@ -123,6 +124,17 @@ def _zoo() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "resnet": ("ResNetConfig", "ResNetModel",
                    dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                         layer_type="basic")),
+        # depthwise and grouped convs, per-channel GroupNorm: counts the weights cannot tell
+        "mobilenet_v2": ("MobileNetV2Config", "MobileNetV2Model",
+                         dict(image_size=32, depth_multiplier=0.35)),
+        "regnet": ("RegNetConfig", "RegNetModel",
+                   dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                        groups_width=8)),
+        "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model",
+                     dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=96, conv_dim=(16, 16), conv_stride=(5, 2),
+                          conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                          num_conv_pos_embedding_groups=4)),
     }
 
 
@@ -163,6 +175,8 @@ def example_inputs(model_or_family: Any, batch: int = 2, seq: int = 8,
     if family in VISION:
         size = VISION[family]
         return (torch.randn(batch, 3, size, size, generator=g),)
+    if family in AUDIO:
+        return (torch.randn(batch, AUDIO[family], generator=g),)
     vocab = 128 if isinstance(model_or_family, str) else model_or_family.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     if family == "t5":

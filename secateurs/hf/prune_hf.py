@@ -37,7 +37,13 @@ import torch
 from torch import nn
 
 from secateurs.errors import InputError, SecateursError
-from secateurs.hf.apply import _update_modules, apply_hf_plan, block_influence, drop_blocks
+from secateurs.hf.apply import (
+    _update_modules,
+    apply_hf_plan,
+    block_influence,
+    drop_blocks,
+    module_attrs,
+)
 from secateurs.hf.classify import KINDS, HFAnalysis, UnitGroup, analyze_hf, unit_counts
 from secateurs.hf.criteria import (
     activation_criterion,
@@ -565,6 +571,9 @@ def _plan(hfa: HFAnalysis, removed: dict[int, np.ndarray], dims_removed: int, dr
                                         for u in hfa.of_kind("mlp")}),
                    "model_type": getattr(model.config, "model_type", "")}}
     plan = build_plan(hfa.analysis, removed, meta)
+    attrs = module_attrs(hfa.analysis.graph, plan.constants)
+    if attrs:
+        plan.meta["hf"]["module_attrs"] = attrs
     moe_meta = moe.meta(active or ratios) if moe is not None else {}
     if moe_meta:
         merge_slices(plan.removed, moe.slices(active or ratios))

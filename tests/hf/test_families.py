@@ -45,6 +45,7 @@ HEADS_BLOCKED = {
     "deepseek_v3": "multi-head latent attention",  # MLA left whole by the HF layer
     "convnext": "no heads",  # no attention at all: the report says so
     "resnet": "no heads",
+    "mobilenet_v2": "no heads",
 }
 # families whose MLP the analysis cannot remove yet (MoE expert widths are pruned by
 # secateurs.hf.moe since issue 12 item 3)
@@ -58,7 +59,7 @@ BLOCKED: dict[str, str] = {}  # (T5's binary torch.min got its rule in the rule 
 NAMED = ("gptj", "bloom", "clip_vision", "siglip_vision", "gpt_neox", "stablelm", "distilbert",
          "modernbert", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3",
          "falcon", "cohere", "qwen3", "gemma3", "phi3", "swin", "convnext", "resnet", "t5",
-         "deberta_v2", "albert", "gemma2")
+         "deberta_v2", "albert", "gemma2", "mobilenet_v2", "regnet", "wav2vec2")
 FAMILIES = [f if f in NAMED else pytest.param(f, marks=pytest.mark.slow) for f in ZOO]
 
 
@@ -116,3 +117,27 @@ def test_prunes_mlp(family):
         pytest.xfail(MLP_BLOCKED[family])
     assert rep.removed > 0, rep.reasons
     assert r.params_after < r.params_before
+
+
+# families whose convs keep counts the weights cannot tell (a depthwise or grouped conv's
+# ``groups``, a per-channel GroupNorm's ``num_groups``): the plan's counts must reach the
+# modules, or the safety net pins every such group (the report would hide a wrong apply)
+CONV_COUNTS = ("mobilenet_v2", "regnet", "wav2vec2")
+
+
+@pytest.mark.parametrize("family", CONV_COUNTS)
+def test_conv_counts_follow_the_plan(family):
+    m, x, r, _ = _family(family)
+    assert not r.repairs, [rep.reason for rep in r.repairs]
+    changed = 0
+    for name, mod in r.model.named_modules():
+        if isinstance(mod, torch.nn.Conv1d | torch.nn.Conv2d):
+            w = mod.weight
+            assert mod.out_channels == w.shape[0] and mod.in_channels == w.shape[1] * mod.groups
+            before = m.get_submodule(name)
+            changed += mod.groups != before.groups
+        elif isinstance(mod, torch.nn.GroupNorm):
+            assert mod.num_channels == mod.weight.shape[0]
+            assert mod.num_channels % mod.num_groups == 0
+            changed += mod.num_groups != m.get_submodule(name).num_groups
+    assert changed, "no group count changed: the plan removed no whole conv groups"
