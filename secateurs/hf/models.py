@@ -19,7 +19,8 @@ __all__ = ["FAMILIES", "ZOO", "VISION", "AUDIO", "tiny_config", "tiny_model", "e
 
 FAMILIES = ("llama", "qwen2", "mistral", "bert", "gpt2", "vit")
 VISION = {"vit": 16, "clip_vision": 16, "siglip_vision": 16, "swin": 32, "convnext": 32,
-          "resnet": 32, "mobilenet_v2": 32, "regnet": 32}
+          "resnet": 32, "mobilenet_v2": 32, "regnet": 32,
+          "mobilevit": 32}
 AUDIO = {"wav2vec2": 400}  # raw waveform samples
 
 # ------------------------------------------------------------ the wider zoo (one tiny config per
@@ -130,6 +131,10 @@ def _zoo() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "regnet": ("RegNetConfig", "RegNetModel",
                    dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                         groups_width=8)),
+        # unfold to patches: attention over batch x patch_area, a run-time size that must stay
+        "mobilevit": ("MobileViTConfig", "MobileViTModel",
+                      dict(image_size=32, hidden_sizes=[32, 48, 64],
+                           neck_hidden_sizes=[8, 16, 24, 32, 40, 48, 160])),
         "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model",
                      dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=96, conv_dim=(16, 16), conv_stride=(5, 2),

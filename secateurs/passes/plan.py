@@ -94,13 +94,17 @@ def _decode(v: Any) -> Any:
     return v
 
 
-def _units_mask(analysis: Analysis, free: bool) -> np.ndarray:
-    """As a removed-atoms mask: the unpinned units of the groups that touch a parameter
-    (``free``), or every other unit (pinned ones: graph inputs such as the batch; groups no
-    parameter has)."""
-    return analysis.removed_atoms({
-        g.id: np.nonzero(~g.pinned if free else (g.pinned | (not g.members)))[0]
-        for g in analysis.groups if g.members or not free})
+def _free_units(analysis: Analysis) -> np.ndarray:
+    """As a removed-atoms mask: the unpinned units of the groups that touch a parameter."""
+    return analysis.removed_atoms({g.id: np.nonzero(~g.pinned)[0]
+                                   for g in analysis.groups if g.members})
+
+
+def _all_free(atoms: np.ndarray, free: np.ndarray) -> bool:
+    """Every atom of an ``atoms_of`` matrix (-1 padded) is marked in ``free``: atoms in no
+    group at all (the batch of a graph input, spatial positions) are not."""
+    atoms = atoms[atoms >= 0]
+    return atoms.size > 0 and bool(free[atoms].all())
 
 
 def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
@@ -125,8 +129,7 @@ def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
                 if not alive.all():
                     removed.setdefault(pname, {})[d] = np.nonzero(~alive)[0].tolist()
     constants: dict[str, dict[str, Any]] = {}
-    weights: np.ndarray | None = None  # unit masks for channel_dims, made on first use
-    other: np.ndarray | None = None
+    weights: np.ndarray | None = None  # free-unit mask for channel_dims, made on first use
     for node in analysis.graph.nodes:
         rule = rule_for(node.op)
         keep = analysis.keep.get(node.name)
@@ -138,14 +141,14 @@ def build_plan(analysis: Analysis, removed_units: dict[int, np.ndarray],
             if "shape" in after and "out" in keep:
                 # which dims are channels (sizes the weights fix): a size the model computes at
                 # run time there (``C // heads`` of another, pruned tensor's width) becomes
-                # the new constant even where this dim kept its size. A dim with any pinned
-                # unit (batch, tokens, a batch x heads merge) or a unit of a group no parameter
-                # has stays as computed: its size can change at run time
+                # the new constant even where this dim kept its size. A dim is a channel dim
+                # only if every atom of every one of its labels is an unpinned unit of a
+                # parameter group: one atom of the batch, of tokens or of spatial positions
+                # (``batch x patch_area`` in MobileViT's unfold, a batch x heads merge) keeps
+                # the computed size, which changes with the input at run time
                 if weights is None:
-                    weights = _units_mask(analysis, True)
-                    other = _units_mask(analysis, False)
-                after["channel_dims"] = [
-                    i for i, v in enumerate(keep["out"])
-                    if not res.alive(v, weights).all() and res.alive(v, other).all()]
+                    weights = _free_units(analysis)
+                after["channel_dims"] = [i for i, v in enumerate(keep["out"])
+                                         if _all_free(res.atoms_of(v), weights)]
             constants[node.name] = after
     return Plan(removed, constants, analysis.graph.frontend, dict(meta or {}))

@@ -46,6 +46,9 @@ HEADS_BLOCKED = {
     "convnext": "no heads",  # no attention at all: the report says so
     "resnet": "no heads",
     "mobilenet_v2": "no heads",
+    # the HF layer does not refresh all_head_size of per-stage widths (hidden_sizes): its
+    # net pins the heads; the plain prune path prunes them (test below)
+    "mobilevit": "pinned by the safety net",
 }
 # families whose MLP the analysis cannot remove yet (MoE expert widths are pruned by
 # secateurs.hf.moe since issue 12 item 3)
@@ -59,7 +62,7 @@ BLOCKED: dict[str, str] = {}  # (T5's binary torch.min got its rule in the rule 
 NAMED = ("gptj", "bloom", "clip_vision", "siglip_vision", "gpt_neox", "stablelm", "distilbert",
          "modernbert", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3",
          "falcon", "cohere", "qwen3", "gemma3", "phi3", "swin", "convnext", "resnet", "t5",
-         "deberta_v2", "albert", "gemma2", "mobilenet_v2", "regnet", "wav2vec2")
+         "deberta_v2", "albert", "gemma2", "mobilenet_v2", "regnet", "wav2vec2", "mobilevit")
 FAMILIES = [f if f in NAMED else pytest.param(f, marks=pytest.mark.slow) for f in ZOO]
 
 
@@ -141,3 +144,22 @@ def test_conv_counts_follow_the_plan(family):
             assert mod.num_channels % mod.num_groups == 0
             changed += mod.num_groups != m.get_submodule(name).num_groups
     assert changed, "no group count changed: the plan removed no whole conv groups"
+
+
+def test_plain_prune_keeps_the_run_time_batch_of_an_unfold():
+    """MobileViT attends over ``batch x patch_area`` rows: ``view(B * P, N, -1, d)`` with
+    ``B * P`` computed at run time. That dim holds batch and spatial atoms, so it is no
+    channel dim and stays computed; made the example's constant, the pruned model ran only at
+    the example batch and the safety net pinned every attention group."""
+    from secateurs import prune
+
+    m = tiny_model("mobilevit")
+    x = example_inputs(m)
+    r = prune(m, x, ratio=0.5, verify=True)
+    assert r.report.exact and not r.report.repairs, [rep.reason for rep in r.report.repairs]
+    assert any(k.endswith("attention.query.weight") for k in r.plan.removed)
+    ref = zero_plan_slices(m, r.plan)
+    for batch in (1, 3):
+        xb = example_inputs(m, batch=batch)
+        want, got = output_tensor(ref, xb), output_tensor(r.model, xb)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (batch, float((got - want).abs().max()))
