@@ -82,3 +82,9 @@ def test_plan_from_bad_json():
         secateurs.Plan.from_json("{not json")
     with pytest.raises(secateurs.PlanError, match="format"):
         secateurs.Plan.from_json("{}")
+
+
+def test_keyword_inputs_point_to_positional_or_prune_hf():
+    model = nn.Linear(4, 4)
+    with pytest.raises(secateurs.InputError, match="input_ids.*positionally.*prune_hf"):
+        secateurs.prune(model, {"input_ids": torch.zeros(1, 4)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -90,6 +91,12 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
         return (example_inputs,)
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        raise InputError(
+            "example_inputs is a mapping of keyword inputs (e.g. a tokenizer's output: "
+            f"{', '.join(map(str, list(example_inputs)[:3]))}); pass the tensors positionally "
+            "in forward's order, prune(model, (input_ids,)), or use secateurs.prune_hf for a "
+            "Hugging Face model, which places keyword inputs by the forward signature")
     raise InputError(f"example_inputs must be a tensor or a tuple of tensors, got "
                      f"{type(example_inputs).__name__}")
 
