@@ -111,8 +111,15 @@ def attention_snapshot(model: nn.Module, hidden: int, head_dim: int) -> list[_At
                  or n.lower().startswith("out")]
         unnamed = outs if len(outs) == 1 and nq * hd != hidden else []
         output = (named or unnamed or [None])[0]
+        widths = (nq * hd, nkv * hd, (nq + 2 * nkv) * hd, 2 * nkv * hd)
         inputs = [n for n, c in kids if n != output and _in_features(c) == hidden and
-                  out_features(c) in (nq * hd, nkv * hd, (nq + 2 * nkv) * hd, 2 * nkv * hd)]
+                  out_features(c) in widths]
+        if not inputs and not output:
+            # a stage width of its own (MobileViT's hidden_sizes, no config hidden size): the
+            # projections that all read one width and write head widths
+            local = {_in_features(c) for n, c in kids if out_features(c) in widths}
+            if len(local) == 1:
+                inputs = [n for n, c in kids if out_features(c) in widths]
         if inputs or output:
             out.append(_Attention(name, nq, nkv, hd, inputs, output))
     return out

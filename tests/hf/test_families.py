@@ -46,9 +46,6 @@ HEADS_BLOCKED = {
     "convnext": "no heads",  # no attention at all: the report says so
     "resnet": "no heads",
     "mobilenet_v2": "no heads",
-    # the HF layer does not refresh all_head_size of per-stage widths (hidden_sizes): its
-    # net pins the heads; the plain prune path prunes them (test below)
-    "mobilevit": "pinned by the safety net",
 }
 # families whose MLP the analysis cannot remove yet (MoE expert widths are pruned by
 # secateurs.hf.moe since issue 12 item 3)
@@ -125,7 +122,7 @@ def test_prunes_mlp(family):
 # families whose convs keep counts the weights cannot tell (a depthwise or grouped conv's
 # ``groups``, a per-channel GroupNorm's ``num_groups``): the plan's counts must reach the
 # modules, or the safety net pins every such group (the report would hide a wrong apply)
-CONV_COUNTS = ("mobilenet_v2", "regnet", "wav2vec2")
+CONV_COUNTS = ("mobilenet_v2", "regnet", "wav2vec2", "mobilevit")
 
 
 @pytest.mark.parametrize("family", CONV_COUNTS)
