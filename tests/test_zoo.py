@@ -42,6 +42,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "detr_queries": (1, 6, 9),
     "crnn_lstm": (1, 20, 11),
     "maxvit_grid": (1, 10),
+    "mobilevit_unfold": (2, 10),
     # end public_lookalikes
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),

@@ -105,3 +105,18 @@ def test_every_lookalike_runs_at_another_batch_size() -> None:
         with torch.no_grad():
             out, ref = pruned(*batch3), model(*batch3)
         assert out.shape == ref.shape, name
+
+
+def test_unfolded_attention_keeps_its_run_time_rows() -> None:
+    """MobileViT attends over ``batch x patch_area`` rows: the apply must leave that size as
+    computed (batch and spatial atoms are no channel), or the pruned model runs only at the
+    example batch and the net pins every attention group."""
+    model, x, result, ok, diff = _prune("mobilevit_unfold")
+    assert ok, diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    heads = result.model.get_submodule("vit.attn.query").weight.shape[0]
+    assert heads < 32 and heads % 8 == 0  # whole heads of 8
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 16, 16)
+        ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, (xb,))
+        assert ok, (batch, diff)

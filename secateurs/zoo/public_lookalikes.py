@@ -38,10 +38,14 @@ prunes exactly (``tests/test_prune_zoo.py``) or pins with a reason
 * ``DETRLite`` — learned queries (``nn.Embedding.weight`` expanded over the batch) with self- and
   cross-attention ``nn.MultiheadAttention`` over conv features;
 * ``CRNN`` — conv features reshaped ``(B, W, C*H)`` into a bidirectional ``nn.LSTM``;
-* ``MaxViTLite`` — MaxViT grid attention: ``view``/``permute`` into a grid of windows and back.
+* ``MaxViTLite`` — MaxViT grid attention: ``view``/``permute`` into a grid of windows and back;
+* ``MobileViTLite`` — HF MobileViT's unfold into patches, attention over ``batch x patch_area``
+  rows (``view(*rows, -1, head_size)``, a size computed at run time), fold back and concat.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -666,6 +670,60 @@ class MaxViTLite(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+# ------------------------------------------------------------------ MobileViT: unfold into patches, attend over batch x patch_area rows, fold back
+class UnfoldAttn(nn.Module):
+    """HF MobileViT's self-attention: heads from ``view(*rows, -1, head_size)``, the context
+    back through ``size()[:-2] + (all_head_size,)``."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.head_size, self.all_head_size = d // heads, d
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        shape = (*x.shape[:-1], -1, self.head_size)
+        q, k, v = (f(x).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_size), dim=-1) @ v
+        a = a.permute(0, 2, 1, 3).contiguous()
+        return self.out(a.view(*(a.size()[:-2] + (self.all_head_size,))))
+
+
+class MobileViTBlock(nn.Module):
+    def __init__(self, c, d, heads, patch=2):
+        super().__init__()
+        self.p = patch
+        self.local = nn.Sequential(cbr(c, c, 3), nn.Conv2d(c, d, 1, bias=False))
+        self.norm1, self.attn = nn.LayerNorm(d), UnfoldAttn(d, heads)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        self.proj = cbr(d, c, 1)
+        self.fuse = cbr(2 * c, c, 3)
+
+    def forward(self, x):
+        y = self.local(x)
+        B, d, H, W = y.shape
+        p, nh, nw = self.p, H // self.p, W // self.p
+        t = y.reshape(B * d * nh, p, nw, p).transpose(1, 2).reshape(B, d, nh * nw, p * p)
+        t = t.transpose(1, 3).reshape(B * p * p, nh * nw, d)
+        t = t + self.attn(self.norm1(t))
+        t = t + self.mlp(self.norm2(t))
+        t = t.contiguous().view(B, p * p, nh * nw, d).transpose(1, 3)
+        t = t.reshape(B * d * nh, nw, p, p).transpose(1, 2).reshape(B, d, H, W)
+        return self.fuse(torch.cat([x, self.proj(t)], 1))
+
+
+class MobileViTLite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16, s=2)
+        self.mv2 = nn.Sequential(cbr(16, 32, 1), cbr(32, 32, 3, g=32), nn.Conv2d(32, 24, 1))
+        self.vit = MobileViTBlock(24, 32, 4)
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.vit(self.mv2(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
 
 
 def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
@@ -726,4 +784,8 @@ ENTRIES: tuple[ZooModel, ...] = (
            "CRNN: conv features reshaped into a bidirectional LSTM", "cnn", "recurrent"),
     _entry("maxvit_grid", MaxViTLite, seeded_randn(1, 3, 16, 16),
            "MaxViT grid attention: view/permute into grid windows and back", "attention"),
+    _entry("mobilevit_unfold", MobileViTLite, seeded_randn(2, 3, 16, 16),
+           "MobileViT: unfold to patches, attention over batch x patch_area rows (a run-time "
+           "size), fold back, concat with the input", "attention", "transformer", "concat",
+           "fx-untraceable"),
 )
