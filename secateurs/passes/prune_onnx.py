@@ -175,6 +175,40 @@ def _report(analysis: Analysis, removed: Mapping[int, np.ndarray], before: onnx.
                        dict(seconds), "onnx", repairs=tuple(repairs[g] for g in sorted(repairs)))
 
 
+_RANDOM_OPS = {"RandomUniform", "RandomUniformLike", "RandomNormal", "RandomNormalLike",
+               "Multinomial", "Bernoulli"}
+
+
+def random_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes that make ``model``'s outputs random: sampling ops, and ``Dropout`` whose
+    ``training_mode`` input is given and not a constant False (how an export made in training
+    mode looks: ``model.eval()`` was missed)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: next(a.t for a in n.attribute if a.name == "value")
+                   for n in model.graph.node if n.op_type == "Constant" and n.output
+                   and any(a.name == "value" for a in n.attribute)})
+    found = []
+    for name, node in zip(onnx_node_names(model.graph), model.graph.node):
+        if node.op_type in _RANDOM_OPS:
+            found.append(f"{node.op_type} '{name}'")
+        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            mode = consts.get(node.input[2])
+            if mode is None or bool(np.asarray(tensor_array(mode)).any()):
+                found.append(f"Dropout '{name}' (training_mode)")
+    return found
+
+
+def _check_deterministic(model: onnx.ModelProto) -> None:
+    found = random_nodes(model)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise InputError(
+            f"the model's outputs are random: {', '.join(found[:3])}{more}. It was probably "
+            "exported in training mode: call model.eval() before torch.onnx.export (the "
+            "TorchScript exporter: training=torch.onnx.TrainingMode.EVAL). A pruned model "
+            "cannot be checked against a random one")
+
+
 def _dynamic_batch(model: onnx.ModelProto) -> bool:
     """Every graph input with a rank declares a free (symbolic or unknown) first dim."""
     inits = {t.name for t in model.graph.initializer}
@@ -270,6 +304,7 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     timer = StageTimer()
     # by path: large external tensors stay on disk until the apply and the save read them
     given, external = timer.run("load", load_model, model_or_path, True)
+    _check_deterministic(given)
     # the exporter's deduplicated zero biases / unit norm weights, one per layer again
     model, untied = timer.run("untie", untie_shared_vectors, given)
     graph = timer.run("lower", from_onnx, model, input_shapes)

@@ -234,3 +234,54 @@ def test_small_external_model_loads_whole(tmp_path: Path, export_dir: Path) -> N
     feeds = {result.model.graph.input[0].name: np.zeros((1, 3, 32, 32), np.float32)}
     ort.InferenceSession(result.model.SerializeToString(),
                          providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _mlp_with(extra: list[onnx.NodeProto], out: str, inits: list[onnx.TensorProto]
+              ) -> onnx.ModelProto:
+    """x[1,8] -> MatMul W1 -> Relu -> ``extra`` (ending in ``out``) -> MatMul W2 -> y."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W2")
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), *extra,
+             helper.make_node("MatMul", [out, "W2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "drop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w1, w2, *inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _flag(name: str, value: bool) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(value), name)
+
+
+def _ratio() -> onnx.TensorProto:
+    return numpy_helper.from_array(np.array(0.1, np.float32), "ratio")
+
+
+def test_a_model_exported_in_training_mode_is_refused_with_the_nodes_named(tmp_path) -> None:
+    from onnx import helper
+
+    dropout = helper.make_node("Dropout", ["r", "ratio", "train"], ["d"], name="drop1")
+    src = tmp_path / "train.onnx"
+    onnx.save(_mlp_with([dropout], "d", [_ratio(), _flag("train", True)]), src)
+    _fails_cleanly(src, tmp_path, r"random: Dropout 'drop1' \(training_mode\).*model\.eval\(\)")
+    noise = [helper.make_node("RandomNormalLike", ["r"], ["n"], name="noise"),
+             helper.make_node("Add", ["r", "n"], ["s"])]
+    src2 = tmp_path / "noise.onnx"
+    onnx.save(_mlp_with(noise, "s", []), src2)
+    _fails_cleanly(src2, tmp_path, "random: RandomNormalLike 'noise'")
+
+
+def test_dropout_in_inference_mode_prunes() -> None:
+    from onnx import helper
+
+    dropout = helper.make_node("Dropout", ["r", "ratio", "train"], ["d"], name="drop1")
+    model = _mlp_with([dropout], "d", [_ratio(), _flag("train", False)])
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    assert result.plan.removed["W1"][1]  # the hidden width shrank through the Dropout
