@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import onnx
 
-from secateurs.graph.from_onnx import is_lazy
+from secateurs.graph.from_onnx import _subgraph_names, is_lazy
 
 __all__ = ["untie_shared_vectors", "retie"]
 
@@ -105,9 +105,7 @@ def untie_shared_vectors(model: onnx.ModelProto, in_place: bool = False
             node.input[k] = f"{name}.{n}"
     # a vector no top-level node reads any more (every reader was an Identity) is dropped,
     # unless a subgraph still reads it
-    inner = {name for node in graph.node for attr in node.attribute
-             for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs))
-             for name in _names_read(sub)}
+    inner = {name for node in graph.node for name in _subgraph_names(node)}
     read = {name for node in graph.node for name in node.input} | inner
     unused = [t for t in graph.initializer if t.name in vectors and t.name not in read]
     for t in unused:
@@ -163,12 +161,3 @@ def _equal(a: onnx.TensorProto, b: onnx.TensorProto) -> bool:
     return (a.data_type == b.data_type and list(a.dims) == list(b.dims)
             and numpy_helper.to_array(a).tobytes() == numpy_helper.to_array(b).tobytes())
 
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else list(attr.graphs)):
-                names |= _names_read(sub)
-    return names

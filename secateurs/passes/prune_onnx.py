@@ -40,7 +40,7 @@ import onnx
 import torch
 
 from secateurs.errors import InputError
-from secateurs.graph.from_onnx import from_onnx, onnx_node_names, tensor_array
+from secateurs.graph.from_onnx import _constant_value, from_onnx, onnx_node_names, tensor_array
 from secateurs.graph.onnx_apply import (
     apply_plan_onnx,
     has_lazy_tensors,
@@ -49,7 +49,7 @@ from secateurs.graph.onnx_apply import (
     save_onnx,
     zero_plan_slices_onnx,
 )
-from secateurs.graph.onnx_untie import untie_shared_vectors
+from secateurs.graph.onnx_untie import retie, untie_shared_vectors
 from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
@@ -184,16 +184,17 @@ def random_nodes(model: onnx.ModelProto) -> list[str]:
     ``training_mode`` input is given and not a constant False (how an export made in training
     mode looks: ``model.eval()`` was missed)."""
     consts = {t.name: t for t in model.graph.initializer}
-    consts.update({n.output[0]: next(a.t for a in n.attribute if a.name == "value")
-                   for n in model.graph.node if n.op_type == "Constant" and n.output
-                   and any(a.name == "value" for a in n.attribute)})
+    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
     found = []
     for name, node in zip(onnx_node_names(model.graph), model.graph.node):
         if node.op_type in _RANDOM_OPS:
             found.append(f"{node.op_type} '{name}'")
         elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
             mode = consts.get(node.input[2])
-            if mode is None or bool(np.asarray(tensor_array(mode)).any()):
+            const = constants.get(node.input[2])
+            value = tensor_array(mode) if mode is not None else \
+                _constant_value(const) if const is not None else None
+            if value is None or bool(np.asarray(value).any()):
                 found.append(f"Dropout '{name}' (training_mode)")
     return found
 
@@ -333,9 +334,15 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
         else frozenset()
     feeds = _feeds(model, analysis)
     macs = count_macs(graph, lambda v: graph.values[v].shape)
-    # the net applies to and verifies against the model as given (the apply unties it the same
-    # way; the plan's tensor names are that form's)
-    net = OnnxNet(given, analysis, feeds, _apply_folded, _run, verify_onnx, meta,
+    # the net applies to and verifies against the untied form (the plan's tensor names are
+    # its own, so neither the apply nor the reference unties again: no copy of the weights per
+    # trial); copies the plan left equal to their source are shared again after each apply.
+    # ``apply_plan_onnx(given, plan)`` unties the same way and gives the same model
+
+    def apply(m: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+        return retie(_apply_folded(m, plan), untied)
+
+    net = OnnxNet(model, analysis, feeds, apply, _run, verify_onnx, meta,
                   dynamic_batch=_dynamic_batch(model), exclude_exact=lossy,
                   use_ort=verify or macs <= ORT_TRIAL_MACS)
     if untied:
@@ -355,12 +362,12 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
     if verify and lossy & set(removed):
         ok, diff = True, net.last_diff
     elif verify:
-        ok, diff = timer.run("verify", verify_onnx, given, pruned, plan, feeds)
+        ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
         if not ok:  # the net, numerically
             removed = timer.run("repair", repair, removed, reselect, net.both, repairs,
                                 net.candidates, _describe(analysis))
             plan, pruned = timer.run("apply", net.applied, removed)
-            ok, diff = timer.run("verify", verify_onnx, given, pruned, plan, feeds)
+            ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
     report = _report(analysis, removed, given, pruned, timer.seconds, repairs)
     report = dataclasses.replace(report, exact=ok, max_abs_diff=diff, notes=tuple(net.notes))
     conclude(report, verify, ok, diff, log, "prune_onnx",
