@@ -7,6 +7,16 @@ Measurement rules, because a speedup is a ratio of two noisy numbers:
 * ``compare`` runs every model of a configuration *interleaved* in one loop (dense, pruned,
   dense, pruned, ... with the order rotated each round), so frequency scaling, other processes
   and thermal drift hit all models equally instead of whichever happened to run second;
+* at more than one thread ``compare`` keeps one session alive at a time: after a run, ONNX
+  Runtime's intra-op workers busy-wait for the next parallel section
+  (``session.intra_op.allow_spinning``, on by default), so interleaved live sessions' idle
+  workers take the running one's cores. Measured on a 2-core machine: ResNet-50 at 2 threads
+  ran 28 ms alone and 55 ms among four live interleaved sessions (slower than 1 thread's 52
+  ms). Turning spinning off cures that but charges every parallel op a thread wake-up, which
+  costs a small model most (MobileNetV2 at 2 threads: 3.1 ms spinning, 4.3 ms not; a pruned
+  one 1.6 / 2.5 ms) and so understates pruning's speedup. Instead each model runs in blocks of
+  consecutive runs, each block in a fresh session (spinning, as deployed) that is closed
+  before the next model's block; the blocks rotate like single runs do;
 * ``peak_rss_mb`` is the process's peak resident set (``getrusage``); it is a high-water mark
   for the whole process, so only its growth between benchmarks is attributable to one model.
 """
@@ -125,7 +135,9 @@ class OrtSession:
     ``model``: path, serialized bytes or ``onnx.ModelProto``. ``providers``: ``None`` picks
     TensorRT/CUDA when present, else CPU (see ``default_providers``). ``intra_op_threads`` /
     ``inter_op_threads``: ``None`` lets ONNX Runtime choose. ``graph_optimization``: one of
-    ``disable``, ``basic``, ``extended``, ``all``.
+    ``disable``, ``basic``, ``extended``, ``all``. ``spin``: whether idle worker threads
+    busy-wait for the next run (ONNX Runtime's default, fastest for one session alone); turn
+    it off where several sessions take turns on the same cores (``compare`` does).
     """
 
     def __init__(
@@ -136,6 +148,7 @@ class OrtSession:
         inter_op_threads: int | None = None,
         graph_optimization: str = "all",
         sequential: bool = True,
+        spin: bool = True,
     ):
         import onnxruntime as ort
 
@@ -153,6 +166,9 @@ class OrtSession:
             opts.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads is not None:
             opts.inter_op_num_threads = int(inter_op_threads)
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.execution_mode = (ort.ExecutionMode.ORT_SEQUENTIAL if sequential
                                else ort.ExecutionMode.ORT_PARALLEL)
         self.providers = list(providers) if providers else default_providers()
@@ -457,7 +473,11 @@ def compare(
     inputs, so a pruned model must keep the dense model's input signature (channel pruning
     does: graph inputs are pinned). For each (threads, batch) every model gets a fresh
     session with that many intra-op threads, ``warmup`` runs each, then ``repeats`` rounds in
-    which each model runs once, in an order rotated every round.
+    which each model runs once, in an order rotated every round. At more than one thread,
+    where idle sessions' spinning workers would take the running one's cores (see the module
+    doc), only one session lives at a time: each model runs ``BLOCK_RUNS`` timed runs per
+    block in a fresh session (``warmup`` runs first, at least one), blocks rotated the same way,
+    until it has ``repeats`` timed runs.
     """
     pruned_list = list(pruned) if isinstance(pruned, (list, tuple)) else [pruned]
     models = [dense, *pruned_list]
@@ -472,20 +492,28 @@ def compare(
         for b in batch:
             if progress:
                 progress(f"threads={t} batch={b}: {len(models)} models x {repeats} runs")
-            sessions = [OrtSession(blob, providers=providers, intra_op_threads=t,
-                                   inter_op_threads=1) for blob in blobs]
-            for sess, label in zip(sessions, labels):
-                sess.source = f"model '{label}'"
-            feeds = _batch_inputs(sessions[0], inputs, b, dims)
-            prepared = [s._prepared(feeds) for s in sessions]
-            stats = _interleaved(sessions, prepared, warmup, repeats, b)
+            def make(i: int, t: int = t) -> OrtSession:
+                sess = OrtSession(blobs[i], providers=providers, intra_op_threads=t,
+                                  inter_op_threads=1)
+                sess.source = f"model '{labels[i]}'"
+                return sess
+
+            first = make(0)
+            feeds = _batch_inputs(first, inputs, b, dims)
+            if t <= 1:
+                sessions = [first, *(make(i) for i in range(1, len(blobs)))]
+                prepared = [s._prepared(feeds) for s in sessions]
+                stats = _interleaved(sessions, prepared, warmup, repeats, b)
+                del sessions, prepared
+            else:
+                del first
+                stats = _one_session_at_a_time(make, len(blobs), feeds, warmup, repeats, b)
             base = stats[0]
             for label, st in zip(labels, stats):
                 rows.append(CompareRow(
                     model=label, threads=t, batch=b, stats=st,
                     speedup_p50=base.p50 / st.p50, speedup_mean=base.mean / st.mean,
                     throughput_ratio=st.throughput / base.throughput))
-            del sessions
     return CompareTable(rows=tuple(rows), models=tuple(labels), dense=labels[0],
                         warmup=warmup, repeats=repeats,
                         meta={"cpu_count": os.cpu_count(), "providers": list(providers or [])})
@@ -506,6 +534,30 @@ def _repeat_to_batch(arr: np.ndarray, batch: int) -> np.ndarray:
         return arr
     reps = -(-batch // arr.shape[0])
     return np.concatenate([arr] * reps, axis=0)[:batch]
+
+
+BLOCK_RUNS = 10  # timed runs per session block at more than one thread (see ``compare``)
+
+
+def _one_session_at_a_time(make: Callable[[int], OrtSession], n: int, feeds: Any, warmup: int,
+                           repeats: int, batch: int) -> list[LatencyStats]:
+    """``repeats`` timed runs per model in blocks of ``BLOCK_RUNS``, each block in a fresh
+    session closed before the next block starts (no idle session spins on the cores)."""
+    times: list[list[float]] = [[] for _ in range(n)]
+    rounds = -(-repeats // BLOCK_RUNS)
+    for r in range(rounds):
+        for k in range(n):
+            i = (k + r) % n
+            sess = make(i)
+            run, fed = sess.session.run, sess._prepared(feeds)
+            for _ in range(max(warmup, 1)):  # the first run of a session allocates
+                run(None, fed)
+            for _ in range(min(BLOCK_RUNS, repeats - len(times[i]))):
+                start = time.perf_counter()
+                run(None, fed)
+                times[i].append(time.perf_counter() - start)
+            del sess, run  # joins the session's worker threads before the next block
+    return [LatencyStats.from_times(ts, batch) for ts in times]
 
 
 def _interleaved(sessions: Sequence[OrtSession], feeds: Sequence[dict[str, np.ndarray]],

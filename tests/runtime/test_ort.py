@@ -92,6 +92,53 @@ def test_compare_has_ratio_for_every_config(cnn_onnx, narrow_cnn_onnx):
     assert len(table.to_dict()["rows"]) == 8
 
 
+def test_spin_option_reaches_the_session(cnn_onnx):
+    def spinning(s: OrtSession) -> str:
+        return s.session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
+
+    assert spinning(OrtSession(cnn_onnx, intra_op_threads=2, spin=False)) == "0"
+    with pytest.raises(RuntimeError, match="does not have"):  # unset: ORT spins (default)
+        spinning(OrtSession(cnn_onnx, intra_op_threads=2))
+
+
+def test_multithread_compare_keeps_one_session_alive(cnn_onnx, narrow_cnn_onnx, monkeypatch):
+    """At 2 threads an idle live session's spinning workers take the running session's
+    cores (ResNet-50 measured slower at 2 threads than at 1), so compare keeps one session
+    alive at a time there; at 1 thread (no workers) its sessions stay open and interleave."""
+    import gc
+    import weakref
+
+    import secateurs.runtime.ort as ort_mod
+
+    alive: list[weakref.ref] = []
+    most = {1: 0, 2: 0}
+    threads_now = [1]
+
+    class Spy(OrtSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            gc.collect()
+            alive.append(weakref.ref(self))
+            t = threads_now[0]
+            most[t] = max(most[t], sum(r() is not None for r in alive))
+
+    monkeypatch.setattr(ort_mod, "OrtSession", Spy)
+    x = torch.randn(1, 3, 16, 16)
+    table = compare(cnn_onnx, [narrow_cnn_onnx], inputs=x, threads=(1,), batch=(1,),
+                    warmup=1, repeats=3)
+    alive.clear()
+    threads_now[0] = 2
+    made = len(alive)
+    table2 = compare(cnn_onnx, [narrow_cnn_onnx], inputs=x, threads=(2,), batch=(1,),
+                     warmup=1, repeats=ort_mod.BLOCK_RUNS + 2)
+    assert most == {1: 2, 2: 1}
+    # two blocks per model (BLOCK_RUNS + 2 runs) plus the session that reads the inputs
+    assert len(alive) - made == 2 * 2 + 1
+    assert {r.stats.repeats for r in table.rows} == {3}
+    assert {r.stats.repeats for r in table2.rows} == {ort_mod.BLOCK_RUNS + 2}
+
+
 def test_compare_random_inputs_need_symbolic_batch(tmp_path, cnn):
     from secateurs.runtime.onnx_export import export_onnx
 

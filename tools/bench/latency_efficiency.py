@@ -163,29 +163,46 @@ def _kind(event: dict, kinds: dict[str, str]) -> str:
 
 def profile(models: dict[str, onnx.ModelProto], runs: int, tmp: Path,
             threads: int = 1) -> dict[str, Any]:
-    """Per variant: per op kind, the sum over nodes of each node's median kernel time."""
+    """Per variant: per op kind, the sum over nodes of each node's median kernel time.
+
+    At 1 thread the sessions stay open and run interleaved. At more, one session lives at a
+    time (``runtime.ort.compare``'s rule: an idle session's spinning workers would take the
+    running one's cores), each model's runs back to back."""
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    sessions = {}
-    for key, model in models.items():
+
+    def make(key: str) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.enable_profiling = True
         opts.profile_file_prefix = str(tmp / f"prof_{key}_{threads}")
-        sessions[key] = ort.InferenceSession(model.SerializeToString(), opts,
-                                             providers=["CPUExecutionProvider"])
-    for s in sessions.values():
-        s.run(None, {"x": x})
-    for _ in range(runs):
+        return ort.InferenceSession(models[key].SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+
+    files: dict[str, str] = {}
+    if threads <= 1:
+        sessions = {key: make(key) for key in models}
         for s in sessions.values():
             s.run(None, {"x": x})
+        for _ in range(runs):
+            for s in sessions.values():
+                s.run(None, {"x": x})
+        files = {key: s.end_profiling() for key, s in sessions.items()}
+        del sessions
+    else:
+        for key in models:
+            s = make(key)
+            for _ in range(runs + 1):
+                s.run(None, {"x": x})
+            files[key] = s.end_profiling()
+            del s
     out: dict[str, Any] = {}
-    for key, s in sessions.items():
+    for key, path in files.items():
         kinds, kind_macs = node_kinds(models[key])
         per_node: dict[str, list[float]] = collections.defaultdict(list)
         node_kind: dict[str, str] = {}
-        with open(s.end_profiling()) as f:
+        with open(path) as f:
             events = json.load(f)
         for e in events:
             if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):

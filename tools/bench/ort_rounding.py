@@ -61,6 +61,8 @@ def session(model: onnx.ModelProto, threads: int) -> tuple[ort.InferenceSession,
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # ORT warns that NCHWc graphs are machine-specific: we know
+    # interleaved sessions: idle workers must not spin on the running one's cores
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory() as tmp:
         opt_path = os.path.join(tmp, "optimized.onnx")
         opts.optimized_model_filepath = opt_path
