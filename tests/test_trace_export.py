@@ -50,6 +50,6 @@ def test_bounded_batch_exports_static() -> None:
             torch._check(x.shape[0] <= 2)
             return x * 2
 
-    ep = fx_trace._export(_Bounded(), (torch.randn(1, 3),), dynamic_batch=True)
-    assert fx_trace._unbounded(ep)  # static export: no symbols left to bound
+    ep, symbolic = fx_trace._export(_Bounded(), (torch.randn(1, 3),), dynamic_batch=True)
+    assert fx_trace._unbounded(ep) and not symbolic  # static export: no symbols left to bound
     assert not ep.range_constraints

@@ -44,6 +44,16 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "maxvit_grid": (1, 10),
     "mobilevit_unfold": (2, 10),
     # end public_lookalikes
+    # timm_wild (timm / torchvision / diffusers blocks with unusual channel bookkeeping)
+    "ghostnet_slice": (1, 10),
+    "res2net_split": (1, 10),
+    "xcit_xca": (1, 10),
+    "gmlp_sgu": (1, 10),
+    "swinv2_cosine": (1, 10),
+    "dpn_dual_path": (1, 10),
+    "unet_timestep": (1, 3, 16, 16),
+    "coat_conv_relpos": (2, 10),
+    # end timm_wild
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),
     "convnext_tv": (1, 10),

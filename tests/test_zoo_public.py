@@ -120,3 +120,95 @@ def test_unfolded_attention_keeps_its_run_time_rows() -> None:
         xb = torch.randn(batch, 3, 16, 16)
         ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, (xb,))
         assert ok, (batch, diff)
+
+
+# ---------------------------------------------------------------- zoo/timm_wild.py
+
+
+def test_trace_time_constant_in_the_plan_is_verified_against_the_model() -> None:
+    """``symbolic_trace`` freezes the timestep frequencies (computed from constants only) into
+    ``_tensor_constant0``; the plan slices it with the embedding's features, and the contract's
+    reference (the user's model, which recomputes it) used to fail with a KeyError."""
+    model, x, result, ok, diff = _prune("unet_timestep")
+    assert ok, diff
+    assert "_tensor_constant0" in result.plan.removed
+    for t in (0.0, 999.0):  # another timestep: other frequencies' phases
+        ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan,
+                                                     (x[0], torch.tensor([t])))
+        assert ok, (t, diff)
+    verified = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert verified.report.exact is True
+    # a plan made for another model names tensors this one lacks: a clear error
+    with pytest.raises(secateurs.InputError, match="does not have.*another model"):
+        secateurs.zero_plan_slices(zoo.get("ghostnet_slice").build(), result.plan)
+
+
+def test_a_static_export_is_named_and_warned(caplog) -> None:
+    """A batch-1 example of CoaT cannot keep a symbolic batch under torch.export: the pruned
+    program then runs at that batch only, and the report and the log say so."""
+    model = zoo.get("coat_conv_relpos").build()
+    x = (torch.randn(1, 3, 16, 16),)
+    with caplog.at_level("WARNING", logger="secateurs.graph.fx_trace"):
+        result = secateurs.prune(model, x, ratio=0.5)
+    assert result.report.tracer == "export (static shapes)"
+    assert "runs at the example's input shapes [(1, 3, 16, 16)] only" in caplog.text
+    assert any("runs at the example inputs' shapes only" in n for n in result.report.notes)
+    assert "export (static shapes)" in result.report.table()
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
+    dynamic = secateurs.prune(model, zoo.get("coat_conv_relpos").example_inputs(), ratio=0.5)
+    assert dynamic.report.tracer == "export"
+
+
+def test_uneven_head_splits_prune_per_split() -> None:
+    """CoaT splits v's channels by head groups of 2, 3 and 3 heads into depthwise convs of
+    kernel 3, 5 and 7: removing a head shrinks its split and its conv only."""
+    model, x, result, ok, diff = _prune("coat_conv_relpos")
+    assert ok, diff
+    convs = result.model.get_submodule("attn.crpe.convs")
+    widths = [convs.get_submodule(str(i)).weight.shape[0] for i in range(3)]
+    kept = result.model.get_submodule("attn.qkv").weight.shape[0] // 3
+    assert sum(widths) == kept < 32 and all(w % 4 == 0 for w in widths)  # whole heads of 4
+
+
+def test_cosine_attention_heads_slice_logit_scale_and_position_mlp() -> None:
+    """Swin V2: each head has a logit scale and one output of the position-bias MLP; q/k are
+    normalised over the head dim, so head dims stay whole (lossy) and heads prune."""
+    _, _, result, ok, diff = _prune("swinv2_cosine")
+    assert ok, diff
+    attn = result.model.get_submodule("blocks.0.attn")
+    heads = attn.logit_scale.shape[0]
+    assert heads < 4
+    assert attn.get_submodule("cpb_mlp.2").weight.shape[0] == heads
+    assert attn.qkv.weight.shape[0] == 3 * heads * 8  # head dim 8 kept
+    assert attn.q_bias.shape[0] == heads * 8
+
+
+def test_cross_covariance_head_dims_are_lossy() -> None:
+    """XCiT's softmax runs over head-dim channels (a d x d attention), so removing one changes
+    the others: the head-dim groups are lossy, whole heads (and their temperature) prune."""
+    model, x, result, ok, diff = _prune("xcit_xca")
+    assert ok, diff
+    attn = result.model.get_submodule("blocks.0.attn")
+    heads = attn.temperature.shape[0]
+    assert heads < 4 and attn.qkv.weight.shape[0] == 3 * heads * 8
+    analysis = secateurs.analyze(model, x)
+    analysis = getattr(analysis, "analysis", analysis)
+    head_dims = [g for g in analysis.groups if g.size == 8
+                 and any(m.param == "blocks.0.attn.qkv.weight" for m in g.members)]
+    assert head_dims and all(g.is_lossy for g in head_dims)
+
+
+def test_ghost_and_res2net_splits_follow_the_kept_channels() -> None:
+    """GhostNet slices ``cat([primary, cheap])[:, :oup]``; Res2Net splits by an int width that
+    no longer fits once the scales keep different counts (the apply writes the sizes)."""
+    _, _, ghost, ok, diff = _prune("ghostnet_slice")
+    assert ok, diff
+    cheap = ghost.model.get_submodule("b2.ghost1.cheap.0")
+    assert cheap.groups == cheap.weight.shape[0] < 24  # still depthwise over what is kept
+    _, _, res2, ok, diff = _prune("res2net_split")
+    assert ok, diff
+    splits = [n for n in res2.model.graph.nodes if n.target is torch.split]
+    kept = res2.model.get_submodule("l1.conv1.0").weight.shape[0]
+    sizes = splits[0].args[1]
+    assert isinstance(sizes, (list, tuple)) and sum(sizes) == kept < 32

@@ -120,10 +120,9 @@ def trace(model: nn.Module, example_inputs: Any,
         fx_error = fx_exc
     log.info("symbolic_trace failed (%s); falling back to torch.export", fx_error)
     try:
-        ep = _export(model, args, dynamic_batch)
+        ep, symbolic = _export(model, args, dynamic_batch)
         gm = ep.module()
         _inline_wrapped_regions(gm)
-        return gm, "export"
     except Exception as exc:  # noqa: BLE001 - report both failures together
         raise TraceError(
             f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
@@ -131,6 +130,14 @@ def trace(model: nn.Module, example_inputs: Any,
             f"{type(exc).__name__}: {_first_line(exc)}. Make the forward free of "
             f"data-dependent Python control flow, or pass a model that torch.export accepts."
         ) from exc
+    if symbolic:
+        return gm, "export"
+    sizes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    log.warning("torch.export could not keep the batch of %s symbolic: the traced (and "
+                "pruned) program runs at the example's input shapes %s only; pass example "
+                "inputs at the batch you deploy, or make the forward traceable by torch.fx",
+                type(model).__name__, sizes)
+    return gm, "export (static shapes)"
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -143,29 +150,42 @@ def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
                  for a in args)
 
 
-def _export(model: nn.Module, args: tuple[Any, ...], dynamic_batch: bool) -> Any:
-    """``torch.export`` with a dynamic batch dim where the model allows it, else static.
+def _export(model: nn.Module, args: tuple[Any, ...], dynamic_batch: bool) -> tuple[Any, bool]:
+    """``torch.export`` with a dynamic batch dim where the model allows it, else static; and
+    whether the batch stayed symbolic.
 
     An exported graph is what the pruned model runs, so a batch baked in at export would make
     the pruned model accept the example batch only (torch.export specialises sizes 0 and 1;
     ``backed_size_oblivious`` keeps a batch-1 example symbolic). A model whose batch cannot be
-    symbolic (a guard on it) is exported static, as before.
+    symbolic (a guard on it; CoaT's split/pad attention bounds a batch-1 example to
+    ``VR[0, 2]``) is exported static: :func:`trace` warns and names the tracer
+    ``export (static shapes)``, since its pruned program runs at the example's shapes only.
+    (Retrying on the example repeated to batch 2 gives a symbolic batch, but with a guard
+    ``batch > 1``: the user's own batch would be refused.)
     """
     dims = _batch_dims(args) if dynamic_batch else None
-    if dims is not None:
-        import torch.fx.experimental._config as fx_config
+    if dims is None:
+        return torch.export.export(model, args, strict=False), not dynamic_batch
+    ep = _export_dynamic(model, args, dims)
+    if ep is not None:
+        return ep, True
+    return torch.export.export(model, args, strict=False), False
 
-        try:
-            with fx_config.patch(backed_size_oblivious=True):
-                ep = torch.export.export(model, args, dynamic_shapes=dims, strict=False)
-            if _unbounded(ep):
-                return ep
-            log.info("torch.export bounds the batch (%s); exporting static",
-                     ep.range_constraints)
-        except Exception as exc:  # noqa: BLE001 - any failure: export with static shapes
-            log.info("torch.export with a dynamic batch failed (%s); exporting static",
-                     _first_line(exc))
-    return torch.export.export(model, args, strict=False)
+
+def _export_dynamic(model: nn.Module, args: tuple[Any, ...], dims: tuple[Any, ...]) -> Any:
+    """The export with a symbolic batch, or ``None`` where it fails or bounds the batch."""
+    import torch.fx.experimental._config as fx_config
+
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(model, args, dynamic_shapes=dims, strict=False)
+    except Exception as exc:  # noqa: BLE001 - any failure: the caller tries otherwise
+        log.info("torch.export with a dynamic batch failed (%s)", _first_line(exc))
+        return None
+    if _unbounded(ep):
+        return ep
+    log.info("torch.export bounds the batch (%s)", ep.range_constraints)
+    return None
 
 
 def _unbounded(ep: Any) -> bool:

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -448,13 +449,31 @@ def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray],
     return tuple(rows)
 
 
+_TRACE_CONSTANT = re.compile(r"_tensor_constant\d+")  # torch.fx's name for a frozen tensor
+
+
 def zero_plan_slices(model: nn.Module, plan: Plan) -> nn.Module:
     """A copy of ``model`` with every slice the plan removes set to zero (the contract's
-    reference)."""
+    reference).
+
+    A plan may also slice tensors that exist only in the traced program: ``symbolic_trace``
+    freezes a tensor computed from constants alone (a timestep embedding's frequencies,
+    ``exp(-log(1e4) * arange(d) / d)``) into a ``_tensor_constantN`` attribute. The model
+    recomputes it on every call, so there is nothing to zero: the reference zeroes the model's
+    own tensors only (the consumers' slices are zeroed, so the comparison still holds; it can
+    only be stricter). Any other name the model lacks is an error (a plan made for another
+    model)."""
     ref = copy.deepcopy(model)
     tensors = _tensors(ref)
+    unknown = [n for n in plan.removed if n not in tensors and not _TRACE_CONSTANT.fullmatch(n)]
+    if unknown:
+        raise InputError(f"the plan removes slices of {unknown[:5]}, which the model does not "
+                         f"have (was the plan made for another model?); the model's tensors "
+                         f"look like {sorted(tensors)[:5]}")
     with torch.no_grad():
         for name, dims in plan.removed.items():
+            if name not in tensors:
+                continue  # a trace-time constant (see above)
             t = tensors[name]
             for d, idx in dims.items():
                 t.index_fill_(d, torch.as_tensor(idx, dtype=torch.long, device=t.device), 0)
@@ -568,8 +587,13 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
     scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
         for g in analysis.groups if g.prunable and g.size > 1})
-    return Prepared(model, example_inputs, inplace, gm, tracer, analysis, scores, skip,
+    prep = Prepared(model, example_inputs, inplace, gm, tracer, analysis, scores, skip,
                     getattr(criterion, "__name__", str(importance)), timer)
+    if tracer == "export (static shapes)":
+        prep.notes.append("torch.export could not keep the batch symbolic: the pruned program "
+                          "runs at the example inputs' shapes only (pass examples at the batch "
+                          "you deploy)")
+    return prep
 
 
 def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,

@@ -19,6 +19,7 @@ from secateurs.zoo import (
     misc,
     mobile,
     public_lookalikes,
+    timm_wild,
     transformer,
 )
 from secateurs.zoo._common import ZooModel, randomize_affine, randomize_bn_stats
@@ -29,7 +30,7 @@ __all__ = ["ZooModel", "ZOO", "get", "names", "randomize_bn_stats", "randomize_a
 def _collect() -> dict[str, ZooModel]:
     zoo: dict[str, ZooModel] = {}
     for family in (cnn, mobile, transformer, llama, misc, attention_wild, conv_wild,
-                   public_lookalikes):
+                   public_lookalikes, timm_wild):
         for entry in family.ENTRIES:
             if entry.name in zoo:
                 raise RuntimeError(f"zoo model {entry.name!r} is registered twice")
