@@ -53,6 +53,10 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "dpn_dual_path": (1, 10),
     "unet_timestep": (1, 3, 16, 16),
     "coat_conv_relpos": (2, 10),
+    "fpn_shared_head": (1, 1020, 4),
+    "siamese_shared": (1, 2),
+    "tied_autoencoder": (1, 3, 8, 8),
+    "looped_block": (1, 5),
     # end timm_wild
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),

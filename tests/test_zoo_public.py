@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import secateurs
 from secateurs import zoo
@@ -212,3 +213,26 @@ def test_ghost_and_res2net_splits_follow_the_kept_channels() -> None:
     kept = res2.model.get_submodule("l1.conv1.0").weight.shape[0]
     sizes = splits[0].args[1]
     assert isinstance(sizes, (list, tuple)) and sum(sizes) == kept < 32
+
+
+def test_weights_used_more_than_once_are_sliced_once() -> None:
+    """One conv head serves every FPN level, one encoder both Siamese inputs, one conv weight
+    the encoder and (transposed) the decoder, one block every loop step: each is sliced once,
+    consistently for all its uses."""
+    _, _, fpn, ok, diff = _prune("fpn_shared_head")
+    assert ok, diff
+    tower = fpn.model.get_submodule("tower.0").weight.shape
+    assert tower[0] == tower[1] < 16  # the FPN width, shared by every level and the head
+    assert fpn.model.get_submodule("logits").weight.shape[:2] == (12, tower[0])
+    _, _, tied, ok, diff = _prune("tied_autoencoder")
+    assert ok, diff
+    w = tied.model.get_submodule("enc2").weight
+    assert w.shape[0] < 24 and w.shape[1] < 16
+    assert tied.model.dec1_bias.shape[0] == w.shape[1]  # the decoder's output = enc2's input
+    graph = tied.model.graph
+    read = [n for n in graph.nodes if n.op == "get_attr" and n.target == "enc2.weight"]
+    assert [u.target for n in read for u in n.users] == [F.conv_transpose2d]
+    assert any(n.op == "call_module" and n.target == "enc2" for n in graph.nodes)  # one tensor
+    _, _, looped, ok, diff = _prune("looped_block")
+    assert ok, diff
+    assert looped.model.get_submodule("fc1").weight.shape[0] < 64

@@ -26,6 +26,10 @@ written afresh from the published structure (a held-out check like ``public_look
   of 2, 3 and 3 heads) into depthwise convs of kernel 3, 5 and 7. Iterating the split's parts
   defeats ``symbolic_trace``; ``torch.export`` keeps the batch symbolic from an example of
   batch 2, not 1 (a batch-1 example is exported static, and ``trace`` says so).
+
+And four whose weights serve several uses: ``FPNSharedHead`` (RetinaNet: one conv head for
+every FPN level), ``Siamese`` (one encoder, two inputs), ``TiedAutoencoder`` (a conv weight
+reused transposed by the decoder) and ``LoopedBlock`` (ALBERT: one block, three steps).
 """
 
 from __future__ import annotations
@@ -469,6 +473,116 @@ class CoaTLite(nn.Module):
         return self.head(x[:, 0])
 
 
+# ------------------------------------------------------------------ weights used more than once
+
+
+class FPNSharedHead(nn.Module):
+    """torchvision RetinaNet-style: an FPN (lateral 1x1 convs to one width, top-down nearest
+    ``interpolate(size=...)`` + add, 3x3 output convs, an extra level by ``max_pool2d(1, 2)``)
+    and *one* conv head applied to every level, its logits ``view(N, A, K, H, W)`` ->
+    ``permute`` -> ``reshape(N, -1, K)`` and concatenated over the levels."""
+
+    def __init__(self, width: int = 16, anchors: int = 3, classes: int = 4):
+        super().__init__()
+        self.anchors, self.classes = anchors, classes
+        self.c3 = _cbr(3, 16, 3, 2)
+        self.c4 = _cbr(16, 24, 3, 2)
+        self.c5 = _cbr(24, 32, 3, 2)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in (16, 24, 32))
+        self.output = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(3))
+        self.tower = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.logits = nn.Conv2d(width, anchors * classes, 3, padding=1)
+
+    def forward(self, x):
+        c3 = self.c3(x)
+        c4 = self.c4(c3)
+        c5 = self.c5(c4)
+        lat = [conv(c) for conv, c in zip(self.lateral, (c3, c4, c5))]
+        p5 = lat[2]
+        p4 = lat[1] + F.interpolate(p5, size=lat[1].shape[-2:], mode="nearest")
+        p3 = lat[0] + F.interpolate(p4, size=lat[0].shape[-2:], mode="nearest")
+        levels = [out(p) for out, p in zip(self.output, (p3, p4, p5))]
+        levels.append(F.max_pool2d(levels[-1], 1, 2))
+        outs = []
+        for p in levels:
+            y = self.logits(self.tower(p))
+            n, _, h, w = y.shape
+            y = y.view(n, self.anchors, self.classes, h, w).permute(0, 3, 4, 1, 2)
+            outs.append(y.reshape(n, -1, self.classes))
+        return torch.cat(outs, dim=1)
+
+
+class Siamese(nn.Module):
+    """One encoder on two inputs; the head reads ``cat([f, g, |f - g|])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(_cbr(3, 16, 3, 2), _cbr(16, 24, 3, 2))
+        self.head = nn.Sequential(nn.Linear(72, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, a, b):
+        f = self.encoder(a).mean((2, 3))
+        g = self.encoder(b).mean((2, 3))
+        return self.head(torch.cat([f, g, (f - g).abs()], dim=1))
+
+
+def _two_images() -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return (torch.randn(1, 3, 16, 16, generator=gen), torch.randn(1, 3, 16, 16, generator=gen))
+
+
+class TiedAutoencoder(nn.Module):
+    """A decoder that reuses the encoder's conv weights transposed
+    (``F.conv_transpose2d(h, self.enc2.weight)``): one tensor is a conv's output channels and a
+    transposed conv's input channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.enc2 = nn.Conv2d(16, 24, 3, 2, 1)
+        self.mid = nn.Conv2d(24, 24, 1)
+        self.dec1_bias = nn.Parameter(torch.randn(16) * 0.1)
+        self.out = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        h1 = F.relu(self.enc1(x))
+        h = F.relu(self.mid(F.relu(self.enc2(h1))))
+        d = F.conv_transpose2d(h, self.enc2.weight, self.dec1_bias, stride=2, padding=1,
+                               output_padding=1)
+        return self.out(F.relu(d + h1))
+
+
+class LoopedBlock(nn.Module):
+    """ALBERT / Universal-Transformer style: one transformer block applied three times in a
+    Python loop (its weights serve every iteration)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, steps: int = 3):
+        super().__init__()
+        self.steps, self.heads = steps, heads
+        self.embed = nn.Linear(12, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def block(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for _ in range(self.steps):
+            x = self.block(x)
+        return self.head(x[:, 0])
+
+
 def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
     return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
                     description=description, tags=frozenset({"public-lookalike", *tags}))
@@ -501,4 +615,17 @@ ENTRIES: tuple[ZooModel, ...] = (
            "CoaT factorised attention with conv relative position encoding over uneven head "
            "splits (2, 3, 3 heads; kernels 3, 5, 7)", "attention", "transformer", "layernorm",
            "fx-untraceable"),
+    _entry("fpn_shared_head", FPNSharedHead, seeded_randn(1, 3, 32, 32),
+           "RetinaNet-style FPN (lateral convs, top-down interpolate + add, extra max-pool "
+           "level) with one conv head shared by every level, anchor reshape + concat", "cnn",
+           "residual", "concat"),
+    _entry("siamese_shared", Siamese, _two_images,
+           "Siamese: one encoder on two inputs, head on cat([f, g, |f - g|])", "cnn",
+           "concat"),
+    _entry("tied_autoencoder", TiedAutoencoder, seeded_randn(1, 3, 16, 16),
+           "autoencoder whose decoder reuses an encoder conv's weight in conv_transpose2d",
+           "cnn", "residual"),
+    _entry("looped_block", LoopedBlock, seeded_randn(1, 8, 12),
+           "ALBERT-style: one transformer block applied three times in a loop", "attention",
+           "transformer", "layernorm"),
 )
