@@ -25,14 +25,24 @@ LSTM / GRU / RNN                       ``rnn`` {input_dim = 2: ``W``'s input fea
 pools / Resize / Reduce* / Softmax     ``pool`` / ``resize`` / ``reduce`` / ``softmax``
 Constant, Shape and shape arithmetic   folded to constants (no node); a float ``Constant``
                                        of more than one element is a parameter
+ONNX Runtime contrib ops               BiasGelu / FastGelu: ``add`` (bias) + ``gelu``; Gelu /
+(``com.microsoft``, what ORT's         QuickGelu: ``gelu`` / ``silu``;
+transformer optimizer and optimum      Skip(Simplified)LayerNormalization: ``add`` (skip,
+write)                                 bias) + ``layer_norm`` / ``rms_norm``, the sum output
+                                       an ``identity``; SimplifiedLayerNormalization:
+                                       ``rms_norm`` (FusedMatMul, Attention and the other
+                                       contrib ops are opaque)
 anything else, custom domains          ``opaque`` (pins every channel it touches, with a
                                        reason naming the op type and the node)
 =====================================  =====================================================
 
 Shapes come from ``onnx.shape_inference.infer_shapes(data_prop=True)`` on a weightless
 ``skeleton`` of the model (large initializers declared by type and shape, small ones kept for
-shape arithmetic) whose graph inputs may be fixed by ``input_shapes``; every value the analysis needs must end up with a
-static shape, else an :class:`InputError` says which input to fix. Float initializers with
+shape arithmetic) whose graph inputs may be fixed by ``input_shapes``; ONNX cannot infer
+ONNX Runtime's contrib ops, so their output shapes come from onnxruntime's own symbolic shape
+inference (``onnxruntime.tools.symbolic_shape_infer``) where the file does not declare them.
+Every value the analysis needs must end up with a static shape, else an :class:`InputError`
+says which input to fix. Float initializers with
 more than one element are *parameters* (``Value.param`` is the initializer name, so plans are
 keyed by initializer names); integer initializers, ``Constant`` nodes and everything computed
 from them (``Shape`` → ``Gather`` → ``Concat`` chains) are folded into constants. A float
@@ -63,10 +73,11 @@ __all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constant
            "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton",
            "group_norm_decompositions", "GroupNormDecomposition",
            "check_supported_version", "tensor_array", "is_lazy", "external_info",
-           "LAZY_BASEPATH", "defer_tensor", "is_deferred"]
+           "LAZY_BASEPATH", "defer_tensor", "is_deferred", "MS_DOMAIN", "opaque_custom"]
 
 log = logging.getLogger(__name__)
 
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
 # Ops folded when every input is a constant (shape arithmetic, constant factories).
@@ -104,7 +115,7 @@ _REDUCES = {"ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "max", "Reduc
 # has no answer, e.g. function ops such as GroupNormalization-21).
 _SAME_SHAPE = set(_UNARY) | {"BatchNormalization", "InstanceNormalization", "LayerNormalization",
                              "GroupNormalization", "Softmax", "LogSoftmax", "Clip", "PRelu",
-                             "LpNormalization"}
+                             "LpNormalization", "SimplifiedLayerNormalization"}
 _SOURCES = {"ConstantOfShape", "Range", "RandomNormal", "RandomUniform", "RandomNormalLike",
             "RandomUniformLike", "EyeLike"}
 
@@ -260,6 +271,11 @@ def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     custom = {o for n in work.graph.node
               if n.domain not in ("", "ai.onnx") or n.op_type in _SAME_SHAPE for o in n.output}
     keep = [vi for vi in work.graph.value_info if vi.name in custom]
+    declared = {vi.name for vi in keep}
+    missing = {o for n in work.graph.node if n.domain == MS_DOMAIN for o in n.output
+               if o and o not in declared}
+    if missing:
+        keep += _contrib_shapes(work, missing)
     del work.graph.value_info[:]
     work.graph.value_info.extend(keep)
     for out in work.graph.output:
@@ -281,6 +297,25 @@ def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     return shapes
 
 
+def _contrib_shapes(work: onnx.ModelProto, names: set[str]) -> list[onnx.ValueInfoProto]:
+    """Value infos for ``names`` (outputs of ONNX Runtime contrib ops) from onnxruntime's
+    symbolic shape inference, which knows those ops; none where it is not installed or fails
+    (the caller then reports the unknown shape)."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return []
+    scratch = onnx.ModelProto()
+    scratch.CopyFrom(work)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(scratch, auto_merge=True)
+    except Exception as exc:  # noqa: BLE001 - a best-effort hint; ONNX's inference decides
+        log.info("onnxruntime symbolic shape inference failed: %s", exc)
+        return []
+    return [vi for vi in inferred.graph.value_info
+            if vi.name in names and _static(_dims(vi.type)) is not None]
+
+
 def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray],
                  shapes: Mapping[str, list[int | str | None]]) -> onnx.ModelProto | None:
     """A copy of ``model`` whose folded node outputs are initializers (their nodes dropped) and
@@ -293,7 +328,10 @@ def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray],
              if n.op_type in _SAME_SHAPE and n.domain in ("", "ai.onnx") and n.output
              and _static(shapes.get(n.output[0])) is None
              and _static(shapes.get(n.input[0])) is not None]
-    if not folded and not hints:
+    contrib = {o: shape for n in model.graph.node
+               for o, shape in _contrib_output_shapes(n, shapes).items()
+               if _static(shapes.get(o)) is None}
+    if not folded and not hints and not contrib:
         return None
     scratch = onnx.ModelProto()
     scratch.CopyFrom(model)
@@ -309,7 +347,27 @@ def _materialise(model: onnx.ModelProto, consts: Mapping[str, np.ndarray],
         shape = _static(shapes.get(n.input[0]))
         scratch.graph.value_info.append(onnx.helper.make_tensor_value_info(
             n.output[0], TensorProto.FLOAT, list(shape or ())))
+    for name, shape in contrib.items():
+        scratch.graph.value_info.append(onnx.helper.make_tensor_value_info(
+            name, TensorProto.FLOAT, list(shape)))
     return scratch
+
+
+def _contrib_output_shapes(node: onnx.NodeProto,
+                           shapes: Mapping[str, list[int | str | None]]) -> dict[str, Shape]:
+    """Output shapes of the contrib ops this frontend lowers, from their first input's: the
+    same shape, and ``[..., 1]`` for a norm's mean / inverse-std outputs (where onnxruntime's
+    symbolic inference stops: it does not give those outputs)."""
+    if node.domain != MS_DOMAIN or node.op_type not in _LOWER_MS or not node.input:
+        return {}
+    shape = _static(shapes.get(node.input[0]))
+    if shape is None:
+        return {}
+    stats = (*shape[:-1], 1)
+    per_output = {"SkipLayerNormalization": (shape, stats, stats, shape),
+                  "SkipSimplifiedLayerNormalization": (shape, stats, stats, shape),
+                  "SimplifiedLayerNormalization": (shape, stats)}.get(node.op_type, (shape,))
+    return {o: sh for o, sh in zip(node.output, per_output) if o}
 
 
 def _static(dims: list[int | str | None] | None) -> Shape | None:
@@ -706,6 +764,9 @@ class _Lowering:
                 self.emit("group_norm", [fused[k].x, None, None], [node.output[0]],
                           {"num_groups": fused[k].groups})
                 continue
+            if node.domain == MS_DOMAIN and node.op_type in _LOWER_MS:
+                _LOWER_MS[node.op_type](self, node)
+                continue
             if node.domain not in ("", "ai.onnx"):
                 self.opaque(node, f"custom-domain op '{node.domain}::{node.op_type}' has no "
                                   f"channel rule; it passes through untouched")
@@ -820,6 +881,79 @@ def _lower_gemm(lw: _Lowering, node: onnx.NodeProto) -> None:
         lw.emit("matmul", [x, w], [mm_out])
     if mm_out != out:
         lw.emit("add", [mm_out, c], [out], suffix="bias")
+
+
+# ---------------------------------------------------------------- ONNX Runtime contrib ops
+
+_LOWER_MS: dict[str, Lower] = {}
+
+
+def opaque_custom(node: onnx.NodeProto) -> bool:
+    """A custom-domain node with no channel rule: the analysis pins what it touches, so its
+    outputs keep their widths (and their declared shapes stay true after a prune)."""
+    return node.domain not in ("", "ai.onnx") \
+        and not (node.domain == MS_DOMAIN and node.op_type in _LOWER_MS)
+
+
+def _reg_ms(*ops: str) -> Callable[[Lower], Lower]:
+    def deco(fn: Lower) -> Lower:
+        for op in ops:
+            _LOWER_MS[op] = fn
+        return fn
+    return deco
+
+
+def _biased(lw: _Lowering, x: str, bias: str | None, shape: Shape, suffix: str = "bias") -> str:
+    """``x + bias`` as a helper value (``x`` itself without a bias)."""
+    if not bias:
+        return x
+    out = lw.tmp(lw.onnx_name, suffix, shape)
+    lw.emit("add", [x, bias], [out], suffix=suffix)
+    return out
+
+
+@_reg_ms("BiasGelu", "FastGelu", "Gelu", "QuickGelu")
+def _lower_ms_gelu(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """GELU of ``x (+ bias)``: BiasGelu/FastGelu add a bias vector first; QuickGelu is
+    ``x * sigmoid(alpha * x)``. All elementwise per channel."""
+    out = node.output[0]
+    bias = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    x = _biased(lw, node.input[0], bias, lw.shape(out))
+    lw.emit("silu" if node.op_type == "QuickGelu" else "gelu", [x], [out])
+
+
+@_reg_ms("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+def _lower_ms_skip_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """``s = input + skip (+ bias)``, output 0 its norm over the last dim (gamma, beta), output
+    3 ``s`` itself (the residual the next block adds). Outputs 1 and 2 (mean, inverse std) are
+    statistics over the channels: a reader of them is opaque."""
+    ins = list(node.input) + [""] * (5 - len(node.input))
+    simplified = node.op_type == "SkipSimplifiedLayerNormalization"
+    x, skip, gamma = ins[0], ins[1], ins[2]
+    beta = None if simplified else (ins[3] or None)
+    bias = ins[3 if simplified else 4] or None
+    shape = lw.shape(node.output[0])
+    summed = lw.tmp(lw.onnx_name, "skip", shape)
+    lw.emit("add", [x, skip], [summed], suffix="skip")
+    summed = _biased(lw, summed, bias, shape)
+    lw.emit("rms_norm" if simplified else "layer_norm", [summed, gamma, beta],
+            [node.output[0]], {"ndim": 1})
+    outs = list(node.output) + [""] * (4 - len(node.output))
+    if any(outs[1:3]):
+        lw.emit("opaque", [summed], [o for o in outs[1:3] if o],
+                {"reason": f"{node.op_type} '{lw.onnx_name}' mean / inverse std outputs"},
+                suffix="stats")
+    if outs[3]:
+        lw.emit("identity", [summed], [outs[3]], suffix="sum")
+
+
+@_reg("SimplifiedLayerNormalization")  # ONNX Runtime registers it in the default domain
+@_reg_ms("SimplifiedLayerNormalization")
+def _lower_ms_rms_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
+    rank = lw.rank(node.input[0])
+    axis = int(_attrs(node).get("axis", -1)) % rank
+    lw.emit("rms_norm", [node.input[0], node.input[1], None], _first_out(node),
+            {"ndim": rank - axis})
 
 
 @_reg("BatchNormalization")

@@ -49,6 +49,7 @@ from secateurs.graph.from_onnx import (
     is_deferred,
     is_lazy,
     onnx_node_names,
+    opaque_custom,
     skeleton,
     tensor_array,
     with_input_shapes,
@@ -532,9 +533,10 @@ Use = tuple[int, int]  # (node index, input index)
 
 
 def _drop_stale_value_info(model: onnx.ModelProto) -> None:
-    """Widths changed: drop inferred shapes, except those of custom-op outputs, which ONNX
-    cannot infer and the analysis pinned (so they did not change)."""
-    custom = {o for n in model.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    """Widths changed: drop inferred shapes, except those of opaque custom-op outputs, which
+    ONNX cannot infer and the analysis pinned (so they did not change). ONNX Runtime contrib
+    ops with a channel rule may have changed width: their shapes go too (ORT infers them)."""
+    custom = {o for n in model.graph.node if opaque_custom(n) for o in n.output}
     keep = [vi for vi in model.graph.value_info if vi.name in custom]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
@@ -1031,7 +1033,7 @@ def apply_plan_onnx(model: onnx.ModelProto, plan: Plan,
     _drop_dead(out, io.replaced)
     retie(out, copies)  # copies the plan left equal to their source: shared again
     _drop_stale_value_info(out)
-    custom = {o for n in out.graph.node if n.domain not in ("", "ai.onnx") for o in n.output}
+    custom = {o for n in out.graph.node if opaque_custom(n) for o in n.output}
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton(out), data_prop=True)
         weights = {t.name for t in out.graph.initializer}
@@ -1049,6 +1051,7 @@ def check_full(model: onnx.ModelProto) -> None:
     inference on its ``skeleton``. A model over protobuf's limit (``BIG_MODEL_BYTES``) cannot
     be handed to the checker whole: the structural check runs on the skeleton and every
     initializer's data size is checked against its dims here."""
+    model = _checkable(model)
     if tensor_bytes(model) > BIG_MODEL_BYTES or has_lazy_tensors(model):
         # a lazy tensor's file is not next to the working directory: the checker cannot
         # resolve it in memory
@@ -1057,6 +1060,27 @@ def check_full(model: onnx.ModelProto) -> None:
         return
     onnx.checker.check_model(model)
     onnx.checker.check_model(skeleton(model), full_check=True)
+
+
+UNCHECKED_DOMAIN = "secateurs.unchecked"
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or where it uses default-domain ops ONNX does not define (ONNX Runtime
+    registers ``SimplifiedLayerNormalization`` there; its transformer optimizer writes it), a
+    copy that moves those nodes to a domain the checker skips: such a model fails the checker
+    before any prune, and everything else in it is still checked."""
+    unknown = {n.op_type for n in model.graph.node
+               if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
+    if not unknown:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in out.graph.node:
+        if n.domain in ("", "ai.onnx") and n.op_type in unknown:
+            n.domain = UNCHECKED_DOMAIN
+    out.opset_import.append(onnx.helper.make_opsetid(UNCHECKED_DOMAIN, 1))
+    return out
 
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:

@@ -1,0 +1,173 @@
+"""ONNX Runtime's contrib ops (``com.microsoft``), as ORT's transformer optimizer and optimum
+write them (``model_O1.onnx``-style files on the Hugging Face Hub): SkipLayerNormalization,
+SkipSimplifiedLayerNormalization, BiasGelu, FastGelu, Gelu, QuickGelu and
+SimplifiedLayerNormalization, which ORT registers in the *default* domain (such a file
+fails ONNX's checker before any prune). ONNX's shape inference knows none of them: their
+shapes come from onnxruntime's symbolic shape inference. Before, every such model stopped with
+"has an unknown shape after shape inference" even with static input shapes."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from _onnx_testlib import init, make_model, rand
+from onnx import helper
+
+from secateurs.graph.from_onnx import from_onnx
+from secateurs.graph.onnx_apply import check_full
+from secateurs.passes.prune_onnx import prune_onnx, verify_onnx
+
+MS = "com.microsoft"
+D, H = 16, 32  # hidden, MLP width
+
+
+def _block() -> onnx.ModelProto:
+    """x -> MatMul -> BiasGelu -> MatMul -> SkipLayerNorm(+x, bias) -> MatMul -> QuickGelu ->
+    MatMul -> MatMul -> FastGelu(bias) -> MatMul -> Add(the norm's sum output)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("BiasGelu", ["h1", "b1"], ["g1"], name="bias_gelu", domain=MS),
+        helper.make_node("MatMul", ["g1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("SkipLayerNormalization", ["h2", "x", "gamma", "beta", "b2"],
+                         ["n", "", "", "sum"], name="skip_ln", domain=MS, epsilon=1e-5),
+        helper.make_node("MatMul", ["n", "w3"], ["h3"], name="fc3"),
+        helper.make_node("QuickGelu", ["h3"], ["q"], name="quick", domain=MS, alpha=1.702),
+        helper.make_node("MatMul", ["q", "w4"], ["h4"], name="fc4"),
+        helper.make_node("MatMul", ["h4", "w5"], ["h5"], name="fc5"),
+        helper.make_node("FastGelu", ["h5", "b5"], ["f5"], name="fast_gelu", domain=MS),
+        helper.make_node("MatMul", ["f5", "w6"], ["h6"], name="fc6"),
+        helper.make_node("Add", ["h6", "sum"], ["y"], name="residual"),
+    ]
+    inits = [init("w1", rand(D, H)), init("b1", rand(H, seed=1)), init("w2", rand(H, D)),
+             init("gamma", rand(D, seed=2) + 1.5), init("beta", rand(D, seed=3)),
+             init("b2", rand(D, seed=4)), init("w3", rand(D, H, seed=5)),
+             init("w4", rand(H, D, seed=6)), init("w5", rand(D, H, seed=7)),
+             init("b5", rand(H, seed=8)), init("w6", rand(H, D, seed=9))]
+    return make_model(nodes, {"x": [2, 5, D]}, {"y": [2, 5, D]}, inits,
+                      extra_opsets=[(MS, 1)])
+
+
+def test_contrib_ops_lower_and_prune_exactly() -> None:
+    model = _block()
+    graph = from_onnx(model)
+    ops = collections.Counter(n.op for n in graph.nodes)
+    assert ops["opaque"] == 0, [n.attrs for n in graph.nodes if n.op == "opaque"]
+    assert ops["gelu"] == 2 and ops["silu"] == 1 and ops["layer_norm"] == 1
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True, result.report.max_abs_diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert shapes["b1"] == (H // 2,) and shapes["w1"] == (D, H // 2)  # BiasGelu's bias
+    assert shapes["w3"] == (D, H // 2)  # QuickGelu's width
+    assert shapes["b5"] == (H // 2,)  # FastGelu's bias
+    assert shapes["gamma"] == (D,)  # normalised channels stay (exact mode)
+    check_full(result.model)
+    for batch in (2,):
+        feeds = {"x": rand(batch, 5, D, seed=11)}
+        ok, diff = verify_onnx(model, result.model, result.plan, feeds)
+        assert ok, diff
+
+
+def test_a_reader_of_the_norm_statistics_pins_them() -> None:
+    """SkipLayerNormalization's mean / inverse-std outputs are statistics over the channels:
+    a graph that reads them keeps the normalised channels whole even with allow_lossy."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"], name="fc0"),
+        helper.make_node("MatMul", ["h0", "w1"], ["h"], name="fc1"),
+        helper.make_node("SkipLayerNormalization", ["h", "h0", "gamma", "beta"],
+                         ["n", "mean"], name="skip_ln", domain=MS),
+        helper.make_node("ReduceMean", ["mean"], ["m"], name="rm", keepdims=1, axes=[-1]),
+        helper.make_node("Add", ["n", "m"], ["z"], name="add"),
+        helper.make_node("MatMul", ["z", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [init("w0", rand(8, D)), init("w1", rand(D, D, seed=1)),
+             init("gamma", rand(D, seed=2) + 1.5), init("beta", rand(D, seed=3)),
+             init("w2", rand(D, 8, seed=4))]
+    model = make_model(nodes, {"x": [2, 5, 8]}, {"y": [2, 5, 8]}, inits,
+                       extra_opsets=[(MS, 1)])
+    lossy = prune_onnx(_without_stats(model), ratio=0.5, round_to=1, allow_lossy=True)
+    assert lossy.plan.n_removed > 0  # the same graph without the statistics reader prunes
+    result = prune_onnx(model, ratio=0.5, round_to=1, allow_lossy=True)
+    assert result.plan.n_removed == 0
+    assert any("mean / inverse std" in row.pinned for row in result.report.groups)
+
+
+def _without_stats(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [n for n in out.graph.node if n.op_type != "ReduceMean"]
+    for n in nodes:
+        if n.op_type == "SkipLayerNormalization":
+            del n.output[1:]
+        if n.op_type == "Add":
+            n.op_type, n.input[1] = "Identity", ""
+            del n.input[1:]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def _hf_optimized(family: str, exporter: str, model_type: str, tmp_path) -> tuple:
+    pytest.importorskip("transformers")
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    import torch
+    import transformers
+
+    from secateurs.hf.models import example_inputs, tiny_model
+
+    transformers.logging.set_verbosity_error()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return self.m(*args, return_dict=False)[0]
+
+    model = tiny_model(family)
+    inputs = tuple(a for a in example_inputs(model) if a is not None)
+    names = [f"input_{i}" for i in range(len(inputs))]
+    path = str(tmp_path / f"{family}.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model), inputs, path, dynamo=exporter == "dynamo",
+                          input_names=names, output_names=["out"],
+                          **({} if exporter == "dynamo" else {"opset_version": 17}))
+        optimized = optimizer.optimize_model(path, model_type=model_type, num_heads=0,
+                                             hidden_size=0).model
+    feeds = {n: a.numpy() for n, a in zip(names, inputs)}
+    return optimized, feeds
+
+
+@pytest.mark.parametrize("family,exporter,model_type,fused", [
+    pytest.param("bert", "torchscript", "bert", {"SkipLayerNormalization", "Gelu"},
+                 id="bert"),
+    pytest.param("llama", "dynamo", "gpt2",
+                 {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"},
+                 id="llama", marks=pytest.mark.slow),
+    pytest.param("clip_vision", "dynamo", "clip", {"SkipLayerNormalization", "QuickGelu"},
+                 id="clip", marks=pytest.mark.slow),
+])
+def test_transformer_optimizer_output_prunes_exactly(family, exporter, model_type, fused,
+                                                     tmp_path) -> None:
+    model, feeds = _hf_optimized(family, exporter, model_type, tmp_path)
+    assert fused <= {n.op_type for n in model.graph.node}
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True, input_shapes=shapes)
+    assert result.report.exact is True, result.report.max_abs_diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    assert result.report.macs_kept < 0.6  # heads and MLP width
+    check_full(result.model)
+    ok, diff = verify_onnx(model, result.model, result.plan, feeds)
+    assert ok, diff
+    kept = collections.Counter(n.op_type for n in result.model.graph.node)
+    assert all(kept[op] for op in fused)  # the fused ops stay fused
+    assert np.isfinite(diff)
