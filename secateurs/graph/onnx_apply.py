@@ -1065,13 +1065,25 @@ def check_full(model: onnx.ModelProto) -> None:
 UNCHECKED_DOMAIN = "secateurs.unchecked"
 
 
+def _defined(op_type: str, opset: int) -> bool:
+    """Whether ONNX defines ``op_type`` at ``opset`` (ORT also runs LayerNormalization below
+    opset 17, where ONNX did not have it yet)."""
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return False
+    return True
+
+
 def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or where it uses default-domain ops ONNX does not define (ONNX Runtime
-    registers ``SimplifiedLayerNormalization`` there; its transformer optimizer writes it), a
+    """``model``, or where it uses default-domain ops ONNX does not define at its opset (ONNX
+    Runtime registers ``SimplifiedLayerNormalization`` there, and ``LayerNormalization`` below
+    opset 17; its transformer optimizer writes both), a
     copy that moves those nodes to a domain the checker skips: such a model fails the checker
     before any prune, and everything else in it is still checked."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     unknown = {n.op_type for n in model.graph.node
-               if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)}
+               if n.domain in ("", "ai.onnx") and not _defined(n.op_type, opset)}
     if not unknown:
         return model
     out = onnx.ModelProto()
