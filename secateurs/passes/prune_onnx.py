@@ -349,6 +349,12 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
         net.notes.append(f"{len(untied)} per-channel vector(s) the exporter had deduplicated "
                          "across layers were given one copy per reader (e.g. "
                          f"'{next(iter(untied))}'), so unrelated layers prune independently")
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if qdq:
+        net.notes.append(f"the model is already quantized ({qdq} QuantizeLinear/"
+                         "DequantizeLinear nodes): the channels their scales touch stay "
+                         "whole; prune the float model, then quantize (secateurs optimize "
+                         "--prune R --quantize int8)")
     if not net.use_ort:
         net.notes.append(f"checked by strict shape inference only ({macs / 1e9:.2f} GMACs; "
                          "verify=True also runs the pruned model under ONNX Runtime)")

@@ -285,3 +285,18 @@ def test_dropout_in_inference_mode_prunes() -> None:
     result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
     assert result.report.exact is True
     assert result.plan.removed["W1"][1]  # the hidden width shrank through the Dropout
+
+
+def test_an_already_quantized_model_says_to_prune_first(export_dir: Path) -> None:
+    """A QDQ model (int8 weights behind DequantizeLinear) prunes nothing: the report says it
+    is quantized and what to do, instead of only listing 'no channel rule' pins."""
+    from secateurs.passes.quantize import quantize_onnx
+
+    dense = onnx.load(str(export_zoo("resnet", export_dir)))
+    qdq = quantize_onnx(dense, random_batches=2).model
+    result = prune_onnx(qdq, ratio=0.5, round_to=1)
+    assert result.plan.n_removed == 0 and result.report.macs_kept == 1.0
+    assert any("already quantized" in n and "prune the float model, then quantize" in n
+               for n in result.report.notes)
+    plain = prune_onnx(dense, ratio=0.5, round_to=1)
+    assert not any("quantized" in n for n in plain.report.notes)
