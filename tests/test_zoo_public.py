@@ -146,7 +146,8 @@ def test_trace_time_constant_in_the_plan_is_verified_against_the_model() -> None
 
 def test_a_static_export_is_named_and_warned(caplog) -> None:
     """A batch-1 example of CoaT cannot keep a symbolic batch under torch.export: the pruned
-    program then runs at that batch only, and the report and the log say so."""
+    program then runs at that batch only, and the report and the log say so; nor can a
+    batch-2 example keep batch 1."""
     model = zoo.get("coat_conv_relpos").build()
     x = (torch.randn(1, 3, 16, 16),)
     with caplog.at_level("WARNING", logger="secateurs.graph.fx_trace"):
@@ -157,8 +158,17 @@ def test_a_static_export_is_named_and_warned(caplog) -> None:
     assert "export (static shapes)" in result.report.table()
     ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
     assert ok, diff
-    dynamic = secateurs.prune(model, zoo.get("coat_conv_relpos").example_inputs(), ratio=0.5)
-    assert dynamic.report.tracer == "export"
+    # from a batch-2 example the batch stays symbolic, but torch.export's program guards
+    # `batch > 1`: the pruned program refuses batch 1 as well, and the report says so
+    with caplog.at_level("WARNING", logger="secateurs.graph.fx_trace"):
+        dynamic = secateurs.prune(model, zoo.get("coat_conv_relpos").example_inputs(),
+                                  ratio=0.5)
+    assert dynamic.report.tracer == "export (batch >= 2)"
+    assert "refuses batch 1 (Guard failed" in caplog.text
+    assert any("refuses batch 1" in n for n in dynamic.report.notes)
+    with pytest.raises(AssertionError, match="Guard failed"):
+        dynamic.model(torch.randn(1, 3, 16, 16))
+    assert dynamic.model(torch.randn(5, 3, 16, 16)).shape == (5, 10)
 
 
 def test_uneven_head_splits_prune_per_split() -> None:

@@ -130,6 +130,14 @@ def trace(model: nn.Module, example_inputs: Any,
             f"{type(exc).__name__}: {_first_line(exc)}. Make the forward free of "
             f"data-dependent Python control flow, or pass a model that torch.export accepts."
         ) from exc
+    if symbolic and dynamic_batch:
+        refused = _refuses_batch_one(gm, args)
+        if refused:
+            log.warning("the program torch.export traced from %s refuses batch 1 (%s): the "
+                        "pruned program will too; a batch-1 example keeps batch 1 (torch.export "
+                        "may then fix the batch)",
+                        type(model).__name__, refused)
+            return gm, "export (batch >= 2)"
     if symbolic:
         return gm, "export"
     sizes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
@@ -138,6 +146,26 @@ def trace(model: nn.Module, example_inputs: Any,
                 "inputs at the batch you deploy, or make the forward traceable by torch.fx",
                 type(model).__name__, sizes)
     return gm, "export (static shapes)"
+
+
+def _refuses_batch_one(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> str | None:
+    """The guard message where the exported program refuses batch 1 although its batch is
+    symbolic (torch.export assumes a size-2+ example's batch is never 1 where the model's
+    size arithmetic depends on it: ``Guard failed: x.size()[0] > 1``); ``None`` where batch 1
+    runs, the example is batch 1 already, or the inputs hold no values (meta)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or int(tensors[0].shape[0]) == 1 or any(t.is_meta for t in tensors):
+        return None
+    one = tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in args)
+    try:
+        with torch.no_grad():
+            gm(*one)
+    except AssertionError as exc:  # the guard function's own failure
+        if "Guard failed" in str(exc):
+            return _first_line(exc)
+    except Exception:  # noqa: BLE001 - anything else is not this check's business
+        return None
+    return None
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:

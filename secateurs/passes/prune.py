@@ -593,6 +593,10 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
         prep.notes.append("torch.export could not keep the batch symbolic: the pruned program "
                           "runs at the example inputs' shapes only (pass examples at the batch "
                           "you deploy)")
+    elif tracer == "export (batch >= 2)":
+        prep.notes.append("the program torch.export traced refuses batch 1, and so does the "
+                          "pruned one (a batch-1 example keeps batch 1; torch.export may then "
+                          "fix the batch)")
     return prep
 
 
