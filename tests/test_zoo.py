@@ -57,6 +57,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "siamese_shared": (1, 2),
     "tied_autoencoder": (1, 3, 8, 8),
     "looped_block": (1, 5),
+    "sdpa_gqa": (1, 5),
     # end timm_wild
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),

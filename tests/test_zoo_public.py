@@ -246,3 +246,27 @@ def test_weights_used_more_than_once_are_sliced_once() -> None:
     _, _, looped, ok, diff = _prune("looped_block")
     assert ok, diff
     assert looped.model.get_submodule("fc1").weight.shape[0] < 64
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_sdpa_enable_gqa_prunes_kv_heads_with_their_groups(ratio: float) -> None:
+    """``scaled_dot_product_attention(enable_gqa=True)``: query head i reads kv head
+    i // (Hq / Hkv). The query heads factor as (kv head, group member): the pruned model keeps
+    equal groups, and its per-head bias follows the query heads (it used to be opaque: every
+    attention channel pinned)."""
+    entry = zoo.get("sdpa_gqa")
+    model, x = entry.build(), entry.example_inputs()
+    result = secateurs.prune(model, x, ratio=ratio)
+    for batch in (1, 3):
+        xb = (torch.randn(batch, 8, 12),)
+        ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, xb)
+        assert ok, (batch, diff)
+    pruned = result.model
+    q_rows, k_rows = pruned.q.weight.shape[0], pruned.k.weight.shape[0]
+    heads_q = pruned.head_bias.shape[0]
+    head_dim = q_rows // heads_q
+    assert q_rows == heads_q * head_dim and k_rows % head_dim == 0
+    kv = k_rows // head_dim
+    assert heads_q % kv == 0 and pruned.v.weight.shape[0] == k_rows
+    assert result.report.macs_after < result.report.macs_before
+    assert not any("enable_gqa" in row.pinned for row in result.report.groups)

@@ -305,10 +305,9 @@ def _resize(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 
 def _sdpa(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
-    if b.get("enable_gqa"):
-        return "opaque", [b["query"], b["key"], b["value"]], {"reason": "sdpa with enable_gqa"}
     return "sdpa", [b["query"], b["key"], b["value"], b.get("attn_mask")], {
-        "scale": b.get("scale"), "is_causal": bool(b.get("is_causal", False))}
+        "scale": b.get("scale"), "is_causal": bool(b.get("is_causal", False)),
+        "enable_gqa": bool(b.get("enable_gqa", False))}
 
 
 def _embedding(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:

@@ -843,7 +843,8 @@ def _sdpa(ctx: RuleContext) -> list[Labels | None]:
     axis; batch/head dims broadcast. The ``attn_mask`` broadcasts against the scores
     ``[..., L, S]``: a per-head mask (TinyViT's attention biases, BEiT's relative-position bias)
     has its head dim unified with the heads, so removing a head slices the mask's producer too.
-    The default scale 1/sqrt(E) is made explicit when E shrinks."""
+    The default scale 1/sqrt(E) is made explicit when E shrinks. ``enable_gqa`` (fewer key/value
+    heads than query heads) factors the query heads as (kv head, group member)."""
     q, k, v = ctx.ins[0], ctx.ins[1], ctx.ins[2]
     sq, sk, sv = ctx.in_shapes[0], ctx.in_shapes[1], ctx.in_shapes[2]
     assert q is not None and k is not None and v is not None
@@ -854,9 +855,21 @@ def _sdpa(ctx: RuleContext) -> list[Labels | None]:
     assert out_shape is not None
     mask = ctx.ins[3] if len(ctx.ins) > 3 else None
     sm = ctx.in_shapes[3] if len(ctx.in_shapes) > 3 else None
-    if sq[:-2] == sk[:-2] == sv[:-2]:
-        batch = _broadcast_batch(ctx, [(q[:-2], sq[:-2]), (k[:-2], sk[:-2]), (v[:-2], sv[:-2])],
-                                 out_shape[:-2])
+    gqa = bool(ctx.node.attrs.get("enable_gqa")) and len(sq) >= 3 and sk[:-1] == sv[:-1] \
+        and sq[:-3] == sk[:-3] and sq[-3] != sk[-3] and sq[-3] % sk[-3] == 0
+    if gqa:
+        # enable_gqa: query head i reads key/value head i // (Hq / Hkv): the query heads
+        # factor as (kv head, member of its group). Removing a kv head removes its group;
+        # removing a member removes it from every group, so the groups stay equal.
+        kv_heads, _members = ctx.space.factor(q[-3], [sk[-3], sq[-3] // sk[-3]])
+        ctx.space.unify(kv_heads, k[-3])
+        ctx.space.unify(k[-3], v[-3])
+        batch = _broadcast_batch(ctx, [(q[:-3], sq[:-3]), (k[:-3], sk[:-3]),
+                                       (v[:-3], sv[:-3])], out_shape[:-3]) + [q[-3]]
+    if gqa or sq[:-2] == sk[:-2] == sv[:-2]:
+        if not gqa:
+            batch = _broadcast_batch(ctx, [(q[:-2], sq[:-2]), (k[:-2], sk[:-2]),
+                                           (v[:-2], sv[:-2])], out_shape[:-2])
         scores = tuple(out_shape[:-2]) + (sq[-2], sk[-2])
         if mask is not None and sm is not None and len(sm) <= len(scores):
             _broadcast_batch(ctx, [(batch + [q[-2], k[-2]], scores), (mask, sm)], scores)

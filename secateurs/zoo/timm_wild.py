@@ -30,6 +30,7 @@ written afresh from the published structure (a held-out check like ``public_look
 And four whose weights serve several uses: ``FPNSharedHead`` (RetinaNet: one conv head for
 every FPN level), ``Siamese`` (one encoder, two inputs), ``TiedAutoencoder`` (a conv weight
 reused transposed by the decoder) and ``LoopedBlock`` (ALBERT: one block, three steps).
+``SDPAGQA``: grouped-query attention by ``scaled_dot_product_attention(enable_gqa=True)``.
 """
 
 from __future__ import annotations
@@ -583,6 +584,38 @@ class LoopedBlock(nn.Module):
         return self.head(x[:, 0])
 
 
+class SDPAGQA(nn.Module):
+    """Grouped-query attention through ``F.scaled_dot_product_attention(enable_gqa=True)``
+    (6 query heads over 2 key/value heads, no ``repeat_kv``), with a per-head additive bias
+    as the mask, in a pre-norm block."""
+
+    def __init__(self, dim: int = 48, heads: int = 6, kv_heads: int = 2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.embed = nn.Linear(12, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, heads * self.head_dim)
+        self.k = nn.Linear(dim, kv_heads * self.head_dim)
+        self.v = nn.Linear(dim, kv_heads * self.head_dim)
+        self.o = nn.Linear(heads * self.head_dim, dim)
+        self.head_bias = nn.Parameter(torch.randn(heads, 1, 1) * 0.1)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, _ = x.shape
+        h = self.norm(x)
+        q = self.q(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        mask = self.head_bias.expand(self.heads, n, n)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, n, -1))
+        return self.head(x + self.fc2(F.gelu(self.fc1(x))))[:, -1]
+
+
 def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
     return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
                     description=description, tags=frozenset({"public-lookalike", *tags}))
@@ -628,4 +661,8 @@ ENTRIES: tuple[ZooModel, ...] = (
     _entry("looped_block", LoopedBlock, seeded_randn(1, 8, 12),
            "ALBERT-style: one transformer block applied three times in a loop", "attention",
            "transformer", "layernorm"),
+    _entry("sdpa_gqa", SDPAGQA, seeded_randn(1, 8, 12),
+           "grouped-query attention by scaled_dot_product_attention(enable_gqa=True), 6 "
+           "query heads over 2 kv heads, a per-head bias mask", "attention", "transformer",
+           "layernorm"),
 )
