@@ -1,7 +1,8 @@
 """``secateurs bench``: ONNX Runtime latency of a dense model and its pruned variants.
 
-All models of one (threads, batch) configuration are timed interleaved (see
-``secateurs.runtime.ort.compare``). Prints a table (p50/p90/p99 ms, items/s, speedup vs the
+All models of one (threads, batch) configuration are timed interleaved, above one thread in
+blocks of runs with one live session at a time, because idle sessions' spinning worker
+threads would take the running one's cores (see ``secateurs.runtime.ort.compare``). Prints a table (p50/p90/p99 ms, items/s, speedup vs the
 dense model) to stdout, progress to stderr, and writes JSON / PNG atomically when asked.
 """
 
@@ -34,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16],
                    help="batch sizes (default: 1 16); needs a symbolic batch dim for > 1")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per model and config")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model and config")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed runs per model and config (above one thread: per session "
+                        "block)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help="size of a symbolic input dim other than the batch, e.g. seq=128")
     p.add_argument("--provider", action="append", dest="providers", metavar="EP",
