@@ -245,11 +245,19 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
         with warnings.catch_warnings(), _quiet_libraries():
             warnings.simplefilter("ignore")
             # symbolic shape inference is for transformer graphs with dynamic dims; ONNX's own
-            # inference covers static graphs and the prepared graph is checked below
-            quant_pre_process(_copy(model), str(prepared), skip_symbolic_shape=True)
+            # inference covers static graphs and the prepared graph is checked below. The
+            # model goes by path: given a ModelProto, quant_pre_process moves its initializers'
+            # data out for the session (``extract_raw_data_from_model``), and a graph whose
+            # shape inputs are initializers (onnxsim's or ORT's optimizer's output: Unsqueeze
+            # axes, Reshape targets) then fails "Cannot parse data from external tensors"
+            source = Path(tmp) / "float.onnx"
+            source.write_bytes(model.SerializeToString())  # a scratch file in our temp dir
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             prepared_model = onnx.load(str(prepared))
+            # ops of the input's own domains (ORT contrib ops an optimizer wrote) may stay
+            had = {n.domain for n in model.graph.node}
             foreign = sorted({n.domain for n in prepared_model.graph.node}
-                             - {"", "ai.onnx"})
+                             - {"", "ai.onnx"} - had)
             if foreign:
                 raise SecateursError(f"quantization's preparation emitted ops of domain(s) "
                                      f"{foreign}; expected plain ONNX")
