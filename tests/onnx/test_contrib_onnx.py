@@ -176,3 +176,30 @@ def test_transformer_optimizer_output_prunes_exactly(family, exporter, model_typ
     kept = collections.Counter(n.op_type for n in result.model.graph.node)
     assert all(kept[op] for op in fused)  # the fused ops stay fused
     assert np.isfinite(diff)
+
+
+def test_a_fused_attention_node_pins_what_it_reads() -> None:
+    """``com.microsoft::Attention`` (the optimizer's fused multi-head attention: packed qkv
+    weights, ``num_heads``) has no channel rule: its inputs stay whole with the op named,
+    the rest of the graph still prunes, and its output shape comes from onnxruntime's
+    symbolic shape inference."""
+    hidden, heads = 16, 2
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"], name="embed"),
+        helper.make_node("Attention", ["h0", "qkv_w", "qkv_b"], ["a"], name="fused_attn",
+                         domain=MS, num_heads=heads),
+        helper.make_node("MatMul", ["a", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Relu", ["h1"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [init("w0", rand(8, hidden)), init("qkv_w", rand(hidden, 3 * hidden, seed=1)),
+             init("qkv_b", rand(3 * hidden, seed=2)), init("w1", rand(hidden, H, seed=3)),
+             init("w2", rand(H, 8, seed=4))]
+    model = make_model(nodes, {"x": [2, 5, 8]}, {"y": [2, 5, 8]}, inits,
+                       extra_opsets=[(MS, 1)])
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert shapes["qkv_w"] == (hidden, 3 * hidden) and shapes["w0"] == (8, hidden)
+    assert shapes["w1"] == (hidden, H // 2)  # the MLP after it still prunes
+    assert any("com.microsoft::Attention" in row.pinned for row in result.report.groups)
