@@ -30,7 +30,8 @@ ONNX Runtime contrib ops               BiasGelu / FastGelu: ``add`` (bias) + ``g
 transformer optimizer and optimum      Skip(Simplified)LayerNormalization: ``add`` (skip,
 write)                                 bias) + ``layer_norm`` / ``rms_norm``, the sum output
                                        an ``identity``; SimplifiedLayerNormalization:
-                                       ``rms_norm`` (FusedMatMul, Attention and the other
+                                       ``rms_norm``; Attention: ``ort_attention`` (heads
+                                       of the packed qkv weight; FusedMatMul and the other
                                        contrib ops are opaque)
 anything else, custom domains          ``opaque`` (pins every channel it touches, with a
                                        reason naming the op type and the node)
@@ -364,6 +365,13 @@ def _contrib_output_shapes(node: onnx.NodeProto,
     if shape is None:
         return {}
     stats = (*shape[:-1], 1)
+    if node.op_type == "Attention":  # [B, S, v width]: a third of the packed weight's columns
+        w = _static(shapes.get(node.input[1])) if len(node.input) > 1 else None
+        sizes = list(_attrs(node).get("qkv_hidden_sizes", []) or [])
+        if w is None or len(w) != 2:
+            return {}
+        width = int(sizes[2]) if len(sizes) == 3 else w[1] // 3
+        return {node.output[0]: (*shape[:-1], width)}
     per_output = {"SkipLayerNormalization": (shape, stats, stats, shape),
                   "SkipSimplifiedLayerNormalization": (shape, stats, stats, shape),
                   "SimplifiedLayerNormalization": (shape, stats)}.get(node.op_type, (shape,))
@@ -945,6 +953,16 @@ def _lower_ms_skip_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
                 suffix="stats")
     if outs[3]:
         lw.emit("identity", [summed], [outs[3]], suffix="sum")
+
+
+@_reg_ms("Attention")
+def _lower_ms_attention(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """The fused multi-head attention (``ort_attention``); its ``num_heads`` (and ``scale``
+    where the head size shrinks) are rewritten by the apply."""
+    a = _attrs(node)
+    attrs = {"num_heads": int(a["num_heads"]), "scale": a.get("scale"),
+             "qkv_hidden_sizes": list(a.get("qkv_hidden_sizes", []) or [])}
+    lw.emit("ort_attention", list(node.input), [o for o in node.output if o], attrs)
 
 
 @_reg("SimplifiedLayerNormalization")  # ONNX Runtime registers it in the default domain

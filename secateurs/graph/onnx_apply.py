@@ -40,6 +40,7 @@ from secateurs.errors import InputError, PlanError
 from secateurs.graph.from_onnx import (
     _SKELETON_KEEP,
     LAZY_BASEPATH,
+    MS_DOMAIN,
     _is_param_init,
     _static,
     defer_tensor,
@@ -921,6 +922,10 @@ def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
         _set_int_attr(node, "group", int(consts["groups"]))
     elif op == "GroupNormalization" and "num_groups" in consts:
         _set_int_attr(node, "num_groups", int(consts["num_groups"]))
+    elif op == "Attention" and node.domain == MS_DOMAIN and "num_heads" in consts:
+        _set_int_attr(node, "num_heads", int(consts["num_heads"]))
+        if "scale" in consts:
+            _set_int_attr(node, "scale", float(consts["scale"]))
 
 
 def _rewrite_group_norm_decomposition(node: onnx.NodeProto, consts: Mapping[str, Any],

@@ -949,6 +949,51 @@ def _mha(ctx: RuleContext) -> list[Labels | None]:
     return outs
 
 
+def _ort_attention_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    if "heads" not in keep:
+        return {}
+    out: dict[str, Any] = {"num_heads": count(keep["heads"])}
+    if count(keep["dim"]) != len(keep["dim"]):  # the default 1/sqrt(head_size) would move
+        out["scale"] = float(node.attrs.get("scale") or 1.0 / math.sqrt(len(keep["dim"])))
+    return out
+
+
+@_register("ort_attention", rewrite=_ort_attention_rewrite)
+def _ort_attention(ctx: RuleContext) -> list[Labels | None]:
+    """ONNX Runtime's fused ``com.microsoft::Attention``: input ``[B, S, H_in]``, packed
+    weights ``[H_in, 3 * H]`` whose columns factor as (q/k/v, heads, head_dim), bias
+    ``[3 * H]``, output ``[B, S, H]``. q, k and v share one head count and one head dim (the
+    op has one ``num_heads``); the 3 stays. A mask index passes; anything that carries heads
+    of its own (past state, an attention bias) or unequal ``qkv_hidden_sizes`` keeps them."""
+    x, w = ctx.ins[0], ctx.ins[1]
+    b = ctx.ins[2] if len(ctx.ins) > 2 else None
+    extra = [lab for lab in ctx.ins[4:] if lab is not None]
+    attrs = ctx.node.attrs
+    if x is None or w is None or len(x) != 3 or attrs.get("qkv_hidden_sizes") \
+            or len(w[1]) % 3 or (len(w[1]) // 3) % int(attrs["num_heads"]):
+        return _mha_pinned(ctx, f"{ctx.where}: unequal q/k/v widths or an unusual layout")
+    sp = ctx.space
+    heads_n = int(attrs["num_heads"])
+    inner = len(w[1]) // 3
+    three, heads, dims = sp.factor(w[1], [3, heads_n, inner // heads_n])
+    sp.pin(three, f"{ctx.where} packs q, k and v into one weight: the 3 stays")
+    if b is not None:
+        sp.unify(b[0], w[1])
+    sp.unify(x[-1], w[0])
+    ctx.pin_all(ctx.ins[3] if len(ctx.ins) > 3 else None, f"mask index of {ctx.where}")
+    for lab in extra:
+        ctx.pin_all(lab, f"past state / attention bias of {ctx.where}")
+    if extra or len(ctx.out_shapes) > 1:
+        sp.pin(heads, f"{ctx.where} reads or returns per-head state (past, present or an "
+                      "attention bias): its heads are kept")
+    ctx.keep.update({"heads": heads, "dim": dims})
+    outs: list[Labels | None] = [list(x[:-1]) + [sp.compose(heads, dims)]]
+    for shape in ctx.out_shapes[1:]:
+        outs.append(None if shape is None else
+                    ctx.fresh_dims(shape, f"present state of {ctx.where}"))
+    return outs
+
+
 # ---------------------------------------------------------------- stacking, selection, experts
 
 

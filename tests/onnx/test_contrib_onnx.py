@@ -178,16 +178,15 @@ def test_transformer_optimizer_output_prunes_exactly(family, exporter, model_typ
     assert np.isfinite(diff)
 
 
-def test_a_fused_attention_node_pins_what_it_reads() -> None:
-    """``com.microsoft::Attention`` (the optimizer's fused multi-head attention: packed qkv
-    weights, ``num_heads``) has no channel rule: its inputs stay whole with the op named,
-    the rest of the graph still prunes, and its output shape comes from onnxruntime's
-    symbolic shape inference."""
-    hidden, heads = 16, 2
+def _attention_model(extra_bias: bool = False) -> onnx.ModelProto:
+    """x -> MatMul -> com.microsoft::Attention (packed qkv, 4 heads of 8) -> MatMul -> Relu
+    -> MatMul; with ``extra_bias`` an attention bias input ``[1, heads, S, S]``."""
+    hidden, heads = 32, 4
+    inputs = ["h0", "qkv_w", "qkv_b"] + (["", "", "attn_bias"] if extra_bias else [])
     nodes = [
         helper.make_node("MatMul", ["x", "w0"], ["h0"], name="embed"),
-        helper.make_node("Attention", ["h0", "qkv_w", "qkv_b"], ["a"], name="fused_attn",
-                         domain=MS, num_heads=heads),
+        helper.make_node("Attention", inputs, ["a"], name="fused_attn", domain=MS,
+                         num_heads=heads),
         helper.make_node("MatMul", ["a", "w1"], ["h1"], name="fc1"),
         helper.make_node("Relu", ["h1"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
@@ -195,11 +194,49 @@ def test_a_fused_attention_node_pins_what_it_reads() -> None:
     inits = [init("w0", rand(8, hidden)), init("qkv_w", rand(hidden, 3 * hidden, seed=1)),
              init("qkv_b", rand(3 * hidden, seed=2)), init("w1", rand(hidden, H, seed=3)),
              init("w2", rand(H, 8, seed=4))]
-    model = make_model(nodes, {"x": [2, 5, 8]}, {"y": [2, 5, 8]}, inits,
-                       extra_opsets=[(MS, 1)])
+    if extra_bias:
+        inits.append(init("attn_bias", rand(1, heads, 5, 5, seed=5)))
+    return make_model(nodes, {"x": [2, 5, 8]}, {"y": [2, 5, 8]}, inits,
+                      extra_opsets=[(MS, 1)])
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_fused_attention_prunes_heads_and_head_dims(ratio) -> None:
+    """``com.microsoft::Attention`` (the optimizer's fused attention, as older HF exports
+    through optimum carry it): heads go with their q, k and v columns and ``num_heads`` is
+    rewritten; a smaller head size keeps the original scale explicit."""
+    model = _attention_model()
+    result = prune_onnx(model, ratio=ratio, round_to=1, verify=True)
+    assert result.report.exact is True, result.report.max_abs_diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    node = next(n for n in result.model.graph.node if n.op_type == "Attention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    heads = attrs["num_heads"]
+    width = shapes["qkv_w"][1] // 3
+    head_dim = width // heads
+    assert heads < 4 and width == heads * head_dim and shapes["qkv_b"] == (3 * width,)
+    assert shapes["qkv_w"][0] == shapes["w0"][1]  # the input width prunes with the embedding
+    assert shapes["w1"][0] == width
+    if head_dim != 8:
+        assert ratio == 0.8 and attrs["scale"] == pytest.approx(1 / np.sqrt(8))
+    else:
+        assert "scale" not in attrs
+    check_full(result.model)
+    for seed in (1, 2):  # other inputs than prune_onnx's own check
+        feeds = {"x": rand(2, 5, 8, seed=seed)}
+        ok, diff = verify_onnx(model, result.model, result.plan, feeds)
+        assert ok, (seed, diff)
+
+
+def test_fused_attention_with_an_attention_bias_keeps_its_heads() -> None:
+    """An attention bias ``[1, heads, S, S]`` carries the heads of its own: they stay (named),
+    the head size and the MLP after the attention still prune."""
+    model = _attention_model(extra_bias=True)
     result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
     assert result.report.exact is True
+    node = next(n for n in result.model.graph.node if n.op_type == "Attention")
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["num_heads"] == 4
+    assert any("per-head state" in row.pinned for row in result.report.groups)
     shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
-    assert shapes["qkv_w"] == (hidden, 3 * hidden) and shapes["w0"] == (8, hidden)
-    assert shapes["w1"] == (hidden, H // 2)  # the MLP after it still prunes
-    assert any("com.microsoft::Attention" in row.pinned for row in result.report.groups)
+    assert shapes["w2"][0] == H // 2
