@@ -961,7 +961,8 @@ def _lower_ms_attention(lw: _Lowering, node: onnx.NodeProto) -> None:
     where the head size shrinks) are rewritten by the apply."""
     a = _attrs(node)
     attrs = {"num_heads": int(a["num_heads"]), "scale": a.get("scale"),
-             "qkv_hidden_sizes": list(a.get("qkv_hidden_sizes", []) or [])}
+             "qkv_hidden_sizes": list(a.get("qkv_hidden_sizes", []) or []),
+             "do_rotary": int(a.get("do_rotary", 0))}
     lw.emit("ort_attention", list(node.input), [o for o in node.output if o], attrs)
 
 

@@ -986,6 +986,8 @@ def _ort_attention(ctx: RuleContext) -> list[Labels | None]:
     if extra or len(ctx.out_shapes) > 1:
         sp.pin(heads, f"{ctx.where} reads or returns per-head state (past, present or an "
                       "attention bias): its heads are kept")
+    if attrs.get("do_rotary"):
+        sp.pin(dims, f"{ctx.where} rotates q and k inside (do_rotary): head dims pair up")
     ctx.keep.update({"heads": heads, "dim": dims})
     outs: list[Labels | None] = [list(x[:-1]) + [sp.compose(heads, dims)]]
     for shape in ctx.out_shapes[1:]:

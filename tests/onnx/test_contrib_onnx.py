@@ -178,7 +178,7 @@ def test_transformer_optimizer_output_prunes_exactly(family, exporter, model_typ
     assert np.isfinite(diff)
 
 
-def _attention_model(extra_bias: bool = False) -> onnx.ModelProto:
+def _attention_model(extra_bias: bool = False, **attrs: int) -> onnx.ModelProto:
     """x -> MatMul -> com.microsoft::Attention (packed qkv, 4 heads of 8) -> MatMul -> Relu
     -> MatMul; with ``extra_bias`` an attention bias input ``[1, heads, S, S]``."""
     hidden, heads = 32, 4
@@ -186,7 +186,7 @@ def _attention_model(extra_bias: bool = False) -> onnx.ModelProto:
     nodes = [
         helper.make_node("MatMul", ["x", "w0"], ["h0"], name="embed"),
         helper.make_node("Attention", inputs, ["a"], name="fused_attn", domain=MS,
-                         num_heads=heads),
+                         num_heads=heads, **attrs),
         helper.make_node("MatMul", ["a", "w1"], ["h1"], name="fc1"),
         helper.make_node("Relu", ["h1"], ["r"], name="relu"),
         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2"),
@@ -240,3 +240,21 @@ def test_fused_attention_with_an_attention_bias_keeps_its_heads() -> None:
     assert any("per-head state" in row.pinned for row in result.report.groups)
     shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
     assert shapes["w2"][0] == H // 2
+
+
+def test_fused_attention_with_rotary_keeps_its_head_dims() -> None:
+    """``do_rotary=1`` rotates q and k inside the op (dims i and i + d/2 pair up): the head
+    dims are pinned with that reason, the heads stay free. (ORT's CPU kernel does not run
+    rotary Attention, so this checks the analysis only.)"""
+    from secateurs.passes.prune_onnx import analyze_onnx
+
+    analysis = analyze_onnx(_attention_model(do_rotary=1))
+    qkv = [g for g in analysis.groups if any(m.param == "qkv_w" and m.dim == 1
+                                             for m in g.members) and g.size in (4, 8)]
+    dims = next(g for g in qkv if g.size == 8)
+    heads = next(g for g in qkv if g.size == 4)
+    assert dims.pinned.all() and any("do_rotary" in r for r in dims.pin_reasons)
+    assert not heads.pinned.any()
+    plain = analyze_onnx(_attention_model())
+    assert not any(g.pinned.any() for g in plain.groups
+                   if g.size == 8 and any(m.param == "qkv_w" for m in g.members))
