@@ -97,6 +97,8 @@ _UNARY = {
     "Sign": "sign", "Round": "round", "Floor": "floor", "Ceil": "ceil", "Mish": "mish",
     "Identity": "identity", "Dropout": "dropout", "Cast": "cast", "CastLike": "cast",
     "Reciprocal": "reciprocal", "Log": "log", "Not": "logical_not",
+    # the TorchScript exporter's sdpa guards the softmax with Where(IsNaN(p), 0, p)
+    "IsNaN": "isnan", "IsInf": "isinf",
 }
 _BINARY = {
     "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Max": "maximum",

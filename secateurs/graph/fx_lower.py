@@ -492,7 +492,7 @@ def _first_only(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
 _CALLS: dict[str, Callable[[torch.fx.Node, dict[str, Any]], Lowered]] = {}
 for _op in ("relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardswish "
             "hardsigmoid hardtanh softplus softsign neg abs sqrt square exp sin cos erf "
-            "sign round floor ceil logsigmoid tanhshrink").split():
+            "sign round floor ceil logsigmoid tanhshrink isnan isinf isfinite").split():
     _CALLS[_op] = _unary(_op)
 for _op in ("rsqrt", "reciprocal", "log"):
     _CALLS[_op] = _singular(_op)

@@ -81,3 +81,35 @@ def test_exported_family_prunes_exactly(family: str, exporter: str, tmp_path) ->
         + "; ".join(f"{r.members}: {r.pinned}" for r in result.report.groups
                     if r.pinned)[:600])
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_masked_sdpa_export_prunes_whole_heads(tmp_path) -> None:
+    """With an attention mask, the TorchScript exporter guards sdpa's softmax with
+    ``Where(IsNaN(p), 0, p)``; IsNaN had no channel rule and pinned every head (the real
+    all-MiniLM-L6-v2 kept 12 of 12 heads and halved the head dims instead)."""
+    model = tiny_model("bert", attn_implementation="sdpa")
+    ids = example_inputs(model)[0]
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+
+    class Masked(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=ids, attention_mask=mask, return_dict=False)[0]
+
+    path = str(tmp_path / "bert_masked.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Masked(model), (ids, mask), path, dynamo=False, opset_version=17,
+                          input_names=["ids", "mask"], output_names=["out"])
+    assert any(n.op_type == "IsNaN" for n in onnx.load(path).graph.node)
+    result = prune_onnx(path, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    assert not any("IsNaN" in row.pinned for row in result.report.groups)
+    heads = model.config.num_attention_heads
+    head_rows = [row for row in result.report.groups if row.units_before == heads
+                 and "query" in row.members]
+    assert head_rows and all(row.units_after == heads // 2 for row in head_rows)
