@@ -949,10 +949,7 @@ def _lower_ms_skip_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
     lw.emit("rms_norm" if simplified else "layer_norm", [summed, gamma, beta],
             [node.output[0]], {"ndim": 1})
     outs = list(node.output) + [""] * (4 - len(node.output))
-    if any(outs[1:3]):
-        lw.emit("opaque", [summed], [o for o in outs[1:3] if o],
-                {"reason": f"{node.op_type} '{lw.onnx_name}' mean / inverse std outputs"},
-                suffix="stats")
+    _norm_statistics(lw, node, summed, outs[1:3])
     if outs[3]:
         lw.emit("identity", [summed], [outs[3]], suffix="sum")
 
@@ -975,6 +972,7 @@ def _lower_ms_rms_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
     axis = int(_attrs(node).get("axis", -1)) % rank
     lw.emit("rms_norm", [node.input[0], node.input[1], None], _first_out(node),
             {"ndim": rank - axis})
+    _norm_statistics(lw, node, node.input[0], node.output[1:2])
 
 
 @_reg("BatchNormalization")
@@ -1008,6 +1006,18 @@ def _lower_layer_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
     rank = lw.rank(node.input[0])
     axis = int(_attrs(node).get("axis", -1)) % rank
     lw.emit("layer_norm", list(node.input[:3]), _first_out(node), {"ndim": rank - axis})
+    _norm_statistics(lw, node, node.input[0], node.output[1:3])
+
+
+def _norm_statistics(lw: _Lowering, node: onnx.NodeProto, x: str,
+                     outputs: Sequence[str]) -> None:
+    """A norm's optional mean / inverse-std outputs are statistics over the normalised
+    channels: whoever reads them is opaque to the channels."""
+    used = [o for o in outputs if o]
+    if used:
+        lw.emit("opaque", [x], used,
+                {"reason": f"{node.op_type} '{lw.onnx_name}' mean / inverse std outputs"},
+                suffix="stats")
 
 
 @_reg("GroupNormalization")
