@@ -751,8 +751,21 @@ class _Lowering:
         self.emit("opaque", list(dict.fromkeys(ins)), [o for o in node.output if o],
                   {"reason": reason})
 
+    def unlowered_outputs(self, node: onnx.NodeProto, used: set[str]) -> None:
+        """Outputs a lowering left without a producer (an op's optional outputs: MaxPool's
+        indices, a norm's statistics) that something reads: opaque, so their readers' channels
+        are pinned instead of being left unconstrained."""
+        left = [o for o in node.output if o and o in used and o not in self.values
+                and o not in self.consts and o not in self.const_params and o not in self.inits]
+        if left:
+            self.emit("opaque", list(dict.fromkeys(i for i in node.input if i)), left,
+                      {"reason": f"output(s) {left} of {node.op_type} '{self.onnx_name}' have "
+                                 f"no channel rule"}, suffix="rest")
+
     def lower(self) -> ChannelGraph:
         names = onnx_node_names(self.graph)
+        used = {i for n in self.graph.node for i in list(n.input) + _subgraph_names(n)} \
+            | {o.name for o in self.graph.output}
         for node, name in zip(self.graph.node, names):
             for out in node.output:
                 if out:
@@ -776,6 +789,7 @@ class _Lowering:
                 continue
             if node.domain == MS_DOMAIN and node.op_type in _LOWER_MS:
                 _LOWER_MS[node.op_type](self, node)
+                self.unlowered_outputs(node, used)
                 continue
             if node.domain not in ("", "ai.onnx"):
                 self.opaque(node, f"custom-domain op '{node.domain}::{node.op_type}' has no "
@@ -786,6 +800,7 @@ class _Lowering:
                 self.opaque(node, f"ONNX op '{node.op_type}' has no channel rule")
                 continue
             lower(self, node)
+            self.unlowered_outputs(node, used)
         outputs = [o.name for o in self.graph.output if self.ref(o.name)]
         return ChannelGraph(self.values, self.nodes, inputs, outputs, frontend="onnx")
 

@@ -283,3 +283,29 @@ def test_einsum_diagonal_pins() -> None:
     group = _group_of(analyze_onnx(model), "w1", 0)
     assert group.is_pinned
     assert any("repeated" in r for r in group.pin_reasons), group.pin_reasons
+
+
+def test_an_optional_output_that_is_read_is_opaque() -> None:
+    """MaxPool's Indices (flat positions into N*C*H*W: their values depend on the channel
+    count) read by the graph: the lowering gave that output no producer, so its readers'
+    channels were unconstrained and a prune changed the indices' values (the safety net had
+    to find it). Now an output a lowering leaves without a producer is opaque, with the op
+    named."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c1"], ["p", "idx"], name="pool", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Cast", ["idx"], ["idx_f"], name="cast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["idx_f", "tiny"], ["scaled"], name="scale"),
+        helper.make_node("Add", ["p", "scaled"], ["s"], name="add"),
+        helper.make_node("Conv", ["s", "w2"], ["y"], name="conv2"),
+    ]
+    inits = [init("w1", rand(8, 3, 3, 3)), init("w2", rand(4, 8, 1, 1, seed=1)),
+             init("tiny", np.asarray(1e-3, dtype=np.float32))]
+    model = make_model(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 4, 4]}, inits)
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    assert "w1" not in result.plan.removed
+    assert any("output(s) ['idx'] of MaxPool 'pool' have no channel rule" in row.pinned
+               for row in result.report.groups)
