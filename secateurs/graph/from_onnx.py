@@ -807,12 +807,13 @@ class _Lowering:
 
 Lower = Callable[[_Lowering, onnx.NodeProto], None]
 _LOWER: dict[str, Lower] = {}
+_LOWER_MS: dict[str, Lower] = {}  # ONNX Runtime's contrib ops (``com.microsoft``)
 
 
-def _reg(*ops: str) -> Callable[[Lower], Lower]:
+def _reg(*ops: str, table: dict[str, Lower] = _LOWER) -> Callable[[Lower], Lower]:
     def deco(fn: Lower) -> Lower:
         for op in ops:
-            _LOWER[op] = fn
+            table[op] = fn
         return fn
     return deco
 
@@ -910,9 +911,6 @@ def _lower_gemm(lw: _Lowering, node: onnx.NodeProto) -> None:
 
 # ---------------------------------------------------------------- ONNX Runtime contrib ops
 
-_LOWER_MS: dict[str, Lower] = {}
-
-
 def opaque_custom(node: onnx.NodeProto) -> bool:
     """A custom-domain node with no channel rule: the analysis pins what it touches, so its
     outputs keep their widths (and their declared shapes stay true after a prune)."""
@@ -921,11 +919,7 @@ def opaque_custom(node: onnx.NodeProto) -> bool:
 
 
 def _reg_ms(*ops: str) -> Callable[[Lower], Lower]:
-    def deco(fn: Lower) -> Lower:
-        for op in ops:
-            _LOWER_MS[op] = fn
-        return fn
-    return deco
+    return _reg(*ops, table=_LOWER_MS)
 
 
 def _biased(lw: _Lowering, x: str, bias: str | None, shape: Shape, suffix: str = "bias") -> str:
