@@ -88,3 +88,37 @@ def test_keyword_inputs_point_to_positional_or_prune_hf():
     model = nn.Linear(4, 4)
     with pytest.raises(secateurs.InputError, match="input_ids.*positionally.*prune_hf"):
         secateurs.prune(model, {"input_ids": torch.zeros(1, 4)})
+
+
+def test_a_trace_error_says_what_positional_inputs_bind_to():
+    """(input_ids, attention_mask) given positionally to a Hugging Face causal LM binds the
+    mask to its cache parameter; the trace error names the binding and the way out."""
+    pytest.importorskip("transformers")
+    from secateurs.hf.models import example_inputs, tiny_model
+
+    model = tiny_model("gpt2")
+    ids = example_inputs(model)[0]
+    with pytest.raises(secateurs.TraceError) as info:
+        secateurs.prune(model, (ids, torch.ones_like(ids)), ratio=0.5)
+    text = str(info.value)
+    assert "The example inputs bind to GPT2LMHeadModel.forward(input_ids=Tensor, " in text
+    assert "pass only input_ids positionally, or use secateurs.hf.prune_hf" in text
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x, scale):
+        if x.sum() > 0:
+            return self.conv(x) * scale
+        return self.conv(-x)
+
+
+def test_the_binding_hint_stays_out_of_the_way_of_plain_models():
+    with pytest.raises(secateurs.TraceError) as info:
+        secateurs.prune(_TwoInputs(), (torch.randn(1, 3, 8, 8), torch.ones(1)))
+    text = str(info.value)
+    assert "bind to _TwoInputs.forward(x=Tensor, scale=Tensor)." in text
+    assert "prune_hf" not in text

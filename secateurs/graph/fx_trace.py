@@ -7,6 +7,7 @@ that only switch grad/autocast mode are inlined so the analysis sees through the
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import operator
 from collections.abc import Mapping
@@ -129,6 +130,7 @@ def trace(model: nn.Module, example_inputs: Any,
             f"{type(fx_error).__name__}: {_first_line(fx_error)}; torch.export failed with "
             f"{type(exc).__name__}: {_first_line(exc)}. Make the forward free of "
             f"data-dependent Python control flow, or pass a model that torch.export accepts."
+            f"{_binding_hint(model, args)}"
         ) from exc
     if symbolic and dynamic_batch:
         refused = _refuses_batch_one(gm, args)
@@ -166,6 +168,25 @@ def _refuses_batch_one(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> str |
     except Exception:  # noqa: BLE001 - anything else is not this check's business
         return None
     return None
+
+
+def _binding_hint(model: nn.Module, args: tuple[Any, ...]) -> str:
+    """Which ``forward`` parameters the positional example inputs bind to, when more than one:
+    a Hugging Face causal LM's second parameter is its cache (``past_key_values``), not the
+    attention mask a caller usually means."""
+    if len(args) < 2:
+        return ""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ""
+    bound = ", ".join(f"{name}={type(a).__name__}" for name, a in zip(params, args))
+    hint = f" The example inputs bind to {type(model).__name__}.forward({bound})"
+    if type(model).__module__.startswith("transformers.") \
+            or {"past_key_values", "cache"} & set(params[:len(args)]):
+        hint += ("; for a Hugging Face model pass only input_ids positionally, or use "
+                 "secateurs.hf.prune_hf, which takes keyword inputs")
+    return hint + "."
 
 
 def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
