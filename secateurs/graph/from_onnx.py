@@ -16,7 +16,9 @@ GroupNormalization
 unary and binary elementwise ops       the unary / elementwise family (``Pow`` with a
                                        constant exponent is ``pow_scalar``)
 Concat / Split / Slice / Gather        ``cat`` / ``split`` / ``index`` {items} (constant
-                                       bounds and indices; a 1-D index pins its dim)
+                                       bounds and indices; a 1-D index pins its dim);
+                                       GatherND: ``gather_nd`` (addressed dims pinned,
+                                       trailing dims pass)
 Reshape / Flatten / Squeeze /          ``reshape``
 Unsqueeze
 Transpose / Expand / Tile              ``permute`` / ``expand`` / ``repeat``
@@ -982,6 +984,12 @@ def _lower_ms_rms_norm(lw: _Lowering, node: onnx.NodeProto) -> None:
     lw.emit("rms_norm", [node.input[0], node.input[1], None], _first_out(node),
             {"ndim": rank - axis})
     _norm_statistics(lw, node, node.input[0], node.output[1:2])
+
+
+@_reg("GatherND")
+def _lower_gather_nd(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("gather_nd", [node.input[0], node.input[1]], _first_out(node),
+            {"batch_dims": int(_attrs(node).get("batch_dims", 0))})
 
 
 @_reg("BatchNormalization")

@@ -997,6 +997,28 @@ def _ort_attention(ctx: RuleContext) -> list[Labels | None]:
     return outs
 
 
+@_register("gather_nd")
+def _gather_nd(ctx: RuleContext) -> list[Labels | None]:
+    """ONNX ``GatherND``: the last dim of ``indices`` (size k) addresses data dims
+    ``[b, b + k)`` after ``b`` batch dims; the data dims after those pass through. Addressed
+    and batch dims are pinned (a removed position would move what an index means); the
+    trailing ones keep their labels (dynamo writes fused-qkv slicing this way)."""
+    data, indices = ctx.ins[0], ctx.ins[1]
+    sd, si, out_shape = ctx.in_shapes[0], ctx.in_shapes[1], ctx.out_shapes[0]
+    assert data is not None and sd is not None and out_shape is not None
+    b = int(ctx.node.attrs.get("batch_dims", 0))
+    if si is None or not si or b + si[-1] > len(sd):
+        ctx.pin_all(data, f"data of {ctx.where}")
+        return [ctx.fresh_dims(out_shape, f"output of {ctx.where}")]
+    k = int(si[-1])
+    for vec in data[:b + k]:
+        ctx.space.pin(vec, f"dims addressed by the indices of {ctx.where}")
+    ctx.pin_all(indices, f"indices of {ctx.where}")
+    lead = ctx.fresh_dims(tuple(out_shape[:len(out_shape) - (len(sd) - b - k)]),
+                          f"dims indexed by {ctx.where}")
+    return [lead + list(data[b + k:])]
+
+
 # ---------------------------------------------------------------- stacking, selection, experts
 
 

@@ -309,3 +309,28 @@ def test_an_optional_output_that_is_read_is_opaque() -> None:
     assert "w1" not in result.plan.removed
     assert any("output(s) ['idx'] of MaxPool 'pool' have no channel rule" in row.pinned
                for row in result.report.groups)
+
+
+def test_gather_nd_pins_what_it_addresses_and_passes_the_rest() -> None:
+    """GatherND with constant indices over the leading dims (dynamo's fused-qkv slicing in
+    Falcon): the addressed dims are pinned, the trailing channels prune through it (it was
+    opaque: HF Falcon kept 66% of its MACs, now 54%, exact)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Reshape", ["h", "shape"], ["r"], name="split_qkv"),
+        helper.make_node("Transpose", ["r"], ["t"], name="qkv_first", perm=[2, 0, 1, 3]),
+        helper.make_node("GatherND", ["t", "pick"], ["g"], name="pick_q_v"),
+        helper.make_node("ReduceSum", ["g", "axis0"], ["s"], name="sum", keepdims=0),
+        helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2"),
+    ]
+    inits = [init("w1", rand(8, 3 * 24)), init("shape", np.asarray([2, 5, 3, 24])),
+             init("pick", np.asarray([[0], [2]])), init("axis0", np.asarray([0])),
+             init("w2", rand(24, 8, seed=1))]
+    model = make_model(nodes, {"x": [2, 5, 8]}, {"y": [2, 5, 8]}, inits)
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert shapes["w2"] == (12, 8) and shapes["w1"] == (8, 36)
+    assert any("addressed by the indices of gather_nd 'pick_q_v'" in row.pinned
+               for row in result.report.groups)
