@@ -60,7 +60,9 @@ Plans refer to ONNX nodes by these names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -312,11 +314,15 @@ def _contrib_shapes(work: onnx.ModelProto, names: set[str]) -> list[onnx.ValueIn
         return []
     scratch = onnx.ModelProto()
     scratch.CopyFrom(work)
-    try:
-        inferred = SymbolicShapeInference.infer_shapes(scratch, auto_merge=True)
-    except Exception as exc:  # noqa: BLE001 - a best-effort hint; ONNX's inference decides
-        log.info("onnxruntime symbolic shape inference failed: %s", exc)
-        return []
+    # where it cannot infer every value, onnxruntime saves the model with external data into
+    # the working directory ("sym_shape_infer_temp.onnx" + uuid.data) before it raises: run
+    # it in a scratch directory so nothing is left in the user's
+    with tempfile.TemporaryDirectory(prefix="secateurs-ssi-") as tmp, contextlib.chdir(tmp):
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(scratch, auto_merge=True)
+        except Exception as exc:  # noqa: BLE001 - a best-effort hint; ONNX's inference decides
+            log.info("onnxruntime symbolic shape inference failed: %s", exc)
+            return []
     return [vi for vi in inferred.graph.value_info
             if vi.name in names and _static(_dims(vi.type)) is not None]
 
