@@ -32,9 +32,9 @@ ONNX Runtime contrib ops               BiasGelu / FastGelu: ``add`` (bias) + ``g
 transformer optimizer and optimum      Skip(Simplified)LayerNormalization: ``add`` (skip,
 write)                                 bias) + ``layer_norm`` / ``rms_norm``, the sum output
                                        an ``identity``; SimplifiedLayerNormalization:
-                                       ``rms_norm``; Attention: ``ort_attention`` (heads
-                                       of the packed qkv weight; FusedMatMul and the other
-                                       contrib ops are opaque)
+                                       ``rms_norm``; Attention / MultiHeadAttention:
+                                       ``ort_attention`` / ``ort_mha`` (heads; FusedMatMul
+                                       and the other contrib ops are opaque)
 anything else, custom domains          ``opaque`` (pins every channel it touches, with a
                                        reason naming the op type and the node)
 =====================================  =====================================================
@@ -382,6 +382,10 @@ def _contrib_output_shapes(node: onnx.NodeProto,
             return {}
         width = int(sizes[2]) if len(sizes) == 3 else w[1] // 3
         return {node.output[0]: (*shape[:-1], width)}
+    if node.op_type == "MultiHeadAttention":  # [B, S, value width]
+        v = _static(shapes.get(node.input[2])) if len(node.input) > 2 and node.input[2] \
+            else None
+        return {node.output[0]: (*shape[:-1], v[-1])} if v is not None and len(v) == 3 else {}
     per_output = {"SkipLayerNormalization": (shape, stats, stats, shape),
                   "SkipSimplifiedLayerNormalization": (shape, stats, stats, shape),
                   "SimplifiedLayerNormalization": (shape, stats)}.get(node.op_type, (shape,))
@@ -980,6 +984,15 @@ def _lower_ms_attention(lw: _Lowering, node: onnx.NodeProto) -> None:
              "qkv_hidden_sizes": list(a.get("qkv_hidden_sizes", []) or []),
              "do_rotary": int(a.get("do_rotary", 0))}
     lw.emit("ort_attention", list(node.input), [o for o in node.output if o], attrs)
+
+
+@_reg_ms("MultiHeadAttention")
+def _lower_ms_mha(lw: _Lowering, node: onnx.NodeProto) -> None:
+    """``ort_mha``: separate query, key and value; ``num_heads`` (and ``scale`` where the head
+    size shrinks) rewritten by the apply."""
+    a = _attrs(node)
+    lw.emit("ort_mha", list(node.input), [o for o in node.output if o],
+            {"num_heads": int(a["num_heads"]), "scale": a.get("scale")})
 
 
 @_reg("SimplifiedLayerNormalization")  # ONNX Runtime registers it in the default domain

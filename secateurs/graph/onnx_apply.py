@@ -922,7 +922,8 @@ def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
         _set_int_attr(node, "group", int(consts["groups"]))
     elif op == "GroupNormalization" and "num_groups" in consts:
         _set_int_attr(node, "num_groups", int(consts["num_groups"]))
-    elif op == "Attention" and node.domain == MS_DOMAIN and "num_heads" in consts:
+    elif op in ("Attention", "MultiHeadAttention") and node.domain == MS_DOMAIN \
+            and "num_heads" in consts:
         _set_int_attr(node, "num_heads", int(consts["num_heads"]))
         if "scale" in consts:
             _set_int_attr(node, "scale", float(consts["scale"]))

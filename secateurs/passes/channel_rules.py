@@ -997,6 +997,55 @@ def _ort_attention(ctx: RuleContext) -> list[Labels | None]:
     return outs
 
 
+@_register("ort_mha", rewrite=_ort_attention_rewrite)
+def _ort_mha(ctx: RuleContext) -> list[Labels | None]:
+    """ONNX Runtime's ``com.microsoft::MultiHeadAttention`` with separate 3-D query, key and
+    value ``[B, S, D]``: each last dim factors as (heads, head dim), one head count for all
+    three, q and k sharing the head dim; a packed bias ``[q | k | v]`` makes v share it too.
+    A key padding mask passes; an attention bias, past or present state keeps the heads;
+    packed or 4-D key/value layouts pin the node."""
+    q, k, v = (list(ctx.ins) + [None] * 3)[:3]
+    sq, sk, sv = (list(ctx.in_shapes) + [None] * 3)[:3]
+    heads_n = int(ctx.node.attrs["num_heads"])
+    if q is None or k is None or v is None or sq is None or sk is None or sv is None \
+            or not (len(sq) == len(sk) == len(sv) == 3) or sq[-1] != sk[-1] \
+            or sq[-1] % heads_n or sv[-1] % heads_n:
+        return _mha_pinned(ctx, f"{ctx.where}: packed or 4-D query/key/value layouts are not "
+                                "rewritten; its heads and widths are kept")
+    sp = ctx.space
+    q_heads, q_dims = sp.factor(q[-1], [heads_n, sq[-1] // heads_n])
+    k_heads, k_dims = sp.factor(k[-1], [heads_n, sk[-1] // heads_n])
+    v_heads, v_dims = sp.factor(v[-1], [heads_n, sv[-1] // heads_n])
+    sp.unify(q_heads, k_heads)
+    sp.unify(q_heads, v_heads)
+    sp.unify(q_dims, k_dims)
+    sp.unify(k[-2], v[-2])
+    sp.unify(q[0], k[0])
+    sp.unify(q[0], v[0])
+    bias = ctx.ins[3] if len(ctx.ins) > 3 else None
+    if bias is not None:
+        if sq[-1] != sv[-1]:
+            return _mha_pinned(ctx, f"{ctx.where}: a packed bias over unequal q/v widths")
+        three, b_heads, b_dims = sp.factor(bias[0], [3, heads_n, sq[-1] // heads_n])
+        sp.pin(three, f"{ctx.where} packs the q, k and v biases: the 3 stays")
+        sp.unify(b_heads, q_heads)
+        sp.unify(b_dims, q_dims)
+        sp.unify(v_dims, q_dims)
+    ctx.pin_all(ctx.ins[4] if len(ctx.ins) > 4 else None, f"key padding mask of {ctx.where}")
+    extra = [lab for lab in ctx.ins[5:] if lab is not None]
+    for lab in extra:
+        ctx.pin_all(lab, f"attention bias / past state of {ctx.where}")
+    if extra or len(ctx.out_shapes) > 1:
+        sp.pin(q_heads, f"{ctx.where} reads or returns per-head state (an attention bias, "
+                        "past or present): its heads are kept")
+    ctx.keep.update({"heads": q_heads, "dim": q_dims})
+    outs: list[Labels | None] = [[q[0], q[1], sp.compose(q_heads, v_dims)]]
+    for shape in ctx.out_shapes[1:]:
+        outs.append(None if shape is None else
+                    ctx.fresh_dims(shape, f"present state of {ctx.where}"))
+    return outs
+
+
 @_register("gather_nd")
 def _gather_nd(ctx: RuleContext) -> list[Labels | None]:
     """ONNX ``GatherND``: the last dim of ``indices`` (size k) addresses data dims

@@ -268,3 +268,56 @@ def test_fused_attention_with_rotary_keeps_its_head_dims() -> None:
     plain = analyze_onnx(_attention_model())
     assert not any(g.pinned.any() for g in plain.groups
                    if g.size == 8 and any(m.param == "qkv_w" for m in g.members))
+
+
+def _mha_model(bias: bool = True, attention_bias: bool = False) -> onnx.ModelProto:
+    """x -> q/k/v MatMuls -> com.microsoft::MultiHeadAttention (4 heads of 8, packed bias)
+    -> MatMul -> y."""
+    d, heads = 32, 4
+    inputs = ["q", "k", "v", "qkv_b" if bias else ""]
+    if attention_bias:
+        inputs += ["", "attn_bias"]
+    nodes = [helper.make_node("MatMul", ["x", f"w{c}"], [c], name=f"proj_{c}") for c in "qkv"]
+    nodes += [helper.make_node("MultiHeadAttention", inputs, ["a"], name="mha", domain=MS,
+                               num_heads=heads),
+              helper.make_node("MatMul", ["a", "wo"], ["y"], name="out")]
+    inits = [init(f"w{c}", rand(8, d, seed=i)) for i, c in enumerate("qkv")]
+    inits.append(init("wo", rand(d, 8, seed=4)))
+    if bias:
+        inits.append(init("qkv_b", rand(3 * d, seed=5)))
+    if attention_bias:
+        inits.append(init("attn_bias", rand(1, heads, 5, 5, seed=6)))
+    return make_model(nodes, {"x": [2, 5, 8]}, {"y": [2, 5, 8]}, inits,
+                      extra_opsets=[(MS, 1)])
+
+
+@pytest.mark.parametrize("ratio,bias", [(0.5, True), (0.8, True), (0.5, False), (0.8, False)])
+def test_multi_head_attention_prunes_heads(ratio, bias) -> None:
+    """``com.microsoft::MultiHeadAttention`` over separate q/k/v: heads go with their q, k, v
+    columns (and packed bias), ``num_heads`` is rewritten, a smaller head size keeps the
+    original scale explicit."""
+    model = _mha_model(bias)
+    result = prune_onnx(model, ratio=ratio, round_to=1, verify=True)
+    assert result.report.exact is True, result.report.max_abs_diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    node = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    heads = attrs["num_heads"]
+    width = shapes["wq"][1]
+    assert heads < 4 and width % heads == 0 and shapes["wo"][0] == shapes["wv"][1]
+    if bias:
+        assert shapes["qkv_b"] == (3 * width,)
+    if width // heads != 8:
+        assert attrs["scale"] == pytest.approx(1 / np.sqrt(8))
+    check_full(result.model)
+    ok, diff = verify_onnx(model, result.model, result.plan, {"x": rand(2, 5, 8, seed=9)})
+    assert ok, diff
+
+
+def test_multi_head_attention_with_an_attention_bias_keeps_its_heads() -> None:
+    result = prune_onnx(_mha_model(attention_bias=True), ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    node = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["num_heads"] == 4
+    assert any("per-head state" in row.pinned for row in result.report.groups)
