@@ -201,7 +201,8 @@ def _batch_dims(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
 
 def _export(model: nn.Module, args: tuple[Any, ...], dynamic_batch: bool) -> tuple[Any, bool]:
     """``torch.export`` with a dynamic batch dim where the model allows it, else static; and
-    whether the batch stayed symbolic.
+    whether the export is what was asked for (a symbolic batch where ``dynamic_batch``;
+    always true without it).
 
     An exported graph is what the pruned model runs, so a batch baked in at export would make
     the pruned model accept the example batch only (torch.export specialises sizes 0 and 1;

@@ -25,10 +25,11 @@ and ops whose widths follow their initializers (Conv, Gemm, MatMul, norms) need 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1057,15 +1058,15 @@ def check_full(model: onnx.ModelProto) -> None:
     inference on its ``skeleton``. A model over protobuf's limit (``BIG_MODEL_BYTES``) cannot
     be handed to the checker whole: the structural check runs on the skeleton and every
     initializer's data size is checked against its dims here."""
-    model = _checkable(model)
-    if tensor_bytes(model) > BIG_MODEL_BYTES or has_lazy_tensors(model):
-        # a lazy tensor's file is not next to the working directory: the checker cannot
-        # resolve it in memory
-        _check_tensor_sizes(model)
+    with _checkable(model):
+        if tensor_bytes(model) > BIG_MODEL_BYTES or has_lazy_tensors(model):
+            # a lazy tensor's file is not next to the working directory: the checker cannot
+            # resolve it in memory
+            _check_tensor_sizes(model)
+            onnx.checker.check_model(skeleton(model), full_check=True)
+            return
+        onnx.checker.check_model(model)
         onnx.checker.check_model(skeleton(model), full_check=True)
-        return
-    onnx.checker.check_model(model)
-    onnx.checker.check_model(skeleton(model), full_check=True)
 
 
 UNCHECKED_DOMAIN = "secateurs.unchecked"
@@ -1081,24 +1082,29 @@ def _defined(op_type: str, opset: int) -> bool:
     return True
 
 
-def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or where it uses default-domain ops ONNX does not define at its opset (ONNX
-    Runtime registers ``SimplifiedLayerNormalization`` there, and ``LayerNormalization`` below
-    opset 17; its transformer optimizer writes both), a
-    copy that moves those nodes to a domain the checker skips: such a model fails the checker
-    before any prune, and everything else in it is still checked."""
+@contextlib.contextmanager
+def _checkable(model: onnx.ModelProto) -> Iterator[None]:
+    """While the checker runs: default-domain ops ONNX does not define at the model's opset
+    (ONNX Runtime registers ``SimplifiedLayerNormalization`` there, and ``LayerNormalization``
+    below opset 17; its transformer optimizer writes both) moved to a domain the checker
+    skips, in place (no copy of the weights), and put back after. Such a model fails the
+    checker before any prune; everything else in it is still checked."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    unknown = {n.op_type for n in model.graph.node
-               if n.domain in ("", "ai.onnx") and not _defined(n.op_type, opset)}
-    if not unknown:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for n in out.graph.node:
-        if n.domain in ("", "ai.onnx") and n.op_type in unknown:
-            n.domain = UNCHECKED_DOMAIN
-    out.opset_import.append(onnx.helper.make_opsetid(UNCHECKED_DOMAIN, 1))
-    return out
+    moved = [n for n in model.graph.node
+             if n.domain in ("", "ai.onnx") and not _defined(n.op_type, opset)]
+    if not moved:
+        yield
+        return
+    domains = [n.domain for n in moved]
+    for n in moved:
+        n.domain = UNCHECKED_DOMAIN
+    model.opset_import.append(onnx.helper.make_opsetid(UNCHECKED_DOMAIN, 1))
+    try:
+        yield
+    finally:
+        for n, d in zip(moved, domains):
+            n.domain = d
+        del model.opset_import[len(model.opset_import) - 1]
 
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:

@@ -857,7 +857,8 @@ def _sdpa(ctx: RuleContext) -> list[Labels | None]:
     mask = ctx.ins[3] if len(ctx.ins) > 3 else None
     sm = ctx.in_shapes[3] if len(ctx.in_shapes) > 3 else None
     gqa = bool(ctx.node.attrs.get("enable_gqa")) and len(sq) >= 3 and sk[:-1] == sv[:-1] \
-        and sq[:-3] == sk[:-3] and sq[-3] != sk[-3] and sq[-3] % sk[-3] == 0
+        and sq[:-3] == sk[:-3] and 0 < sk[-3] != sq[-3] and sq[-3] % sk[-3] == 0
+    equal = sq[:-2] == sk[:-2] == sv[:-2]
     if gqa:
         # enable_gqa: query head i reads key/value head i // (Hq / Hkv): the query heads
         # factor as (kv head, member of its group). Removing a kv head removes its group;
@@ -867,10 +868,10 @@ def _sdpa(ctx: RuleContext) -> list[Labels | None]:
         ctx.space.unify(k[-3], v[-3])
         batch = _broadcast_batch(ctx, [(q[:-3], sq[:-3]), (k[:-3], sk[:-3]),
                                        (v[:-3], sv[:-3])], out_shape[:-3]) + [q[-3]]
-    if gqa or sq[:-2] == sk[:-2] == sv[:-2]:
-        if not gqa:
-            batch = _broadcast_batch(ctx, [(q[:-2], sq[:-2]), (k[:-2], sk[:-2]),
-                                           (v[:-2], sv[:-2])], out_shape[:-2])
+    elif equal:
+        batch = _broadcast_batch(ctx, [(q[:-2], sq[:-2]), (k[:-2], sk[:-2]), (v[:-2], sv[:-2])],
+                                 out_shape[:-2])
+    if gqa or equal:
         scores = tuple(out_shape[:-2]) + (sq[-2], sk[-2])
         if mask is not None and sm is not None and len(sm) <= len(scores):
             _broadcast_batch(ctx, [(batch + [q[-2], k[-2]], scores), (mask, sm)], scores)
@@ -1007,11 +1008,13 @@ def _ort_mha(ctx: RuleContext) -> list[Labels | None]:
     q, k, v = (list(ctx.ins) + [None] * 3)[:3]
     sq, sk, sv = (list(ctx.in_shapes) + [None] * 3)[:3]
     heads_n = int(ctx.node.attrs["num_heads"])
+    bias = ctx.ins[3] if len(ctx.ins) > 3 else None
     if q is None or k is None or v is None or sq is None or sk is None or sv is None \
             or not (len(sq) == len(sk) == len(sv) == 3) or sq[-1] != sk[-1] \
-            or sq[-1] % heads_n or sv[-1] % heads_n:
-        return _mha_pinned(ctx, f"{ctx.where}: packed or 4-D query/key/value layouts are not "
-                                "rewritten; its heads and widths are kept")
+            or sq[-1] % heads_n or sv[-1] % heads_n or (bias is not None and sq[-1] != sv[-1]):
+        return _mha_pinned(ctx, f"{ctx.where}: packed or 4-D query/key/value layouts (or a "
+                                "packed bias over unequal q/v widths) are not rewritten; its "
+                                "heads and widths are kept")
     sp = ctx.space
     q_heads, q_dims = sp.factor(q[-1], [heads_n, sq[-1] // heads_n])
     k_heads, k_dims = sp.factor(k[-1], [heads_n, sk[-1] // heads_n])
@@ -1022,10 +1025,7 @@ def _ort_mha(ctx: RuleContext) -> list[Labels | None]:
     sp.unify(k[-2], v[-2])
     sp.unify(q[0], k[0])
     sp.unify(q[0], v[0])
-    bias = ctx.ins[3] if len(ctx.ins) > 3 else None
     if bias is not None:
-        if sq[-1] != sv[-1]:
-            return _mha_pinned(ctx, f"{ctx.where}: a packed bias over unequal q/v widths")
         three, b_heads, b_dims = sp.factor(bias[0], [3, heads_n, sq[-1] // heads_n])
         sp.pin(three, f"{ctx.where} packs the q, k and v biases: the 3 stays")
         sp.unify(b_heads, q_heads)
