@@ -33,6 +33,9 @@ def register(subparsers: Any) -> None:
                        help="remove this fraction of the units of every exact channel group")
     group.add_argument("--target-macs", type=float, metavar="F",
                        help="prune to this fraction of the dense MACs")
+    group.add_argument("--target-latency", type=float, metavar="F",
+                       help="prune to this fraction of the estimated ORT CPU latency (the "
+                       "smallest ratio that meets it)")
     p.add_argument("--sparsify", metavar="N:M", help="magnitude N:M sparsity, e.g. 2:4")
     p.add_argument("--quantize", choices=("int8", "fp16"), help="INT8 QDQ or fp16")
     p.add_argument("--int8-profile", choices=("ort", "tensorrt"), default="ort",
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[optimize] {line}", file=sys.stderr, flush=True)
 
     result = optimize(model, example, prune=args.prune, target_macs=args.target_macs,
+                      target_latency=args.target_latency,
                       sparsify=args.sparsify, quantize=args.quantize,
                       calibration=args.calibration, profile=args.int8_profile,
                       importance=args.importance, round_to=args.round_to,

@@ -44,9 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output",
                    help="write the pruned model here: .pt2 (torch.export program) or .pt for "
                    "torch, .onnx for ONNX")
-    p.add_argument("--ratio", type=float, default=0.5,
+    p.add_argument("--ratio", type=float, default=None,
                    help="fraction of each channel group's width removed; attention loses whole heads "
                         "first (default 0.5)")
+    p.add_argument("--target-latency", type=float, default=None, metavar="F",
+                   help="instead of --ratio: prune to this fraction of the estimated ONNX Runtime "
+                        "CPU latency (the smallest ratio that meets it)")
     p.add_argument("--importance", default="l2",
                    help="importance criterion (default l2; see below)")
     p.add_argument("--calibration", metavar="FILE.npz",
@@ -80,8 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.ratio < 1.0:
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
         raise InputError(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.target_latency is not None and not 0.0 < args.target_latency < 1.0:
+        raise InputError(f"--target-latency must be in (0, 1) (the fraction of the estimated "
+                         f"latency to keep), got {args.target_latency}")
     if args.round_to is not None and args.round_to < 1:
         raise InputError(f"--round-to must be >= 1, got {args.round_to}")
     from secateurs.passes.importance import criterion_needs
@@ -117,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
                    Output("--plan", args.plan, (".json",), "plan")], inputs)
     _check_options(args)
     shapes = parse_shapes(args.input_shape)
-    options = dict(ratio=args.ratio, importance=args.importance,
+    if args.ratio is not None and args.target_latency is not None:
+        raise InputError("give --ratio or --target-latency, not both")
+    ratio = args.ratio if args.target_latency is not None or args.ratio is not None else 0.5
+    options = dict(ratio=ratio, target_latency=args.target_latency, importance=args.importance,
                    ignore=tuple(args.ignore), global_pruning=args.global_pruning,
                    allow_lossy=args.allow_lossy, verify=args.verify)
     note = None
@@ -141,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         model, inputs_ = load_torch_spec(args.model, shapes)
         if args.calibration:
             options["score_context"] = _score_context(args, model, inputs_)
+        if options["ratio"] is None:  # torch's prune takes a ratio it ignores
+            options["ratio"] = 0.0
         result = prune(model, inputs_, round_to=args.round_to, **options)
         _check_something_removed(result, args)
         if args.output:
@@ -172,7 +183,9 @@ def _save_torch(model: object, inputs: tuple, args: argparse.Namespace) -> str |
 def _check_something_removed(result: object, args: argparse.Namespace) -> None:
     removed = getattr(getattr(result, "plan", None), "removed", None)
     if removed is not None and not removed:
-        raise InputError(f"nothing to prune in '{args.model}' at --ratio {args.ratio}: every "
+        at = (f"--target-latency {args.target_latency}" if args.target_latency is not None
+              else f"--ratio {0.5 if args.ratio is None else args.ratio}")
+        raise InputError(f"nothing to prune in '{args.model}' at {at}: every "
                          "channel group is pinned, ignored or too small to lose a unit "
                          "(see 'secateurs analyze'); nothing was written")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from secateurs.graph.ir import ChannelGraph
+from secateurs.graph.ir import ChannelGraph, Node
 
-__all__ = ["count_macs", "SizeRatios"]
+__all__ = ["count_macs", "node_macs", "SizeRatios"]
 
 Shape = tuple[int, ...]
 
@@ -42,40 +42,41 @@ _MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha", "einsum"})
 
 
 def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int:
-    total = 0
-    for node in graph.nodes:
-        if node.op not in _MAC_OPS:
-            continue
-        ins = [None if i is None else shape(i) for i in node.inputs]
-        out = shape(node.outputs[0]) if node.outputs else None
-        if out is None:
-            continue
-        if node.op == "conv" and ins[1] is not None:
-            w = ins[1]
-            if node.attrs.get("transposed"):
-                x = ins[0] or ()
-                total += _prod(x) * _prod(w[1:])
-            else:
-                total += _prod(out) * _prod(w[1:])
-        elif node.op == "linear" and ins[1] is not None:
-            total += _prod(out) * ins[1][1]
-        elif node.op == "matmul" and ins[0] is not None:
-            total += _prod(out) * ins[0][-1]
-        elif node.op == "sdpa" and ins[0] is not None and ins[1] is not None:
-            q, k = ins[0], ins[1]
-            total += _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
-        elif node.op == "einsum" and len(ins) >= 2 and all(i is not None for i in ins):
-            total += _einsum_macs(str(node.attrs.get("equation", "")), ins)  # type: ignore[arg-type]
-        elif node.op == "mha" and ins[0] is not None:  # q, k, v, masks, in_proj, ..., out_proj
-            q, k = ins[0], ins[1] or ins[0]
-            w, ow = (ins + [None] * 8)[5], (ins + [None] * 8)[7]
-            e_in = q[-1]
-            inner = w[0] // 3 if w is not None else e_in
-            e_out = ow[0] if ow is not None else e_in
-            tq, tk = _prod(q[:-1]), _prod(k[:-1])
-            seq = k[0] if len(k) < 3 else (k[1] if node.attrs.get("batch_first") else k[0])
-            total += (tq + 2 * tk) * inner * e_in + 2 * tq * seq * inner + tq * inner * e_out
-    return total
+    return sum(node_macs(node, shape) for node in graph.nodes)
+
+
+def node_macs(node: Node, shape: Callable[[str], Shape | None]) -> int:
+    """One node's multiply-accumulates at the shapes ``shape`` gives (0 for a non-MAC op)."""
+    if node.op not in _MAC_OPS:
+        return 0
+    ins = [None if i is None else shape(i) for i in node.inputs]
+    out = shape(node.outputs[0]) if node.outputs else None
+    if out is None:
+        return 0
+    if node.op == "conv" and ins[1] is not None:
+        w = ins[1]
+        if node.attrs.get("transposed"):
+            return _prod(ins[0] or ()) * _prod(w[1:])
+        return _prod(out) * _prod(w[1:])
+    if node.op == "linear" and ins[1] is not None:
+        return _prod(out) * ins[1][1]
+    if node.op == "matmul" and ins[0] is not None:
+        return _prod(out) * ins[0][-1]
+    if node.op == "sdpa" and ins[0] is not None and ins[1] is not None:
+        q, k = ins[0], ins[1]
+        return _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
+    if node.op == "einsum" and len(ins) >= 2 and all(i is not None for i in ins):
+        return _einsum_macs(str(node.attrs.get("equation", "")), ins)  # type: ignore[arg-type]
+    if node.op == "mha" and ins[0] is not None:  # q, k, v, masks, in_proj, ..., out_proj
+        q, k = ins[0], ins[1] or ins[0]
+        w, ow = (ins + [None] * 8)[5], (ins + [None] * 8)[7]
+        e_in = q[-1]
+        inner = w[0] // 3 if w is not None else e_in
+        e_out = ow[0] if ow is not None else e_in
+        tq, tk = _prod(q[:-1]), _prod(k[:-1])
+        seq = k[0] if len(k) < 3 else (k[1] if node.attrs.get("batch_first") else k[0])
+        return (tq + 2 * tk) * inner * e_in + 2 * tq * seq * inner + tq * inner * e_out
+    return 0
 
 
 def _einsum_macs(equation: str, shapes: list[Shape]) -> int:

@@ -314,8 +314,8 @@ def _prune_torch(state: _State) -> None:
 
     opts = state.options
     result = prune(state.torch_model, state.example_inputs, ratio=opts["prune"] or 0.0,
-                   target_macs=opts["target_macs"], importance=opts["importance"],
-                   round_to=opts["round_to"], verify=True)
+                   target_macs=opts["target_macs"], target_latency=opts["target_latency"],
+                   importance=opts["importance"], round_to=opts["round_to"], verify=True)
     if result.report.exact is False:
         raise SecateursError(f"pruned model is not mask-equivalent to the input (max |diff| "
                              f"{result.report.max_abs_diff:.3g}); please report this model")
@@ -329,7 +329,8 @@ def _prune_details(report: Any) -> dict[str, Any]:
             "mask_equivalent": report.exact, "mask_equivalence_diff": report.max_abs_diff}
 
 
-def _prune_onnx_at(state: _State, ratio: float) -> Any:
+def _prune_onnx_at(state: _State, ratio: float | None,
+                   target_latency: float | None = None) -> Any:
     from secateurs.passes.prune_onnx import prune_onnx
 
     opts = state.options
@@ -337,12 +338,14 @@ def _prune_onnx_at(state: _State, ratio: float) -> Any:
                               "input_shapes": {k: list(v.shape) for k, v in state.feeds.items()}}
     if opts["round_to"] is not None:
         kwargs["round_to"] = opts["round_to"]
-    return prune_onnx(state.model, ratio=ratio, **kwargs)
+    return prune_onnx(state.model, ratio=ratio, target_latency=target_latency, **kwargs)
 
 
 def _prune_onnx(state: _State) -> None:
     target = state.options["target_macs"]
-    if target is None:
+    if state.options["target_latency"] is not None:
+        result = _prune_onnx_at(state, None, state.options["target_latency"])
+    elif target is None:
         result = _prune_onnx_at(state, state.options["prune"])
     else:
         result = _bisect_onnx(state, target)
@@ -357,7 +360,9 @@ def _prune_onnx(state: _State) -> None:
                              f"{diff:.3g}); please report this model")
     details = {**_prune_details(result.report), "mask_equivalent": ok,
                "mask_equivalence_diff": diff}
-    details["ratio"] = float(result.plan.meta.get("ratio", 0.0))
+    details["ratio"] = float(result.plan.meta.get("ratio") or 0.0)
+    if result.plan.meta.get("target_latency") is not None:
+        details["target_latency"] = result.plan.meta["target_latency"]
     _record(state, "prune", result.model, details, int(result.report.macs_after))
 
 
@@ -482,7 +487,7 @@ def _stages(is_torch: bool, opts: Mapping[str, Any]) -> list[tuple[str, Callable
     """The flat list of stages these options ask for, in :data:`STAGE_ORDER`."""
     stages: list[tuple[str, Callable[[_State], None]]] = [
         ("export", _export) if is_torch else ("load", _load)]
-    if opts["prune"] is not None or opts["target_macs"] is not None:
+    if any(opts[k] is not None for k in ("prune", "target_macs", "target_latency")):
         stages.append(("prune", _prune_torch if is_torch else _prune_onnx))
     if opts["sparsify"] is not None:
         stages.append(("sparsify", _sparsify))
@@ -498,8 +503,13 @@ def _validate(opts: dict[str, Any]) -> None:
     from secateurs.passes.masks import parse_pattern
     from secateurs.passes.quantize import MODES, PROFILES
 
-    if opts["prune"] is not None and opts["target_macs"] is not None:
-        raise InputError("give prune (a ratio) or target_macs, not both")
+    given = [k for k in ("prune", "target_macs", "target_latency") if opts[k] is not None]
+    if len(given) > 1:
+        raise InputError(f"give one of prune (a ratio), target_macs or target_latency, not "
+                         f"both {' and '.join(given)}")
+    from secateurs.passes.prune import check_target_latency
+
+    check_target_latency(opts["target_latency"])
     ratio = opts["prune"]
     if ratio is not None and (not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0):
         raise InputError(f"prune ratio must be in (0, 1), got {ratio!r}")
@@ -523,7 +533,8 @@ def _validate(opts: dict[str, Any]) -> None:
 
 
 def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = None,
-             target_macs: float | None = None, sparsify: str | None = None,
+             target_macs: float | None = None, target_latency: float | None = None,
+             sparsify: str | None = None,
              quantize: str | None = None, calibration: Any = None, profile: str = "ort",
              importance: str = "l2", round_to: int | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -536,7 +547,8 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
 
     ``model``: an ``nn.Module`` (with ``example_inputs``), an ``.onnx`` path or an
     ``onnx.ModelProto`` (never modified). ``prune``: ratio of units removed per group, or
-    ``target_macs``: fraction of the MACs to keep. ``sparsify``: an N:M pattern (``"2:4"``).
+    ``target_macs``: fraction of the MACs to keep, or ``target_latency``: fraction of the
+    estimated ORT CPU latency to keep (the ratio that meets it, ``passes/latency.py``). ``sparsify``: an N:M pattern (``"2:4"``).
     ``quantize``: ``"int8"`` (QDQ; ``profile`` ``"ort"`` or ``"tensorrt"``, see
     ``passes.quantize``) or ``"fp16"``. ``calibration``: int8 calibration inputs, a mapping
     input name -> array with samples along dim 0, a list of feed dicts, or an ``.npz`` path;
@@ -554,7 +566,8 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     if is_torch and example_inputs is None:
         raise InputError("optimize(torch_model, example_inputs): example inputs are needed "
                          "to export a torch model")
-    opts: dict[str, Any] = {"prune": prune, "target_macs": target_macs, "sparsify": sparsify,
+    opts: dict[str, Any] = {"prune": prune, "target_macs": target_macs,
+                            "target_latency": target_latency, "sparsify": sparsify,
                             "quantize": quantize, "calibration": calibration,
                             "profile": profile,
                             "importance": importance, "round_to": round_to,

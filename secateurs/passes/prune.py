@@ -195,7 +195,8 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
                  global_pruning: bool = False,
                  allow_lossy: bool = False, skip: set[int] | None = None,
                  ratios: Mapping[int, float] | None = None,
-                 min_units: int = 1) -> dict[int, np.ndarray]:
+                 min_units: int = 1,
+                 target_latency: float | None = None) -> dict[int, np.ndarray]:
     """Choose the units to remove, per group (or ranked globally). ``round_to``: one
     multiple for every plain channel group, or a policy ``(group, keep) -> keep`` that rounds
     any group it chooses to (``passes/kernel_widths.py``).
@@ -205,7 +206,10 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     conv groups x channels per group, shuffle groups), the ratio applies to the space's width,
     not to every factor: the outer factor (heads) loses its share first and the inner ones only
     what is still missing (:func:`factor_spaces`), so ``ratio=0.5`` keeps half of a ViT's
-    attention width in whole heads at their full head dim, not a quarter of it."""
+    attention width in whole heads at their full head dim, not a quarter of it.
+
+    ``target_latency`` (a fraction of the dense model's estimated ONNX Runtime CPU latency)
+    replaces ``ratio`` by the smallest one whose selection meets it (``passes/latency.py``)."""
     skip = skip or set()
     eligible: dict[int, np.ndarray] = {}
     for g in analysis.groups:
@@ -234,6 +238,13 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
         return _keep_every_member(analysis.groups[gid], np.sort(units[order[:n_remove]]),
                                   scores[gid])
 
+    if target_latency is not None:
+        from secateurs.passes.latency import ratio_for_latency
+
+        spaces, _ = factor_spaces(analysis, eligible)
+        return ratio_for_latency(analysis, lambda r, extra: select_units(
+            analysis, scores, r, round_to, global_pruning, allow_lossy, skip,
+            {**(ratios or {}), **extra}, min_units), target_latency, spaces)[1]
     counts: dict[int, int] = {}
     if global_pruning:
         pool = [(float(scores[gid][u]), gid, int(u)) for gid, units in eligible.items()
@@ -518,14 +529,17 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
           ratios: Mapping[str, float] | None = None, reduction: str = "sum",
           normalization: str = "mean", min_units: int = 1,
           score_context: ScoreContext | None = None,
-          target_macs: float | None = None) -> PruneResult:
+          target_macs: float | None = None,
+          target_latency: float | None = None) -> PruneResult:
     """Remove the least important ``ratio`` of units in every exact channel group.
 
     ``ratios`` maps module (or parameter) names to their own ratio for the groups they belong
     to. ``target_macs`` (a fraction of the dense MACs to keep) replaces ``ratio`` by the one
-    that meets it (``schedule.prune_to_macs``). The caller's model is not modified unless
-    ``inplace=True``.
+    that meets it (``schedule.prune_to_macs``); ``target_latency`` (a fraction of the dense
+    model's estimated ONNX Runtime CPU latency) by the smallest one whose selection meets it
+    (``passes/latency.py``). The caller's model is not modified unless ``inplace=True``.
     """
+    check_target_latency(target_latency, target_macs=target_macs)
     if target_macs is not None:
         from secateurs.passes.schedule import prune_to_macs
 
@@ -540,7 +554,22 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
                    reduction=reduction, normalization=normalization,
                    score_context=score_context)
     return finish(prep, ratio, round_to=round_to, global_pruning=global_pruning,
-                  allow_lossy=allow_lossy, ratios=ratios, min_units=min_units, verify=verify)
+                  allow_lossy=allow_lossy, ratios=ratios, min_units=min_units, verify=verify,
+                  target_latency=target_latency)
+
+
+def check_target_latency(target: float | None, **others: Any) -> None:
+    """``target_latency`` is a fraction in (0, 1) and replaces the other selection options."""
+    if target is None:
+        return
+    if isinstance(target, bool) or not isinstance(target, (int, float)) \
+            or not 0.0 < float(target) < 1.0:
+        raise InputError(f"target_latency must be in (0, 1) (the fraction of the dense "
+                         f"model's estimated latency to keep), got {target!r}")
+    given = [k for k, v in others.items() if v]
+    if given:
+        raise InputError(f"target_latency chooses the ratio itself: give it without "
+                         f"{', '.join(given)}")
 
 
 def _check_options(ratios: Mapping[str, float] | None, round_to: int | None) -> None:
@@ -603,7 +632,7 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
 def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
            global_pruning: bool = False, allow_lossy: bool = False,
            ratios: Mapping[str, float] | None = None, min_units: int = 1,
-           verify: bool = False) -> PruneResult:
+           verify: bool = False, target_latency: float | None = None) -> PruneResult:
     """Select at ``ratio`` on ``prep``, then plan, apply, report (and optionally verify)."""
     model, timer, tracer, analysis = prep.model, prep.timer, prep.tracer, prep.analysis
     if verify and prep.inplace:
@@ -613,10 +642,13 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
 
     def reselect(pinned: set[int]) -> dict[int, np.ndarray]:
         return select_units(analysis, prep.scores, ratio, round_to, global_pruning,
-                            allow_lossy, prep.skip | pinned, group_ratios, min_units)
+                            allow_lossy, prep.skip | pinned, group_ratios, min_units,
+                            target_latency)
 
     removed = timer.run("select", reselect, set(prep.repairs))
-    meta = {"ratio": ratio, "round_to": round_to, "global_pruning": global_pruning,
+    meta = {"ratio": None if target_latency is not None else ratio,
+            "target_latency": target_latency, "round_to": round_to,
+            "global_pruning": global_pruning,
             "allow_lossy": allow_lossy, "importance": prep.criterion_name, "tracer": tracer,
             "torch": torch.__version__}
     lossy = frozenset(g.id for g in analysis.groups if g.is_lossy) if allow_lossy \
@@ -651,6 +683,10 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
             timer.run("apply", unshare_tensors, pruned, model)
             ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
                                  prep.example_inputs)
+    if target_latency is not None:
+        from secateurs.passes.latency import latency_note
+
+        net.notes.append(latency_note(analysis, removed, target_latency))
     prep.notes[:] = list(dict.fromkeys([*prep.notes, *net.notes]))
     report = timer.run("report", _report, analysis, removed, n_params_before, pruned,
                        timer.seconds, tracer, prep.repairs)

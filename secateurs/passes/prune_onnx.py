@@ -54,9 +54,17 @@ from secateurs.passes.cost import count_macs
 from secateurs.passes.group_channels import Analysis, group_channels
 from secateurs.passes.importance import Criterion, ScoreContext, get_criterion, normalize
 from secateurs.passes.kernel_widths import ort_cpu_widths
+from secateurs.passes.latency import latency_note
 from secateurs.passes.onnx_fold_patches import fold_shape_patches
 from secateurs.passes.plan import Plan
-from secateurs.passes.prune import PruneReport, StageTimer, _describe, group_rows, select_units
+from secateurs.passes.prune import (
+    PruneReport,
+    StageTimer,
+    _describe,
+    check_target_latency,
+    group_rows,
+    select_units,
+)
 from secateurs.passes.repair import OnnxNet, Repair, conclude, repair
 
 __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
@@ -286,16 +294,25 @@ def _apply_folded(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     return fold_shape_patches(apply_plan_onnx(model, plan)).model
 
 
-def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criterion = "l2",
+def prune_onnx(model_or_path: Any, ratio: float | None = None,
+               importance: str | Criterion = "l2",
                round_to: int | str | None = "auto", allow_lossy: bool = False,
                ignore: Iterable[str] = (), global_pruning: bool = False,
                input_shapes: Mapping[str, Sequence[int]] | None = None, verify: bool = False,
                output_path: str | os.PathLike[str] | None = None, reduction: str = "sum",
-               normalization: str = "mean", min_units: int = 1) -> OnnxPruneResult:
-    """Remove the least important ``ratio`` of units in every exact channel group of an ONNX
-    model. The input is not modified; ``output_path`` also writes the pruned model atomically
-    (with external data when the input had it). ``ignore`` names initializers or nodes whose
-    groups stay whole."""
+               normalization: str = "mean", min_units: int = 1,
+               target_latency: float | None = None) -> OnnxPruneResult:
+    """Remove the least important ``ratio`` (default 0.5) of units in every exact channel
+    group of an ONNX model. The input is not modified; ``output_path`` also writes the pruned
+    model atomically (with external data when the input had it). ``ignore`` names initializers
+    or nodes whose groups stay whole.
+
+    ``target_latency`` instead of ``ratio``: the estimated ONNX Runtime CPU latency to reach,
+    as a fraction of the input model's; the ratio is the smallest whose selection meets it
+    (``passes/latency.py``)."""
+    check_target_latency(target_latency, ratio=ratio is not None)
+    if ratio is None:
+        ratio = 0.0 if target_latency is not None else 0.5
     if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
         raise InputError(f"ratio must be in [0, 1), got {ratio!r}")
     if round_to is not None and round_to != "auto" and (
@@ -320,10 +337,11 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
 
     def reselect(pinned: set[int]) -> dict[int, np.ndarray]:
         return select_units(analysis, scores, ratio, widths, global_pruning, allow_lossy,
-                            skip | pinned, None, min_units)
+                            skip | pinned, None, min_units, target_latency)
 
     removed = timer.run("select", reselect, set())
-    meta = {"ratio": ratio, "importance": getattr(criterion, "__name__", str(importance)),
+    meta = {"ratio": None if target_latency is not None else ratio,
+            "target_latency": target_latency, "importance": getattr(criterion, "__name__", str(importance)),
             "round_to": ORT_ROUND_TO if round_to == "auto" else round_to,
             "widths": "ort-cpu" if round_to == "auto" else "uniform",
             "global_pruning": global_pruning, "allow_lossy": allow_lossy,
@@ -374,6 +392,8 @@ def prune_onnx(model_or_path: Any, ratio: float = 0.5, importance: str | Criteri
                                 net.candidates, _describe(analysis))
             plan, pruned = timer.run("apply", net.applied, removed)
             ok, diff = timer.run("verify", verify_onnx, model, pruned, plan, feeds)
+    if target_latency is not None:
+        net.notes.append(latency_note(analysis, removed, target_latency))
     report = _report(analysis, removed, given, pruned, timer.seconds, repairs)
     report = dataclasses.replace(report, exact=ok, max_abs_diff=diff, notes=tuple(net.notes))
     conclude(report, verify, ok, diff, log, "prune_onnx",
