@@ -104,12 +104,14 @@ class OrtCpuCost:
             if w[1] == 1 and int(node.attrs.get("groups", 1)) > 1:
                 return self.depthwise_gmacs
             # the narrower of the output channels per group and the reduction (in x kernel)
-            narrow = min(w[0] // max(int(node.attrs.get("groups", 1)), 1), math.prod(w[1:]))
+            # (the groups attribute is the dense one: a pruned grouped conv may have fewer)
+            narrow = max(1, min(w[0] // max(int(node.attrs.get("groups", 1)), 1),
+                                math.prod(w[1:])))
             return self.conv_gmacs * narrow / (narrow + self.conv_narrow)
         if node.op in ("linear", "einsum") or (
                 node.op == "matmul" and any(weight(i) for i in node.inputs[:2])):
             out = shape(node.outputs[0]) if node.outputs else None
-            rows = math.prod(out[:-1]) if out else 1  # batch-1 GEMV: bound by the weight read
+            rows = max(1, math.prod(out[:-1])) if out else 1  # batch 1: a GEMV, weight-bound
             return self.gemm_gmacs * rows / (rows + self.gemm_rows)
         return self.attention_gmacs
 

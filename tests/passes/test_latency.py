@@ -184,3 +184,20 @@ def test_cli_prune_target_latency(tmp_path, mobilenet, capsys) -> None:
         1, 3, 32, 32))
     assert main(["prune", str(src), "--target-latency", "0.6", "--ratio", "0.3"]) == 2
     assert "give --ratio or --target-latency, not both" in capsys.readouterr().err
+
+
+ZOO = [n for n in zoo.names() if "bench" not in zoo.get(n).tags]
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_prunes_to_a_latency_exactly(name) -> None:
+    """The estimate costs every op the zoo has (grouped convs whose pruned widths fall below
+    their dense group count included) and the target's selection stays mask-equivalent."""
+    entry = zoo.get(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune(entry.build().eval(), entry.example_inputs(), target_latency=0.6,
+                       verify=True)
+    assert result.report.exact is True
+    note = next(n for n in result.report.notes if n.startswith("target_latency"))
+    assert _noted(result.report) <= 0.6 or "nearest the groups allow" in note
