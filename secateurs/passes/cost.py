@@ -38,7 +38,8 @@ class SizeRatios:
         return self.params_after / self.params_before if self.params_before else 1.0
 
 
-_MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha", "einsum"})
+_MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha", "einsum", "ort_attention",
+                      "ort_mha"})
 
 
 def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int:
@@ -67,6 +68,17 @@ def node_macs(node: Node, shape: Callable[[str], Shape | None]) -> int:
         return _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
     if node.op == "einsum" and len(ins) >= 2 and all(i is not None for i in ins):
         return _einsum_macs(str(node.attrs.get("equation", "")), ins)  # type: ignore[arg-type]
+    if node.op == "ort_attention" and ins[0] is not None and ins[1] is not None:
+        # com.microsoft::Attention: the packed q/k/v projection, then q.k^T and p.v over the
+        # sequence (self-attention: keys are the input's tokens)
+        x, w = ins[0], ins[1]
+        v_width = out[-1]
+        qk_width = (w[-1] - v_width) // 2
+        tokens = x[-2] if len(x) >= 2 else 1
+        return _prod(x) * w[-1] + _prod(x[:-1]) * tokens * (qk_width + v_width)
+    if node.op == "ort_mha" and ins[0] is not None and len(ins) > 1 and ins[1] is not None:
+        q, k = ins[0], ins[1]  # 3-D [B, S, D] (or 4-D [B, N, S_kv, H]) keys
+        return _prod(q[:-1]) * k[-2] * (q[-1] + out[-1])
     if node.op == "mha" and ins[0] is not None:  # q, k, v, masks, in_proj, ..., out_proj
         q, k = ins[0], ins[1] or ins[0]
         w, ow = (ins + [None] * 8)[5], (ins + [None] * 8)[7]

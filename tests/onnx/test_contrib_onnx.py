@@ -321,3 +321,23 @@ def test_multi_head_attention_with_an_attention_bias_keeps_its_heads() -> None:
     node = next(n for n in result.model.graph.node if n.op_type == "MultiHeadAttention")
     assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["num_heads"] == 4
     assert any("per-head state" in row.pinned for row in result.report.groups)
+
+
+def test_fused_attention_macs_count_the_projection_and_the_attention() -> None:
+    """MACs of the fused ops are what the unfused graph counts: the packed q/k/v projection
+    (Attention) and q.k^T + p.v over the tokens; halving the heads halves the attention's."""
+    from secateurs.graph.from_onnx import from_onnx
+    from secateurs.passes.cost import count_macs
+
+    def macs(model: onnx.ModelProto) -> int:
+        graph = from_onnx(model)
+        return count_macs(graph, lambda v: graph.values[v].shape)
+
+    b, s, d = 2, 5, 32
+    embed, mlp = b * s * 8 * d, b * s * d * H + b * s * H * 8
+    attention = b * s * d * 3 * d + b * s * s * (d + d)
+    assert macs(_attention_model()) == embed + attention + mlp
+    proj = 3 * b * s * 8 * d + b * s * d * 8
+    assert macs(_mha_model()) == proj + b * s * s * (d + d)
+    pruned = prune_onnx(_mha_model(), ratio=0.5, round_to=1).model
+    assert macs(pruned) == (proj + b * s * s * (d + d)) // 2
