@@ -201,3 +201,17 @@ def test_every_zoo_model_prunes_to_a_latency_exactly(name) -> None:
     assert result.report.exact is True
     note = next(n for n in result.report.notes if n.startswith("target_latency"))
     assert _noted(result.report) <= 0.6 or "nearest the groups allow" in note
+
+
+def test_optimize_cli_prunes_a_torch_spec_to_a_latency(tmp_path, capsys) -> None:
+    report = tmp_path / "r.json"
+    assert main(["optimize", "zoo:resnet", "--target-latency", "0.6", "--round-to", "8",
+                 "--no-measure", "--report", str(report)]) == 0
+    import json
+
+    stages = {s["stage"]: s for s in json.loads(report.read_text())["stages"]}
+    assert stages["prune"]["details"]["mask_equivalent"] is True
+    assert stages["prune"]["details"]["macs_kept"] < 0.9
+    with pytest.raises(SystemExit):  # argparse: one of --prune/--target-macs/--target-latency
+        main(["optimize", "zoo:resnet", "--target-latency", "0.6", "--prune", "0.5", "--json"])
+    assert "not allowed with argument" in capsys.readouterr().err
