@@ -180,9 +180,9 @@ def ratio_for_latency(analysis: Analysis,
     Bisection over the ratio (the estimate falls with it) brackets the target between two
     ratios a hair apart; with every group rounded to a kernel width, the latency can still
     jump across the target between them (many groups cross a multiple of 16 at once). Then the
-    groups that differ move one at a time, largest first, from the lower ratio to the upper
-    one, and the first mix that meets the target is taken: every group keeps one of the two
-    widths, so the prune stays as uniform as the ratio's. ``spaces``: groups that move together
+    groups that differ move, largest first, from the lower ratio to the upper one, and the
+    shortest such prefix of moves that meets the target is taken (found by bisection): every
+    group keeps one of the two widths, so the prune stays as uniform as the ratio's. ``spaces``: groups that move together
     (the factors of one channel space, heads x head dim)."""
     kept = LatencyModel(analysis, cost).kept
     lo, hi = 0.0, max_ratio
@@ -210,13 +210,17 @@ def ratio_for_latency(analysis: Analysis,
         move = together.get(gid, (gid,))
         if move not in moves:
             moves.append(move)
-    overrides: dict[int, float] = {}
-    for move in moves:
-        overrides.update({gid: hi for gid in move})
-        removed = select(lo, overrides)
+    # moving more groups only removes more: the shortest prefix of moves that meets the
+    # target, by bisection over its length (all of them is the upper ratio, which meets it)
+    short, enough = 0, len(moves)
+    while enough - short > 1:
+        mid = (short + enough) // 2
+        removed = select(lo, {gid: hi for move in moves[:mid] for gid in move})
         fraction = kept(removed)
         if fraction <= target:
-            return lo, removed, fraction
+            best, enough = (lo, removed, fraction), mid
+        else:
+            short = mid
     return best
 
 
