@@ -120,8 +120,8 @@ ORT_CPU_COST = OrtCpuCost()
 
 
 class LatencyModel:
-    """Estimated seconds of an analysis' graph after a removal, node by node; a node is
-    re-costed only where a group touches one of its values."""
+    """Estimated seconds of an analysis' graph, node by node, at its dense shapes or at the
+    shapes a removal (a mask over the analysis' atoms) leaves."""
 
     def __init__(self, analysis: Analysis, cost: OrtCpuCost = ORT_CPU_COST):
         self.analysis = analysis
