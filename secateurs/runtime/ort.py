@@ -138,6 +138,10 @@ class OrtSession:
     ``disable``, ``basic``, ``extended``, ``all``. ``spin``: whether idle worker threads
     busy-wait for the next run (ONNX Runtime's default, fastest for one session alone); turn
     it off where several sessions take turns on the same cores (``compare`` does).
+    ``disabled_optimizers``: ONNX Runtime graph transformers not to run, by name (e.g.
+    ``["SkipLayerNormFusion"]``: on ORT 1.32's x86 CPU provider a fused
+    SkipLayerNormalization takes ~7x the time of the Add + LayerNormalization it replaces;
+    ``tools/bench/latency_estimate.py``'s MiniLM row).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class OrtSession:
         graph_optimization: str = "all",
         sequential: bool = True,
         spin: bool = True,
+        disabled_optimizers: Sequence[str] = (),
     ):
         import onnxruntime as ort
 
@@ -179,7 +184,10 @@ class OrtSession:
         self.source = _describe(model)
         blob = _model_bytes_or_path(model)
         try:
-            self._session = ort.InferenceSession(blob, sess_options=opts, providers=self.providers)
+            extra = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers \
+                else {}
+            self._session = ort.InferenceSession(blob, sess_options=opts, providers=self.providers,
+                                                 **extra)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise InputError(f"ONNX Runtime cannot load {self.source}: {exc}") from exc
         self.intra_op_threads = intra_op_threads

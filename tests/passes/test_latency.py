@@ -215,3 +215,61 @@ def test_optimize_cli_prunes_a_torch_spec_to_a_latency(tmp_path, capsys) -> None
     with pytest.raises(SystemExit):  # argparse: one of --prune/--target-macs/--target-latency
         main(["optimize", "zoo:resnet", "--target-latency", "0.6", "--prune", "0.5", "--json"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+class _PostNorm(nn.Module):
+    """BERT's post-norm residual (the sum read by the norm alone) next to a pre-norm one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.post = nn.LayerNorm(64)
+        self.pre = nn.LayerNorm(64)
+        self.out = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.post(x + self.fc(x))  # SkipLayerNormalization in ORT
+        s = h + self.out(h)
+        return s + self.pre(s)  # the sum has two readers: Add and LayerNormalization stay
+
+
+def test_post_norm_sum_is_costed_as_ort_skip_layer_norm() -> None:
+    from secateurs.passes.latency import ORT_CPU_COST
+
+    analysis = prepare(_PostNorm().eval(), torch.randn(1, 32, 64), "l2").analysis
+    lm = LatencyModel(analysis)
+    cost = {n.name: lm.node_seconds(i, None) for i, n in enumerate(analysis.graph.nodes)}
+    norms = [n for n in analysis.graph.nodes if n.op == "layer_norm"]
+    elements = 32 * 64 * 1e-9
+    assert cost[norms[0].name] == pytest.approx(elements * ORT_CPU_COST.skip_norm_ns)
+    assert cost[norms[1].name] == pytest.approx(elements * ORT_CPU_COST.reduce_ns)
+    adds = [n for n in analysis.graph.nodes if n.op == "add"]
+    assert cost[adds[0].name] == 0.0 and cost[adds[1].name] > 0.0
+
+
+def test_ort_session_can_disable_the_skip_layer_norm_fusion(tmp_path) -> None:
+    """The fusion's name is what ORT knows (the optimized graph keeps Add + LayerNorm), and
+    ``OrtSession(disabled_optimizers=...)`` gives the same outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from secateurs.runtime.ort import OrtSession
+
+    model = _export(_PostNorm(), torch.randn(1, 32, 64))
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["SkipLayerNormFusion"])
+    kept = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
+    assert "SkipLayerNormalization" not in kept and "LayerNormalization" in kept
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" in {n.op_type for n in onnx.load(tmp_path / "fused.onnx")
+                                        .graph.node}
+    x = {"x": np.random.default_rng(0).standard_normal((1, 32, 64)).astype(np.float32)}
+    plain = OrtSession(model, providers=["CPUExecutionProvider"]).run(x)
+    unfused = OrtSession(model, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["SkipLayerNormFusion"]).run(x)
+    np.testing.assert_allclose(list(plain.values())[0] if isinstance(plain, dict) else plain[0],
+                               list(unfused.values())[0] if isinstance(unfused, dict)
+                               else unfused[0], atol=1e-5)
