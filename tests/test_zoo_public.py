@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import secateurs
 from secateurs import zoo
@@ -270,3 +271,79 @@ def test_sdpa_enable_gqa_prunes_kv_heads_with_their_groups(ratio: float) -> None
     assert heads_q % kv == 0 and pruned.v.weight.shape[0] == k_rows
     assert result.report.macs_after < result.report.macs_before
     assert not any("enable_gqa" in row.pinned for row in result.report.groups)
+
+
+# ---------------------------------------------------------------- zoo/mixers.py
+
+
+def test_mamba_state_from_zeros_prunes_the_inner_width() -> None:
+    """transformers' Mamba slow path starts its scan from ``zeros(B, inner, state)``: filled
+    with one value, so the inner width and the state size prune through it (the apply writes
+    the new sizes); it used to pin both, and Mamba kept 93% of its MACs."""
+    model, x, result, ok, diff = _prune("mamba_ssm")
+    assert ok, diff
+    inner = next(r for r in result.report.groups if "mixers.0.A_log[0]" in r.members)
+    assert inner.units_after < inner.units_before and not inner.pinned
+    assert result.report.macs_kept < 0.6
+    assert not any("zeros" in r for r in _reasons(result))
+
+
+class _Written(nn.Module):
+    """A zeros buffer written in place (``add_`` on it, ``mul_`` through a view of it): its
+    positions are no longer all alike, so its dims must stay."""
+
+    def __init__(self, through_view: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.through_view = through_view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        buf = x.new_zeros(x.shape[0], 16)  # symbolic_trace records the in-place calls
+        buf.add_(h)
+        if self.through_view:
+            buf[:, :4].mul_(3.0)
+        return self.b(buf)
+
+
+@pytest.mark.parametrize("through_view", [False, True])
+def test_a_zeros_buffer_written_in_place_keeps_its_positions(through_view: bool) -> None:
+    model = _Written(through_view).eval()
+    x = torch.randn(3, 8)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer == "fx"
+    assert result.report.exact is True
+    assert any("zeros" in r for r in _reasons(result))
+
+
+class _Recurrent(nn.Module):
+    """An Elman RNN unrolled over 4 steps from ``zeros`` / ``x.new_zeros`` / ``full`` initial
+    states (varargs, a tuple and a list of sizes)."""
+
+    def __init__(self, init: str) -> None:
+        super().__init__()
+        self.init = init
+        self.inp, self.rec, self.out = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if self.init == "varargs":
+            h = torch.zeros(b, 16)
+        elif self.init == "tuple":
+            h = x.new_zeros((b, 16))
+        else:
+            h = torch.full([b, 16], 0.5)
+        for t in range(4):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("init", ["varargs", "tuple", "list"])
+def test_a_filled_initial_state_follows_the_pruned_width(init: str) -> None:
+    model = _Recurrent(init).eval()
+    x = torch.randn(2, 4, 6)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True
+    assert result.report.macs_kept < 0.7
+    y = result.model(torch.randn(5, 4, 6))  # another batch: the batch size stays symbolic
+    assert tuple(y.shape) == (5, 3)

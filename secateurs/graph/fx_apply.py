@@ -26,6 +26,7 @@ from secateurs.passes.plan import Plan
 __all__ = ["apply_plan_fx", "slice_tensors", "slice_tensor", "tensor_slots"]
 
 _SHAPE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand", "broadcast_to"}
+_FACTORY_OPS = {"zeros", "ones", "full", "new_zeros", "new_ones", "new_full"}
 
 
 def tensor_slots(model: nn.Module) -> Iterator[tuple[dict[str, Any], str, torch.Tensor]]:
@@ -140,6 +141,8 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
         dim = int(dim) % nd
         sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
         _set_arg(node, key, "sizes", _rewrite_shape(sizes, consts["shape"][dim:]))
+    elif "shape" in consts and key in _FACTORY_OPS:
+        _apply_factory(node, key, consts["shape"])
     elif "sizes" in consts:
         _apply_split(node, key, consts["sizes"])
     elif "items" in consts:
@@ -154,6 +157,21 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
         _set_arg(node, key, "normalized_shape", list(consts["normalized_shape"]))
     if "num_groups" in consts and key == "group_norm":
         _set_arg(node, key, "num_groups", consts["num_groups"])
+
+
+def _apply_factory(node: torch.fx.Node, key: str, shape: list[int]) -> None:
+    """``zeros``/``ones``/``full`` (or ``x.new_*``) at the pruned sizes: one sequence argument
+    or one argument per size, from the first size argument on."""
+    at = 1 if key.startswith("new_") else 0
+    args = list(node.args)
+    old = _node_shape(node)  # a run-time size (the batch) stays where its dim kept its size
+    if len(args) > at and isinstance(args[at], (list, tuple)):
+        args[at] = _rewrite_shape(args[at], shape, old)
+    elif key in ("full", "new_full"):
+        return
+    else:
+        args[at:] = _rewrite_shape(args[at:], shape, old)
+    node.args = tuple(args)
 
 
 def _apply_split(node: torch.fx.Node, key: str, sizes: list[int]) -> None:

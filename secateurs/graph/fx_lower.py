@@ -379,7 +379,8 @@ def _normalize(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 
 def _source(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
-    return "source", [a for a in node.args if isinstance(a, torch.fx.Node)], {}
+    return "source", [a for a in node.args if isinstance(a, torch.fx.Node)], \
+        _filled_attrs(node, 0)
 
 
 def _stack(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
@@ -412,7 +413,52 @@ def _grouped_mm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 def _new_tensor(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     """``x.new_zeros(size)``: ``x`` only lends dtype and device, so it is no operand."""
-    return "source", [a for a in node.args[1:] if isinstance(a, torch.fx.Node)], {}
+    return "source", [a for a in node.args[1:] if isinstance(a, torch.fx.Node)], \
+        _filled_attrs(node, 1)
+
+
+# one value at every position: removing positions is exact once the sizes are rewritten
+_FILLED = frozenset({"zeros", "ones", "full", "new_zeros", "new_ones", "new_full"})
+# ops whose output may share the input's storage (a write through them writes the input)
+_ALIASING = frozenset({"view", "reshape", "_unsafe_view", "transpose", "permute", "t",
+                       "getitem", "narrow", "select", "slice", "unsqueeze", "squeeze",
+                       "expand", "flatten", "unflatten", "chunk", "split", "unbind",
+                       "contiguous", "as_strided", "view_as", "movedim", "swapaxes",
+                       "swapdims", "diagonal", "detach", "alias", "to", "type_as"})
+
+
+def _writes(node: torch.fx.Node) -> bool:
+    """Whether the graph writes into ``node``'s tensor: an in-place call (``add_``,
+    ``copy_``, ``x[i] = v``, a mutable ATen overload) on it or on a view of it."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            target = user.target
+            name = str(target) if user.op == "call_method" else getattr(target, "__name__", "")
+            schema = getattr(target, "_schema", None)
+            if (target is operator.setitem or (name.endswith("_") and not name.startswith("_"))
+                    or (schema is not None and schema.is_mutable)):
+                return True
+            if user.op in ("call_method", "call_function") and call_key(user) in _ALIASING:
+                todo.append(user)
+    return False
+
+
+def _filled_attrs(node: torch.fx.Node, at: int) -> dict[str, Any]:
+    """``{"sized": True}`` for ``zeros``/``ones``/``full`` whose sizes are arguments from
+    ``at`` on (a sequence, or one size per argument) and whose tensor nothing writes into."""
+    if call_key(node) not in _FILLED or _writes(node):
+        return {}
+    sizes = node.args[at:] if call_key(node) not in ("full", "new_full") else node.args[at:at + 1]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = tuple(sizes[0])
+    if not sizes or not all(isinstance(v, (int, torch.fx.Node)) for v in sizes):
+        return {}
+    return {"sized": True}
 
 
 def _like(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:

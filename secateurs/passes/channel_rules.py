@@ -101,11 +101,25 @@ def _opaque(ctx: RuleContext) -> list[Labels | None]:
     return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
 
 
-@_register("source")
+def _source_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
+    return {"shape": [count(v) for v in keep["out"]]}
+
+
+@_register("source", rewrite=_source_rewrite)
 def _source(ctx: RuleContext) -> list[Labels | None]:
-    """A tensor created inside the graph (arange, zeros, constants): no channel is born."""
+    """A tensor created inside the graph (arange, zeros, constants): no channel is born.
+
+    ``sized`` (``zeros``/``ones``/``full`` of explicit sizes that nothing writes into, such as
+    a recurrence's initial state ``zeros(B, D, N)``): every position holds the same value, so
+    its dims are free to follow whatever they meet and the apply rewrites the sizes. Other
+    factories (``arange``, ``rand``, tensors) keep every position."""
     for labels in ctx.ins:
         ctx.pin_all(labels, f"consumed by tensor factory {ctx.where}")
+    if ctx.node.attrs.get("sized") and len(ctx.out_shapes) == 1 \
+            and ctx.out_shapes[0] is not None:
+        out = [ctx.space.fresh(s) for s in ctx.out_shapes[0]]
+        ctx.keep["out"] = out
+        return [out]
     reason = f"created by {ctx.where}"
     return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
 
