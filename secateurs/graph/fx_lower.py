@@ -129,6 +129,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "gather": ("input", "dim", "index"), "take_along_dim": ("input", "index", "dim"),
     "topk": ("input", "k", "dim"), "sort": ("input", "dim"), "argsort": ("input", "dim"),
     "_grouped_mm": ("input", "mat2", "offs"), "argmax": ("input", "dim", "keepdim"),
+    "grouped_mm_fallback": ("input", "weight", "offs"),
     "argmin": ("input", "dim", "keepdim"), "addcmul": ("input", "tensor1", "tensor2"),
     "scaled_dot_product_attention": ("query", "key", "value", "attn_mask", "dropout_p",
                                      "is_causal", "scale"),
@@ -408,7 +409,13 @@ def _select_along(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 
 def _grouped_mm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
-    return "grouped_mm", [b["input"], b["mat2"]], {}
+    return "grouped_mm", [b["input"], b["mat2"]], {"aligned": True}
+
+
+def _grouped_mm_fallback(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """transformers' ``transformers::grouped_mm_fallback(input, weight, offs)``: the same
+    product as ``_grouped_mm``, one ``torch.mm`` per expert (no alignment to keep)."""
+    return "grouped_mm", [b["input"], b["weight"]], {"aligned": False}
 
 
 def _new_tensor(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
@@ -570,6 +577,7 @@ _CALLS.update({
     "repeat_interleave": _repeat_interleave, "gather": _gather, "take_along_dim": _gather,
     "topk": _select_along, "sort": _select_along, "argsort": _select_along,
     "_grouped_mm": _grouped_mm, "grouped_mm": _grouped_mm,
+    "grouped_mm_fallback": _grouped_mm_fallback,
     "addcmul": _elementwise("addcmul"), "addcdiv": _elementwise("addcdiv"),
     "argmax": _reduce("argmax"), "argmin": _reduce("argmin"),
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,

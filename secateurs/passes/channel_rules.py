@@ -1262,14 +1262,16 @@ def _grouped_mm(ctx: RuleContext) -> list[Labels | None]:
     """Fused MoE ``_grouped_mm(x[T, K], w[E, K, N], offs)``: rows of ``x`` are routed to experts
     by ``offs``, so the expert dim stays; the kernel needs 16-byte aligned row strides, which an
     arbitrary pruned K or N breaks, so those stay too (a batched ``bmm`` over the same
-    ``[E, K, N]`` weights prunes K and N: ``matmul``)."""
+    ``[E, K, N]`` weights prunes K and N: ``matmul``). ``aligned=False`` (transformers'
+    ``grouped_mm_fallback``: one ``torch.mm`` per expert) prunes K and N."""
     x, w = ctx.ins[0], ctx.ins[1]
     assert x is not None and w is not None
     ctx.space.unify(x[-1], w[-2])
     ctx.space.pin(w[0], f"expert dim of {ctx.where} (rows routed by offsets)")
-    reason = f"{ctx.where} needs 16-byte aligned rows"
-    ctx.space.pin(w[-2], reason)
-    ctx.space.pin(w[-1], reason)
+    if ctx.node.attrs.get("aligned", True):
+        reason = f"{ctx.where} needs 16-byte aligned rows"
+        ctx.space.pin(w[-2], reason)
+        ctx.space.pin(w[-1], reason)
     return [x[:-1] + [w[-1]]]
 
 

@@ -39,7 +39,7 @@ class SizeRatios:
 
 
 _MAC_OPS = frozenset({"conv", "linear", "matmul", "sdpa", "mha", "einsum", "ort_attention",
-                      "ort_mha"})
+                      "ort_mha", "grouped_mm"})
 
 
 def count_macs(graph: ChannelGraph, shape: Callable[[str], Shape | None]) -> int:
@@ -68,6 +68,8 @@ def node_macs(node: Node, shape: Callable[[str], Shape | None]) -> int:
         return _prod(q[:-1]) * k[-2] * q[-1] + _prod(out[:-1]) * k[-2] * out[-1]
     if node.op == "einsum" and len(ins) >= 2 and all(i is not None for i in ins):
         return _einsum_macs(str(node.attrs.get("equation", "")), ins)  # type: ignore[arg-type]
+    if node.op == "grouped_mm" and ins[0] is not None and ins[1] is not None:
+        return _prod(ins[0]) * ins[1][-1]  # x[T, K] rows, each through one expert's [K, N]
     if node.op == "ort_attention" and ins[0] is not None and ins[1] is not None:
         # com.microsoft::Attention: the packed q/k/v projection, then q.k^T and p.v over the
         # sequence (self-attention: keys are the input's tokens)

@@ -167,3 +167,30 @@ def test_meta_plan_applied_to_shards(tmp_path, family):
     by_block = r.plan.meta["hf"]["moe"]["by_block"]
     assert {b: v["neurons"] for b, v in by_block.items()} == \
         {b: v["neurons"] for b, v in real.plan.meta["hf"]["moe"]["by_block"].items()}
+
+
+def test_generic_prune_shrinks_experts_through_the_grouped_mm_fallback() -> None:
+    """Without ``prune_hf``: ``secateurs.prune`` on a traced Mixtral meets transformers'
+    ``transformers::grouped_mm_fallback`` custom op (its fp32 CPU experts path, one ``mm``
+    per expert). It was opaque and pinned the expert widths; it is ``_grouped_mm``'s product
+    without the alignment rule, so the intermediate width prunes, exactly."""
+    import secateurs
+
+    model = tiny_model("mixtral")
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model.model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.m(input_ids=ids, use_cache=False).last_hidden_state
+
+    ids = example_inputs(model)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = secateurs.prune(Hidden(), (ids,), ratio=0.5, verify=True)
+    assert result.report.exact is True
+    experts = [g for g in result.report.groups if "experts.gate_up_proj" in g.members
+               and "down_proj" in g.members]
+    assert experts and all(g.units_after < g.units_before and not g.pinned for g in experts)
