@@ -412,6 +412,14 @@ def _grouped_mm(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "grouped_mm", [b["input"], b["mat2"]], {"aligned": True}
 
 
+def _copy(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``dst.copy_(src)`` (``out[:, t] = v`` as torch.export writes it): dst and src only."""
+    operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+    if len(operands) < 2:
+        return "opaque", operands, {"reason": "copy_ from a non-tensor"}
+    return "copy", operands, {}
+
+
 def _grouped_mm_fallback(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     """transformers' ``transformers::grouped_mm_fallback(input, weight, offs)``: the same
     product as ``_grouped_mm``, one ``torch.mm`` per expert (no alignment to keep)."""
@@ -578,6 +586,7 @@ _CALLS.update({
     "topk": _select_along, "sort": _select_along, "argsort": _select_along,
     "_grouped_mm": _grouped_mm, "grouped_mm": _grouped_mm,
     "grouped_mm_fallback": _grouped_mm_fallback,
+    "copy": _copy,
     "addcmul": _elementwise("addcmul"), "addcdiv": _elementwise("addcdiv"),
     "argmax": _reduce("argmax"), "argmin": _reduce("argmin"),
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,

@@ -1276,6 +1276,10 @@ def _grouped_mm(ctx: RuleContext) -> list[Labels | None]:
 
 
 _register("addcmul")(_elementwise)  # input + value * t1 * t2: broadcasting elementwise
+# ``dst.copy_(src)`` (torch.export's form of ``out[:, t] = v`` on a view of ``out``): src
+# broadcast into dst's positions, so their dims couple as an elementwise op's do; the view's
+# own rule (select/slice) ties dst to the written tensor
+_register("copy")(_elementwise)
 
 
 @_register("addcdiv")

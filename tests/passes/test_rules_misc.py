@@ -477,3 +477,34 @@ def test_a_size_1_slice_squeezed_by_reshape_stays():
     assert any("size-1 dim squeezed by reshape" in r for r in _reasons(analysis, "a.weight"))
     result = secateurs.prune(model, x, ratio=0.5, verify=True)
     assert result.report.exact and not result.report.repairs
+
+
+class _StepWrites(nn.Module):
+    """RWKV's CPU recurrence writes each step into a buffer: ``out = zeros_like(k);
+    out[:, t] = ...`` (torch.export: ``copy_`` into a ``select`` view of ``out``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k, self.o = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.decay = nn.Parameter(torch.rand(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k(x)
+        out = torch.zeros_like(k)
+        state = torch.zeros_like(k[:, 0])
+        for t in range(k.shape[1]):
+            state = state * self.decay + k[:, t]
+            out[:, t] = torch.tanh(state)
+        return self.o(out)
+
+
+def test_copy_into_a_view_couples_the_written_channels() -> None:
+    """``copy_`` had no rule: opaque, it pinned the recurrence's channels. Its channels couple
+    as an elementwise op's: the step width prunes, exactly."""
+    model = _StepWrites().eval()
+    x = torch.randn(2, 5, 8)
+    result = secateurs.prune(model, (x,), ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export")
+    assert result.report.exact is True
+    row = next(r for r in result.report.groups if "decay[0]" in r.members)
+    assert row.units_after == 8 and not row.pinned
