@@ -137,9 +137,9 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
                          *node.args[2:])
     elif "shape" in consts and key == "unflatten":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
-        nd = len(consts["shape"])
-        dim = int(dim) % nd
         sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
+        # ``dim`` counts in the input, which has len(sizes) - 1 dims fewer than the output
+        dim = int(dim) % (len(consts["shape"]) - len(sizes) + 1)
         _set_arg(node, key, "sizes", _rewrite_shape(sizes, consts["shape"][dim:]))
     elif "shape" in consts and key in _FACTORY_OPS:
         _apply_factory(node, key, consts["shape"])

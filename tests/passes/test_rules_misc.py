@@ -508,3 +508,32 @@ def test_copy_into_a_view_couples_the_written_channels() -> None:
     assert result.report.exact is True
     row = next(r for r in result.report.groups if "decay[0]" in r.members)
     assert row.units_after == 8 and not row.pinned
+
+
+class _ProbeHead(nn.Module):
+    """SigLIP's MAP head: a learned probe cross-attends over the tokens with
+    ``nn.MultiheadAttention``; a loop over a size makes ``symbolic_trace`` fail, so
+    torch.export decomposes the attention (``kv.unflatten(-1, (2, E))``)."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, d))
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.fc, self.out = nn.Linear(d, d), nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(x.shape[1] // 7):
+            x = x * 1.0
+        h = self.attn(self.probe.repeat(x.shape[0], 1, 1), x, x)[0]
+        return self.out(torch.relu(self.fc(h[:, 0])))
+
+
+def test_unflatten_with_a_negative_dim_is_rewritten_in_the_input_dims() -> None:
+    """``unflatten(-1, (2, E))`` counts ``dim`` in its input: the apply read it in the output
+    (one dim more) and wrote ``(E', E)``; the safety net caught the crash and pinned the
+    attention (SigLIP's head through the generic prune)."""
+    model = _ProbeHead().eval()
+    result = secateurs.prune(model, (torch.randn(2, 7, 64),), ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export")
+    assert result.report.exact is True and not result.report.repairs
+    assert result.report.macs_kept < 0.6
