@@ -65,6 +65,10 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "repvgg_train": (1, 10),
     "mamba_ssm": (2, 5),
     # end mixers
+    # foundation (foundation-model image encoders)
+    "dinov2_registers": (1, 10),
+    "sam_encoder": (1, 10),
+    # end foundation
     # conv_wild (issue 11, classes 3-7, 10, 11)
     "swin_window": (1, 10),
     "convnext_tv": (1, 10),

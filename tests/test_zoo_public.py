@@ -347,3 +347,35 @@ def test_a_filled_initial_state_follows_the_pruned_width(init: str) -> None:
     assert result.report.macs_kept < 0.7
     y = result.model(torch.randn(5, 4, 6))  # another batch: the batch size stays symbolic
     assert tuple(y.shape) == (5, 3)
+
+
+# ---------------------------------------------------------------- zoo/foundation.py
+
+
+def test_interpolated_position_grid_keeps_its_rows() -> None:
+    """DINOv2 resizes its position-embedding grid (a parameter reshaped to [1, C, 4, 4])
+    bicubically to the input's grid: every output position mixes input rows, so the grid's
+    rows stay (the resize pins its input's spatial dims), where the safety net used to find
+    them "not mask-equivalent" and pin them after the fact."""
+    _, _, result, ok, diff = _prune("dinov2_registers")
+    assert ok, diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    assert any("spatial dim of resize" in r for r in _reasons(result))
+    assert result.report.macs_kept < 0.6
+
+
+def test_batch_times_heads_merge_from_a_batch_one_example() -> None:
+    """SAM's attention reshapes q/k/v to ``(3, b * heads, tokens, d)``. From a batch-1
+    example that merged dim looks like a heads-only channel dim, and the apply froze
+    ``b * heads`` into the example's constant: the pruned model failed at any other batch and
+    the safety net pinned the attention. A size read from a dim 0 now stays computed (or is
+    inferred, -1, where its dim shrank)."""
+    model, x, result, ok, diff = _prune("sam_encoder")
+    assert ok, diff
+    assert not result.report.repairs, [r.reason for r in result.report.repairs]
+    assert result.report.macs_kept < 0.65
+    big = torch.randn(3, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(big).shape, model(big).shape)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, (big,))
+    assert ok, diff

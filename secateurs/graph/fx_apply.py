@@ -90,6 +90,24 @@ def _set_arg(node: torch.fx.Node, key: str, name: str, value: Any) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
+def _reads_batch(node: torch.fx.Node, depth: int = 6) -> bool:
+    """Whether a run-time size is computed from some tensor's dim-0 size (``x.shape[0]``,
+    ``x.size(0)``, ``aten.sym_size.int(x, 0)``), through at most ``depth`` arithmetic steps."""
+    if depth < 0 or not isinstance(node, torch.fx.Node):
+        return False
+    key = call_key(node) if node.op in ("call_function", "call_method") else ""
+    if key in ("size", "sym_size") and len(node.args) > 1 and node.args[1] == 0:
+        return True
+    if key == "getitem" and len(node.args) > 1 and node.args[1] == 0 and \
+            isinstance(node.args[0], torch.fx.Node) and (
+                call_key(node.args[0]) == "size" if node.args[0].op == "call_method"
+                else node.args[0].op == "call_function" and node.args[0].target is getattr):
+        return True
+    if key in ("mul", "floordiv", "add", "sub", "truediv", "sym_float", "sym_int"):
+        return any(_reads_batch(a, depth - 1) for a in node.args)
+    return False
+
+
 def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
                    channels: Sequence[int] = ()) -> Any:
     """Replace the integer sizes; a size computed at run time (``x.size(2)`` of another
@@ -97,16 +115,30 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
     (``channels``: its size may follow another tensor's pruned width even where this dim
     kept its own, e.g. ``view(B, T, heads, C // heads)`` with C pruned and head dims not)."""
     out = []
+    shrunk: list[int] = []  # run-time sizes (no channel dim) whose dim shrank
     for i, v in enumerate(seq):
+        changed = isinstance(old, tuple) and i < len(old) and old[i] != new[i]
         if i >= len(new):
             out.append(v)
         elif isinstance(v, int) and v != -1:
             out.append(new[i])
-        elif isinstance(v, torch.fx.Node) and (i in channels or (
-                isinstance(old, tuple) and i < len(old) and old[i] != new[i])):
+        elif isinstance(v, torch.fx.Node) and _reads_batch(v):
+            # ``b * heads`` read from a dim 0 (the batch, or batch x windows): from a
+            # batch-1 example the merge looks like a channel dim, yet it grows with the batch
+            out.append(new[i] if changed else v)
+            if changed:
+                shrunk.append(i)
+        elif isinstance(v, torch.fx.Node) and i in channels:
             out.append(new[i])
+        elif isinstance(v, torch.fx.Node) and changed:
+            out.append(new[i])
+            shrunk.append(i)
         else:
             out.append(v)
+    # such a size may fold the batch into the pruned dim (SAM's ``b * heads`` windows):
+    # a constant holds at the traced batch only, -1 (inferred) at every batch
+    if len(shrunk) == 1 and not any(isinstance(v, int) and v == -1 for v in seq):
+        out[shrunk[0]] = -1
     return type(seq)(out) if isinstance(seq, tuple) else out
 
 

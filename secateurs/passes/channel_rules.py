@@ -822,12 +822,17 @@ def _softmax(ctx: RuleContext) -> list[Labels | None]:
 
 @_register("pool")
 def _pool(ctx: RuleContext) -> list[Labels | None]:
-    """Pooling and interpolation act on the trailing ``spatial`` dims; channels pass."""
+    """Pooling and interpolation act on the trailing ``spatial`` dims; channels pass. Every
+    output position mixes input positions (a window, an interpolation, a global mean), so the
+    input's spatial dims are pinned too: a conv's are already, a reshaped parameter's are not
+    (DINOv2's position-embedding grid, bicubically resized to the input's grid)."""
     x = ctx.ins[0]
     out_shape = ctx.out_shapes[0]
     assert x is not None and out_shape is not None
     n = int(ctx.node.attrs.get("spatial", 2))
     reason = f"spatial dim of {ctx.where}"
+    for labels in x[len(x) - n:]:
+        ctx.space.pin(labels, reason)
     return [x[: len(x) - n] + [ctx.space.fresh(s, pin=reason) for s in out_shape[len(x) - n:]]]
 
 

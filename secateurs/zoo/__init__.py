@@ -15,6 +15,7 @@ from secateurs.zoo import (
     attention_wild,
     cnn,
     conv_wild,
+    foundation,
     llama,
     misc,
     mixers,
@@ -31,7 +32,7 @@ __all__ = ["ZooModel", "ZOO", "get", "names", "randomize_bn_stats", "randomize_a
 def _collect() -> dict[str, ZooModel]:
     zoo: dict[str, ZooModel] = {}
     for family in (cnn, mobile, transformer, llama, misc, attention_wild, conv_wild,
-                   public_lookalikes, timm_wild, mixers):
+                   public_lookalikes, timm_wild, mixers, foundation):
         for entry in family.ENTRIES:
             if entry.name in zoo:
                 raise RuntimeError(f"zoo model {entry.name!r} is registered twice")
