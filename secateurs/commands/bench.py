@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="size of a symbolic input dim other than the batch, e.g. seq=128")
     p.add_argument("--provider", action="append", dest="providers", metavar="EP",
                    help="ONNX Runtime execution provider (repeatable; default CPU)")
+    p.add_argument("--disable-optimizer", action="append", default=[], metavar="NAME",
+                   dest="disabled_optimizers",
+                   help="an ONNX Runtime graph transformer every session skips (repeatable), "
+                   "e.g. SkipLayerNormFusion: on ORT 1.32's CPU provider a fused "
+                   "SkipLayerNormalization runs ~7x slower than the Add + LayerNormalization "
+                   "it replaces (post-norm BERT-style models)")
     p.add_argument("--json", dest="json_path", help="write results as JSON here")
     p.add_argument("--png", dest="png_path", help="write a latency / speedup chart here")
     p.set_defaults(func=run)
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup, repeats=args.repeats, dims=dims,
         providers=args.providers or ("CPUExecutionProvider",),
         progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True),
+        disabled_optimizers=args.disabled_optimizers,
     )
     print(table.to_text())
     if args.json_path:

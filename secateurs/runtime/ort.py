@@ -472,6 +472,7 @@ def compare(
     dims: Mapping[str, int] | None = None,
     names: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    disabled_optimizers: Sequence[str] = (),
 ) -> CompareTable:
     """Latency of ``dense`` and each ``pruned`` model side by side, measured interleaved.
 
@@ -485,7 +486,8 @@ def compare(
     where idle sessions' spinning workers would take the running one's cores (see the module
     doc), only one session lives at a time: each model runs ``BLOCK_RUNS`` timed runs per
     block in a fresh session (``warmup`` runs first, at least one), blocks rotated the same way,
-    until it has ``repeats`` timed runs.
+    until it has ``repeats`` timed runs. ``disabled_optimizers``: ONNX Runtime graph
+    transformers every session skips (``OrtSession``; unknown names are ignored by ORT).
     """
     pruned_list = list(pruned) if isinstance(pruned, (list, tuple)) else [pruned]
     models = [dense, *pruned_list]
@@ -502,7 +504,7 @@ def compare(
                 progress(f"threads={t} batch={b}: {len(models)} models x {repeats} runs")
             def make(i: int, t: int = t) -> OrtSession:
                 sess = OrtSession(blobs[i], providers=providers, intra_op_threads=t,
-                                  inter_op_threads=1)
+                                  inter_op_threads=1, disabled_optimizers=disabled_optimizers)
                 sess.source = f"model '{labels[i]}'"
                 return sess
 

@@ -273,3 +273,16 @@ def test_ort_session_can_disable_the_skip_layer_norm_fusion(tmp_path) -> None:
     np.testing.assert_allclose(list(plain.values())[0] if isinstance(plain, dict) else plain[0],
                                list(unfused.values())[0] if isinstance(unfused, dict)
                                else unfused[0], atol=1e-5)
+
+
+def test_bench_cli_times_with_a_fusion_disabled(tmp_path, capsys) -> None:
+    import json
+
+    model = _export(_PostNorm(), torch.randn(1, 32, 64))
+    onnx.save(model, tmp_path / "post.onnx")
+    rc = main(["bench", str(tmp_path / "post.onnx"), "--threads", "1", "--batch", "1",
+               "--repeats", "3", "--warmup", "1", "--disable-optimizer", "SkipLayerNormFusion",
+               "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert rows and "post" in capsys.readouterr().out
