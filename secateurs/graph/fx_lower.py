@@ -108,6 +108,9 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "rms_norm": ("input", "normalized_shape", "weight", "eps"),
     "group_norm": ("input", "num_groups", "weight", "bias", "eps"),
     "embedding": ("input", "weight"),
+    "embedding_bag": ("input", "weight"),
+    "index_add": ("input", "dim", "index", "source"),
+    "index_copy": ("input", "dim", "index", "source"),
     "softmax": ("input", "dim"), "log_softmax": ("input", "dim"),
     "normalize": ("input", "p", "dim"),
     "cat": ("tensors", "dim"), "concat": ("tensors", "dim"), "concatenate": ("tensors", "dim"),
@@ -420,6 +423,18 @@ def _copy(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "copy", operands, {}
 
 
+def _embedding_bag(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    return "embedding_bag", [b["input"], b["weight"]], {}
+
+
+def _index_add(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``x.index_add(dim, index, source)`` (and ``index_copy``): rows of ``source`` summed
+    (copied) into the rows of ``x`` that ``index`` names, along ``dim``."""
+    if not isinstance(b.get("dim"), int):
+        return "opaque", [b["input"]], {"reason": f"{call_key(node)} over a run-time dim"}
+    return "index_add", [b["input"], b["index"], b["source"]], {"dim": int(b["dim"])}
+
+
 def _grouped_mm_fallback(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     """transformers' ``transformers::grouped_mm_fallback(input, weight, offs)``: the same
     product as ``_grouped_mm``, one ``torch.mm`` per expert (no alignment to keep)."""
@@ -587,6 +602,7 @@ _CALLS.update({
     "_grouped_mm": _grouped_mm, "grouped_mm": _grouped_mm,
     "grouped_mm_fallback": _grouped_mm_fallback,
     "copy": _copy,
+    "embedding_bag": _embedding_bag, "index_add": _index_add, "index_copy": _index_add,
     "addcmul": _elementwise("addcmul"), "addcdiv": _elementwise("addcdiv"),
     "argmax": _reduce("argmax"), "argmin": _reduce("argmin"),
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape,
@@ -679,6 +695,8 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         return "group_norm", ["weight", "bias"], {"num_groups": mod.num_groups}
     if isinstance(mod, nn.Embedding):
         return "embedding", ["weight"], {}
+    if isinstance(mod, nn.EmbeddingBag):
+        return "embedding_bag", ["weight"], {}
     if isinstance(mod, nn.MultiheadAttention):
         return "mha", ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias",
                        "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"], {

@@ -370,6 +370,44 @@ def _embedding(ctx: RuleContext) -> list[Labels | None]:
     return [idx + [w[1]]]
 
 
+@_register("embedding_bag", rewrite=_embedding_rewrite)
+def _embedding_bag(ctx: RuleContext) -> list[Labels | None]:
+    """``EmbeddingBag``: rows looked up by index and reduced per bag (sum, mean or max, each
+    channel on its own): the embedding dim passes to the output, rows and bags stay."""
+    idx, w = ctx.ins[0], ctx.ins[1]
+    assert idx is not None and w is not None
+    ctx.pin_all(idx, f"indices of {ctx.where}")
+    ctx.space.pin(w[0], f"vocabulary rows of {ctx.where} are addressed by index")
+    ctx.space.declare_root(w[1])
+    ctx.keep["d"] = w[1]
+    out = ctx.out_shapes[0]
+    assert out is not None
+    return [[ctx.space.fresh(s, pin=f"bags of {ctx.where} (rows reduced by offsets)")
+             for s in out[:-1]] + [w[1]]]
+
+
+@_register("index_add")
+def _index_add(ctx: RuleContext) -> list[Labels | None]:
+    """``x.index_add(dim, index, src)`` / ``index_copy``: row ``i`` of ``src`` goes into row
+    ``index[i]`` of ``x`` along ``dim`` (message passing's scatter-sum); which rows is data, so
+    that dim stays in both; every other dim is position for position (as elementwise)."""
+    x, idx, src = ctx.ins[0], ctx.ins[1], ctx.ins[2]
+    assert x is not None and src is not None
+    dim = int(ctx.node.attrs["dim"]) % len(x)
+    if idx is not None:
+        ctx.pin_all(idx, f"index of {ctx.where}")
+    reason = f"{ctx.where} adds rows chosen at run time along this dim"
+    ctx.space.pin(x[dim], reason)
+    if len(src) == len(x):
+        ctx.space.pin(src[dim], reason)
+        for d in range(len(x)):
+            if d != dim:
+                ctx.space.unify(x[d], src[d])
+    else:  # a 1-D index_add of scalars: nothing to couple
+        ctx.pin_all(src, reason)
+    return [list(x)]
+
+
 # ---------------------------------------------------------------- layout
 
 

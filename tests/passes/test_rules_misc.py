@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 import secateurs
@@ -537,3 +538,59 @@ def test_unflatten_with_a_negative_dim_is_rewritten_in_the_input_dims() -> None:
     assert result.report.tracer.startswith("export")
     assert result.report.exact is True and not result.report.repairs
     assert result.report.macs_kept < 0.6
+
+
+class _DLRM(nn.Module):
+    """DLRM: a bottom MLP, an ``EmbeddingBag`` per sparse feature, the pairwise dot
+    interaction (``bmm`` of the stacked vectors, upper triangle) and a top MLP."""
+
+    def __init__(self, d: int = 16, tables: int = 3) -> None:
+        super().__init__()
+        self.bot = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, d), nn.ReLU())
+        self.emb = nn.ModuleList([nn.EmbeddingBag(20, d, mode="sum") for _ in range(tables)])
+        n = tables + 1
+        self.top = nn.Sequential(nn.Linear(d + n * (n - 1) // 2, 32), nn.ReLU(),
+                                 nn.Linear(32, 1))
+        self.register_buffer("iu", torch.triu_indices(n, n, 1))
+
+    def forward(self, dense, idx, offsets):
+        x = self.bot(dense)
+        vectors = torch.stack([x] + [e(idx[i], offsets) for i, e in enumerate(self.emb)], 1)
+        z = torch.bmm(vectors, vectors.transpose(1, 2))
+        return self.top(torch.cat([x, z[:, self.iu[0], self.iu[1]]], dim=1))
+
+
+def test_embedding_bag_dim_prunes_with_everything_it_is_dotted_with() -> None:
+    """``EmbeddingBag`` had no rule (opaque, its dim pinned): the embedding dim now passes to
+    the output, so the tables, the bottom MLP's output and the dot interaction prune as one."""
+    model = _DLRM().eval()
+    x = (torch.randn(4, 13), torch.randint(0, 20, (3, 8)), torch.tensor([0, 2, 4, 6]))
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    assert all(result.model.get_submodule(f"emb.{i}").embedding_dim == 8 for i in range(3))
+    assert result.model.get_submodule("bot.2").out_features == 8
+
+
+class _MessagePassing(nn.Module):
+    """GCN-style layers: messages gathered by edge source, ``index_add`` into the targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.out = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def prop(self, h, src, dst, deg):
+        return torch.zeros_like(h).index_add(0, dst, h[src]) / deg[:, None]
+
+    def forward(self, x, src, dst, deg):
+        h = F.relu(self.l1(self.prop(x, src, dst, deg)))
+        h = F.relu(self.l2(self.prop(h, src, dst, deg)))
+        return self.out(h.mean(0, keepdim=True))
+
+
+def test_index_add_scatters_rows_and_keeps_channels_position_for_position() -> None:
+    model = _MessagePassing().eval()
+    x = (torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 5, 0, 2]),
+         torch.tensor([1, 2, 3, 4, 5, 0, 3, 5]), torch.tensor([1.0, 1, 1, 2, 1, 2]))
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.l1.out_features == 16 and result.model.l2.out_features == 16
