@@ -208,8 +208,9 @@ def ratio_for_latency(analysis: Analysis,
     jump across the target between them (many groups cross a multiple of 16 at once). Then the
     groups that differ move, largest first, from the lower ratio to the upper one, and the
     shortest such prefix of moves that meets the target is taken (found by bisection): every
-    group keeps one of the two widths, so the prune stays as uniform as the ratio's. ``spaces``: groups that move together
-    (the factors of one channel space, heads x head dim)."""
+    group keeps one of the two widths, so the prune stays as uniform as the ratio's.
+    ``spaces``: groups that move together (the factors of one channel space, heads x head
+    dim)."""
     kept = LatencyModel(analysis, cost).kept
     lo, hi = 0.0, max_ratio
     top = select(hi, {})
