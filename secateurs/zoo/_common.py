@@ -136,3 +136,12 @@ def seeded_randint(high: int, *shape: int, seed: int = 0) -> Callable[[], tuple[
         return (torch.randint(0, high, shape, generator=gen, device="cpu"),)
 
     return example_inputs
+
+
+def lookalike(name: str, factory: Callable[[], nn.Module],
+              inputs: Callable[[], tuple[torch.Tensor, ...]], description: str,
+              *tags: str) -> ZooModel:
+    """A zoo entry for a look-alike of a public architecture (tagged ``public-lookalike``),
+    built with deterministic weights by ``seeded_build``."""
+    return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
+                    description=description, tags=frozenset({"public-lookalike", *tags}))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
+from secateurs.zoo._common import ZooModel, lookalike, seeded_randn
 
 __all__ = ["ENTRIES"]
 
@@ -175,16 +175,11 @@ class SAMEncoderLite(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
-    return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
-                    description=description, tags=frozenset({"public-lookalike", *tags}))
-
-
 ENTRIES: tuple[ZooModel, ...] = (
-    _entry("dinov2_registers", DINOv2Lite, seeded_randn(1, 3, 24, 24),
+    lookalike("dinov2_registers", DINOv2Lite, seeded_randn(1, 3, 24, 24),
            "DINOv2: class + register tokens, position embedding bicubically interpolated to the "
            "grid, LayerScale", "attention", "transformer", "layernorm"),
-    _entry("sam_encoder", SAMEncoderLite, seeded_randn(1, 3, 20, 20),
+    lookalike("sam_encoder", SAMEncoderLite, seeded_randn(1, 3, 20, 20),
            "Segment Anything encoder: padded windowed attention with decomposed relative "
            "positions (einsum), a global block, conv + LayerNorm2d neck", "attention",
            "transformer", "layernorm"),

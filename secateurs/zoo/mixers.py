@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
+from secateurs.zoo._common import ZooModel, lookalike, seeded_randn
 from secateurs.zoo.layers import RMSNorm
 
 __all__ = ["ENTRIES"]
@@ -183,22 +183,17 @@ class MambaSSM(nn.Module):
         return self.head(self.norm(h))[:, -1]
 
 
-def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
-    return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
-                    description=description, tags=frozenset({"public-lookalike", *tags}))
-
-
 ENTRIES: tuple[ZooModel, ...] = (
-    _entry("mlp_mixer", MLPMixer, seeded_randn(1, 3, 16, 16),
+    lookalike("mlp_mixer", MLPMixer, seeded_randn(1, 3, 16, 16),
            "MLP-Mixer: token-mixing MLP over the transposed patch embedding, channel MLP, "
            "pre-norm LayerNorm", "transformer", "layernorm"),
-    _entry("poolformer", PoolFormer, seeded_randn(1, 3, 32, 32),
+    lookalike("poolformer", PoolFormer, seeded_randn(1, 3, 32, 32),
            "PoolFormer: pool(x) - x token mixer after GroupNorm(1, C), per-channel layer "
            "scales, 1x1-conv MLP", "cnn", "residual"),
-    _entry("repvgg_train", RepVGG, seeded_randn(1, 3, 32, 32),
+    lookalike("repvgg_train", RepVGG, seeded_randn(1, 3, 32, 32),
            "RepVGG training-time block: 3x3 + 1x1 conv-BN branches and a BN identity summed",
            "cnn", "residual"),
-    _entry("mamba_ssm", MambaSSM, seeded_randn(2, 6, 8),
+    lookalike("mamba_ssm", MambaSSM, seeded_randn(2, 6, 8),
            "Mamba mixer (transformers' slow path): chunked in_proj, causal depthwise conv1d "
            "sliced to the length, x_proj split into dt/B/C, selective scan over the sequence "
            "from a zero state, D skip, SiLU gate", "ssm", "layernorm", "fx-untraceable"),

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.zoo._common import ZooModel, seeded_build, seeded_randint, seeded_randn
+from secateurs.zoo._common import ZooModel, lookalike, seeded_randint, seeded_randn
 
 __all__ = ["ENTRIES"]
 
@@ -726,65 +726,60 @@ class MobileViTLite(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
-    return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
-                    description=description, tags=frozenset({"public-lookalike", *tags}))
-
-
 ENTRIES: tuple[ZooModel, ...] = (
-    _entry("googlenet_inception", GoogLeNet, seeded_randn(1, 3, 32, 32),
+    lookalike("googlenet_inception", GoogLeNet, seeded_randn(1, 3, 32, 32),
            "GoogLeNet Inception: four-branch concat with a max-pool branch", "cnn", "concat"),
-    _entry("cbam_attention", CBAMNet, seeded_randn(1, 3, 32, 32),
+    lookalike("cbam_attention", CBAMNet, seeded_randn(1, 3, 32, 32),
            "CBAM: channel attention (avg+max MLP), spatial attention from mean/max over channels",
            "cnn", "attention"),
-    _entry("eca_channel_conv", ECANet, seeded_randn(1, 3, 32, 32),
+    lookalike("eca_channel_conv", ECANet, seeded_randn(1, 3, 32, 32),
            "ECA-Net: Conv1d across the channel axis gates the channels", "cnn", "attention"),
-    _entry("resnest_split_attn", ResNeSt, seeded_randn(1, 3, 32, 32),
+    lookalike("resnest_split_attn", ResNeSt, seeded_randn(1, 3, 32, 32),
            "ResNeSt split attention: radix reshape, sum over radix, rSoftMax", "cnn", "residual"),
-    _entry("sknet_selective", SKNet, seeded_randn(1, 3, 32, 32),
+    lookalike("sknet_selective", SKNet, seeded_randn(1, 3, 32, 32),
            "SKNet selective kernel: stacked grouped 3x3/5x5 branches, softmax over branches",
            "cnn", "grouped-conv"),
-    _entry("xception_separable", Xception, seeded_randn(1, 3, 32, 32),
+    lookalike("xception_separable", Xception, seeded_randn(1, 3, 32, 32),
            "Xception: separable convs, stride-2 projection shortcut", "cnn", "depthwise"),
-    _entry("cait_talking_heads", CaiT, seeded_randn(1, 3, 32, 32),
+    lookalike("cait_talking_heads", CaiT, seeded_randn(1, 3, 32, 32),
            "CaiT: talking-heads attention (Linear over the heads axis), class attention",
            "attention", "transformer", "layernorm"),
-    _entry("deit_distilled", DeiTDist, seeded_randn(1, 3, 32, 32),
+    lookalike("deit_distilled", DeiTDist, seeded_randn(1, 3, 32, 32),
            "DeiT with a distillation token: two prepended tokens, two heads averaged",
            "attention", "transformer", "layernorm"),
-    _entry("conformer_glu", Conformer, seeded_randn(1, 12, 20),
+    lookalike("conformer_glu", Conformer, seeded_randn(1, 12, 20),
            "Conformer: GLU conv module with depthwise Conv1d/BatchNorm1d, MultiheadAttention",
            "attention", "transformer", "conv1d"),
-    _entry("hrnet_fuse", HRNet, seeded_randn(1, 3, 32, 32),
+    lookalike("hrnet_fuse", HRNet, seeded_randn(1, 3, 32, 32),
            "HRNet: two resolutions fused by interpolate+add and strided conv+add", "cnn",
            "residual"),
-    _entry("yolo_c2f_sppf", YoloLite, seeded_randn(1, 3, 32, 32),
+    lookalike("yolo_c2f_sppf", YoloLite, seeded_randn(1, 3, 32, 32),
            "YOLOv8 C2f (chunk, list extend) and SPPF (max-pool chain), anchor reshape head",
            "cnn", "concat", "fx-untraceable"),
-    _entry("gpt2_tied", TiedGPT, seeded_randint(50, 1, 12),
+    lookalike("gpt2_tied", TiedGPT, seeded_randint(50, 1, 12),
            "GPT-2 with lm_head.weight tied to wte.weight", "attention", "transformer",
            "layernorm"),
-    _entry("wav2vec_weightnorm", Wav2VecLite, seeded_randn(1, 400),
+    lookalike("wav2vec_weightnorm", Wav2VecLite, seeded_randn(1, 400),
            "wav2vec2: conv extractor with per-channel GroupNorm, weight-normed positional conv",
            "conv1d", "transformer"),
-    _entry("espcn_pixelshuffle", ESPCN, seeded_randn(1, 3, 16, 16),
+    lookalike("espcn_pixelshuffle", ESPCN, seeded_randn(1, 3, 16, 16),
            "ESPCN: residual convs and a PixelShuffle tail", "cnn"),
-    _entry("edsr_pixel_shuffle", EDSRLite, seeded_randn(1, 3, 16, 16),
+    lookalike("edsr_pixel_shuffle", EDSRLite, seeded_randn(1, 3, 16, 16),
            "EDSR/NAFNet-style: pixel_unshuffle stem, residual body, conv + PixelShuffle "
            "upsampler", "cnn", "residual"),
-    _entry("effnetv2_fused", EffV2, seeded_randn(1, 3, 32, 32),
+    lookalike("effnetv2_fused", EffV2, seeded_randn(1, 3, 32, 32),
            "EfficientNetV2 fused-MBConv with hard-sigmoid squeeze-excite", "cnn", "residual"),
-    _entry("vgg_adaptive_flatten", VGGish, seeded_randn(1, 3, 16, 16),
+    lookalike("vgg_adaptive_flatten", VGGish, seeded_randn(1, 3, 16, 16),
            "VGG classifier: AdaptiveAvgPool2d((2, 2)) then flatten into Linear", "cnn",
            "flatten"),
-    _entry("detr_queries", DETRLite, seeded_randn(1, 3, 32, 32),
+    lookalike("detr_queries", DETRLite, seeded_randn(1, 3, 32, 32),
            "DETR decoder: learned queries, self- and cross-attention MultiheadAttention",
            "attention", "transformer"),
-    _entry("crnn_lstm", CRNN, seeded_randn(1, 1, 16, 20),
+    lookalike("crnn_lstm", CRNN, seeded_randn(1, 1, 16, 20),
            "CRNN: conv features reshaped into a bidirectional LSTM", "cnn", "recurrent"),
-    _entry("maxvit_grid", MaxViTLite, seeded_randn(1, 3, 16, 16),
+    lookalike("maxvit_grid", MaxViTLite, seeded_randn(1, 3, 16, 16),
            "MaxViT grid attention: view/permute into grid windows and back", "attention"),
-    _entry("mobilevit_unfold", MobileViTLite, seeded_randn(2, 3, 16, 16),
+    lookalike("mobilevit_unfold", MobileViTLite, seeded_randn(2, 3, 16, 16),
            "MobileViT: unfold to patches, attention over batch x patch_area rows (a run-time "
            "size), fold back, concat with the input", "attention", "transformer", "concat",
            "fx-untraceable"),

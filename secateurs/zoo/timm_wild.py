@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
+from secateurs.zoo._common import ZooModel, lookalike, seeded_randn
 
 __all__ = ["ENTRIES"]
 
@@ -616,52 +616,47 @@ class SDPAGQA(nn.Module):
         return self.head(x + self.fc2(F.gelu(self.fc1(x))))[:, -1]
 
 
-def _entry(name: str, factory, inputs, description: str, *tags: str) -> ZooModel:
-    return ZooModel(name=name, build=seeded_build(factory), example_inputs=inputs,
-                    description=description, tags=frozenset({"public-lookalike", *tags}))
-
-
 ENTRIES: tuple[ZooModel, ...] = (
-    _entry("ghostnet_slice", GhostNet, seeded_randn(1, 3, 32, 32),
+    lookalike("ghostnet_slice", GhostNet, seeded_randn(1, 3, 32, 32),
            "GhostNet: ghost modules (primary + cheap depthwise, concat sliced to the width), "
            "squeeze-excite", "cnn", "concat", "depthwise"),
-    _entry("res2net_split", Res2Net, seeded_randn(1, 3, 32, 32),
+    lookalike("res2net_split", Res2Net, seeded_randn(1, 3, 32, 32),
            "Res2Net Bottle2neck: split by an int width, cascaded 3x3 convs adding the previous "
            "scale, concat", "cnn", "residual", "concat"),
-    _entry("xcit_xca", XCiT, seeded_randn(1, 3, 16, 16),
+    lookalike("xcit_xca", XCiT, seeded_randn(1, 3, 16, 16),
            "XCiT cross-covariance attention: q/k normalised over tokens, softmax over head-dim "
            "channels, per-head temperature", "attention", "transformer", "layernorm"),
-    _entry("gmlp_sgu", GMLP, seeded_randn(1, 3, 16, 16),
+    lookalike("gmlp_sgu", GMLP, seeded_randn(1, 3, 16, 16),
            "gMLP spatial gating unit: chunk, LayerNorm on one half, Linear over tokens, product",
            "transformer", "layernorm"),
-    _entry("swinv2_cosine", SwinV2Attn, seeded_randn(1, 3, 32, 32),
+    lookalike("swinv2_cosine", SwinV2Attn, seeded_randn(1, 3, 32, 32),
            "Swin V2 window attention: cosine attention, per-head logit scale, per-head "
            "continuous position bias MLP, cat(q_bias, 0, v_bias)", "attention", "transformer",
            "layernorm"),
-    _entry("dpn_dual_path", DPN, seeded_randn(1, 3, 32, 32),
+    lookalike("dpn_dual_path", DPN, seeded_randn(1, 3, 32, 32),
            "DPN dual path blocks: a conv's output sliced into a residual and a growing dense "
            "part", "cnn", "residual", "concat", "grouped-conv"),
-    _entry("unet_timestep", TinyUNet, _unet_inputs,
+    lookalike("unet_timestep", TinyUNet, _unet_inputs,
            "diffusers-style UNet: timestep embedding added per channel, GroupNorm ResNet "
            "blocks, skip concat after upsampling", "cnn", "residual", "concat"),
-    _entry("coat_conv_relpos", CoaTLite, seeded_randn(2, 3, 16, 16),
+    lookalike("coat_conv_relpos", CoaTLite, seeded_randn(2, 3, 16, 16),
            "CoaT factorised attention with conv relative position encoding over uneven head "
            "splits (2, 3, 3 heads; kernels 3, 5, 7)", "attention", "transformer", "layernorm",
            "fx-untraceable"),
-    _entry("fpn_shared_head", FPNSharedHead, seeded_randn(1, 3, 32, 32),
+    lookalike("fpn_shared_head", FPNSharedHead, seeded_randn(1, 3, 32, 32),
            "RetinaNet-style FPN (lateral convs, top-down interpolate + add, extra max-pool "
            "level) with one conv head shared by every level, anchor reshape + concat", "cnn",
            "residual", "concat"),
-    _entry("siamese_shared", Siamese, _two_images,
+    lookalike("siamese_shared", Siamese, _two_images,
            "Siamese: one encoder on two inputs, head on cat([f, g, |f - g|])", "cnn",
            "concat"),
-    _entry("tied_autoencoder", TiedAutoencoder, seeded_randn(1, 3, 16, 16),
+    lookalike("tied_autoencoder", TiedAutoencoder, seeded_randn(1, 3, 16, 16),
            "autoencoder whose decoder reuses an encoder conv's weight in conv_transpose2d",
            "cnn", "residual"),
-    _entry("looped_block", LoopedBlock, seeded_randn(1, 8, 12),
+    lookalike("looped_block", LoopedBlock, seeded_randn(1, 8, 12),
            "ALBERT-style: one transformer block applied three times in a loop", "attention",
            "transformer", "layernorm"),
-    _entry("sdpa_gqa", SDPAGQA, seeded_randn(1, 8, 12),
+    lookalike("sdpa_gqa", SDPAGQA, seeded_randn(1, 8, 12),
            "grouped-query attention by scaled_dot_product_attention(enable_gqa=True), 6 "
            "query heads over 2 kv heads, a per-head bias mask", "attention", "transformer",
            "layernorm"),

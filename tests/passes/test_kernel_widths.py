@@ -4,14 +4,12 @@ still mask-equivalent."""
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from _passes_testlib import export_onnx
 from torch import nn
 
 from secateurs.graph.onnx_apply import apply_plan_onnx
@@ -20,16 +18,6 @@ from secateurs.passes.onnx_fold_patches import fold_shape_patches
 from secateurs.passes.prune_onnx import analyze_onnx, prune_onnx
 
 torch.set_num_threads(1)
-
-
-def _export(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
 
 
 class _Convs(nn.Module):
@@ -87,7 +75,7 @@ def test_width_rule_multiples_minimum_and_small_groups() -> None:
 
 
 def test_policy_widths_on_convs_and_linears() -> None:
-    model = _export(_Convs(), torch.rand(1, 3, 8, 8))
+    model = export_onnx(_Convs(), torch.rand(1, 3, 8, 8))
     analysis = analyze_onnx(model, {"x": [1, 3, 8, 8]})
     policy = ort_cpu_widths(analysis)
     kinds = {g.size: group_kind(analysis, g) for g in analysis.groups if g.prunable}
@@ -103,7 +91,7 @@ def test_policy_widths_on_convs_and_linears() -> None:
 
 
 def test_explicit_round_to_stays_authoritative() -> None:
-    model = _export(_Convs(), torch.rand(1, 3, 8, 8))
+    model = export_onnx(_Convs(), torch.rand(1, 3, 8, 8))
     result = prune_onnx(model, ratio=0.5, round_to=1, input_shapes={"x": [1, 3, 8, 8]},
                         verify=True)
     assert result.report.exact
@@ -116,7 +104,7 @@ def test_explicit_round_to_stays_authoritative() -> None:
 
 def test_head_dims_rounded_heads_not_and_exact() -> None:
     torch.manual_seed(0)
-    model = _export(_Attention(), torch.rand(1, 10, 160))
+    model = export_onnx(_Attention(), torch.rand(1, 10, 160))
     shapes = {"x": [1, 10, 160]}
     analysis = analyze_onnx(model, shapes)
     kinds = sorted((group_kind(analysis, g), g.size) for g in analysis.groups if g.prunable)
@@ -134,7 +122,7 @@ def test_head_dims_rounded_heads_not_and_exact() -> None:
 
 def test_fold_removes_shape_patches_and_keeps_outputs() -> None:
     torch.manual_seed(0)
-    model = _export(_Attention(), torch.rand(1, 10, 160))
+    model = export_onnx(_Attention(), torch.rand(1, 10, 160))
     shapes = {"x": [1, 10, 160]}
     result = prune_onnx(model, ratio=0.5, round_to=16, input_shapes=shapes, verify=True)
     assert result.report.exact

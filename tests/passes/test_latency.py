@@ -4,13 +4,13 @@ a removal against the estimate of the pruned program, targets met and mask-equiv
 
 from __future__ import annotations
 
-import io
 import re
 import warnings
 
 import onnx
 import pytest
 import torch
+from _passes_testlib import export_onnx
 from torch import nn
 
 from secateurs import prune, zoo
@@ -26,20 +26,11 @@ from secateurs.passes.prune_onnx import prune_onnx
 torch.set_num_threads(1)
 
 
-def _export(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"])
-    return onnx.load_from_string(buf.getvalue())
-
-
 @pytest.fixture(scope="module")
 def mobilenet() -> tuple[nn.Module, torch.Tensor, onnx.ModelProto]:
     entry = zoo.get("mobilenetv2")
     model, (x,) = entry.build().eval(), entry.example_inputs()
-    return model, x, _export(model, x)
+    return model, x, export_onnx(model, x, dynamic_batch=False)
 
 
 def _estimate(model: onnx.ModelProto, x: torch.Tensor) -> float:
@@ -135,7 +126,8 @@ def test_torch_prune_to_a_latency_is_mask_equivalent() -> None:
 def test_vit_prunes_to_a_latency_in_whole_heads() -> None:
     entry = zoo.get("vit")
     model, (x,) = entry.build().eval(), entry.example_inputs()
-    result = prune_onnx(_export(model, x), target_latency=0.7, verify=True, allow_lossy=False)
+    result = prune_onnx(export_onnx(model, x, dynamic_batch=False), target_latency=0.7,
+                        verify=True, allow_lossy=False)
     assert result.report.exact is True
     assert _noted(result.report) <= 0.7
 
@@ -255,7 +247,7 @@ def test_ort_session_can_disable_the_skip_layer_norm_fusion(tmp_path) -> None:
 
     from secateurs.runtime.ort import OrtSession
 
-    model = _export(_PostNorm(), torch.randn(1, 32, 64))
+    model = export_onnx(_PostNorm(), torch.randn(1, 32, 64), dynamic_batch=False)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"],
@@ -278,7 +270,7 @@ def test_ort_session_can_disable_the_skip_layer_norm_fusion(tmp_path) -> None:
 def test_bench_cli_times_with_a_fusion_disabled(tmp_path, capsys) -> None:
     import json
 
-    model = _export(_PostNorm(), torch.randn(1, 32, 64))
+    model = export_onnx(_PostNorm(), torch.randn(1, 32, 64), dynamic_batch=False)
     onnx.save(model, tmp_path / "post.onnx")
     rc = main(["bench", str(tmp_path / "post.onnx"), "--threads", "1", "--batch", "1",
                "--repeats", "3", "--warmup", "1", "--disable-optimizer", "SkipLayerNormFusion",
