@@ -103,7 +103,7 @@ def _reads_batch(node: torch.fx.Node, depth: int = 6) -> bool:
                 call_key(node.args[0]) == "size" if node.args[0].op == "call_method"
                 else node.args[0].op == "call_function" and node.args[0].target is getattr):
         return True
-    if key in ("mul", "floordiv", "add", "sub", "truediv", "sym_float", "sym_int"):
+    if key in ("mul", "floor_divide", "add", "sub", "div", "sym_float", "sym_int"):
         return any(_reads_batch(a, depth - 1) for a in node.args)
     return False
 

@@ -347,9 +347,11 @@ class _Runner(torch.fx.Interpreter):
     """Interprets the graph, naming the node that fails; on ``meta`` the shape formulas of
     the frontend stand in for the ops they know (``fast``)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, fast: bool) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, fast: bool,
+                 expect: Mapping[str, tuple[int, ...]] | None = None) -> None:
         super().__init__(gm)
         self.fast = fast
+        self.expect = expect or {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         from secateurs.graph.fx_lower import _module_lowering
@@ -368,7 +370,15 @@ class _Runner(torch.fx.Interpreter):
                 mod = self.fetch_attr(str(n.target))
                 if _torch_forward(mod) and _module_fits(mod):
                     out = _fast_shape(_module_lowering(mod, args[0])[0], args, kwargs, mod)
-            return out if out is not None else getattr(self, n.op)(n.target, args, kwargs)
+            if out is None:
+                out = getattr(self, n.op)(n.target, args, kwargs)
+            want = self.expect.get(n.name)
+            if want is not None and isinstance(out, torch.Tensor) and tuple(out.shape) != want:
+                # a size the pruned program computes at run time (kept, rewritten or
+                # inferred) that is not the plan's: a wrong view, even where it still runs
+                raise RuntimeError(f"the pruned program makes shape {tuple(out.shape)} where "
+                                   f"the plan has {want}")
+            return out
         except _NodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - any op failure is the trial's result
@@ -483,8 +493,11 @@ class FxNet:
         try:
             with Trial(self.gm, plan, meta=mode in _META_MODES, modules=self._modules(),
                        stand_ins=self._stand_ins) as gm, torch.no_grad():
+                expect = {name: tuple(int(v) for v in consts["shape"])
+                          for name, consts in (plan.constants if plan else {}).items()
+                          if "shape" in consts}
                 for args in shapes:
-                    out.append(self._run_once(gm, args, mode))
+                    out.append(self._run_once(gm, args, mode, expect))
                     if out[-1] is not None:  # a failing trial need not try more shapes
                         break
             out += [None] * (len(shapes) - len(out))
@@ -494,8 +507,10 @@ class FxNet:
             return [Failure("apply", _first_line(exc))] * len(shapes)
         return out
 
-    def _run_once(self, gm: torch.fx.GraphModule, args: tuple[Any, ...],
-                  mode: str) -> Failure | None:
+    def _run_once(self, gm: torch.fx.GraphModule, args: tuple[Any, ...], mode: str,
+                  expect: Mapping[str, tuple[int, ...]] | None = None) -> Failure | None:
+        # the plan's shapes hold at the example inputs only
+        expect = expect if args is self.args else None
         try:
             if mode in _META_MODES:
                 meta_args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a
@@ -503,14 +518,14 @@ class FxNet:
                 # "device": tensors the forward creates itself (torch.arange(n)) on meta too;
                 # not the default, since the device mode intercepts every torch call
                 with torch.device("meta") if mode == "device" else contextlib.nullcontext():
-                    result = _Runner(gm, fast=True).run(*meta_args)
+                    result = _Runner(gm, fast=True, expect=expect).run(*meta_args)
             else:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 
                 with FakeTensorMode(allow_non_fake_inputs=True) as fm:
                     fake = tuple(fm.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                  for a in args)
-                    result = _Runner(gm, fast=False).run(*fake)
+                    result = _Runner(gm, fast=False, expect=expect).run(*fake)
         except _NodeError as err:
             return Failure(_where(err.node), _first_line(err.exc), node_name=err.node.name)
         return self._check_outputs(result) if args is self.args else None

@@ -428,3 +428,36 @@ def test_trials_run_on_meta_in_one_go_through_contiguous_views():
     net = FxNet(prep.gm, prep.analysis, (x,))
     assert net.runs(removed) is None
     assert net.trials == 1 and not net.notes  # meta at both batches, no fallback needed
+
+
+class _ChannelsFirstSize(nn.Module):
+    """``view(B, t.shape[0] // 4, -1)`` where ``t = h.t()``: the head count is read from dim 0
+    of a channels-first tensor (what a dim-0 size usually is not: a batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        heads = h.t().shape[0] // 4
+        y = torch.relu(h.view(x.shape[0], heads, -1) * 2.0)
+        return self.b(y.reshape(x.shape[0], -1))
+
+
+def test_a_run_time_size_that_is_not_the_plans_shape_fails_the_trial():
+    """Each rewritten view/reshape/expand/factory must make, at the example inputs, the shape
+    the plan computed. Here the head count is read from the pruned width at run time and the
+    head dim is inferred: removing half of every head's dims, the program views ``(B, 2, 4)``
+    where the plan has ``(B, 4, 2)`` — same elements, so it runs, and it is wrong. The trial
+    now names the view instead of letting it through."""
+    model, x = _ChannelsFirstSize().eval(), torch.randn(3, 8)
+    prep = secateurs.passes.prune.prepare(model, (x,))
+    net = FxNet(prep.gm, prep.analysis, (x,))
+    dims = next(g for g in prep.analysis.groups if g.size == 4 and not g.pinned.any()
+                and any(m.param == "a.weight" and m.dim == 0 and m.units[1] != m.units[0]
+                        for m in g.members))
+    failure = net.plan_runs(net.plan({dims.id: np.array([0, 1])}))
+    assert failure is not None and "the plan has" in failure.message
+    result = secateurs.prune(model, (x,), ratio=0.5, verify=True)  # and prune stays exact
+    assert result.report.exact is True
