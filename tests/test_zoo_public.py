@@ -379,3 +379,24 @@ def test_batch_times_heads_merge_from_a_batch_one_example() -> None:
         torch.testing.assert_close(result.model(big).shape, model(big).shape)
     ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, (big,))
     assert ok, diff
+
+
+class _WrittenByOut(nn.Module):
+    """``torch.mul(h, 2, out=buf)``: the zeros buffer is written through ``out=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buf = x.new_zeros(x.shape[0], 16)
+        torch.mul(self.a(x), 2.0, out=buf)
+        return self.b(buf)
+
+
+def test_a_zeros_buffer_written_through_out_keeps_its_positions() -> None:
+    model = _WrittenByOut().eval()
+    x = torch.randn(3, 8)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer == "fx" and result.report.exact is True
+    assert any("new_zeros" in r for r in _reasons(result))

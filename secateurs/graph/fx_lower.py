@@ -459,7 +459,8 @@ _ALIASING = frozenset({"view", "reshape", "_unsafe_view", "transpose", "permute"
 
 def _writes(node: torch.fx.Node) -> bool:
     """Whether the graph writes into ``node``'s tensor: an in-place call (``add_``,
-    ``copy_``, ``x[i] = v``, a mutable ATen overload) on it or on a view of it."""
+    ``copy_``, ``x[i] = v``, a mutable ATen overload, an ``out=`` argument) on it or on a view
+    of it."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
@@ -471,7 +472,8 @@ def _writes(node: torch.fx.Node) -> bool:
             name = str(target) if user.op == "call_method" else getattr(target, "__name__", "")
             schema = getattr(target, "_schema", None)
             if (target is operator.setitem or (name.endswith("_") and not name.startswith("_"))
-                    or (schema is not None and schema.is_mutable)):
+                    or (schema is not None and schema.is_mutable)
+                    or user.kwargs.get("out") is n):  # torch.mm(a, b, out=buf)
                 return True
             if user.op in ("call_method", "call_function") and call_key(user) in _ALIASING:
                 todo.append(user)

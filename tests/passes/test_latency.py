@@ -123,7 +123,7 @@ def test_torch_prune_to_a_latency_is_mask_equivalent() -> None:
     assert result.report.macs_kept < 0.9
 
 
-def test_vit_prunes_to_a_latency_in_whole_heads() -> None:
+def test_vit_prunes_to_a_latency_exactly() -> None:
     entry = zoo.get("vit")
     model, (x,) = entry.build().eval(), entry.example_inputs()
     result = prune_onnx(export_onnx(model, x, dynamic_batch=False), target_latency=0.7,
