@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,11 @@ class Member:
     dim: int
     positions: np.ndarray
     units: np.ndarray
+
+    @cached_property
+    def plain(self) -> bool:
+        """Every unit has one position in this parameter dim (no unit repeats)."""
+        return len(self.units) == len(np.unique(self.units))
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,12 @@ class Analysis:
     keep: dict[str, dict[str, Any]]
     param_values: dict[str, str] = field(default_factory=dict)  # source name -> value name
     param_dims: ParamDims | None = None
+
+    @cached_property
+    def memo(self) -> dict[Any, Any]:
+        """Results derived from this (frozen) analysis alone, kept by the passes that compute
+        them: a selection repeated per ratio (``target_latency``) derives them once."""
+        return {}
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]

@@ -158,6 +158,14 @@ class LatencyModel:
                     and self._nodes[users[0]].inputs[0] == node.outputs[0]:
                 self._skip_norm[i], self._skip_norm[users[0]] = "add", "norm"
 
+    @classmethod
+    def of(cls, analysis: Analysis, cost: OrtCpuCost = ORT_CPU_COST) -> LatencyModel:
+        """The analysis' model for ``cost``, built once (its dense estimate with it)."""
+        key = ("latency", cost)
+        if key not in analysis.memo:
+            analysis.memo[key] = cls(analysis, cost)
+        return analysis.memo[key]
+
     def _shape_fn(self, removed: np.ndarray | None) -> Callable[[str], Shape | None]:
         analysis, values = self.analysis, self.analysis.graph.values
 
@@ -211,7 +219,7 @@ def ratio_for_latency(analysis: Analysis,
     group keeps one of the two widths, so the prune stays as uniform as the ratio's.
     ``spaces``: groups that move together (the factors of one channel space, heads x head
     dim)."""
-    kept = LatencyModel(analysis, cost).kept
+    kept = LatencyModel.of(analysis, cost).kept
     lo, hi = 0.0, max_ratio
     top = select(hi, {})
     best = (hi, top, kept(top))
@@ -253,7 +261,7 @@ def ratio_for_latency(analysis: Analysis,
 
 def latency_note(analysis: Analysis, removed: Mapping[int, np.ndarray], target: float) -> str:
     """What a ``target_latency`` prune reached, for the report."""
-    kept = LatencyModel(analysis).kept(removed)
+    kept = LatencyModel.of(analysis).kept(removed)
     short = "" if kept <= target + 1e-9 else (
         " (the nearest the groups allow: the rest is pinned, ignored or at its width floor)")
     return (f"target_latency {target:g}: the pruned model keeps an estimated {kept:.3f} of the "

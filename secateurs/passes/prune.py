@@ -182,7 +182,7 @@ def _ignored_groups(analysis: Analysis, model: nn.Module, ignore: Iterable[Any])
 
 def _plain_member(member: Member) -> bool:
     """Every unit of the group has one position in this parameter dim (no unit repeats)."""
-    return len(member.units) == len(np.unique(member.units))
+    return member.plain
 
 
 def _plain(group: ChannelGroup) -> bool:
@@ -289,10 +289,20 @@ def factor_spaces(analysis: Analysis,
     product, a conv's channels split by a shuffle) is a channel space of its own and keeps its
     ratio; groups over disjoint positions of one dim (concat parts) are not factors of each
     other."""
+    among = frozenset(among)
+    key_ = ("factor_spaces", among)
+    if key_ not in analysis.memo:
+        analysis.memo[key_] = _factor_spaces(analysis, among)
+    spaces, factors = analysis.memo[key_]
+    return list(spaces), list(factors)
+
+
+def _factor_spaces(analysis: Analysis,
+                   among: frozenset[int]) -> tuple[list[tuple[int, ...]], list[int]]:
     slots: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
     run_length: dict[int, float] = {}
     outputs = _layer_outputs(analysis)
-    for gid in among:
+    for gid in sorted(among):
         g = analysis.groups[gid]
         if any((m.param, m.dim) in outputs and _plain_member(m) for m in g.members):
             continue  # a layer's own output channels (an outer product's operand)
