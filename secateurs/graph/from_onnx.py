@@ -1147,6 +1147,11 @@ def _lower_gather(lw: _Lowering, node: onnx.NodeProto) -> None:
     if index is not None and index.ndim == 0:
         i = int(index) % lw.shape(data)[axis]
         lw.emit("index", [data], _first_out(node), {"items": lead + [i]})
+    elif index is not None and index.ndim == 1 and len(index) and index.dtype.kind == "i" \
+            and isinstance(lw.shape(data)[axis], int):
+        size = lw.shape(data)[axis]
+        lw.emit("index", [data], _first_out(node),
+                {"items": lead + [("take", tuple(int(v) % size for v in index))]})
     else:  # a relative-position / attention-bias table read through an index tensor
         lw.emit("index", [data, idx], _first_out(node), {"items": lead + ["gather"]})
 

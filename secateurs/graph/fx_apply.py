@@ -114,6 +114,10 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
     tensor, ``C // heads``) becomes the new constant where its dim shrank or is a channel dim
     (``channels``: its size may follow another tensor's pruned width even where this dim
     kept its own, e.g. ``view(B, T, heads, C // heads)`` with C pruned and head dims not)."""
+    if isinstance(seq, torch.fx.Node):
+        # a whole shape read at run time (``broadcast_to(k, q.shape)``) follows the pruned
+        # tensor it is read from (the trial checks it against the plan's shape)
+        return seq
     out = []
     shrunk: list[int] = []  # run-time sizes (no channel dim) whose dim shrank
     for i, v in enumerate(seq):
@@ -178,7 +182,7 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
     elif "sizes" in consts:
         _apply_split(node, key, consts["sizes"])
     elif "items" in consts:
-        _apply_index(node, key, consts["items"])
+        _apply_index(gm, node, key, consts["items"])
     if "scale" in consts and key == "scaled_dot_product_attention":
         node.kwargs = {**node.kwargs, "scale": consts["scale"]}
     if "repeats" in consts and key == "repeat_interleave":
@@ -222,7 +226,35 @@ def _apply_split(node: torch.fx.Node, key: str, sizes: list[int]) -> None:
         node.args, node.kwargs = (x, list(sizes)), {"dim": dim}
 
 
-def _apply_index(node: torch.fx.Node, key: str, items: list[Any]) -> None:
+def _is_take(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and item[0] == "take"
+
+
+def _index_constant(gm: torch.fx.GraphModule, node: torch.fx.Node,
+                    old: torch.fx.Node, positions: tuple[int, ...]) -> torch.fx.Node:
+    """A fresh constant holding the rewritten positions of a taken index (the traced one may
+    be shared; it is left as it is)."""
+    ref = old.args[0] if old.op == "call_function" and old.args else old
+    dtype = getattr(_fetch_attr(gm, str(ref.target), missing_ok=True), "dtype", torch.int64)
+    k = 0
+    while hasattr(gm, f"_secateurs_index_{k}"):
+        k += 1
+    name = f"_secateurs_index_{k}"
+    setattr(gm, name, torch.tensor(positions, dtype=dtype))
+    with gm.graph.inserting_before(node):
+        return gm.graph.get_attr(name)
+
+
+def _apply_index(gm: torch.fx.GraphModule, node: torch.fx.Node, key: str,
+                 items: list[Any]) -> None:
+    if key == "index":  # aten.index.Tensor(x, [None, ..., idx]): one item per index entry
+        entries = list(node.args[1])
+        for i, it in enumerate(items[:len(entries)]):
+            if _is_take(it) and isinstance(entries[i], torch.fx.Node):
+                entries[i] = _index_constant(gm, node, entries[i], it[1])
+        node.args = (node.args[0], entries, *node.args[2:])
+        return
+    items = [list(it[1]) if _is_take(it) else it for it in items]
     if key == "getitem":
         orig = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if Ellipsis in orig:  # the rule expanded the ellipsis: fold it back
@@ -242,6 +274,9 @@ def _apply_index(node: torch.fx.Node, key: str, items: list[Any]) -> None:
     dim = next(i for i, it in enumerate(items) if not (isinstance(it, slice) and
                                                          it == slice(None)) or i == len(items) - 1)
     it = items[dim]
+    if isinstance(it, int) and key == "select":
+        _set_arg(node, key, "index", it)
+        return
     if not isinstance(it, slice):
         return
     if key == "narrow":

@@ -876,6 +876,10 @@ class _Lowering:
             self.emit(n, "index", [b["input"]], {"items": _slice_items(key, b, _ndim(b["input"]))},
                       key)
             return
+        if key == "index" and len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) \
+                and isinstance(n.args[0], torch.fx.Node):
+            self.lower_aten_index(n)
+            return
         lower = _CALLS.get(key)
         if lower is None:
             operands = [a for a in _flat(n.args) + _flat(n.kwargs) if isinstance(a, torch.fx.Node)]
@@ -885,6 +889,25 @@ class _Lowering:
             return self.emit_addmm(n, b, key)
         op, operands, attrs = lower(n, b)
         self.emit(n, op, operands, attrs, key)
+
+    def lower_aten_index(self, n: torch.fx.Node) -> None:
+        """``aten.index.Tensor(x, [None, ..., idx])``, torch.export's spelling of ``x[..., idx]``:
+        a constant 1-D index (a literal list, lifted into a constant) takes those positions;
+        an index tensor computed at run time gathers; a bool mask pins everything."""
+        items: list[Any] = []
+        gathers: list[torch.fx.Node] = []
+        for it in n.args[1]:
+            taken = constant_index(self.gm, it)
+            if it is None:
+                items.append(slice(None))
+            elif taken is not None:
+                items.append(("take", taken))
+            elif _is_int_tensor(it):
+                items.append("gather")
+                gathers.append(it)
+            else:
+                items.append("tensor")
+        self.emit(n, "index", [n.args[0], *gathers], {"items": items}, "index")
 
     def alias_item(self, n: torch.fx.Node, src: torch.fx.Node) -> None:
         """``xs[i]`` of a multi-output node (split, chunk, unbind, topk) names output ``i``;
@@ -997,11 +1020,32 @@ def _index_items(idx: Any) -> list[Any]:
                 out.append(slice(*bounds))
         elif it is None or it is Ellipsis or isinstance(it, int):
             out.append(it)
+        elif isinstance(it, list) and it and all(type(v) is int for v in it):
+            out.append(("take", tuple(it)))  # x[..., [-2], :]: constant positions
         elif _is_int_tensor(it):
             out.append("gather")  # an integer index tensor: the node's next tensor operand
         else:
             out.append("tensor")
     return out
+
+
+def constant_index(gm: torch.fx.GraphModule, arg: Any) -> tuple[int, ...] | None:
+    """The values of a constant 1-D integer index tensor: a literal torch.export lifted into
+    the graph (``get_attr``, through ``lift_fresh_copy``), not a registered buffer (state the
+    model may change) and not a tensor computed at run time."""
+    if isinstance(arg, torch.fx.Node) and arg.op == "call_function" and \
+            call_key(arg) == "lift_fresh_copy" and arg.args:
+        arg = arg.args[0]
+    if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr":
+        return None
+    target = str(arg.target)
+    if target in dict(gm.named_buffers()) or target in dict(gm.named_parameters()):
+        return None
+    obj = _fetch_attr(gm, target, missing_ok=True)
+    if not isinstance(obj, torch.Tensor) or obj.ndim != 1 or not len(obj) or \
+            obj.dtype not in (torch.int64, torch.int32):
+        return None
+    return tuple(int(v) for v in obj.tolist())
 
 
 def _is_int_tensor(arg: Any) -> bool:

@@ -914,6 +914,8 @@ def _rewrite(node: onnx.NodeProto, consts: Mapping[str, Any], io: _Constants,
             _set_int_attr(node, "split", sizes.tolist())
     elif op == "Slice" and "items" in consts:
         _rewrite_slice(node, list(consts["items"]), io)
+    elif op == "Gather" and "items" in consts:
+        _rewrite_gather(node, list(consts["items"]), io)
     elif op == "Resize" and "shape" in consts and len(node.input) > 3 and node.input[3]:
         shape = [int(v) for v in consts["shape"]]
         axes = _attr(node, "axes", None)
@@ -976,6 +978,9 @@ def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> No
     rank = len(items)
     for k, ax in enumerate(axes.tolist()):
         it = items[int(ax) % rank]
+        if isinstance(it, int):  # one position, ``int, None`` (see ``from_onnx``)
+            starts[k], ends[k] = it, it + 1
+            continue
         if not isinstance(it, slice):
             continue
         starts[k] = 0 if it.start is None else it.start
@@ -983,6 +988,20 @@ def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> No
             ends[k] = it.stop
     io.write(node, 1, starts)
     io.write(node, 2, ends)
+
+
+def _rewrite_gather(node: onnx.NodeProto, items: list[Any], io: _Constants) -> None:
+    """A constant Gather index (a scalar, or the positions of a take) at the positions that
+    survive before it."""
+    old = io.value(node.input[1])
+    axis = int(_attr(node, "axis", 0))
+    rank = len(items)
+    it = items[axis % rank]
+    if old is None or not (isinstance(it, int) or
+                           (isinstance(it, tuple) and len(it) == 2 and it[0] == "take")):
+        raise PlanError(f"Gather '{node.name}': its index is computed at run time")
+    new = np.asarray(it if isinstance(it, int) else list(it[1]), dtype=old.dtype)
+    io.write(node, 1, new.reshape(old.shape))
 
 
 def _drop_dead(model: onnx.ModelProto, roots: list[str]) -> None:

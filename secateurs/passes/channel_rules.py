@@ -468,25 +468,45 @@ def _unbind(ctx: RuleContext) -> list[Labels | None]:
     return [x[:dim] + x[dim + 1:] for _ in ctx.out_shapes]
 
 
+def _bound(b: int | None, vec: np.ndarray, count: Count) -> int | None:
+    """A slice bound (or constant index) counted over the surviving positions; a negative one
+    stays negative (it counts from the end, so a run-time size there keeps working)."""
+    if b is None or b >= 0:
+        return None if b is None else count(vec[:b])
+    tail = count(vec[b:])
+    return -tail if tail else count(vec[:b])
+
+
 def _index_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
     items = []
     for it, vec in keep["items"]:
         if isinstance(it, slice) and vec is not None:
-            start = None if it.start is None else count(vec[: it.start])
-            stop = None if it.stop is None else count(vec[: it.stop])
-            items.append(slice(start, stop, it.step))
+            items.append(slice(_bound(it.start, vec, count), _bound(it.stop, vec, count),
+                               it.step))
+        elif isinstance(it, int) and vec is not None:
+            items.append(_bound(it, vec, count))
+        elif _is_take(it) and vec is not None:
+            items.append(("take", tuple(_bound(p, vec, count) for p in it[1])))
         else:
             items.append(it)
     return {"items": items}
 
 
+def _is_take(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and item[0] == "take"
+
+
 @_register("index", rewrite=_index_rewrite)
 def _index(ctx: RuleContext) -> list[Labels | None]:
     """Basic indexing: ``items`` holds one entry per indexed dim — a ``slice``, an ``int``
-    (drops the dim), ``None`` (new size-1 dim), ``Ellipsis``, ``"gather"`` (an integer index
-    tensor, the node's next tensor operand) or ``"tensor"`` (any other advanced index, which
-    pins everything). Slice bounds are rewritten to count only the surviving positions before
-    them; a constant integer index pins its dim.
+    (drops the dim), ``None`` (new size-1 dim), ``Ellipsis``, ``("take", positions)`` (a
+    constant 1-D integer index: ``x[..., [-2], :]``), ``"gather"`` (an integer index tensor
+    known only at run time, the node's next tensor operand) or ``"tensor"`` (any other
+    advanced index, which pins everything). Slice bounds, constant indices and taken
+    positions are rewritten to count only the surviving positions before them (after them,
+    where they count from the end); the positions a constant index or a take addresses are
+    pinned, the rest of their dim stays free (Falcon's ``qkv[..., :-2, :]``,
+    ``qkv[..., [-2], :]``: the query head slots prune, the key and value slots stay).
 
     One index tensor (``table[index]``, ``biases[:, idx]``: relative-position and attention-bias
     tables) gathers along its dim like an embedding: that dim's rows are addressed by value and
@@ -497,8 +517,9 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
     assert x is not None
     items = list(ctx.node.attrs["items"])
     gathers = list(ctx.ins[1:])
-    if items.count("gather") != len(gathers) or len(gathers) > 1 or \
-            (gathers and "tensor" in items) or any(g is None for g in gathers):
+    takes = sum(1 for it in items if _is_take(it))
+    if items.count("gather") != len(gathers) or len(gathers) + takes > 1 or \
+            ((gathers or takes) and "tensor" in items) or any(g is None for g in gathers):
         reason = f"advanced indexing in {ctx.where}"
         for vec in x:
             ctx.space.pin(vec, reason)
@@ -528,7 +549,18 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
                 ctx.space.pin(vec, f"strided slice in {ctx.where}")
             out.append(vec[it])
         elif isinstance(it, int):
-            ctx.space.pin(vec, f"constant index into this dim in {ctx.where}")
+            if not -len(vec) <= it < len(vec):
+                out = []
+                break
+            at = it % len(vec)
+            ctx.space.pin(vec[at:at + 1], f"constant index into this dim in {ctx.where}")
+        elif _is_take(it):
+            if not all(-len(vec) <= p < len(vec) for p in it[1]):
+                out = []
+                break
+            at = np.asarray([p % len(vec) for p in it[1]], dtype=np.int64)
+            ctx.space.pin(vec[at], f"positions taken by a constant index in {ctx.where}")
+            out.append(vec[at])
         elif it == "gather":
             ctx.space.pin(vec, f"rows of this dim are addressed by the index tensor of "
                           f"{ctx.where}")
@@ -888,6 +920,13 @@ def _resize(ctx: RuleContext) -> list[Labels | None]:
     return out
 
 
+def _keys_lossy(ctx: RuleContext, keys: np.ndarray, size: int) -> None:
+    """The softmax inside attention normalises over the key positions: removing one (a
+    learned token: a class, register or prompt token) changes every output."""
+    if size > 1:
+        ctx.space.mark_lossy(keys, f"the softmax of {ctx.where} normalises over the keys")
+
+
 def _sdpa_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
     e = keep["e"]
     if node.attrs.get("scale") is not None or count(e) == len(e):
@@ -909,13 +948,17 @@ def _sdpa(ctx: RuleContext) -> list[Labels | None]:
     assert sq is not None and sk is not None and sv is not None
     ctx.space.unify(q[-1], k[-1])
     ctx.space.unify(k[-2], v[-2])
+    _keys_lossy(ctx, k[-2], sk[-2])
     out_shape = ctx.out_shapes[0]
     assert out_shape is not None
     mask = ctx.ins[3] if len(ctx.ins) > 3 else None
     sm = ctx.in_shapes[3] if len(ctx.in_shapes) > 3 else None
     gqa = bool(ctx.node.attrs.get("enable_gqa")) and len(sq) >= 3 and sk[:-1] == sv[:-1] \
         and sq[:-3] == sk[:-3] and 0 < sk[-3] != sq[-3] and sq[-3] % sk[-3] == 0
-    equal = sq[:-2] == sk[:-2] == sv[:-2]
+    # batch/head dims equal, or of size 1 and broadcast (multi-query: one key/value head)
+    equal = all(len(sh) == len(out_shape) and all(a in (1, b) for a, b in
+                                                  zip(sh[:-2], out_shape[:-2]))
+                for sh in (sq, sk, sv)) and sk[:-2] == sv[:-2]
     if gqa:
         # enable_gqa: query head i reads key/value head i // (Hq / Hkv): the query heads
         # factor as (kv head, member of its group). Removing a kv head removes its group;
@@ -984,8 +1027,9 @@ def _mha(ctx: RuleContext) -> list[Labels | None]:
     for x in (q, k, v):
         sp.unify(x[-1], w[1])
     if len(k) > 1:
-        sp.unify(k[-2] if ctx.node.attrs.get("batch_first") or len(k) == 2 else k[0],
-                 v[-2] if ctx.node.attrs.get("batch_first") or len(v) == 2 else v[0])
+        keys = k[-2] if ctx.node.attrs.get("batch_first") or len(k) == 2 else k[0]
+        sp.unify(keys, v[-2] if ctx.node.attrs.get("batch_first") or len(v) == 2 else v[0])
+        _keys_lossy(ctx, keys, len(keys))
     if len(q) == 3 and len(k) == 3 and len(v) == 3:
         bdim = 0 if ctx.node.attrs.get("batch_first") else 1
         sp.unify(q[bdim], k[bdim])
@@ -1039,6 +1083,7 @@ def _ort_attention(ctx: RuleContext) -> list[Labels | None]:
     if b is not None:
         sp.unify(b[0], w[1])
     sp.unify(x[-1], w[0])
+    _keys_lossy(ctx, x[1], len(x[1]))  # self-attention: every token is a key
     ctx.pin_all(ctx.ins[3] if len(ctx.ins) > 3 else None, f"mask index of {ctx.where}")
     for lab in extra:
         ctx.pin_all(lab, f"past state / attention bias of {ctx.where}")
@@ -1080,6 +1125,7 @@ def _ort_mha(ctx: RuleContext) -> list[Labels | None]:
     sp.unify(q_heads, v_heads)
     sp.unify(q_dims, k_dims)
     sp.unify(k[-2], v[-2])
+    _keys_lossy(ctx, k[-2], sk[-2])
     sp.unify(q[0], k[0])
     sp.unify(q[0], v[0])
     if bias is not None:

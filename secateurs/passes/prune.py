@@ -201,8 +201,9 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     multiple for every plain channel group, or a policy ``(group, keep) -> keep`` that rounds
     any group it chooses to (``passes/kernel_widths.py``).
 
-    Per group, ``ratio`` (or the group's entry in ``ratios``) is the fraction of its width
-    removed. Where one channel space is factored into several groups (heads x head dim,
+    Per group, ``ratio`` (or the group's entry in ``ratios``) is the fraction of its prunable
+    width removed (units a rule pins, such as Falcon's key and value slots next to its query
+    heads, are not counted). Where one channel space is factored into several groups (heads x head dim,
     conv groups x channels per group, shuffle groups), the ratio applies to the space's width,
     not to every factor: the outer factor (heads) loses its share first and the inner ones only
     what is still missing (:func:`factor_spaces`), so ``ratio=0.5`` keeps half of a ViT's
@@ -250,7 +251,7 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
         pool = [(float(scores[gid][u]), gid, int(u)) for gid, units in eligible.items()
                 for u in units]
         pool.sort()
-        budget = int(ratio * sum(analysis.groups[g].size for g in eligible))
+        budget = int(ratio * sum(len(units) for units in eligible.values()))
         for _, gid, _ in pool[:budget]:
             counts[gid] = counts.get(gid, 0) + 1
         counts = {gid: removal(analysis.groups[gid], n) for gid, n in counts.items()}
@@ -258,7 +259,7 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
         asked = {gid: (ratios or {}).get(gid, ratio) for gid in eligible}
         for gid, r in asked.items():
             counts[gid] = removal(analysis.groups[gid],
-                                  int(math.floor(r * analysis.groups[gid].size)))
+                                  int(math.floor(r * len(eligible[gid]))))
     removed = {gid: choose(gid, n) for gid, n in counts.items() if n > 0}
     if not global_pruning:
         spaces, order = factor_spaces(analysis, eligible)
@@ -271,11 +272,11 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
             done = min(math.prod(kept[o] for o in sp[:sp.index(gid)])
                        for sp in spaces if gid in sp)
             share = max(0.0, 1.0 - (1.0 - asked[gid]) / done)
-            n = removal(g, int(math.floor(share * g.size + 1e-9)))
+            n = removal(g, int(math.floor(share * len(eligible[gid]) + 1e-9)))
             removed.pop(gid, None)
             if n > 0:
                 removed[gid] = choose(gid, n)
-            kept[gid] = 1.0 - len(removed.get(gid, ())) / g.size
+            kept[gid] = 1.0 - len(removed.get(gid, ())) / len(eligible[gid])
     return {gid: idx for gid, idx in removed.items() if len(idx)}
 
 

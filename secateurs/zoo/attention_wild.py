@@ -23,6 +23,11 @@ right (issue 11, "Real-world coverage"); the code is written here from the patte
 * ``tv_vit_mha`` — torchvision's ViT ``EncoderBlock`` around ``nn.MultiheadAttention``, a
   post-norm ``nn.TransformerEncoderLayer`` and an attention pooling that uses its weights:
   heads and FFNs prune through the modules' projections.
+* ``falcon_fused`` — Falcon's fused query/key/value: ``view(B, T, heads + 2, D)`` read as
+  ``[..., :-2, :]``, ``[..., [-2], :]``, ``[..., [-1], :]`` (multi-query, Falcon-7B) and
+  ``view(B, T, kv, heads / kv + 2, D)`` with ``torch.broadcast_to(k, q.shape)`` (Falcon-40B's
+  grouped layout), in parallel attention + MLP blocks. The constant indices pin only the key
+  and value slots they read: the query slots prune and the indices follow.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ __all__ = ["UnbindAttention", "FusedKVAttention", "UnbindViT", "RelPosAttention"
            "attention_offsets_index", "unroll", "MaskUnitAttention", "PackedInProjAttention",
            "UnrollNet", "repeat_kv", "MultiQueryAttention", "QKNormAttention",
            "InterleaveGQAAttention", "MQADecoder", "TorchvisionEncoderBlock", "TorchAttentionViT",
-           "EinsumAttention", "EinsumViT", "ENTRIES"]
+           "EinsumAttention", "EinsumViT", "FalconAttention", "FalconDecoder", "ENTRIES"]
 
 
 class _Mlp(nn.Module):
@@ -609,6 +614,61 @@ class EinsumViT(nn.Module):
 
 _TAGS = frozenset({"transformer", "attention", "layernorm", "wild"})
 
+# ------------------------------------------------------------------ Falcon's fused qkv
+
+
+class FalconAttention(nn.Module):
+    """Falcon ``_split_heads``: one fused projection, the slots of a head dim listed per
+    (group of) query heads and then the key and value, read by constant indices."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, kv_groups: int = 0) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.kv = heads, head_dim, kv_groups
+        slots = heads + 2 if kv_groups == 0 else kv_groups * (heads // kv_groups + 2)
+        self.query_key_value = nn.Linear(dim, slots * head_dim, bias=False)
+        self.dense = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.query_key_value(x)
+        if self.kv == 0:  # multi-query: [heads + 2] slots
+            qkv = fused.view(b, t, self.heads + 2, self.head_dim)
+            q, k, v = qkv[..., :-2, :], qkv[..., [-2], :], qkv[..., [-1], :]
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        else:  # grouped: per kv group, its query slots then one key and one value slot
+            qkv = fused.view(b, t, -1, self.heads // self.kv + 2, self.head_dim)
+            q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
+            k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+            q, k, v = (z.flatten(2, 3).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.dense(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class _FalconBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, kv_groups: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.self_attention = FalconAttention(dim, heads, head_dim, kv_groups)
+        self.mlp = _Mlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)  # parallel attention and MLP over one norm
+        return x + self.self_attention(h) + self.mlp(h)
+
+
+class FalconDecoder(nn.Module):
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(_FalconBlock(dim, heads, head_dim, 0),
+                                    _FalconBlock(dim, heads, head_dim, 2))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(self.blocks(self.embed(ids))))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="vit_unbind",
@@ -665,5 +725,13 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="torchvision ViT EncoderBlocks around nn.MultiheadAttention, a post-norm "
                     "nn.TransformerEncoderLayer, MHA pooling returning its weights",
         tags=_TAGS | {"nn-mha"},
+    ),
+    ZooModel(
+        name="falcon_fused",
+        build=seeded_build(FalconDecoder),
+        example_inputs=seeded_randint(64, 2, 8),
+        description="Falcon fused qkv read by constant indices ([..., :-2, :], [..., [-2], :]): "
+                    "multi-query and Falcon-40B grouped slots with broadcast_to, parallel blocks",
+        tags=_TAGS | {"fused-qkv", "sdpa", "gqa", "decoder"},
     ),
 )

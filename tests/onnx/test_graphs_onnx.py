@@ -70,19 +70,43 @@ def test_slice_bounds_are_rewritten() -> None:
     assert w1.dims[0] < 16
 
 
-def test_gather_scalar_index_pins_its_dim_and_1d_index_pins() -> None:
-    for index, reasons in ((np.array(2), ("constant index",)),
-                           (np.array([0, 2]), ("advanced", "index tensor"))):
+def test_gather_constant_index_pins_its_positions_and_is_rewritten() -> None:
+    """A constant Gather index (a scalar, or 1-D: Falcon's ``qkv[..., [-2], :]``) pins the
+    positions it reads, not its whole dim: the other channels prune and the index follows."""
+    for index in (np.array(5), np.array([5, 2])):
         nodes = [
             helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", kernel_shape=[1, 1]),
             helper.make_node("Gather", ["c", "idx"], ["g"], name="gather", axis=1),
         ]
         out = [1, 4, 4] if index.ndim == 0 else [1, 2, 4, 4]
+        w1 = rand(8, 3, 1, 1)
+        w1[[0, 1, 3]] *= 1e-3  # the channels before the indexed ones are the weakest
         model = make_model(nodes, {"x": [1, 3, 4, 4]}, {"g": out},
-                           [init("w1", rand(8, 3, 1, 1)), init("idx", index)])
+                           [init("w1", w1), init("idx", index)])
         group = _group_of(analyze_onnx(model), "w1", 0)
-        assert group.is_pinned
-        assert any(w in r for r in group.pin_reasons for w in reasons), group.pin_reasons
+        assert sorted(np.nonzero(group.pinned)[0].tolist()) == sorted(np.atleast_1d(index))
+        assert any("constant index" in r or "taken" in r for r in group.pin_reasons)
+        result = _prune(model)
+        kept = next(t for t in result.model.graph.initializer if t.name == "w1").dims[0]
+        free = 8 - index.size
+        assert kept == 8 - free // 2  # half of the free channels go, the read ones stay
+        # channels 0, 1 and 3 went: 5 -> 2, 2 -> 0
+        new = np.asarray(_const(result.model, "gather", 1))
+        assert new.shape == index.shape
+        assert new.tolist() == (2 if index.ndim == 0 else [2, 0])
+
+
+def test_gather_index_computed_at_run_time_pins_its_dim() -> None:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", kernel_shape=[1, 1]),
+        helper.make_node("Gather", ["c", "idx"], ["g"], name="gather", axis=1),
+    ]
+    model = make_model(nodes, {"x": [1, 3, 4, 4], "idx": [2]}, {"g": [1, 2, 4, 4]},
+                       [init("w1", rand(8, 3, 1, 1))])
+    model.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    group = _group_of(analyze_onnx(model), "w1", 0)
+    assert group.is_pinned
+    assert any("index tensor" in r for r in group.pin_reasons), group.pin_reasons
 
 
 def test_expand_shape_is_rewritten() -> None:

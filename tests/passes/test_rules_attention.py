@@ -360,3 +360,128 @@ def test_einsum_attention_macs_equal_the_matmul_spelling() -> None:
         reports.append((result.report.macs_before, result.report.macs_after))
     assert reports[0] == reports[1]
     assert reports[0][1] < reports[0][0]
+
+
+# ------------------------------------------------------------------ constant indices (Falcon)
+
+
+class _FalconSplit(torch.nn.Module):
+    """Falcon-7B's multi-query split, ``qkv.view(b, t, heads + 2, d)`` read as
+    ``[..., :-2, :]``, ``[..., [-2], :]``, ``[..., [-1], :]``; sdpa broadcasts the one key and
+    value head. ``untraceable``: a loop over a run-time size sends it through torch.export,
+    where the list becomes ``aten.index.Tensor`` over a lifted constant."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.qkv, self.out = torch.nn.Linear(16, 6 * 8), torch.nn.Linear(4 * 8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.untraceable:
+            for _ in range(x.shape[-1] // 16):  # a Python loop over a size: not FX-traceable
+                x = x * 1.0
+        qkv = self.qkv(x).view(b, t, 6, 8)
+        q, k, v = (z.transpose(1, 2) for z in (qkv[..., :-2, :], qkv[..., [-2], :],
+                                                qkv[..., [-1], :]))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_constant_index_lists_pin_the_key_and_value_slots_and_query_heads_prune(tracer):
+    """A constant index list was advanced indexing that pinned every slot (and torch.export's
+    ``aten.index.Tensor`` had no rule): Falcon's attention kept all its heads. Now the slots
+    it reads are pinned, the query heads prune, and ``[-2]`` still reads the key."""
+    model = _FalconSplit(untraceable=tracer == "export").eval()
+    x = (torch.randn(2, 5, 16),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith(tracer)
+    assert result.report.exact is True and not result.report.repairs
+    # 2 of 4 query heads go (the ratio counts the prunable slots), key and value stay
+    assert tuple(result.model.get_parameter("out.weight").shape) == (16, 2 * 8)
+    assert tuple(result.model.get_parameter("qkv.weight").shape) == ((2 + 2) * 8, 16)
+    _runs_at_batch(result.model, x, 3)
+
+
+def test_falcon_fused_lookalike_prunes_both_slot_layouts():
+    _, _, result = _prune("falcon_fused", 0.5)
+    attn = [result.model.get_parameter(f"blocks.{i}.self_attention.dense.weight").shape[1]
+            for i in (0, 1)]
+    assert attn[0] < 4 * 8 and attn[1] < 4 * 8  # multi-query and grouped slots both prune
+
+
+class _PickChannel(torch.nn.Module):
+    """A constant index into a channel dim (``h[:, 5]``) and a slice with a negative bound
+    over the tokens (``h[:, :-1]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))  # [B, T, 16]
+        return self.fc2(h[:, :-1]) * h[:, :-1, 5:6] + h[:, 1:, 3].unsqueeze(-1)
+
+
+def test_a_constant_index_pins_its_position_and_a_negative_bound_stays_negative():
+    """``h[:, :-1, 5:6]`` and ``h[:, 1:, 3]`` read channels 5 and 3: those two are pinned, the
+    rest of the width prunes and both indices follow; ``:-1`` over the tokens stays ``-1``, so
+    the pruned model drops the last token of a longer sequence too (a rewrite that counted
+    ``:-1`` at the traced length would have baked in ``:7``)."""
+    model = _PickChannel().eval()
+    torch.nn.init.normal_(model.fc1.weight)
+    with torch.no_grad():
+        model.fc1.weight[[0, 1, 2, 4]] *= 1e-3  # the channels before 3 and 5 are the weakest
+    x = (torch.randn(2, 8, 8),)
+    analysis = secateurs.analyze(model, x)
+    group = _groups_of(analysis, "fc1.weight", 0)[0]
+    assert np.nonzero(group.pinned)[0].tolist() == [3, 5]
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("fc1.weight").shape[0] == 16 - 7
+    longer = (torch.randn(2, 11, 8),)
+    with torch.no_grad():
+        assert tuple(result.model(*longer).shape) == (2, 10, 4)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, longer)
+    assert ok, diff
+
+
+class _Registers(torch.nn.Module):
+    """Learned tokens (a class token and two registers) attended to through sdpa and
+    ``nn.MultiheadAttention``; only the class token is read out."""
+
+    def __init__(self, mha: bool) -> None:
+        super().__init__()
+        self.mha = mha
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.registers = torch.nn.Parameter(torch.randn(1, 2, 16))
+        self.qkv, self.proj = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        t = torch.cat([self.cls.expand(b, -1, -1), self.registers.expand(b, -1, -1), x], 1)
+        if self.mha:
+            a = self.attn(t, t, t, need_weights=False)[0]
+        else:
+            q, k, v = self.qkv(t).view(b, -1, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            a = self.proj(a.transpose(1, 2).reshape(b, -1, 16))
+        return a[:, 0]
+
+
+@pytest.mark.parametrize("mha", [False, True])
+def test_learned_key_tokens_are_lossy_through_the_attention_softmax(mha):
+    """Removing a register token changes the softmax over the keys. Only the class token's
+    constant index used to keep the registers (it pinned the whole token dim); with it pinning
+    its own position, the attention rules say the keys are normalised over."""
+    model = _Registers(mha).eval()
+    x = (torch.randn(2, 5, 16),)
+    analysis = secateurs.analyze(model, x)
+    group = _groups_of(analysis, "registers", 1)[0]
+    assert group.is_lossy and not group.pinned.any()
+    assert any("normalises over the keys" in r for r in group.lossy_reasons)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("registers").shape[1] == 2
