@@ -53,3 +53,28 @@ def test_bounded_batch_exports_static() -> None:
     ep, symbolic = fx_trace._export(_Bounded(), (torch.randn(1, 3),), dynamic_batch=True)
     assert fx_trace._unbounded(ep) and not symbolic  # static export: no symbols left to bound
     assert not ep.range_constraints
+
+
+class _BatchGuard(nn.Module):
+    """A forward that branches on the batch (RT-DETR computes anchors from sizes): FX fails,
+    the export with a symbolic batch fails, the static export has to work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 2:
+            x = x * 2
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_static_export_after_a_failed_dynamic_one_and_the_inputs_stay_unmarked() -> None:
+    """The failed dynamic attempt used to mark the user's example tensor dynamic
+    (``_dynamo_dynamic_indices``), and the static retry on it then failed with "Constraints
+    violated": a TraceError on a model torch.export accepts."""
+    x = torch.randn(2, 16)
+    result = secateurs.prune(_BatchGuard().eval(), (x,), ratio=0.5, verify=True)
+    assert result.report.tracer == "export (static shapes)"
+    assert result.report.exact is True
+    assert not hasattr(x, "_dynamo_dynamic_indices")

@@ -226,9 +226,12 @@ def _export_dynamic(model: nn.Module, args: tuple[Any, ...], dims: tuple[Any, ..
     """The export with a symbolic batch, or ``None`` where it fails or bounds the batch."""
     import torch.fx.experimental._config as fx_config
 
+    # copies: a failed attempt leaves its tensors marked dynamic (``_dynamo_dynamic_indices``),
+    # and the static retry on the same tensors would then fail on the mark (RT-DETR)
+    fresh = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
     try:
         with fx_config.patch(backed_size_oblivious=True):
-            ep = torch.export.export(model, args, dynamic_shapes=dims, strict=False)
+            ep = torch.export.export(model, fresh, dynamic_shapes=dims, strict=False)
     except Exception as exc:  # noqa: BLE001 - any failure: the caller tries otherwise
         log.info("torch.export with a dynamic batch failed (%s)", _first_line(exc))
         return None
