@@ -128,6 +128,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "max": ("input", "dim", "keepdim"), "min": ("input", "dim", "keepdim"),
     "var": ("input", "dim"), "std": ("input", "dim"), "logsumexp": ("input", "dim", "keepdim"),
     "norm": ("input", "p", "dim", "keepdim"), "prod": ("input", "dim", "keepdim"),
+    "linalg_vector_norm": ("input", "ord", "dim", "keepdim"),
     "stack": ("tensors", "dim"), "repeat_interleave": ("input", "repeats", "dim"),
     "gather": ("input", "dim", "index"), "take_along_dim": ("input", "index", "dim"),
     "topk": ("input", "k", "dim"), "sort": ("input", "dim"), "argsort": ("input", "dim"),
@@ -329,17 +330,25 @@ def _pow(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
 
 
 _NONNEG_UNARY = {"abs", "exp", "sigmoid", "softplus", "relu", "relu6", "sqrt", "square",
-                 "var", "std"}
+                 "var", "std", "norm", "linalg_vector_norm"}
 _PASS = {"to", "type", "type_as", "float", "double", "half", "bfloat16", "_to_copy",
-         "contiguous", "clone", "detach", "alias", "mean", "sum", "amax", "max", "expand"}
+         "contiguous", "clone", "detach", "alias", "mean", "sum", "amax", "max", "expand",
+         "view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
+         "permute", "transpose"}
 
 
 def _bounded(arg: Any, positive: bool, depth: int = 8) -> bool:
     """``arg`` is >= 0 (``positive``: > 0) wherever it is defined, by its producers: a mean
     square plus ``eps`` (RMSNorm, also per head: Qwen3/Gemma3 q/k norms), a variance plus
-    ``eps``, their square roots; casts, reductions and broadcasts keep the bound."""
+    ``eps``, their square roots; casts, reductions, reshapes and broadcasts keep the bound.
+    A parameter or buffer whose values are >= 0 (a frozen BatchNorm's ``running_var``) is
+    non-negative, never positive: a removed unit's entries are zeros."""
     if isinstance(arg, (int, float)):
         return arg > 0 if positive else arg >= 0
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and not positive:
+        t = _fetch_attr(arg.graph.owning_module, str(arg.target), missing_ok=True)
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and \
+            t.device.type != "meta" and bool((t >= 0).all())
     if not isinstance(arg, torch.fx.Node) or depth == 0 or \
             arg.op not in ("call_function", "call_method"):
         return False
@@ -629,7 +638,7 @@ _CALLS.update({
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),
     "amin": _reduce("min"), "max": _reduce("max"), "min": _reduce("min"),
     "var": _reduce("var"), "std": _reduce("std"), "logsumexp": _reduce("logsumexp"),
-    "norm": _reduce("norm"), "prod": _reduce("prod"),
+    "norm": _reduce("norm"), "prod": _reduce("prod"), "linalg_vector_norm": _reduce("norm"),
     "adaptive_avg_pool1d": _pool, "adaptive_avg_pool2d": _pool, "adaptive_avg_pool3d": _pool,
     "adaptive_max_pool1d": _pool, "adaptive_max_pool2d": _pool, "adaptive_max_pool3d": _pool,
     "avg_pool1d": _pool, "avg_pool2d": _pool, "avg_pool3d": _pool,

@@ -594,3 +594,85 @@ def test_index_add_scatters_rows_and_keeps_channels_position_for_position() -> N
     result = secateurs.prune(model, x, ratio=0.5, verify=True)
     assert result.report.exact is True and not result.report.repairs
     assert result.model.l1.out_features == 16 and result.model.l2.out_features == 16
+
+
+class _VectorNormGRN(nn.Module):
+    """transformers' ConvNeXtV2 GRN: ``torch.linalg.vector_norm`` over the spatial dims of a
+    channels-last tensor, divided by its mean over the channels (``mean`` mode) or not."""
+
+    def __init__(self, mean: bool) -> None:
+        super().__init__()
+        self.mean = mean
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.gamma = nn.Parameter(torch.rand(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))  # [N, H, W, C]
+        g = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+        if self.mean:
+            g = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.fc2(self.gamma * (h * g) + h)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_linalg_vector_norm_reduces_over_its_dims(mean):
+    """``linalg_vector_norm`` had no rule: opaque, it pinned the GRN's channels, so
+    transformers' ConvNeXtV2 pruned nothing even with ``allow_lossy``. Over the spatial dims it
+    passes the channels; the channel mean of the norms makes them lossy (not pinned)."""
+    model = _VectorNormGRN(mean).eval()
+    x = (torch.randn(2, 4, 4, 16),)
+    group = next(g for g in secateurs.analyze(model, x).groups
+                 if any(m.param == "fc1.weight" and m.dim == 0 for m in g.members))
+    assert not group.pinned.any()
+    assert group.is_lossy == mean
+    result = secateurs.prune(model, x, ratio=0.5, verify=True, allow_lossy=mean)
+    assert result.model.get_parameter("fc1.weight").shape[0] == 32
+    if not mean:
+        assert result.report.exact is True and not result.report.repairs
+
+
+class _FrozenBN(nn.Module):
+    """transformers' DetrFrozenBatchNorm2d: statistics and affine as buffers, the scale
+    ``weight * (running_var + eps).rsqrt()`` computed in the forward."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n))
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * \
+            (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) -
+                            self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class _FrozenBNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 32, 3, padding=1), _FrozenBN(32), \
+            nn.Conv2d(32, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(x.shape[-1] // 16):  # not FX-traceable: torch.export, as DETR
+            x = x * 1.0
+        return self.c2(torch.relu(self.bn(self.c1(x))))
+
+
+def test_rsqrt_of_a_non_negative_buffer_plus_eps_is_not_lossy():
+    """``rsqrt(running_var + eps)`` over buffers was "singular at zero" under torch.export
+    (a reshaped buffer was not known to be >= 0), so every backbone channel of DETR-style
+    models was lossy: DETR kept 0.98 of its MACs at ratio 0.7."""
+    model = _FrozenBNNet().eval()
+    x = (torch.randn(2, 3, 16, 16),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export")
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("c1.weight").shape[0] == 16
+    with torch.no_grad():
+        model.bn.running_var[3] = -1.0  # a negative statistic: rsqrt may see a zero
+    group = next(g for g in secateurs.analyze(model, x).groups
+                 if any(m.param == "c1.weight" and m.dim == 0 for m in g.members))
+    assert group.is_lossy
