@@ -1260,6 +1260,11 @@ def _lower_pad(lw: _Lowering, node: onnx.NodeProto) -> None:
             {"pads": pairs, "mode": modes.get(mode, mode)})
 
 
+@_reg("GridSample")
+def _lower_grid_sample(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("grid_sample", [node.input[0], node.input[1]], _first_out(node))
+
+
 @_reg("Resize", "Upsample")
 def _lower_resize(lw: _Lowering, node: onnx.NodeProto) -> None:
     sx, sy = lw.shape(node.input[0]), lw.shape(node.output[0])

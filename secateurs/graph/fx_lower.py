@@ -129,6 +129,8 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "var": ("input", "dim"), "std": ("input", "dim"), "logsumexp": ("input", "dim", "keepdim"),
     "norm": ("input", "p", "dim", "keepdim"), "prod": ("input", "dim", "keepdim"),
     "linalg_vector_norm": ("input", "ord", "dim", "keepdim"),
+    "grid_sample": ("input", "grid"), "grid_sampler": ("input", "grid"),
+    "grid_sampler_2d": ("input", "grid"), "grid_sampler_3d": ("input", "grid"),
     "stack": ("tensors", "dim"), "repeat_interleave": ("input", "repeats", "dim"),
     "gather": ("input", "dim", "index"), "take_along_dim": ("input", "index", "dim"),
     "topk": ("input", "k", "dim"), "sort": ("input", "dim"), "argsort": ("input", "dim"),
@@ -633,6 +635,8 @@ _CALLS.update({
     "bmm": _elementwise("matmul"),
     "outer": _elementwise("outer"), "ger": _elementwise("outer"), "einsum": _einsum,
     "pixel_shuffle": _pixel_shuffle, "pixel_unshuffle": _pixel_shuffle,
+    **{k: (lambda n, b: ("grid_sample", [b["input"], b["grid"]], {}))
+       for k in ("grid_sample", "grid_sampler", "grid_sampler_2d", "grid_sampler_3d")},
     "roll": _roll, "pad": _pad, "constant_pad_nd": _pad, "_pad_circular": _pad,
     **{f"{kind}_pad{n}d": _pad for kind in ("reflection", "replication") for n in (1, 2, 3)},
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),

@@ -906,6 +906,27 @@ def _pool(ctx: RuleContext) -> list[Labels | None]:
     return [x[: len(x) - n] + [ctx.space.fresh(s, pin=reason) for s in out_shape[len(x) - n:]]]
 
 
+@_register("grid_sample")
+def _grid_sample(ctx: RuleContext) -> list[Labels | None]:
+    """``grid_sample(x [N, C, *in], grid [N, *out, k])``: every channel is sampled at the same
+    grid positions, so the channels pass; the batch unifies with the grid's, the input's
+    spatial dims are pinned (positions addressed by coordinates) and the output's spatial dims
+    are the grid's (deformable attention: RT-DETR, Deformable DETR, Mask2Former)."""
+    x, grid = ctx.ins[0], ctx.ins[1]
+    assert x is not None
+    reason = f"sampled by coordinates in {ctx.where}"
+    for labels in x[2:]:
+        ctx.space.pin(labels, reason)
+    out_shape = ctx.out_shapes[0]
+    assert out_shape is not None
+    if grid is None or len(grid) != len(x) or len(out_shape) != len(x):
+        ctx.pin_all(grid, f"grid of {ctx.where}")
+        return [x[:2] + [ctx.space.fresh(s, pin=reason) for s in out_shape[2:]]]
+    ctx.space.unify(x[0], grid[0])
+    ctx.space.pin(grid[-1], f"coordinates of the grid of {ctx.where}")
+    return [[x[0], x[1], *grid[1:-1]]]
+
+
 def _resize_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
     return {"shape": [count(v) for v in keep["out"]]}
 

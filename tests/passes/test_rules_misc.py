@@ -4,6 +4,9 @@ names its reason where something stays pinned or lossy."""
 
 from __future__ import annotations
 
+import io
+
+import onnx
 import pytest
 import torch
 import torch.fx
@@ -676,3 +679,42 @@ def test_rsqrt_of_a_non_negative_buffer_plus_eps_is_not_lossy():
     group = next(g for g in secateurs.analyze(model, x).groups
                  if any(m.param == "c1.weight" and m.dim == 0 for m in g.members))
     assert group.is_lossy
+
+
+class _Deformable(nn.Module):
+    """Deformable attention's sampling (RT-DETR, Deformable DETR): values projected, then read
+    at predicted coordinates by ``F.grid_sample``."""
+
+    def __init__(self, untraceable: bool = False) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.value, self.offsets = nn.Conv2d(8, 32, 1), nn.Conv2d(8, 2, 1)
+        self.out = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.untraceable:
+            for _ in range(x.shape[-1] // 8):
+                x = x * 1.0
+        grid = torch.tanh(self.offsets(x)).permute(0, 2, 3, 1)  # [N, H, W, 2]
+        v = torch.relu(self.value(x))
+        return self.out(F.grid_sample(v, grid, mode="bilinear", align_corners=False))
+
+
+@pytest.mark.parametrize("path", ["fx", "export", "onnx"])
+def test_grid_sample_passes_its_channels(path):
+    """``grid_sample`` had no rule (FX, torch.export's ``grid_sampler``, ONNX ``GridSample``):
+    the value channels of deformable attention were pinned."""
+    model = _Deformable(untraceable=path == "export").eval()
+    x = torch.randn(2, 8, 8, 8)
+    if path == "onnx":
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
+        result = secateurs.prune_onnx(onnx.load_from_string(buf.getvalue()), ratio=0.5,
+                                      verify=True, round_to=1)
+        assert result.report.exact is True
+        assert result.report.macs_kept < 0.7
+        return
+    result = secateurs.prune(model, (x,), ratio=0.5, verify=True)
+    assert result.report.tracer.startswith(path)
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("value.weight").shape[0] == 16
