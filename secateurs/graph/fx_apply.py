@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from secateurs.errors import PlanError
 from secateurs.graph.fx_lower import _SIGS, _node_shape, call_key
 from secateurs.graph.fx_modules import prune_multihead_attention
+from secateurs.graph.fx_trace import _fetch_attr
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_fx", "slice_tensors", "slice_tensor", "tensor_slots"]
@@ -115,9 +117,7 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
     (``channels``: its size may follow another tensor's pruned width even where this dim
     kept its own, e.g. ``view(B, T, heads, C // heads)`` with C pruned and head dims not)."""
     if isinstance(seq, torch.fx.Node):
-        # a whole shape read at run time (``broadcast_to(k, q.shape)``) follows the pruned
-        # tensor it is read from (the trial checks it against the plan's shape)
-        return seq
+        return _rewrite_shape_node(seq, new, old, channels)
     out = []
     shrunk: list[int] = []  # run-time sizes (no channel dim) whose dim shrank
     for i, v in enumerate(seq):
@@ -146,6 +146,50 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
     return type(seq)(out) if isinstance(seq, tuple) else out
 
 
+def _is_shape_node(arg: Any) -> bool:
+    """A node whose value is a whole shape: ``x.size()``, ``x.shape``, a slice of one, or a
+    tuple sum with one (``x.size()[:-1] + (heads, d)``) — not a single run-time size."""
+    if not isinstance(arg, torch.fx.Node) or arg.op not in ("call_function", "call_method"):
+        return False
+    if arg.op == "call_method" and arg.target == "size":
+        return len(arg.args) == 1 and not arg.kwargs
+    if arg.target is getattr and len(arg.args) > 1:
+        return arg.args[1] == "shape"
+    if arg.target is operator.getitem and len(arg.args) > 1:
+        return isinstance(arg.args[1], slice) and _is_shape_node(arg.args[0])
+    if arg.target is operator.add and len(arg.args) == 2:
+        return any(isinstance(v, (tuple, list)) or _is_shape_node(v) for v in arg.args)
+    return False
+
+
+def _rewrite_shape_node(seq: torch.fx.Node, new: list[int], old: Any,
+                        channels: Sequence[int]) -> torch.fx.Node:
+    """A shape computed as a whole. Read at run time (``broadcast_to(k, q.shape)``), it follows
+    the pruned tensor it is read from. Built as a tuple sum (``x.size()[:-1] + (heads, d)``:
+    BERT-era ``transpose_for_scores``, PVTv2), its literal part is rewritten: the run-time part
+    follows its tensor. Either way the trial checks the result against the plan's shape."""
+    if not (seq.op == "call_function" and seq.target is operator.add and len(seq.args) == 2):
+        return seq
+    a, b = seq.args
+    n = len(new)
+    if isinstance(a, torch.fx.Node) and isinstance(b, (tuple, list)) and 0 < len(b) <= n:
+        k = n - len(b)  # the literal part is the last len(b) dims
+        part = _rewrite_shape(list(b), new[k:], old[k:] if isinstance(old, tuple) else None,
+                              [c - k for c in channels if c >= k])
+        args: tuple[Any, Any] = (a, tuple(part))
+    elif isinstance(b, torch.fx.Node) and isinstance(a, (tuple, list)) and 0 < len(a) <= n:
+        part = _rewrite_shape(list(a), new[:len(a)],
+                              old[:len(a)] if isinstance(old, tuple) else None,
+                              [c for c in channels if c < len(a)])
+        args = (tuple(part), b)
+    else:
+        return seq
+    if args == tuple(seq.args):
+        return seq
+    with seq.graph.inserting_after(seq):  # a new sum: the traced one may have other readers
+        return seq.graph.call_function(operator.add, args)
+
+
 def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str, Any]) -> None:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
@@ -166,7 +210,8 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
         new = consts["shape"]
         old = _node_shape(node)
         ch = consts.get("channel_dims", ())
-        if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)):
+        if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)) \
+                and not _is_shape_node(node.args[1]):
             node.args = (node.args[0], *_rewrite_shape(list(node.args[1:]), new, old, ch))
         else:
             node.args = (node.args[0], _rewrite_shape(node.args[1], new, old, ch),

@@ -71,6 +71,12 @@ class ChannelGroup:
         return bool(self.lossy.any())
 
     @property
+    def removal_is_lossy(self) -> bool:
+        """Some unit that may be removed is lossy (a lossy unit that is pinned never goes:
+        ``h[:, [5, 9]].sum(-1)`` sums over the two pinned channels only)."""
+        return bool((self.lossy & ~self.pinned).any())
+
+    @property
     def is_pinned(self) -> bool:
         return bool(self.pinned.all())
 

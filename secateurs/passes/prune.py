@@ -216,7 +216,7 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     for g in analysis.groups:
         if g.id in skip or g.size < 2 or g.id not in scores:
             continue
-        if g.is_lossy and not allow_lossy:
+        if g.removal_is_lossy and not allow_lossy:
             continue
         ok = ~g.pinned
         if ok.any():

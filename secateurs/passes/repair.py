@@ -262,6 +262,12 @@ class Trial:
             m._parameters.update(params)
             m._buffers.clear()
             m._buffers.update(buffers)
+        # nodes the apply added (a rewritten shape sum, a rewritten index constant) have no
+        # readers left once the arguments are restored
+        known = {n for n, *_ in self._nodes}
+        for n in reversed(list(self.gm.graph.nodes)):
+            if n not in known and not n.users:
+                self.gm.graph.erase_node(n)
         if [n for n, *_ in self._nodes] != list(self.gm.graph.nodes):
             raise TrialBroken("internal error: applying a plan changed the graph's nodes, "
                                  "which a trial cannot undo; please report this model")

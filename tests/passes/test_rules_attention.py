@@ -485,3 +485,61 @@ def test_learned_key_tokens_are_lossy_through_the_attention_softmax(mha):
     result = secateurs.prune(model, x, ratio=0.5, verify=True)
     assert result.report.exact is True and not result.report.repairs
     assert result.model.get_parameter("registers").shape[1] == 2
+
+
+class _TakeChannels(torch.nn.Module):
+    """``h[:, [5, 9]]``: constant positions after prunable channels, so the list itself has to
+    change (``untraceable``: through torch.export's lifted constant)."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.untraceable:
+            for _ in range(x.shape[-1] // 8):
+                x = x * 1.0
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + h[:, [5, 9]].sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_constant_index_list_after_removed_channels_is_rewritten(tracer):
+    model = _TakeChannels(untraceable=tracer == "export").eval()
+    with torch.no_grad():
+        model.fc1.weight[:5] *= 1e-3  # channels 0-4, before the taken ones, go first
+    x = (torch.randn(3, 8),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith(tracer)
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("fc1.weight").shape[0] == 16 - 7
+    _runs_at_batch(result.model, x, 5)
+
+
+class _SizeTupleHeads(torch.nn.Module):
+    """BERT-era ``transpose_for_scores`` (PVTv2, many HF vision/audio models):
+    ``t.view(t.size()[:-1] + (heads, head_size))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32) for _ in range(4))
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.size()[:-1] + (4, 8)).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.o(a.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], -1))
+
+
+def test_a_view_to_a_size_tuple_sum_is_rewritten():
+    """The literal ``(heads, head_size)`` of ``t.size()[:-1] + (heads, head_size)`` was never
+    rewritten: the safety net pinned every attention group (MACs kept 1.0)."""
+    model = _SizeTupleHeads().eval()
+    x = (torch.randn(2, 8, 32),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("o.weight").shape[1] == 16
+    _runs_at_batch(result.model, x, 3)
