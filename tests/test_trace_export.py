@@ -1,5 +1,6 @@
 """The torch.export fallback keeps the batch symbolic, so a pruned model runs at any batch."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -78,3 +79,76 @@ def test_static_export_after_a_failed_dynamic_one_and_the_inputs_stay_unmarked()
     assert result.report.tracer == "export (static shapes)"
     assert result.report.exact is True
     assert not hasattr(x, "_dynamo_dynamic_indices")
+
+
+class _LegacyAttention(nn.Module):
+    """BART-era attention: ``reshape(bsz * num_heads, -1, head_dim)``, batch and heads merged
+    into one run-time size next to a -1."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.heads, self.hd = 4, 8
+        self.q, self.k, self.v, self.o = (nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.untraceable:
+            for _ in range(x.shape[-1] // 32):
+                x = x * 1.0
+        b, t, _ = x.size()
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            z = z.view(b, -1, self.heads, self.hd).transpose(1, 2)
+            return z.reshape(b * self.heads, -1, self.hd)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        w = torch.bmm(q, k.transpose(1, 2)).softmax(-1)
+        y = torch.bmm(w, v).view(b, self.heads, t, self.hd).transpose(1, 2)
+        return self.o(y.reshape(b, t, 32))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_batch_times_heads_next_to_minus_one_follows_the_batch(untraceable: bool) -> None:
+    """``b * heads`` became the traced constant (2 * 2) where the heads shrank; next to the -1
+    the pruned model ran at any batch and mixed samples at every batch but the example's:
+    mask-equivalent at the example, silently wrong elsewhere. It is now ``b * heads * 2 // 4``
+    at run time."""
+    model = _LegacyAttention(untraceable).eval()
+    x = torch.randn(2, 8, 32)
+    result = secateurs.prune(model, (x,), ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export" if untraceable else "fx")
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("o.weight").shape[1] == 16
+    x3 = torch.randn(3, 8, 32)
+    ok, diff = verify_mask_equivalence(model, result.model, result.plan, (x3,))
+    assert ok, diff
+
+
+def test_verify_also_checks_one_more_sample() -> None:
+    """The final check runs at the example and at one more sample, so a program right at the
+    traced batch only is caught even where no rule is at fault."""
+    from secateurs.passes.plan import Plan
+    from secateurs.passes.prune import _verify_batches
+
+    class _RightAtTwo(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.inner(x)
+            return y if x.shape[0] == 2 else y + 1.0
+
+    model = nn.Linear(4, 3).eval()
+    x = torch.randn(2, 4)
+    plan = Plan({}, {}, "fx", {})
+
+    class _Prep:  # what _verify_batches reads
+        example_inputs, tracer = (x,), "fx"
+
+    ok, diff, at = _verify_batches(model, _RightAtTwo(model), plan, _Prep())
+    assert not ok and diff == pytest.approx(1.0) and at[0].shape[0] == 3
+    ok, _, _ = _verify_batches(model, model, plan, _Prep())
+    assert ok
+    _Prep.tracer = "export (static shapes)"  # the pruned program runs at the example only
+    assert _verify_batches(model, _RightAtTwo(model), plan, _Prep())[0]

@@ -128,10 +128,15 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
             out.append(new[i])
         elif isinstance(v, torch.fx.Node) and _reads_batch(v):
             # ``b * heads`` read from a dim 0 (the batch, or batch x windows): from a
-            # batch-1 example the merge looks like a channel dim, yet it grows with the batch
-            out.append(new[i] if changed else v)
-            if changed:
-                shrunk.append(i)
+            # batch-1 example the merge looks like a channel dim, yet it grows with the batch.
+            # Where its dim shrank it is scaled at run time (``b * heads * new // old``: exact,
+            # the size is the batch times the traced factor); a constant would hold at the
+            # traced batch only, and next to a -1 it made a wrong view that still runs
+            # (BART-era ``reshape(b * heads, -1, d)`` at another batch)
+            if changed and isinstance(old[i], int) and old[i] > 0:
+                out.append(_scaled(v, new[i], old[i]))
+            else:
+                out.append(v)
         elif isinstance(v, torch.fx.Node) and i in channels:
             out.append(new[i])
         elif isinstance(v, torch.fx.Node) and changed:
@@ -144,6 +149,15 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
     if len(shrunk) == 1 and not any(isinstance(v, int) and v == -1 for v in seq):
         out[shrunk[0]] = -1
     return type(seq)(out) if isinstance(seq, tuple) else out
+
+
+def _scaled(size: torch.fx.Node, new: int, old: int) -> torch.fx.Node:
+    """``size * new // old`` computed at run time, after ``size`` (trials erase the nodes)."""
+    graph = size.graph
+    with graph.inserting_after(size):
+        times = graph.call_function(operator.mul, (size, new))
+    with graph.inserting_after(times):
+        return graph.call_function(operator.floordiv, (times, old))
 
 
 def _is_shape_node(arg: Any) -> bool:

@@ -36,7 +36,7 @@ from secateurs.passes.importance import (
     rounded_keep,
 )
 from secateurs.passes.plan import Plan, build_plan
-from secateurs.passes.repair import FxNet, Repair, compare_outputs, conclude, repair
+from secateurs.passes.repair import FxNet, Repair, batch_of, compare_outputs, conclude, repair
 
 __all__ = ["analyze", "prune", "apply_plan", "select_units", "PruneResult", "PruneReport",
            "GroupRow", "verify_mask_equivalence", "zero_plan_slices", "group_rows",
@@ -681,19 +681,16 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
         net.notes.append("mask-equivalence covers the lossless groups only: lossy groups "
                          f"{sorted(lossy & set(removed))} were pruned (allow_lossy=True)")
     elif verify:
-        ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
-                             prep.example_inputs)
+        ok, diff, at = timer.run("verify", _verify_batches, model, pruned, plan, prep)
         if not ok:  # the net, numerically: find the groups, pin them, prune again
             fresh = timer.run("repair", _retrace, prep)
-            net = FxNet(fresh, analysis, from_fx._as_tuple(prep.example_inputs), meta,
-                        exclude_exact=lossy, notes=net.notes)
+            net = FxNet(fresh, analysis, at, meta, exclude_exact=lossy, notes=net.notes)
             removed = timer.run("repair", repair, removed, reselect, net.both, prep.repairs,
                                 net.candidates, _describe(analysis))
             plan = timer.run("plan", build_plan, analysis, removed, meta)
             pruned = timer.run("apply", apply_plan_fx, fresh, plan)
             timer.run("apply", unshare_tensors, pruned, model)
-            ok, diff = timer.run("verify", verify_mask_equivalence, model, pruned, plan,
-                                 prep.example_inputs)
+            ok, diff, _ = timer.run("verify", _verify_batches, model, pruned, plan, prep)
     if target_latency is not None:
         from secateurs.passes.latency import latency_note
 
@@ -707,6 +704,37 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
     log.info("pruned: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
              100 * report.params_kept)
     return PruneResult(pruned, plan, report, analysis)
+
+
+def _verify_batches(model: nn.Module, pruned: nn.Module, plan: Plan,
+                    prep: Prepared) -> tuple[bool, float, tuple[Any, ...]]:
+    """The contract at the example inputs and, where the traced batch is symbolic, at one
+    more sample (the example's first row appended): a size the rewrite fixed to the traced
+    batch can make a view with the right element count and the wrong layout, which runs and
+    is mask-equivalent at the example only (BART-era ``reshape(b * heads, -1, d)``). Returns
+    whether both hold, the largest difference and the inputs that failed."""
+    args = from_fx._as_tuple(prep.example_inputs)
+    ok, diff = verify_mask_equivalence(model, pruned, plan, args)
+    more = None if prep.tracer == "export (static shapes)" else _one_more_sample(args)
+    if not ok or more is None:
+        return ok, diff, args
+    try:
+        with torch.no_grad():
+            _eval(model)(*more)
+    except Exception:  # noqa: BLE001 - the original itself runs at the example batch only
+        return ok, diff, args
+    ok2, diff2 = verify_mask_equivalence(model, pruned, plan, more)
+    return ok2, max(diff, diff2), (args if ok2 else more)
+
+
+def _one_more_sample(args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``args`` with dim 0 of every tensor one longer (its first row repeated); None unless
+    every tensor input has the same dim 0 (a DLRM's offsets and index rows are no batch)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    b = batch_of(args)
+    if b is None or any(t.dim() == 0 or t.shape[0] != b for t in tensors):
+        return None
+    return tuple(torch.cat([a, a[:1]], 0) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _describe(analysis: Analysis) -> Callable[[int], str]:
