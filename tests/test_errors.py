@@ -122,3 +122,39 @@ def test_the_binding_hint_stays_out_of_the_way_of_plain_models():
     text = str(info.value)
     assert "bind to _TwoInputs.forward(x=Tensor, scale=Tensor)." in text
     assert "prune_hf" not in text
+
+
+class _RandomMasking(nn.Module):
+    """ViTMAE's ``random_masking``: token order from fresh ``torch.rand`` noise, in eval mode
+    too (or a dropout run with ``training=True``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rand":
+            order = torch.argsort(torch.rand(x.shape[0], x.shape[1]), dim=1)
+            x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[2]))
+        else:
+            x = torch.nn.functional.dropout(x, 0.1, training=self.kind == "dropout")
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("kind", ["rand", "dropout"])
+def test_verify_refuses_a_random_forward_and_names_the_node(kind):
+    """The safety net used to blame missing channel rules for the noise, pin every group and
+    then fail verification with "please report this model"."""
+    x = torch.randn(2, 8, 16)
+    with pytest.raises(secateurs.InputError, match="random numbers") as err:
+        secateurs.prune(_RandomMasking(kind).eval(), (x,), ratio=0.5, verify=True)
+    assert ("rand '" if kind == "rand" else "training=True") in str(err.value)
+    result = secateurs.prune(_RandomMasking(kind).eval(), (x,), ratio=0.5)  # no check asked
+    assert result.model.get_parameter("fc1.weight").shape[0] == 16
+
+
+def test_dropout_in_eval_mode_is_deterministic():
+    x = torch.randn(2, 8, 16)
+    result = secateurs.prune(_RandomMasking("eval").eval(), (x,), ratio=0.5, verify=True)
+    assert result.report.exact is True

@@ -26,6 +26,7 @@ from torch import nn
 from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
+from secateurs.graph.fx_lower import call_key
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, Member, group_channels
 from secateurs.passes.importance import (
@@ -646,6 +647,8 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
            verify: bool = False, target_latency: float | None = None) -> PruneResult:
     """Select at ``ratio`` on ``prep``, then plan, apply, report (and optionally verify)."""
     model, timer, tracer, analysis = prep.model, prep.timer, prep.tracer, prep.analysis
+    if verify:
+        _check_deterministic_fx(prep.gm)
     if verify and prep.inplace:
         raise InputError("verify=True needs the original model; it cannot be combined with "
                          "inplace=True")
@@ -704,6 +707,43 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
     log.info("pruned: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
              100 * report.params_kept)
     return PruneResult(pruned, plan, report, analysis)
+
+
+_RANDOM_CALLS = {"rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
+                 "randperm", "bernoulli", "multinomial", "normal", "uniform", "exponential",
+                 "geometric", "cauchy", "log_normal", "poisson", "native_dropout"}
+_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
+             "dropout1d", "dropout2d", "dropout3d"}
+
+
+def random_nodes_fx(gm: torch.fx.GraphModule) -> list[str]:
+    """The nodes that make the traced forward's outputs random: sampling calls (ViTMAE's
+    ``random_masking`` draws ``torch.rand`` noise in eval mode too) and dropout run with
+    ``training=True``."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method"):
+            continue
+        key = call_key(n)
+        if key in _RANDOM_CALLS:
+            found.append(f"{key} '{n.name}'")
+        elif key in _DROPOUTS:
+            train = n.kwargs.get("training", n.kwargs.get("train",
+                                 n.args[2] if len(n.args) > 2 else False))
+            if train is True:
+                found.append(f"{key} '{n.name}' (training=True)")
+    return found
+
+
+def _check_deterministic_fx(gm: torch.fx.GraphModule) -> None:
+    found = random_nodes_fx(gm)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise InputError(
+            f"verify=True needs a deterministic forward, and this one draws random numbers: "
+            f"{', '.join(found[:3])}{more}. A pruned model cannot be checked against a random "
+            "one: pass the randomness as an input (ViTMAE: noise=...), call model.eval(), or "
+            "prune without verify")
 
 
 def _verify_batches(model: nn.Module, pruned: nn.Module, plan: Plan,
