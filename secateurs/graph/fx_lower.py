@@ -129,6 +129,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "var": ("input", "dim"), "std": ("input", "dim"), "logsumexp": ("input", "dim", "keepdim"),
     "norm": ("input", "p", "dim", "keepdim"), "prod": ("input", "dim", "keepdim"),
     "linalg_vector_norm": ("input", "ord", "dim", "keepdim"),
+    "_weight_norm": ("v", "g", "dim"),
     "grid_sample": ("input", "grid"), "grid_sampler": ("input", "grid"),
     "grid_sampler_2d": ("input", "grid"), "grid_sampler_3d": ("input", "grid"),
     "stack": ("tensors", "dim"), "repeat_interleave": ("input", "repeats", "dim"),
@@ -597,9 +598,16 @@ _CALLS["type"] = _first_only("cast")
 _CALLS["type_as"] = _first_only("cast")
 for _op in ("add", "sub", "rsub", "mul", "div", "true_divide", "maximum", "minimum", "where",
             "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
-            "logical_not", "atan2", "fmod", "remainder", "floor_divide"):
-    _CALLS[_op] = _elementwise({"rsub": "sub", "true_divide": "div",
-                                "floor_divide": "div"}.get(_op, _op))
+            "logical_not", "atan2", "fmod", "remainder", "floor_divide",
+            # bool masks combined (DETR's query masks): ATen's and torch's spellings
+            "__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_xor",
+            "logical_xor", "bitwise_not", "__invert__"):
+    _CALLS[_op] = _elementwise({"rsub": "sub", "true_divide": "div", "floor_divide": "div",
+                                "__and__": "logical_and", "bitwise_and": "logical_and",
+                                "__or__": "logical_or", "bitwise_or": "logical_or",
+                                "__xor__": "logical_or", "bitwise_xor": "logical_or",
+                                "logical_xor": "logical_or", "bitwise_not": "logical_not",
+                                "__invert__": "logical_not"}.get(_op, _op))
 _CALLS.update({
     "pow": _pow, "linear": _linear, "embedding": _embedding, "div": _div, "true_divide": _div,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
@@ -637,6 +645,8 @@ _CALLS.update({
     "pixel_shuffle": _pixel_shuffle, "pixel_unshuffle": _pixel_shuffle,
     **{k: (lambda n, b: ("grid_sample", [b["input"], b["grid"]], {}))
        for k in ("grid_sample", "grid_sampler", "grid_sampler_2d", "grid_sampler_3d")},
+    "_weight_norm": lambda n, b: ("weight_norm", [b["v"], b["g"]],
+                                  {"dim": int(b.get("dim", 0))}),
     "roll": _roll, "pad": _pad, "constant_pad_nd": _pad, "_pad_circular": _pad,
     **{f"{kind}_pad{n}d": _pad for kind in ("reflection", "replication") for n in (1, 2, 3)},
     "mean": _reduce("mean"), "sum": _reduce("sum"), "amax": _reduce("max"),

@@ -880,6 +880,30 @@ def _reduce(ctx: RuleContext) -> list[Labels | None]:
     return [out] + [out for _ in ctx.out_shapes[1:]]
 
 
+@_register("weight_norm")
+def _weight_norm(ctx: RuleContext) -> list[Labels | None]:
+    """``torch._weight_norm(v, g, dim)`` (``nn.utils.weight_norm``: wav2vec2/HuBERT/WavLM's
+    positional conv): ``v * g / ||v||`` with the norm over every dim but ``dim``. Each slice
+    along ``dim`` scales by its own ``g``, so that dim unifies with ``g``'s; the others are
+    normalised over, hence lossy. So is ``dim`` itself: a removed (zeroed) slice is ``0 / 0``,
+    so the masked model the contract compares with is NaN there (the slicing itself is
+    right; ``allow_lossy`` prunes it)."""
+    v, g = ctx.ins[0], ctx.ins[1]
+    assert v is not None
+    dim = int(ctx.node.attrs.get("dim", 0)) % len(v)
+    for d, labels in enumerate(v):
+        if d != dim and len(labels) > 1:
+            ctx.space.mark_lossy(labels, f"{ctx.where} normalises the weight over this dim")
+        elif d == dim:
+            ctx.space.mark_lossy(labels, f"{ctx.where} divides each slice of this dim by its "
+                                         "own norm: a removed slice is 0 / 0")
+    if g is not None and len(g) == len(v):
+        ctx.space.unify(v[dim], g[dim])
+    else:
+        ctx.pin_all(g, f"gain of {ctx.where}")
+    return [list(v)]
+
+
 @_register("softmax")
 def _softmax(ctx: RuleContext) -> list[Labels | None]:
     x, shape = ctx.ins[0], ctx.in_shapes[0]

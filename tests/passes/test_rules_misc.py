@@ -718,3 +718,38 @@ def test_grid_sample_passes_its_channels(path):
     assert result.report.tracer.startswith(path)
     assert result.report.exact is True and not result.report.repairs
     assert result.model.get_parameter("value.weight").shape[0] == 16
+
+
+class _WeightNormedConv(nn.Module):
+    """wav2vec2/HuBERT/WavLM's positional conv: ``parametrizations.weight_norm`` (torch.export:
+    ``aten._weight_norm``), with a bool mask combined by ``&`` (DETR's query masks)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.conv = nn.utils.parametrizations.weight_norm(
+            nn.Conv1d(32, 32, 3, padding=1, groups=4), dim=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(x.shape[-1] // 8):  # not FX-traceable: torch.export
+            x = x * 1.0
+        h = torch.relu(self.fc1(x))
+        keep = (h > 0.1) & (h < 3.0)
+        c = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.fc2(h + c * keep)
+
+
+@pytest.mark.parametrize("dim", [0, 2])
+def test_weight_norm_and_bool_masks_have_rules(dim):
+    """``_weight_norm`` and ``__and__`` had no rule: opaque, they pinned the channels with
+    "no channel rule". The norm makes its channels lossy (normalised over, or 0/0 for a removed
+    slice), the mask passes them; ``allow_lossy`` prunes."""
+    model = _WeightNormedConv(dim).eval()
+    x = (torch.randn(2, 6, 8),)
+    analysis = secateurs.analyze(model, x)
+    reasons = [r for g in analysis.groups for r in g.pin_reasons + g.lossy_reasons]
+    assert not [r for r in reasons if "no channel rule" in r], reasons
+    assert any("weight_norm" in r for r in reasons)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True, allow_lossy=True)
+    assert result.report.tracer.startswith("export") and not result.report.repairs
+    assert result.model.get_parameter("fc1.weight").shape[0] == 16
