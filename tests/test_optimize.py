@@ -234,3 +234,38 @@ def test_cli_zoo_pruned_int8_runs_in_ort(spec, tmp_path, capsys) -> None:
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x})
     assert np.isfinite(y).all() and y.shape[0] == 1
+
+
+class _PostNorm(torch.nn.Module):
+    """BERT's post-norm residuals: ``LayerNorm(x + f(x))``, the sum read by the norm alone
+    (ORT fuses the pair into SkipLayerNormalization)."""
+
+    def __init__(self, post: bool) -> None:
+        super().__init__()
+        self.post = post
+        self.fc1, self.fc2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+        self.norm = torch.nn.LayerNorm(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post:
+            return self.norm(x + self.fc2(torch.relu(self.fc1(x))))
+        h = x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+        return h + self.norm(h)  # pre-norm: the sum is read by more than the norm
+
+
+@pytest.mark.parametrize("post", [True, False])
+def test_measure_times_the_final_model_without_skip_layer_norm_fusion(post) -> None:
+    """ORT's SkipLayerNormalization kernel is slower than Add + LayerNorm on this kind of CPU:
+    where the final model gets the fusion, measure also times it with the fusion off in the
+    same loop, and the table says how to turn it off when that is faster."""
+    x = torch.randn(2, 16, 64)
+    result = secateurs.optimize(_PostNorm(post).eval(), x, prune=0.5, repeats=3)
+    skip = result.stages[-1].details.get("skip_layer_norm")
+    if not post:
+        assert skip is None and "SkipLayerNormFusion" not in result.table()
+        return
+    assert skip["fused_ms"] == result.stages[-1].latency_ms > 0 and skip["unfused_ms"] > 0
+    assert skip["disable"] == (skip["unfused_ms"] < skip["fused_ms"] * 0.97)
+    assert ("disabled_optimizers=['SkipLayerNormFusion']" in result.table()) == skip["disable"]
+    assert json.loads(json.dumps(result.to_dict(), default=str))["stages"][-1]["details"][
+        "skip_layer_norm"]["fused_ms"] == skip["fused_ms"]

@@ -126,6 +126,14 @@ class OptimizeResult:
                       if base.latency_ms and r.latency_ms else "-")
             lines.append(f"{r.stage:<10}{size:>11}{smaller:>10}{macs:>15}{lat:>12}{faster:>9}"
                          f"{r.max_abs_diff:>12.3g}")
+        skip = self.stages[-1].details.get("skip_layer_norm")
+        if skip and skip["disable"]:
+            lines.append(
+                f"ORT: the final model runs {skip['fused_ms']:.3f} ms with ORT's "
+                f"SkipLayerNormFusion and {skip['unfused_ms']:.3f} ms without it here; create "
+                "sessions with it disabled (onnxruntime.InferenceSession(..., "
+                "disabled_optimizers=['SkipLayerNormFusion']); secateurs bench "
+                "--disable-optimizer SkipLayerNormFusion measures it)")
         sparse = next((r.details.get("tensorrt_sparse") for r in self.stages
                        if r.details.get("tensorrt_sparse")), None)
         if sparse:
@@ -466,11 +474,46 @@ def _measure(state: _State) -> None:
     blobs = [m.SerializeToString() for m in state.models.values()]
     state.progress(f"measure: {len(names)} models ({', '.join(names)}) x {opts['repeats']} "
                    f"interleaved runs, {opts['threads']} thread(s)")
-    table = compare(blobs[0], blobs[1:], inputs=dict(state.feeds or {}),
+    final = names[-1]
+    # ORT fuses a residual Add read only by a LayerNormalization into SkipLayerNormalization,
+    # whose CPU kernel is slower than the pair on AVX-512 (docs/architecture.md): where the
+    # final model gets it, it is also timed without the fusion, in the same interleaved loop
+    skip = _ort_fused_count(state.models[final], "SkipLayerNormalization") > 0
+    extra = [state.models[final].SerializeToString()] if skip else []
+    labels = names + ([f"{final} without SkipLayerNormFusion"] if skip else [])
+    disabled = [[]] * len(names) + ([[SKIP_LAYER_NORM_FUSION]] if skip else [])
+    table = compare(blobs[0], blobs[1:] + extra, inputs=dict(state.feeds or {}),
                     threads=(opts["threads"],), batch=(_batch(state.feeds),),
-                    warmup=opts["warmup"], repeats=opts["repeats"], names=names)
-    for row in table.rows:
+                    warmup=opts["warmup"], repeats=opts["repeats"], names=labels,
+                    model_disabled_optimizers=disabled)
+    for row in table.rows[:len(names)]:
         state.latency[row.model] = row.stats.p50
+    if skip:
+        fused, unfused = state.latency[final], table.rows[len(names)].stats.p50
+        state.details[final]["skip_layer_norm"] = {
+            "fused_ms": fused, "unfused_ms": unfused,
+            "disable": unfused < fused * (1 - SKIP_LAYER_NORM_MARGIN)}
+
+
+SKIP_LAYER_NORM_FUSION = "SkipLayerNormFusion"
+SKIP_LAYER_NORM_MARGIN = 0.03  # advise turning the fusion off only past the noise
+
+
+def _ort_fused_count(model: Any, op_type: str) -> int:
+    """How many ``op_type`` nodes ORT's CPU graph optimizer (all levels) makes of ``model``."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), opts,
+                             providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath, load_external_data=False)
+    return sum(1 for n in optimized.graph.node if n.op_type == op_type)
 
 
 def _batch(feeds: Mapping[str, np.ndarray] | None) -> int:

@@ -473,6 +473,7 @@ def compare(
     names: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     disabled_optimizers: Sequence[str] = (),
+    model_disabled_optimizers: Sequence[Sequence[str]] | None = None,
 ) -> CompareTable:
     """Latency of ``dense`` and each ``pruned`` model side by side, measured interleaved.
 
@@ -487,7 +488,9 @@ def compare(
     doc), only one session lives at a time: each model runs ``BLOCK_RUNS`` timed runs per
     block in a fresh session (``warmup`` runs first, at least one), blocks rotated the same way,
     until it has ``repeats`` timed runs. ``disabled_optimizers``: ONNX Runtime graph
-    transformers every session skips (``OrtSession``; unknown names are ignored by ORT).
+    transformers every session skips (``OrtSession``; unknown names are ignored by ORT);
+    ``model_disabled_optimizers``: one more list per model (dense first), so one model can be
+    timed with and without a fusion side by side (pass it twice).
     """
     pruned_list = list(pruned) if isinstance(pruned, (list, tuple)) else [pruned]
     models = [dense, *pruned_list]
@@ -496,6 +499,11 @@ def compare(
         raise InputError(f"compare: {len(labels)} names for {len(models)} models")
     if repeats < 1:
         raise InputError(f"compare: repeats must be >= 1, got {repeats}")
+    per_model = [list(disabled_optimizers) + list(extra) for extra in
+                 (model_disabled_optimizers or [()] * len(models))]
+    if len(per_model) != len(models):
+        raise InputError(f"compare: {len(per_model)} model_disabled_optimizers lists for "
+                         f"{len(models)} models")
     blobs = [_model_bytes_or_path(m) for m in models]  # fail early on a bad path
     rows: list[CompareRow] = []
     for t in threads:
@@ -504,7 +512,7 @@ def compare(
                 progress(f"threads={t} batch={b}: {len(models)} models x {repeats} runs")
             def make(i: int, t: int = t) -> OrtSession:
                 sess = OrtSession(blobs[i], providers=providers, intra_op_threads=t,
-                                  inter_op_threads=1, disabled_optimizers=disabled_optimizers)
+                                  inter_op_threads=1, disabled_optimizers=per_model[i])
                 sess.source = f"model '{labels[i]}'"
                 return sess
 

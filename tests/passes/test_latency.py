@@ -278,3 +278,20 @@ def test_bench_cli_times_with_a_fusion_disabled(tmp_path, capsys) -> None:
     assert rc == 0
     rows = json.loads((tmp_path / "b.json").read_text())
     assert rows and "post" in capsys.readouterr().out
+
+
+def test_compare_takes_disabled_optimizers_per_model() -> None:
+    """One model timed with and without a fusion in one interleaved loop; a list per model or
+    none, nothing in between."""
+    from secateurs.errors import InputError
+    from secateurs.runtime.ort import compare
+
+    blob = export_onnx(_PostNorm(), torch.randn(1, 32, 64), dynamic_batch=False) \
+        .SerializeToString()
+    table = compare(blob, [blob], threads=(1,), batch=(1,), warmup=1, repeats=2,
+                    names=["fused", "unfused"],
+                    model_disabled_optimizers=[[], ["SkipLayerNormFusion"]])
+    assert [r.model for r in table.rows] == ["fused", "unfused"]
+    with pytest.raises(InputError, match="2 models"):
+        compare(blob, [blob], threads=(1,), batch=(1,), repeats=1,
+                model_disabled_optimizers=[[]])
