@@ -277,7 +277,10 @@ def _infer(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     # custom-domain ops, which ONNX cannot infer, and shape hints of ``_materialise``.
     custom = {o for n in work.graph.node
               if n.domain not in ("", "ai.onnx") or n.op_type in _SAME_SHAPE for o in n.output}
-    keep = [vi for vi in work.graph.value_info if vi.name in custom]
+    # a declared shape with symbolic dims (an fp16 converter's cast of a fused op's output)
+    # tells nothing at static input shapes: the contrib inference below recomputes it
+    keep = [vi for vi in work.graph.value_info
+            if vi.name in custom and _static(_dims(vi.type)) is not None]
     declared = {vi.name for vi in keep}
     missing = {o for n in work.graph.node if n.domain == MS_DOMAIN for o in n.output
                if o and o not in declared}
@@ -667,6 +670,39 @@ def _subgraph_names(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+# ONNX Runtime's own rewrites (a session's optimized graph, the transformer optimizer at its
+# highest levels, layout transforms): ops no exporter writes
+_ORT_INTERNAL_OPS = {"FusedConv", "FusedMatMul", "FusedGemm", "NhwcConv", "NhwcMaxPool",
+                     "ReorderInput", "ReorderOutput", "FusedMatMulActivation", "QuickGelu"}
+_ORT_INTERNAL_DOMAINS = {"com.microsoft.nchwc", "com.ms.internal.nhwc"}
+# quantized operators (QOperator format, dynamic quantization)
+QUANTIZED_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat",
+                  "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
+                  "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean", "QGemm",
+                  "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                  "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention",
+                  "MatMulNBits", "MatMulBnb4"}
+_CONTROL_FLOW_OPS = {"Loop", "If", "Scan"}
+
+
+def _unknown_shape_advice(domain: str, op: str) -> str:
+    """What to do about a value whose shape inference cannot fix, by the op that makes it."""
+    if domain in _ORT_INTERNAL_DOMAINS or op in _ORT_INTERNAL_OPS:
+        return ("the model was optimized by ONNX Runtime (its internal ops carry no shape "
+                "secateurs can read): prune the exported model before ORT optimizes it (ORT "
+                "optimizes it again when it loads the pruned one), or declare these ops' "
+                "output shapes as value_info")
+    if op in QUANTIZED_OPS:
+        return ("the model is quantized: prune the float model, then quantize "
+                "(secateurs optimize --prune R --quantize int8)")
+    if op in _CONTROL_FLOW_OPS:
+        return (f"a {op} (control flow) sizes it at run time: export the model without "
+                "scripted control flow (torch.export / dynamo=True unrolls static loops), or "
+                "prune the torch model with secateurs.prune")
+    return ("pass static input_shapes (--input-shape NAME=1,3,224,224) or re-export the model "
+            "with static shapes (outputs of custom ops need value_info entries)")
+
+
 class _Lowering:
     def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, list[int | str | None]],
                  consts: dict[str, np.ndarray]) -> None:
@@ -679,6 +715,7 @@ class _Lowering:
         self.nodes: list[Node] = []
         self.opset = _opset(model)
         self.producer: dict[str, str] = {}
+        self.producer_op: dict[str, tuple[str, str]] = {}  # value -> (domain, op type)
         self.onnx_name = ""
         self.onnx_op = ""
         self.const_params = {n.output[0]: n for n in self.graph.node if _float_constant(n)}
@@ -691,10 +728,8 @@ class _Lowering:
         if shape is None:
             made_by = self.producer.get(name, "an unknown producer")
             what = "an unknown shape" if dims is None else f"a dynamic shape {dims}"
-            raise InputError(
-                f"value '{name}' (output of {made_by}) has {what} after shape inference; "
-                f"pass static input_shapes (--input-shape NAME=1,3,224,224) or re-export the "
-                f"model with static shapes (outputs of custom ops need value_info entries)")
+            raise InputError(f"value '{name}' (output of {made_by}) has {what} after shape "
+                             f"inference; {_unknown_shape_advice(*self.producer_op.get(name, ('', '')))}")
         return shape
 
     def tensor_value(self, name: str) -> np.ndarray | None:
@@ -779,9 +814,11 @@ class _Lowering:
         used = {i for n in self.graph.node for i in list(n.input) + _subgraph_names(n)} \
             | {o.name for o in self.graph.output}
         for node, name in zip(self.graph.node, names):
+            domain = "" if node.domain in ("", "ai.onnx") else f"{node.domain}::"
             for out in node.output:
                 if out:
-                    self.producer[out] = f"{node.op_type} '{name}'"
+                    self.producer[out] = f"{domain}{node.op_type} '{name}'"
+                    self.producer_op[out] = (node.domain or "", node.op_type)
         inputs = graph_input_names(self.graph)
         for name in inputs:
             self.values[name] = Value(name, self.shape(name), kind="input")

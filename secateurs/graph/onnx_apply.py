@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ from secateurs.graph.from_onnx import (
     MS_DOMAIN,
     _is_param_init,
     _static,
+    _subgraph_names,
     defer_tensor,
     external_info,
     fold_constants,
@@ -60,7 +62,8 @@ from secateurs.graph.onnx_untie import retie, untie_shared_vectors
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_onnx", "zero_plan_slices_onnx", "load_onnx", "save_onnx",
-           "uses_external_data", "has_lazy_tensors", "materialized", "TensorSpill"]
+           "uses_external_data", "has_lazy_tensors", "materialized", "TensorSpill",
+           "sorted_topologically"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,48 @@ log = logging.getLogger(__name__)
 def uses_external_data(model: onnx.ModelProto) -> bool:
     from onnx.external_data_helper import _get_all_tensors
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _get_all_tensors(model))
+
+
+def sorted_topologically(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself where its nodes are in topological order, else a copy whose nodes
+    are (a stable Kahn order; ONNX Runtime runs unsorted graphs, and fp16 converters write
+    them: ``keep_io_types=True`` appends the input casts after their readers). A graph with
+    a cycle is returned as it is, for the checker to reject."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    needs = [set(n.input) | set(_subgraph_names(n)) for n in graph.node]
+    seen, in_order = set(ready), True
+    for n, need in zip(graph.node, needs):
+        if not need <= seen:
+            in_order = False
+            break
+        seen.update(n.output)
+    if in_order:
+        return model
+    producer = {o: k for k, n in enumerate(graph.node) for o in n.output if o}
+    waiting = [sum(1 for v in need if v in producer) for need in needs]
+    readers: dict[int, list[int]] = {}
+    for k, need in enumerate(needs):
+        for v in need:
+            if v in producer:
+                readers.setdefault(producer[v], []).append(k)
+    heap = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(heap)
+    order: list[int] = []
+    while heap:
+        k = heapq.heappop(heap)
+        order.append(k)
+        for r in readers.get(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(heap, r)
+    if len(order) != len(graph.node):
+        return model  # a cycle (or a value read twice from one producer list): as it is
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(graph.node[k] for k in order)
+    return out
 
 
 def load_onnx(path: str | os.PathLike[str], lazy: bool = False
@@ -121,13 +166,18 @@ def load_onnx(path: str | os.PathLike[str], lazy: bool = False
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"cannot read the external data of {target}: "
                              f"{type(exc).__name__}: {exc}") from exc
+    ordered = sorted_topologically(model)
     try:
-        # By path: the checker reads external data itself, and a model over protobuf's 2 GB
-        # limit cannot be checked as one in-memory proto.
-        onnx.checker.check_model(str(target))
+        if ordered is model:
+            # By path: the checker reads external data itself, and a model over protobuf's
+            # 2 GB limit cannot be checked as one in-memory proto.
+            onnx.checker.check_model(str(target))
+        else:  # the nodes were out of order: check the sorted graph
+            onnx.checker.check_model(skeleton(ordered))
     except Exception as exc:  # noqa: BLE001 - ValidationError and C++ checker errors
         raise InputError(f"{target} is not a valid ONNX model: {exc}") from exc
-    return model, external
+    return ordered, external
+
 
 
 # By path, external-data models of this many tensor bytes or more keep their large tensors on

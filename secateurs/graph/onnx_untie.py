@@ -36,6 +36,13 @@ def _is_vector(tensor: onnx.TensorProto) -> bool:
             and tensor.data_location != onnx.TensorProto.EXTERNAL and not is_lazy(tensor))
 
 
+def _constant_vector(node: onnx.NodeProto) -> bool:
+    """A ``Constant`` node holding a float vector (``value`` attribute)."""
+    return node.op_type == "Constant" and len(node.attribute) == 1 and \
+        node.attribute[0].name == "value" and len(node.output) == 1 and \
+        _is_vector(node.attribute[0].t)
+
+
 def untie_shared_vectors(model: onnx.ModelProto, in_place: bool = False
                          ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """``model`` itself when no vector initializer is shared, else a copy (``in_place=True``:
@@ -46,18 +53,24 @@ def untie_shared_vectors(model: onnx.ModelProto, in_place: bool = False
     a plan made on the untied form applies to the original (``apply_plan_onnx`` unties it the
     same way first)."""
     graph = model.graph
-    pinned = {v.name for v in graph.input} | {v.name for v in graph.output}
+    inits = {t.name for t in graph.initializer}
+    # an initializer that old exporters also list as a graph input is still a parameter
+    pinned = {v.name for v in graph.input if v.name not in inits} | \
+        {v.name for v in graph.output}
     vectors = {t.name for t in graph.initializer if _is_vector(t) and t.name not in pinned}
+    constants = {n.output[0]: k for k, n in enumerate(graph.node) if _constant_vector(n)
+                 and n.output[0] not in pinned}
     readers: dict[str, int] = defaultdict(int)
     identities = 0
     for node in graph.node:
         for name in node.input:
-            if name in vectors:
+            if name in vectors or name in constants:
                 readers[name] += 1
         if node.op_type == "Identity" and node.input and node.input[0] in vectors \
                 and node.output[0] not in pinned:
             identities += 1
-    if not identities and all(n <= 1 for n in readers.values()):
+    shared_constants = {name for name in constants if readers[name] > 1}
+    if not identities and not shared_constants and all(n <= 1 for n in readers.values()):
         return model, {}
 
     out = model
@@ -65,6 +78,17 @@ def untie_shared_vectors(model: onnx.ModelProto, in_place: bool = False
         out = onnx.ModelProto()
         out.CopyFrom(model)
     graph = out.graph
+    # 0. a shared vector written as a Constant node becomes the initializer it stands for
+    if shared_constants:
+        moved = [graph.node[constants[name]] for name in sorted(shared_constants)]
+        for node in moved:
+            tensor = graph.initializer.add()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            vectors.add(tensor.name)
+        kept_nodes = [n for n in graph.node if not any(n is m for m in moved)]
+        del graph.node[:]
+        graph.node.extend(kept_nodes)
     tensors = {t.name: t for t in graph.initializer}
     taken = set(tensors) | {o for n in graph.node for o in n.output} | pinned
     created: dict[str, str] = {}

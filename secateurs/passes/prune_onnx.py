@@ -40,13 +40,20 @@ import onnx
 import torch
 
 from secateurs.errors import InputError
-from secateurs.graph.from_onnx import _constant_value, from_onnx, onnx_node_names, tensor_array
+from secateurs.graph.from_onnx import (
+    QUANTIZED_OPS,
+    _constant_value,
+    from_onnx,
+    onnx_node_names,
+    tensor_array,
+)
 from secateurs.graph.onnx_apply import (
     apply_plan_onnx,
     has_lazy_tensors,
     load_onnx,
     save_external,
     save_onnx,
+    sorted_topologically,
     zero_plan_slices_onnx,
 )
 from secateurs.graph.onnx_untie import retie, untie_shared_vectors
@@ -99,7 +106,7 @@ def load_model(model_or_path: Any, lazy: bool = False) -> tuple[onnx.ModelProto,
     """A ModelProto (used as is) or a path (loaded with its external data; ``lazy=True``
     leaves large external tensors on disk, see ``onnx_apply.load_onnx``)."""
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, False
+        return sorted_topologically(model_or_path), False
     if isinstance(model_or_path, (str, os.PathLike)):
         return load_onnx(model_or_path, lazy=lazy)
     raise InputError(f"expected an onnx.ModelProto or a path to an .onnx file, got "
@@ -162,7 +169,14 @@ def _ignored_groups(analysis: Analysis, model: onnx.ModelProto, ignore: Iterable
 
 
 def _n_params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+    """Elements of the float initializers and of the float ``Constant`` nodes (some exporters
+    write every weight as one); integer tensors are shape arithmetic, not parameters."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.DOUBLE}
+    tensors = list(model.graph.initializer) + [  # a scalar constant is no parameter
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+        if a.name == "value" and int(np.prod(a.t.dims, dtype=np.int64)) > 1]
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in floats)
 
 
 def _report(analysis: Analysis, removed: Mapping[int, np.ndarray], before: onnx.ModelProto,
@@ -367,12 +381,14 @@ def prune_onnx(model_or_path: Any, ratio: float | None = None,
         net.notes.append(f"{len(untied)} per-channel vector(s) the exporter had deduplicated "
                          "across layers were given one copy per reader (e.g. "
                          f"'{next(iter(untied))}'), so unrelated layers prune independently")
-    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-    if qdq:
-        net.notes.append(f"the model is already quantized ({qdq} QuantizeLinear/"
-                         "DequantizeLinear nodes): the channels their scales touch stay "
-                         "whole; prune the float model, then quantize (secateurs optimize "
-                         "--prune R --quantize int8)")
+    quantized = [n.op_type for n in model.graph.node
+                 if n.op_type in ("QuantizeLinear", "DequantizeLinear") or
+                 n.op_type in QUANTIZED_OPS]
+    if quantized:
+        kinds = ", ".join(sorted(set(quantized)))
+        net.notes.append(f"the model is already quantized ({len(quantized)} {kinds} nodes): "
+                         "the channels they touch stay whole; prune the float model, then "
+                         "quantize (secateurs optimize --prune R --quantize int8)")
     if not net.use_ort:
         net.notes.append(f"checked by strict shape inference only ({macs / 1e9:.2f} GMACs; "
                          "verify=True also runs the pruned model under ONNX Runtime)")
