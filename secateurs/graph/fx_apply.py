@@ -235,7 +235,15 @@ def _apply_node(gm: torch.fx.GraphModule, node: torch.fx.Node, consts: dict[str,
         sizes = node.args[2] if len(node.args) > 2 else node.kwargs["sizes"]
         # ``dim`` counts in the input, which has len(sizes) - 1 dims fewer than the output
         dim = int(dim) % (len(consts["shape"]) - len(sizes) + 1)
-        _set_arg(node, key, "sizes", _rewrite_shape(sizes, consts["shape"][dim:]))
+        end = dim + len(sizes)
+        old = _node_shape(node)
+        # a run-time size (``unflatten(-1, (3, E))`` with ``E`` read from the unpruned input
+        # of a packed in-projection) is rewritten where it is a channel dim or its dim shrank,
+        # as in a view's sizes
+        _set_arg(node, key, "sizes", _rewrite_shape(
+            sizes, consts["shape"][dim:end],
+            old[dim:end] if isinstance(old, tuple) else None,
+            [c - dim for c in consts.get("channel_dims", ()) if dim <= c < end]))
     elif "shape" in consts and key in _FACTORY_OPS:
         _apply_factory(node, key, consts["shape"])
     elif "sizes" in consts:

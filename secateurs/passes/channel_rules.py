@@ -614,11 +614,55 @@ def _reshape_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str
     return {"shape": [count(v) for v in keep["out"]]}
 
 
+def common_refinement(src: list[int], dst: list[int]) -> list[int] | None:
+    """Piece sizes of the coarsest row-major factoring that both ``src`` and ``dst`` (sizes of
+    one run of :func:`reshape_groups`, equal products) are groupings of: the cumulative
+    products of both sides, merged in order, where each divides the next. ``(B, E) ->
+    (B * H, D)`` with ``E = H * D`` gives ``(B, H, D)``; ``None`` when the sides cut the run
+    where no piece boundary can be (``(2, 3) -> (3, 2)``: positions really mix)."""
+    bounds = sorted(set(math.prod(src[:k + 1]) for k in range(len(src))) |
+                    set(math.prod(dst[:k + 1]) for k in range(len(dst))))
+    pieces, prev = [], 1
+    for b in bounds:
+        if b % prev:
+            return None
+        if b > prev:
+            pieces.append(b // prev)
+        prev = b
+    return pieces
+
+
+def _split_pieces(sizes: list[int], pieces: list[int]) -> list[list[int]]:
+    """For each dim of ``sizes``, the indices of the consecutive ``pieces`` it is made of (none
+    for a size-1 dim)."""
+    out, k = [], 0
+    for size in sizes:
+        mine, prod = [], 1
+        while prod < size:
+            mine.append(k)
+            prod *= pieces[k]
+            k += 1
+        out.append(mine)
+    return out
+
+
 @_register("reshape", rewrite=_reshape_rewrite)
 def _reshape(ctx: RuleContext) -> list[Labels | None]:
-    """view/reshape/flatten/unflatten/squeeze/unsqueeze. Merged dims become the composite of
-    their labels (flatten→linear expansion); a split dim is factored, which makes each factor's
-    positions units (heads and head dims)."""
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze.
+
+    Dims pair in runs of equal products (:func:`reshape_groups`). A run is cut at the
+    *common refinement* of its two sides (:func:`common_refinement`): every source dim is
+    factored into its pieces (``factor``: fresh atoms whose composite is the dim) and every
+    destination dim is the composite of its pieces. A merge is then the composite of the merged
+    dims (flatten: linear expansion), a split makes each factor's positions units (heads and
+    head dims), and a run of several dims into several, ``(L, B, E) -> (L, B * H, D)`` in
+    ``F.multi_head_attention_forward``, makes the ``B * H`` positions (batch, head) pairs and
+    ``D`` the head dim: composing the whole run first and factoring it into the destination
+    sizes would tie ``B * H`` position ``i`` to batch ``i // H`` alone and every head's
+    ``d``-th channel to one unit (heads merged; a later per-head reshape of the same channels
+    then makes a composite contain itself, which pins it). Runs whose sides admit no common
+    refinement (``(2, 3) -> (3, 2)``) compose and factor as a whole. A size-1 dim merged into
+    others is no piece: it is pinned, as a size-1 dim squeezed away is."""
     x, src, dst = ctx.ins[0], ctx.in_shapes[0], ctx.out_shapes[0]
     assert x is not None and src is not None and dst is not None
     out: list[np.ndarray | None] = [None] * len(dst)
@@ -632,12 +676,23 @@ def _reshape(ctx: RuleContext) -> list[Labels | None]:
         for i in gi:  # a size-1 dim merged into others is no factor of the composite
             if len(gi) > 1 and src[i] == 1:
                 ctx.space.pin(x[i], f"size-1 dim squeezed by {ctx.where}")
-        flat = ctx.space.compose_all([x[i] for i in gi])
         if len(gj) == 1:
-            out[gj[0]] = flat
+            out[gj[0]] = ctx.space.compose_all([x[i] for i in gi])
             continue
-        for j, part in zip(gj, ctx.space.factor(flat, [dst[j] for j in gj])):
-            out[j] = part
+        src_sizes, dst_sizes = [src[i] for i in gi], [dst[j] for j in gj]
+        pieces = common_refinement(src_sizes, dst_sizes)
+        if pieces is None:
+            flat = ctx.space.compose_all([x[i] for i in gi])
+            for j, part in zip(gj, ctx.space.factor(flat, dst_sizes)):
+                out[j] = part
+            continue
+        labels: list[np.ndarray] = []
+        for i, mine in zip(gi, _split_pieces(src_sizes, pieces)):
+            if mine:
+                labels += ctx.space.factor(x[i], [pieces[k] for k in mine])
+        for j, mine in zip(gj, _split_pieces(dst_sizes, pieces)):
+            out[j] = ctx.space.compose_all([labels[k] for k in mine]) if mine else \
+                ctx.space.fresh(1, pin=f"new axis in {ctx.where}")
     result = [v for v in out if v is not None]
     ctx.keep["out"] = result
     return [result]

@@ -124,12 +124,22 @@ def test_unroll_and_packed_in_projection_prune_without_crashing(ratio):
     pruned = dict(result.model.named_parameters())
     for i in range(2):  # mask-unit attention heads still prune
         assert pruned[f"blocks.{i}.attn.qkv.weight"].shape[0] < 96
-    # the packed attention merges batch and heads: kept whole, with a reason
-    assert pruned["packed.in_proj_weight"].shape == (96, 32)
-    rows = {r.members: r for r in result.report.groups}
-    packed = [r for m, r in rows.items() if "packed.in_proj_weight[0]" in m and r.pinned]
-    assert any("factor this dim in incompatible ways" in r.pinned and "reshape '" in r.pinned
-               for r in packed), [r.pinned for r in packed]
+    # the packed attention merges batch and heads, ``view(T, B * H, D)``: the common
+    # refinement (B, H, D) of that reshape makes its heads units, and its ``unflatten(-1,
+    # (3, E))`` (E read from the unpruned input) and views are rewritten
+    rows = pruned["packed.in_proj_weight"].shape[0]
+    assert rows < 96 and rows % 3 == 0
+    assert pruned["packed.out_proj.weight"].shape == (32, rows // 3)
+    assert not any("incompatible ways" in (r.pinned or "") for r in result.report.groups)
+
+
+def test_a_reshape_of_several_dims_into_several_is_cut_at_the_common_refinement():
+    from secateurs.passes.channel_rules import common_refinement
+
+    assert common_refinement([2, 32], [8, 8]) == [2, 4, 8]  # (B, E) -> (B * H, D)
+    assert common_refinement([3, 4], [12]) == [3, 4]  # a merge
+    assert common_refinement([12], [3, 1, 4]) == [3, 4]  # a split; size 1 is no piece
+    assert common_refinement([2, 3], [3, 2]) is None  # positions mix: composed whole
 
 
 def test_a_reshape_cycle_pins_its_atoms_with_the_node_that_made_it():
@@ -543,3 +553,123 @@ def test_a_view_to_a_size_tuple_sum_is_rewritten():
     assert result.report.exact is True and not result.report.repairs
     assert result.model.get_parameter("o.weight").shape[1] == 16
     _runs_at_batch(result.model, x, 3)
+
+
+# ---------------------- batch x heads: a reshape of several dims into several (WavLM, nn.MHA)
+
+
+def _untraceable(x: torch.Tensor) -> torch.Tensor:
+    for _ in range(x.shape[-1] // 32):  # a Python loop over a size: torch.export, not FX
+        x = x * 1.0
+    return x
+
+
+class _GatedRelPosAttention(torch.nn.Module):
+    """WavLM's attention: a gated relative-position bias — ``hidden.view(B, T, H, -1)``, a
+    per-head gate from ``gru_rel_pos_linear``, times a per-head bias ``view(B * H, T, T)`` —
+    passed as the ``attn_mask`` of ``F.multi_head_attention_forward`` with separate q/k/v
+    weights, which reshapes ``(T, B, E) -> (T, B * H, D)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, tokens: int = 8) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.pre = torch.nn.Linear(dim, dim)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            torch.nn.Linear(dim, dim) for _ in range(4))
+        self.gru_rel_pos_linear = torch.nn.Linear(dim // heads, 8)
+        self.gru_rel_pos_const = torch.nn.Parameter(torch.ones(1, heads, 1, 1))
+        self.rel_bias = torch.nn.Parameter(torch.randn(heads, tokens, tokens))
+        self.fc = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.pre(_untraceable(x))
+        b, t, _ = hidden.shape
+        pos = self.rel_bias.unsqueeze(0).repeat(b, 1, 1, 1).view(b * self.heads, t, t)
+        gated = hidden.view(hidden.shape[:-1] + (self.heads, -1)).permute(0, 2, 1, 3)
+        proj = self.gru_rel_pos_linear(gated).view(gated.shape[:-1] + (2, 4)).sum(-1)
+        gate_a, gate_b = torch.sigmoid(proj).chunk(2, dim=-1)
+        gate = gate_a * (gate_b * self.gru_rel_pos_const - 1.0) + 2.0
+        bias = (gate.view(b * self.heads, -1, 1) * pos).view(-1, t, t)
+        q = hidden.transpose(0, 1)
+        y, _ = torch.nn.functional.multi_head_attention_forward(
+            q, q, q, self.dim, self.heads, torch.empty([0]),
+            torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)), None, None,
+            False, 0.0, self.out_proj.weight, self.out_proj.bias, self.training, None, False,
+            attn_mask=bias, use_separate_proj_weight=True, q_proj_weight=self.q_proj.weight,
+            k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight)
+        return self.fc(y.transpose(0, 1))
+
+
+class _SequenceFirstMHA(torch.nn.Module):
+    """``nn.MultiheadAttention`` over ``(T, B, E)``, traced by torch.export: its packed
+    in-projection is ``unflatten(-1, (3, E))``, then ``view(T, B * H, D)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(dim, dim)
+        self.mha = torch.nn.MultiheadAttention(dim, heads)
+        self.fc = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.pre(_untraceable(x)).transpose(0, 1)
+        y, _ = self.mha(hidden, hidden, hidden, need_weights=False)
+        return self.fc(y.transpose(0, 1))
+
+
+_MERGED = {"wavlm_gated_bias": _GatedRelPosAttention, "mha": _SequenceFirstMHA}
+
+
+def _heads_kept(name: str, report: secateurs.PruneReport, params: dict[str, tuple]) -> int:
+    """Attention heads left: the per-head gate constant's (WavLM), else the heads row's units."""
+    if name == "wavlm_gated_bias":
+        return params["gru_rel_pos_const"][1]
+    rows = [g for g in report.groups if g.units_before == 4 and "out_proj.weight[1]" in g.members]
+    assert len(rows) == 1, [(g.units_before, g.members) for g in report.groups]
+    return rows[0].units_after
+
+
+@pytest.mark.parametrize("name", sorted(_MERGED))
+def test_batch_times_heads_reshape_under_export_prunes_heads(name):
+    """``(T, B, E) -> (T, B * H, D)`` was composed whole and factored into ``(B * H, D)``:
+    ``B * H`` positions were batch atoms, every head was merged into the head-dim factor, so
+    heads never pruned; WavLM's per-head ``view(B, T, H, -1)`` of the same channels then made a
+    composite contain itself and pinned the head dims too. Cut at the common refinement
+    ``(B, H, D)``, heads are units and prune exactly."""
+    torch.manual_seed(0)
+    model = _MERGED[name]().eval()
+    x = (torch.randn(2, 8, 32),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export")
+    assert result.report.exact is True and not result.report.repairs
+    assert not any("incompatible ways" in (g.pinned or "") for g in result.report.groups)
+    params = {k: tuple(v.shape) for k, v in result.model.named_parameters()}
+    assert _heads_kept(name, result.report, params) == 2
+    xs = torch.randn(3, 8, 32)
+    with torch.no_grad():  # B * H follows the batch: no sample mixes with another
+        torch.testing.assert_close(result.model(xs)[:2], result.model(xs[:2]))
+
+
+@pytest.mark.parametrize("name", sorted(_MERGED))
+def test_batch_times_heads_reshape_prunes_heads_through_onnx(name):
+    """The same attention exported by the TorchScript exporter with a dynamic batch: ONNX
+    ``Reshape`` targets computed from ``Shape`` (``B * H``) are rewritten and stay dynamic."""
+    import io
+
+    import onnx
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _MERGED[name]().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(2, 8, 32),), buf, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    result = secateurs.prune_onnx(onnx.load_from_string(buf.getvalue()), ratio=0.5,
+                                  round_to=1, verify=True, input_shapes={"x": [2, 8, 32]})
+    assert result.report.exact is True and not result.report.repairs
+    onnx.checker.check_model(result.model, full_check=True)
+    params = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    assert _heads_kept(name, result.report, params) == 2
+    session = ort.InferenceSession(result.model.SerializeToString())
+    xs = np.random.default_rng(0).standard_normal((3, 8, 32)).astype(np.float32)
+    full = session.run(None, {"x": xs})[0]
+    each = np.concatenate([session.run(None, {"x": xs[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(full, each, rtol=1e-4, atol=1e-5)
