@@ -169,7 +169,9 @@ def _refresh_attention(model: nn.Module, a: _Attention, dims_removed: int,
             if role and v == old[role]:
                 setattr(mod, k, new[role])
             elif k in ("all_head_size", "split_size", "inner_dim") or \
-                    (k == "embed_dim" and has_kv_dim):
+                    (k == "embed_dim" and (has_kv_dim or mod is root)):
+                # the attention module's own embed_dim is its heads' width where it equals it
+                # (XGLM/M2M100-era ``attn_output.reshape(bsz, tgt_len, self.embed_dim)``)
                 if v == a.nq * a.hd:
                     setattr(mod, k, nq * hd)
             elif k == "kv_dim" and v == a.nkv * a.hd:

@@ -144,3 +144,22 @@ def test_meta_many_layers_unit_counts():
     assert c["mlp_groups"] == 32 and c["mlp_units"] == 32 * 256
     assert c["head_dim_qk_groups"] == 1 and c["head_dim_qk_units"] == 8  # 16 dims, rotary pairs
     assert c["head_dim_v_groups"] == 32 and c["hidden_units"] == 128
+
+
+def test_an_attention_that_reshapes_to_its_own_embed_dim_prunes_heads() -> None:
+    """XGLM (and the M2M100 era) ends its attention with ``attn_output.reshape(bsz, tgt_len,
+    self.embed_dim)``: embed_dim stayed the dense width, the pruned attention failed and the
+    safety net pinned every head group (0 of 4 heads removed)."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.XGLMForCausalLM(transformers.XGLMConfig(
+        vocab_size=64, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
+        max_position_embeddings=32)).eval()
+    x = (torch.randint(0, 64, (2, 8)),)
+    result = prune_hf(model, x, heads=0.5, mlp=0.5)
+    assert result.verified and not result.repairs
+    assert result.report["heads"].removed == 4
+    attn = result.model.model.layers[0].self_attn
+    assert attn.num_heads == 2 and attn.embed_dim == 2 * attn.head_dim
+    assert attn.out_proj.in_features == attn.embed_dim
