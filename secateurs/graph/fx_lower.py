@@ -336,6 +336,7 @@ _NONNEG_UNARY = {"abs", "exp", "sigmoid", "softplus", "relu", "relu6", "sqrt", "
                  "var", "std", "norm", "linalg_vector_norm"}
 _PASS = {"to", "type", "type_as", "float", "double", "half", "bfloat16", "_to_copy",
          "contiguous", "clone", "detach", "alias", "mean", "sum", "amax", "max", "expand",
+         "expand_as", "broadcast_to",
          "view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze",
          "permute", "transpose"}
 
@@ -361,6 +362,9 @@ def _bounded(arg: Any, positive: bool, depth: int = 8) -> bool:
         return _bounded(x, positive, depth - 1)
     if key == "sqrt":
         return _bounded(x, positive, depth - 1)
+    if key in ("clamp_min", "clamp", "clip"):  # F.normalize: x / norm(x).clamp_min(eps)
+        low = arg.args[1] if len(arg.args) > 1 else arg.kwargs.get("min")
+        return isinstance(low, (int, float)) and (low > 0 if positive else low >= 0)
     if key in _NONNEG_UNARY:
         return not positive
     if key == "pow" and len(arg.args) > 1 and isinstance(arg.args[1], (int, float)):
@@ -582,14 +586,16 @@ def _first_only(op: str) -> Callable[[torch.fx.Node, dict[str, Any]], Lowered]:
 _CALLS: dict[str, Callable[[torch.fx.Node, dict[str, Any]], Lowered]] = {}
 for _op in ("relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardswish "
             "hardsigmoid hardtanh softplus softsign neg abs sqrt square exp sin cos erf "
-            "sign round floor ceil logsigmoid tanhshrink isnan isinf isfinite").split():
+            "sign round floor ceil logsigmoid tanhshrink isnan isinf isfinite expm1 "
+            "log1p").split():
     _CALLS[_op] = _unary(_op)
 for _op in ("rsqrt", "reciprocal", "log"):
     _CALLS[_op] = _singular(_op)
 for _op in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
             "feature_alpha_dropout", "contiguous", "clone", "detach", "float", "half",
-            "bfloat16", "double", "alias", "lift_fresh_copy", "_to_copy", "clamp", "clip"):
-    _CALLS[_op] = _first_only("clamp" if _op in ("clamp", "clip") else "identity")
+            "bfloat16", "double", "alias", "lift_fresh_copy", "_to_copy", "clamp", "clip",
+            "clamp_min", "clamp_max"):
+    _CALLS[_op] = _first_only("clamp" if _op.startswith(("clamp", "clip")) else "identity")
 # torchvision.ops.stochastic_depth (FX-wrapped, so one call): the identity in eval, in training
 # a per-sample (or per-batch) scalar times the input; channels pass like dropout.
 _CALLS["stochastic_depth"] = _first_only("dropout")

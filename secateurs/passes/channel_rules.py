@@ -139,7 +139,7 @@ UNARY_OPS = (
     "identity relu relu6 leaky_relu elu selu celu gelu silu mish sigmoid tanh hardswish "
     "hardsigmoid hardtanh softplus softsign dropout neg abs pow_scalar sqrt square exp sin cos "
     "erf clamp cast sign round floor ceil logsigmoid tanhshrink scalar_arith isnan isinf "
-    "isfinite"
+    "isfinite expm1 log1p"
 ).split()
 SINGULAR_OPS = ("rsqrt", "reciprocal", "log")
 ELEMENTWISE_OPS = ("add", "sub", "mul", "div", "maximum", "minimum", "pow", "where",

@@ -673,3 +673,43 @@ def test_batch_times_heads_reshape_prunes_heads_through_onnx(name):
     full = session.run(None, {"x": xs})[0]
     each = np.concatenate([session.run(None, {"x": xs[i:i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(full, each, rtol=1e-4, atol=1e-5)
+
+
+class _CosineAttention(torch.nn.Module):
+    """Swin V2's scaled cosine attention (``F.normalize`` of q and k: a norm over the head
+    dim, ``clamp_min(eps)``, a division) with a per-head logit scale, and an xIELU-style MLP
+    activation (``expm1``, Apertus)."""
+
+    def __init__(self, untraceable: bool) -> None:
+        super().__init__()
+        self.untraceable = untraceable
+        self.qkv, self.proj = torch.nn.Linear(32, 96), torch.nn.Linear(32, 32)
+        self.logit_scale = torch.nn.Parameter(torch.rand(4, 1, 1))
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.untraceable:
+            for _ in range(x.shape[-1] // 32):
+                x = x * 1.0
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = torch.nn.functional.normalize(q, dim=-1) @ \
+            torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+        a = (scores * self.logit_scale.clamp(max=4.6).exp()).softmax(-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
+        h = self.fc1(x)
+        return x + self.fc2(torch.where(h > 0, h * h, torch.expm1(h.clamp_max(0.0))))
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+def test_cosine_attention_heads_and_expm1_prune(untraceable):
+    """The normalising division was singular (its divisor ``clamp_min(norm, eps)`` through
+    ``expand_as`` was not known to be > 0), so Swin V2's heads were lossy; ``expm1`` and
+    ``clamp_min``/``clamp_max`` had no rule (opaque, the MLP pinned)."""
+    model = _CosineAttention(untraceable).eval()
+    x = (torch.randn(2, 6, 32),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export" if untraceable else "fx")
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("logit_scale").shape[0] == 2  # heads went
+    assert result.model.get_parameter("fc1.weight").shape[0] == 32
