@@ -157,6 +157,7 @@ def _refresh_attention(model: nn.Module, a: _Attention, dims_removed: int,
     nq, nkv = counts
     facts["heads"].add(nq)
     facts["kv"].add(nkv)
+    facts["pairs"].add((a.nq, a.nkv, nq, nkv))  # old -> new counts of this module
     old = {"q": a.nq, "kv": a.nkv, "size": a.hd, "groups": a.nq // max(a.nkv, 1)}
     new = {"q": nq, "kv": nkv, "size": hd, "groups": nq // max(nkv, 1)}
     root = model.get_submodule(a.name) if a.name else model
@@ -183,7 +184,7 @@ def _update_modules(model: nn.Module, head_dim: int, old_hidden: int, new_hidden
     """Refresh every attribute HF modules read at run time from the sliced weights: layer
     widths, and for each attention module of ``attention`` (``attention_snapshot`` before
     slicing) every head count, group count, head size and head width attribute."""
-    facts: dict[str, set] = {"heads": set(), "kv": set(), "inter": set()}
+    facts: dict[str, set] = {"heads": set(), "kv": set(), "inter": set(), "pairs": set()}
     for a in attention or []:
         _refresh_attention(model, a, dims_removed, facts)
     for _name, mod in model.named_modules():
@@ -275,13 +276,36 @@ def _update_config(config: Any, facts: dict, head_dim: int, hidden: int,
 
     if hidden:
         put("hidden_size", hidden)
-    old_q = next((v for k, v in ints.items() if _head_count_attr(k) == "q"), None)
+    old_q = ints.get("num_attention_heads",
+                     next((v for k, v in ints.items() if _head_count_attr(k) == "q"), None))
+    # each count field follows the attention modules that had its value: a hybrid's Mamba or
+    # linear-attention mixers hold head counts of their own (``mamba_n_heads``), which a
+    # field of the attention's count must not take
+    pairs = facts.get("pairs", set())
+    old_kv = ints.get("num_key_value_heads")
     for k, v in ints.items():
         role = _head_count_attr(k)
-        if role == "q" and facts["heads"] and v == old_q:
-            put(k, max(facts["heads"]))
+        if role == "q" and facts["heads"]:
+            if pairs:
+                # the attention's kv count tells its modules from a mixer with as many heads
+                # (Bamba: 4 attention heads over 2 kv heads, 4 Mamba heads); another count
+                # field (``mamba_n_heads``) follows the modules with no kv heads of their own
+                mine = (lambda p: p[1] == old_kv) if k == "num_attention_heads" else \
+                    (lambda p: p[1] == p[0])
+                news = [p[2] for p in pairs if p[0] == v and mine(p)] or \
+                    [p[2] for p in pairs if p[0] == v]
+                if news:
+                    put(k, max(news))
+            elif v == old_q:
+                put(k, max(facts["heads"]))
         elif role == "kv" and facts["kv"]:
-            put(k, max(facts["kv"]))
+            if pairs:
+                news = [p[3] for p in pairs if p[1] == v and p[0] == old_q] or \
+                    [p[3] for p in pairs if p[1] == v]
+                if news:
+                    put(k, max(news))
+            else:
+                put(k, max(facts["kv"]))
     done = False
     for k, v in ints.items():
         if any(w in k.lower() for w in _WIDTH_WORDS):

@@ -163,3 +163,29 @@ def test_an_attention_that_reshapes_to_its_own_embed_dim_prunes_heads() -> None:
     attn = result.model.model.layers[0].self_attn
     assert attn.num_heads == 2 and attn.embed_dim == 2 * attn.head_dim
     assert attn.out_proj.in_features == attn.embed_dim
+
+
+def test_a_hybrid_config_gets_its_attention_head_counts() -> None:
+    """Bamba (Mamba2 layers and attention layers, 4 Mamba heads as many as the 4 attention
+    heads over 2 kv heads): the config took the largest count over every module holding one,
+    the Mamba mixers included: num_key_value_heads went 2 -> 4 and num_attention_heads stayed
+    4 while each attention layer kept 2 heads over 1 kv head."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BambaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1],
+        mamba_n_heads=4, mamba_d_head=32, mamba_d_state=8, mamba_n_groups=1,
+        mamba_chunk_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)
+    model = transformers.BambaForCausalLM(config).eval()
+    x = (torch.randint(3, 128, (2, 8)),)
+    result = prune_hf(model, x, heads=0.5, mlp=0.5)
+    assert result.verified
+    cfg = result.model.config
+    attn = result.model.model.layers[1].self_attn
+    hd = attn.head_dim
+    assert cfg.num_attention_heads == attn.q_proj.out_features // hd == 2
+    assert cfg.num_key_value_heads == attn.k_proj.out_features // hd == 1
+    assert cfg.mamba_n_heads == 4  # the Mamba heads are not the attention's
