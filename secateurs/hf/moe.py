@@ -77,8 +77,26 @@ def _int(mod: nn.Module, *names: str) -> int | None:
     return None
 
 
-def _width_dims(experts: nn.Module, e: int, inter: int) -> list[tuple[str, int, str]]:
-    transposed = bool(getattr(experts, "is_transposed", False))
+def _transposed(experts: nn.Module, hidden: int | None) -> bool | None:
+    """Whether the expert tensors are ``[E, H, 2I]`` / ``[E, I, H]`` (else ``[E, 2I, H]`` /
+    ``[E, H, I]``): the module's ``is_transposed`` where it has one, else read from where the
+    router's hidden size ``H`` sits in ``down_proj`` (Llama 4's experts keep the transposed
+    layout without saying so); None where that cannot tell (``H == I``)."""
+    if hasattr(experts, "is_transposed"):
+        return bool(experts.is_transposed)
+    down = getattr(experts, "down_proj", None)
+    if not isinstance(down, torch.Tensor) or down.dim() != 3 or hidden is None:
+        return False
+    if down.shape[1] == down.shape[2]:
+        return None
+    return bool(down.shape[2] == hidden)
+
+
+def _width_dims(experts: nn.Module, e: int, inter: int,
+                hidden: int | None = None) -> list[tuple[str, int, str]]:
+    transposed = _transposed(experts, hidden)
+    if transposed is None:
+        return []
     cat = bool(getattr(experts, "is_concatenated", True))
     out = []
     for n, t in list(experts.named_parameters(recurse=False)) + \
@@ -97,7 +115,10 @@ def _width_dims(experts: nn.Module, e: int, inter: int) -> list[tuple[str, int, 
             d = 1 if transposed else 2
             if t.shape[d] == inter:
                 out.append((n, d, "plain"))
-    return out
+    # the width is removable only where both its sides were found
+    ups = [w for w in out if w[0] != "down_proj"]
+    downs = [w for w in out if w[0] == "down_proj"]
+    return out if ups and downs else []
 
 
 def moe_blocks(model: nn.Module) -> list[MoeBlock]:
@@ -124,8 +145,9 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
         k = _int(router, "top_k", "num_experts_per_tok") or _int(mod, "top_k") or \
             _int(getattr(model, "config", None), "num_experts_per_tok") or 1
         down = params.get("down_proj")
+        hidden = int(router.weight.shape[1])
         inter = _int(experts, "intermediate_dim", "intermediate_size", "expert_dim") or (
-            int(down.shape[1 if getattr(experts, "is_transposed", False) else 2])
+            int(down.shape[1 if _transposed(experts, hidden) else 2])
             if down is not None else 0)
         prefix = f"{name}." if name else ""
         rt = tuple(f"{prefix}{router_name}.{n}" for n, t in
@@ -133,7 +155,7 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
                    list(router.named_buffers(recurse=False))
                    if n != "weight" and t.dim() == 1 and t.shape[0] == e)
         width = tuple((f"{prefix}experts.{n}", d, lay) for n, d, lay in
-                      _width_dims(experts, e, inter))
+                      _width_dims(experts, e, inter, hidden))
         tensors = tuple(f"{prefix}experts.{n}" for n, t in
                         list(experts.named_parameters(recurse=False)) +
                         list(experts.named_buffers(recurse=False))
@@ -361,8 +383,13 @@ def select_moe(model: nn.Module, mlp: float, experts: float, tensors: Any, impor
             reasons.append(f"expert widths are scored by L2 magnitude (importance="
                            f"{importance!r} is not implemented for 3-D expert tensors)")
         for i, b in enumerate(blocks):
-            n = width_to_remove(b, mlp, round_to)
+            n = width_to_remove(b, mlp, round_to) if b.width else 0
             asked += int(math.floor(mlp * b.inter))
+            if not b.width:
+                reasons.append(f"the expert tensors of '{b.experts}' are laid out in a way "
+                               "secateurs cannot read (no up and down projection of the "
+                               "expert width found); their width is kept")
+                continue
             s = width_scores(b, tensors, name, seed + i)
             width[b.name] = np.sort(np.argsort(s, kind="stable")[:n])
             done += n

@@ -194,3 +194,29 @@ def test_generic_prune_shrinks_experts_through_the_grouped_mm_fallback() -> None
     experts = [g for g in result.report.groups if "experts.gate_up_proj" in g.members
                and "down_proj" in g.members]
     assert experts and all(g.units_after < g.units_before and not g.pinned for g in experts)
+
+
+@pytest.mark.parametrize("inter", [96, 32])
+def test_experts_without_a_layout_flag_are_read_from_the_router_width(inter) -> None:
+    """Llama 4's experts are ``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` with no
+    ``is_transposed``: read as the other layout, their width was never sliced while the report
+    and the config said it was (96), or the wrong dim was sliced and the check dropped the
+    whole MLP kind (32, where H = 2I)."""
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=inter, intermediate_size_mlp=96,
+        num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        attention_chunk_size=4, no_rope_layers=[1, 0], max_position_embeddings=64,
+        use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).eval()
+    x = (torch.randint(3, 128, (2, 8)),)
+    result = prune_hf(model, x, mlp=0.5)
+    assert result.verified
+    experts = result.model.model.layers[1].feed_forward.experts
+    assert tuple(experts.gate_up_proj.shape) == (4, 64, inter)  # 2 * inter / 2
+    assert tuple(experts.down_proj.shape) == (4, inter // 2, 64)
+    assert result.model.config.intermediate_size == inter // 2
+    assert result.params_after == sum(p.numel() for p in result.model.parameters())
