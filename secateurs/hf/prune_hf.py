@@ -161,6 +161,25 @@ def _reasons_of(groups: list[Any], lossy: bool) -> list[str]:
     return out
 
 
+def _heads_per_unit(hfa: HFAnalysis, mine: list[Any], pinned: list[Any]) -> dict[Any, Any]:
+    """For each free heads group that is the one free factor of a channel space whose other
+    factors are pinned (a kv head over the pinned repeat index of GQA's ``repeat_kv``), the
+    query heads one of its units stands for; ``"covered"``: those pinned factors."""
+    from secateurs.passes.prune import factor_spaces
+
+    groups = hfa.analysis.groups
+    free, fixed = {u.gid for u in mine}, {u.gid for u in pinned}
+    spaces, _ = factor_spaces(hfa.analysis, sorted(free | fixed))
+    out: dict[Any, Any] = {"covered": set()}
+    for sp in spaces:
+        loose = [g for g in sp if g in free]
+        held = [g for g in sp if g in fixed]
+        if len(loose) == 1 and held and loose[0] not in out:
+            out[loose[0]] = math.prod(groups[g].size for g in held)
+            out["covered"].update(held)
+    return out
+
+
 def _kind_report(hfa: HFAnalysis, kind: str, ratio: float, removed: dict[int, np.ndarray],
                  allow_lossy: bool, dims_removed: int, head_dim: int,
                  failed: dict[str, str]) -> KindReport:
@@ -174,9 +193,17 @@ def _kind_report(hfa: HFAnalysis, kind: str, ratio: float, removed: dict[int, np
         asked = int(math.floor(ratio * head_dim / pair)) * pair if head_dim else 0
         got, units = dims_removed, head_dim
     else:
-        asked = sum(int(math.floor(ratio * u.size)) for u in mine + pinned)
-        got = sum(len(removed.get(u.gid, ())) for u in mine)
-        units = sum(u.size for u in mine + pinned)
+        # GQA: a kv head is one unit carrying the query heads of its group (the repeat index
+        # is a pinned factor of the same space): count query heads, not kv groups
+        per = _heads_per_unit(hfa, mine, pinned) if kind == "heads" else {}
+        covered = {g for g in per.get("covered", ())}
+        weight = {gid: m for gid, m in per.items() if gid != "covered"}
+        counted = [(u, weight.get(u.gid, 1)) for u in mine] + \
+            [(u, 1) for u in pinned if u.gid not in covered]
+        asked = sum(int(math.floor(ratio * u.size * w)) for u, w in counted)
+        got = sum(len(removed.get(u.gid, ())) * weight.get(u.gid, 1) for u in mine)
+        units = sum(u.size * w for u, w in counted)
+        pinned = [u for u in pinned if u.gid not in covered or got < asked]
     if kind in failed:
         reasons.append(f"not applied: the model pruned this way {failed[kind]}")
     reasons += list(hfa.reasons.get(kind, ()))

@@ -68,13 +68,16 @@ def test_default_config_with_kv_cache_and_tokenizer_dict(family):
 def test_report_counts_what_was_asked_and_removed(llama_pruned):
     m, x, r = llama_pruned
     heads, mlp = r.report["heads"], r.report["mlp"]
-    # per layer: 2 kv-head units (each with its 2 q heads) and the group of the repeat index
-    # inside a kv group (2 units, pinned: repeat_kv broadcasts the kv head by expand)
-    assert (heads.units, heads.asked, heads.removed) == (8, 4, 2)
-    assert len(heads.reasons) == 1 and "pinned: broadcast by expand" in heads.reasons[0]
+    # per layer 4 query heads: 2 kv-head units, each carrying the 2 query heads of its group
+    # (the repeat index is a pinned factor: repeat_kv broadcasts the kv head by expand). The
+    # report counts query heads: half of them were asked for and went as one kv group per
+    # layer, so nothing is short and no pin is reported (it counted kv groups, 2 of 4 asked)
+    assert (heads.units, heads.asked, heads.removed) == (8, 4, 4)
+    assert heads.reasons == ()
+    assert m.config.num_attention_heads == 4 and r.model.config.num_attention_heads == 2
     assert (mlp.units, mlp.asked, mlp.removed) == (192, 96, 96)
     assert mlp.reasons == ()
-    assert r.summary()["report"]["heads"]["removed"] == 2
+    assert r.summary()["report"]["heads"]["removed"] == 4
 
 
 def test_kind_without_units_warns_with_the_reason():
