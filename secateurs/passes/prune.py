@@ -754,16 +754,22 @@ def _verify_batches(model: nn.Module, pruned: nn.Module, plan: Plan,
     is mask-equivalent at the example only (BART-era ``reshape(b * heads, -1, d)``). Returns
     whether both hold, the largest difference and the inputs that failed."""
     args = from_fx._as_tuple(prep.example_inputs)
-    ok, diff = verify_mask_equivalence(model, pruned, plan, args)
-    more = None if prep.tracer == "export (static shapes)" else _one_more_sample(args)
-    if not ok or more is None:
-        return ok, diff, args
-    try:
-        with torch.no_grad():
-            _eval(model)(*more)
-    except Exception:  # noqa: BLE001 - the original itself runs at the example batch only
-        return ok, diff, args
-    ok2, diff2 = verify_mask_equivalence(model, pruned, plan, more)
+    ref, run = _eval(zero_plan_slices(model, plan)), _eval(pruned)  # one zeroed copy for both
+    with torch.no_grad():
+        ok, diff = compare_outputs(flat_outputs(ref(*args)), flat_outputs(run(*args)),
+                                   1e-4, 1e-5)
+        more = None if prep.tracer == "export (static shapes)" else _one_more_sample(args)
+        if not ok or more is None:
+            return ok, diff, args
+        try:
+            expected = flat_outputs(ref(*more))
+        except Exception:  # noqa: BLE001 - the original itself runs at the example batch only
+            return ok, diff, args
+        try:
+            got = flat_outputs(run(*more))
+        except Exception:  # noqa: BLE001 - the pruned one fails where the original runs
+            return False, float("inf"), more
+    ok2, diff2 = compare_outputs(expected, got, 1e-4, 1e-5)
     return ok2, max(diff, diff2), (args if ok2 else more)
 
 
