@@ -72,7 +72,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from secateurs.errors import InputError
-from secateurs.graph.ir import ChannelGraph, Node, Value
+from secateurs.graph.ir import ChannelGraph, Node, Value, take
 
 __all__ = ["from_onnx", "onnx_node_names", "infer_static_shapes", "fold_constants",
            "graph_input_names", "with_input_shapes", "infer_shapes_folding", "skeleton",
@@ -1188,7 +1188,7 @@ def _lower_gather(lw: _Lowering, node: onnx.NodeProto) -> None:
             and isinstance(lw.shape(data)[axis], int):
         size = lw.shape(data)[axis]
         lw.emit("index", [data], _first_out(node),
-                {"items": lead + [("take", tuple(int(v) % size for v in index))]})
+                {"items": lead + [take(int(v) % size for v in index)]})
     else:  # a relative-position / attention-bias table read through an index tensor
         lw.emit("index", [data, idx], _first_out(node), {"items": lead + ["gather"]})
 

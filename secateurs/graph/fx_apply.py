@@ -23,6 +23,7 @@ from secateurs.errors import PlanError
 from secateurs.graph.fx_lower import _SIGS, _node_shape, call_key
 from secateurs.graph.fx_modules import prune_multihead_attention
 from secateurs.graph.fx_trace import _fetch_attr
+from secateurs.graph.ir import is_take
 from secateurs.passes.plan import Plan
 
 __all__ = ["apply_plan_fx", "slice_tensors", "slice_tensor", "tensor_slots"]
@@ -293,10 +294,6 @@ def _apply_split(node: torch.fx.Node, key: str, sizes: list[int]) -> None:
         node.args, node.kwargs = (x, list(sizes)), {"dim": dim}
 
 
-def _is_take(item: Any) -> bool:
-    return isinstance(item, tuple) and len(item) == 2 and item[0] == "take"
-
-
 def _index_constant(gm: torch.fx.GraphModule, node: torch.fx.Node,
                     old: torch.fx.Node, positions: tuple[int, ...]) -> torch.fx.Node:
     """A fresh constant holding the rewritten positions of a taken index (the traced one may
@@ -317,11 +314,11 @@ def _apply_index(gm: torch.fx.GraphModule, node: torch.fx.Node, key: str,
     if key == "index":  # aten.index.Tensor(x, [None, ..., idx]): one item per index entry
         entries = list(node.args[1])
         for i, it in enumerate(items[:len(entries)]):
-            if _is_take(it) and isinstance(entries[i], torch.fx.Node):
+            if is_take(it) and isinstance(entries[i], torch.fx.Node):
                 entries[i] = _index_constant(gm, node, entries[i], it[1])
         node.args = (node.args[0], entries, *node.args[2:])
         return
-    items = [list(it[1]) if _is_take(it) else it for it in items]
+    items = [list(it[1]) if is_take(it) else it for it in items]
     if key == "getitem":
         orig = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if Ellipsis in orig:  # the rule expanded the ellipsis: fold it back

@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from secateurs.graph.fx_trace import _fetch_attr
-from secateurs.graph.ir import ChannelGraph, Node, Value
+from secateurs.graph.ir import ChannelGraph, Node, Value, take
 
 log = logging.getLogger(__name__)
 
@@ -930,7 +930,7 @@ class _Lowering:
             if it is None:
                 items.append(slice(None))
             elif taken is not None:
-                items.append(("take", taken))
+                items.append(take(taken))
             elif _is_int_tensor(it):
                 items.append("gather")
                 gathers.append(it)
@@ -1050,7 +1050,7 @@ def _index_items(idx: Any) -> list[Any]:
         elif it is None or it is Ellipsis or isinstance(it, int):
             out.append(it)
         elif isinstance(it, list) and it and all(type(v) is int for v in it):
-            out.append(("take", tuple(it)))  # x[..., [-2], :]: constant positions
+            out.append(take(it))  # x[..., [-2], :]: constant positions
         elif _is_int_tensor(it):
             out.append("gather")  # an integer index tensor: the node's next tensor operand
         else:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Value", "Node", "ChannelGraph"]
+__all__ = ["Value", "Node", "ChannelGraph", "take", "is_take"]
 
 
 @dataclass
@@ -94,3 +94,14 @@ class ChannelGraph:
             )
             lines.append(f"{outs} = {n.op}({ins}) {n.attrs if n.attrs else ''}")
         return "\n".join(lines)
+
+
+def take(positions: Any) -> tuple[str, tuple[int, ...]]:
+    """An ``index`` node's item for constant positions of one dim (``x[..., [-2], :]``, a 1-D
+    constant ``Gather``): ``("take", positions)``, the one spelling every frontend, the rule
+    and both applies share."""
+    return ("take", tuple(int(p) for p in positions))
+
+
+def is_take(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and item[0] == "take"

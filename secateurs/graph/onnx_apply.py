@@ -58,6 +58,7 @@ from secateurs.graph.from_onnx import (
     tensor_array,
     with_input_shapes,
 )
+from secateurs.graph.ir import is_take
 from secateurs.graph.onnx_untie import retie, untie_shared_vectors
 from secateurs.passes.plan import Plan
 
@@ -1047,8 +1048,7 @@ def _rewrite_gather(node: onnx.NodeProto, items: list[Any], io: _Constants) -> N
     axis = int(_attr(node, "axis", 0))
     rank = len(items)
     it = items[axis % rank]
-    if old is None or not (isinstance(it, int) or
-                           (isinstance(it, tuple) and len(it) == 2 and it[0] == "take")):
+    if old is None or not (isinstance(it, int) or is_take(it)):
         raise PlanError(f"Gather '{node.name}': its index is computed at run time")
     new = np.asarray(it if isinstance(it, int) else list(it[1]), dtype=old.dtype)
     io.write(node, 1, new.reshape(old.shape))

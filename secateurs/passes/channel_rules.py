@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from secateurs.graph.ir import Node
+from secateurs.graph.ir import Node, is_take, take
 from secateurs.passes.labels import LabelSpace
 
 __all__ = ["Rule", "RuleContext", "RULES", "rule_for", "UNARY_OPS", "ELEMENTWISE_OPS"]
@@ -485,15 +485,11 @@ def _index_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, 
                                it.step))
         elif isinstance(it, int) and vec is not None:
             items.append(_bound(it, vec, count))
-        elif _is_take(it) and vec is not None:
-            items.append(("take", tuple(_bound(p, vec, count) for p in it[1])))
+        elif is_take(it) and vec is not None:
+            items.append(take(_bound(p, vec, count) for p in it[1]))
         else:
             items.append(it)
     return {"items": items}
-
-
-def _is_take(item: Any) -> bool:
-    return isinstance(item, tuple) and len(item) == 2 and item[0] == "take"
 
 
 @_register("index", rewrite=_index_rewrite)
@@ -517,7 +513,7 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
     assert x is not None
     items = list(ctx.node.attrs["items"])
     gathers = list(ctx.ins[1:])
-    takes = sum(1 for it in items if _is_take(it))
+    takes = sum(1 for it in items if is_take(it))
     if items.count("gather") != len(gathers) or len(gathers) + takes > 1 or \
             ((gathers or takes) and "tensor" in items) or any(g is None for g in gathers):
         reason = f"advanced indexing in {ctx.where}"
@@ -554,7 +550,7 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
                 break
             at = it % len(vec)
             ctx.space.pin(vec[at:at + 1], f"constant index into this dim in {ctx.where}")
-        elif _is_take(it):
+        elif is_take(it):
             if not all(-len(vec) <= p < len(vec) for p in it[1]):
                 out = []
                 break
