@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 import torch
@@ -926,7 +926,7 @@ class _Lowering:
         items: list[Any] = []
         gathers: list[torch.fx.Node] = []
         for it in n.args[1]:
-            taken = constant_index(self.gm, it)
+            taken = None if it is None else constant_index(self.gm, it, self.canonical)
             if it is None:
                 items.append(slice(None))
             elif taken is not None:
@@ -1058,19 +1058,22 @@ def _index_items(idx: Any) -> list[Any]:
     return out
 
 
-def constant_index(gm: torch.fx.GraphModule, arg: Any) -> tuple[int, ...] | None:
+def constant_index(gm: torch.fx.GraphModule, arg: Any,
+                   state: Container[int] | None = None) -> tuple[int, ...] | None:
     """The values of a constant 1-D integer index tensor: a literal torch.export lifted into
     the graph (``get_attr``, through ``lift_fresh_copy``), not a registered buffer (state the
-    model may change) and not a tensor computed at run time."""
+    model may change) and not a tensor computed at run time. ``state``: the ids of the
+    model's parameters and buffers, where the caller has them."""
     if isinstance(arg, torch.fx.Node) and arg.op == "call_function" and \
             call_key(arg) == "lift_fresh_copy" and arg.args:
         arg = arg.args[0]
     if not isinstance(arg, torch.fx.Node) or arg.op != "get_attr":
         return None
-    target = str(arg.target)
-    if target in dict(gm.named_buffers()) or target in dict(gm.named_parameters()):
+    obj = _fetch_attr(gm, str(arg.target), missing_ok=True)
+    if state is None:
+        state = {id(t) for t in gm.parameters()} | {id(t) for t in gm.buffers()}
+    if id(obj) in state:
         return None
-    obj = _fetch_attr(gm, target, missing_ok=True)
     if not isinstance(obj, torch.Tensor) or obj.ndim != 1 or not len(obj) or \
             obj.dtype not in (torch.int64, torch.int32):
         return None
