@@ -130,7 +130,10 @@ def untie_shared_vectors(model: onnx.ModelProto, in_place: bool = False
     # a vector no top-level node reads any more (every reader was an Identity) is dropped,
     # unless a subgraph still reads it
     inner = {name for node in graph.node for name in _subgraph_names(node)}
-    read = {name for node in graph.node for name in node.input} | inner
+    # (and one an old exporter also lists as a graph input stays: dropped, the input it
+    # defaults would become one the caller has to feed)
+    read = {name for node in graph.node for name in node.input} | inner | \
+        {v.name for v in graph.input}
     unused = [t for t in graph.initializer if t.name in vectors and t.name not in read]
     for t in unused:
         graph.initializer.remove(t)

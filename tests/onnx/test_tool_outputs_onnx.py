@@ -192,3 +192,30 @@ def test_a_symbolic_value_info_of_a_contrib_op_output_does_not_block_static_shap
     assert any(n.op_type == "SkipLayerNormalization" for n in model.graph.node)
     result = prune_onnx(model, ratio=0.5, verify=True, input_shapes={"ids": [1, 16]})
     assert result.report.exact is True and result.report.macs_kept < 0.7
+
+
+def test_a_deduplicated_vector_that_is_also_a_graph_input_keeps_its_default() -> None:
+    """TorchScript's Identity deduplication with initializers kept as inputs: every reader of
+    the bias is an Identity, so untying dropped the initializer and left a graph input the
+    caller would have had to feed."""
+    nodes = [
+        helper.make_node("Identity", ["b"], ["b1"], name="id1"),
+        helper.make_node("Identity", ["b"], ["b2"], name="id2"),
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "identity_inputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [init("w1", rand(16, 8)), init("w2", rand(16, 16, seed=1)),
+         init("b", np.zeros(16, np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact is True
+    inits = {t.name for t in result.model.graph.initializer}
+    assert all(i.name in inits for i in result.model.graph.input if i.name != "x")
+    ort.InferenceSession(result.model.SerializeToString(),
+                         providers=["CPUExecutionProvider"]).run(None, {"x": rand(2, 8)})
