@@ -79,7 +79,9 @@ def classify_group(group: ChannelGroup, lin: dict[str, tuple[int, int]], hidden:
     first = int(best.units.min()) if len(best.units) else 0
     pos = np.sort(best.positions[best.units == first])
     runs = np.split(pos, np.nonzero(np.diff(pos) != 1)[0] + 1) if len(pos) else []
-    if max((len(r) for r in runs), default=0) > 1:  # blocks of consecutive dims: heads
+    # blocks of consecutive dims: heads, at least a head wide where the head dim is known (an
+    # interleaved rotary pair, ``(2j, 2j + 1)`` in every head, is a run of two head dims)
+    if max((len(r) for r in runs), default=0) > (head_dim - 1 if head_dim > 1 else 1):
         return UnitGroup(group.id, "heads", "", group.size, per_unit)
     # strided: one dim (or a rotary pair d, d + D/2) in every head; count the unit's dims
     # inside the head that holds its first position

@@ -468,6 +468,24 @@ def _unbind(ctx: RuleContext) -> list[Labels | None]:
     return [x[:dim] + x[dim + 1:] for _ in ctx.out_shapes]
 
 
+def _every_kth(ctx: RuleContext, vec: np.ndarray, it: slice) -> np.ndarray | None:
+    """``x[..., o::k]`` over a whole dim of ``n = m * k`` positions reads inner position ``o``
+    of the row-major factoring ``(m, k)``: the dim is factored and the slice's output is the
+    outer factor, so removing an outer unit drops ``k`` consecutive positions of the input and
+    one of the output, and ``start``/``step`` stay valid (interleaved rotary embeddings:
+    ``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)`` keeps pairs together and lets the
+    heads around them prune). The inner factor is pinned: the step counts it. ``None`` (the
+    caller pins the dim) for any other strided slice."""
+    n, k = len(vec), int(it.step)
+    start = 0 if it.start is None else int(it.start)
+    if k <= 1 or n % k or n <= k or not 0 <= start < k or \
+            (it.stop is not None and not int(it.stop) >= n):
+        return None
+    outer, inner = ctx.space.factor(vec, [n // k, k])
+    ctx.space.pin(inner, f"the step of the strided slice in {ctx.where} counts these positions")
+    return outer
+
+
 def _bound(b: int | None, vec: np.ndarray, count: Count) -> int | None:
     """A slice bound (or constant index) counted over the surviving positions; a negative one
     stays negative (it counts from the end, so a run-time size there keeps working)."""
@@ -542,6 +560,11 @@ def _index(ctx: RuleContext) -> list[Labels | None]:
         kept.append((it, vec))
         if isinstance(it, slice):
             if it.step not in (None, 1):
+                every = _every_kth(ctx, vec, it)
+                if every is not None:
+                    kept[-1] = (it, None)  # start, stop and step stay as they are
+                    out.append(every)
+                    continue
                 ctx.space.pin(vec, f"strided slice in {ctx.where}")
             out.append(vec[it])
         elif isinstance(it, int):

@@ -28,6 +28,12 @@ right (issue 11, "Real-world coverage"); the code is written here from the patte
   ``view(B, T, kv, heads / kv + 2, D)`` with ``torch.broadcast_to(k, q.shape)`` (Falcon-40B's
   grouped layout), in parallel attention + MLP blocks. The constant indices pin only the key
   and value slots they read: the query slots prune and the indices follow.
+* ``gptj_rotary`` — interleaved rotary embeddings: GPT-J/CodeGen's ``rotate_every_two``
+  (``stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``) over the first ``rotary_dim`` dims
+  of each head, sin/cos tables widened by ``repeat_interleave(2)``, parallel attention + MLP;
+  and a Helium/GLM-style block rotating whole heads the same way under grouped-query
+  attention. The strided slices factor the head dim into pairs ``(2j, 2j + 1)``: heads prune,
+  the pairs stay together.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ __all__ = ["UnbindAttention", "FusedKVAttention", "UnbindViT", "RelPosAttention"
            "attention_offsets_index", "unroll", "MaskUnitAttention", "PackedInProjAttention",
            "UnrollNet", "repeat_kv", "MultiQueryAttention", "QKNormAttention",
            "InterleaveGQAAttention", "MQADecoder", "TorchvisionEncoderBlock", "TorchAttentionViT",
-           "EinsumAttention", "EinsumViT", "FalconAttention", "FalconDecoder", "ENTRIES"]
+           "EinsumAttention", "EinsumViT", "FalconAttention", "FalconDecoder",
+           "rotate_every_two", "InterleavedRotaryAttention", "RotaryDecoder", "ENTRIES"]
 
 
 class _Mlp(nn.Module):
@@ -669,6 +676,81 @@ class FalconDecoder(nn.Module):
         return self.lm_head(self.ln_f(self.blocks(self.embed(ids))))
 
 
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotation: ``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)``."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+class InterleavedRotaryAttention(nn.Module):
+    """Rotary embeddings on interleaved pairs, over the first ``rotary_dim`` dims of each head
+    (GPT-J/CodeGen, ``rotary_dim < head_dim``) or the whole head (Helium/GLM, with ``kv_heads``
+    key/value heads repeated by ``repeat_kv``). The angles (positions times an ``inv_freq``
+    buffer) have half the rotary width and are widened by ``repeat_interleave(2)`` as GPT-J
+    does it."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, rotary_dim: int,
+                 kv_heads: int | None = None) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.rotary_dim = heads, head_dim, rotary_dim
+        self.kv_heads = kv_heads or heads
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.kv_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(heads * head_dim, dim, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def _rotate(self, x: torch.Tensor, t: int) -> torch.Tensor:  # x: [B, T, H, D]
+        angles = torch.arange(t, device=x.device).float()[:, None] * self.inv_freq[None, :]
+        sin = torch.repeat_interleave(angles.sin()[None, :, None, :], 2, 3)
+        cos = torch.repeat_interleave(angles.cos()[None, :, None, :], 2, 3)
+        if self.rotary_dim == self.head_dim:
+            return x * cos + rotate_every_two(x) * sin
+        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+        return torch.cat([rot * cos + rotate_every_two(rot) * sin, rest], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._rotate(self.q_proj(x).view(b, t, self.heads, self.head_dim), t)
+        k = self._rotate(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim), t)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        k, v = repeat_kv(k, self.heads // self.kv_heads), repeat_kv(v, self.heads // self.kv_heads)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(a.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class _ParallelBlock(nn.Module):
+    """GPT-J's block: one LayerNorm feeding attention and the MLP in parallel."""
+
+    def __init__(self, dim: int, attn: nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.mlp = _Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        return x + self.attn(h) + self.mlp(h)
+
+
+class RotaryDecoder(nn.Module):
+    """A GPT-J block (4 heads of 16, rotary over the first 8 dims of each) and a Helium-style
+    block (4 query heads over 2 kv heads, rotary over the whole head), final norm, lm head."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(
+            _ParallelBlock(dim, InterleavedRotaryAttention(dim, 4, 16, 8), 64),
+            _DecoderBlock(dim, InterleavedRotaryAttention(dim, 4, 8, 8, kv_heads=2), 64))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.ln_f(self.blocks(self.embed(ids))))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="vit_unbind",
@@ -733,5 +815,13 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="Falcon fused qkv read by constant indices ([..., :-2, :], [..., [-2], :]): "
                     "multi-query and Falcon-40B grouped slots with broadcast_to, parallel blocks",
         tags=_TAGS | {"fused-qkv", "sdpa", "gqa", "decoder"},
+    ),
+    ZooModel(
+        name="gptj_rotary",
+        build=seeded_build(RotaryDecoder),
+        example_inputs=seeded_randint(64, 2, 8),
+        description="interleaved rotary (GPT-J rotate_every_two over rotary_dim < head_dim, "
+                    "repeat_interleave sin/cos; Helium-style whole-head rotation with GQA)",
+        tags=_TAGS | {"sdpa", "gqa", "decoder", "rotary"},
     ),
 )

@@ -11,6 +11,7 @@ import torch
 import secateurs
 from secateurs import zoo
 from secateurs.passes.group_channels import Analysis, ChannelGroup
+from secateurs.passes.plan import build_plan
 
 
 def _prune(name: str, ratio: float, **kw):
@@ -419,6 +420,86 @@ def test_falcon_fused_lookalike_prunes_both_slot_layouts():
     attn = [result.model.get_parameter(f"blocks.{i}.self_attention.dense.weight").shape[1]
             for i in (0, 1)]
     assert attn[0] < 4 * 8 and attn[1] < 4 * 8  # multi-query and grouped slots both prune
+
+
+class _RotateEveryTwo(torch.nn.Module):
+    """Helium/GLM's interleaved rotary over whole heads: ``x[..., 0::2]``, ``x[..., 1::2]``,
+    ``stack(..., -1).flatten(-2)``; ``odd`` reads ``x[..., 1:7:2]`` instead (a strided slice
+    over part of the dim, which must stay pinned). ``untraceable`` sends it through
+    torch.export (``aten.slice`` with a step)."""
+
+    def __init__(self, odd: bool = False, untraceable: bool = False) -> None:
+        super().__init__()
+        self.odd, self.untraceable = odd, untraceable
+        self.q, self.k, self.v = (torch.nn.Linear(16, 4 * 8) for _ in range(3))
+        self.out = torch.nn.Linear(4 * 8, 16)
+        self.register_buffer("cos", torch.randn(5, 8))
+        self.register_buffer("sin", torch.randn(5, 8))
+
+    def _rot(self, x: torch.Tensor) -> torch.Tensor:
+        if self.odd:
+            return x[..., 1:7:2].sum(-1, keepdim=True) * x
+        rotated = torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+        return x * self.cos + rotated * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.untraceable:
+            for _ in range(x.shape[-1] // 16):
+                x = x * 1.0
+        q, k, v = (p(x).view(b, t, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(self._rot(q), self._rot(k), v)
+        return self.out(a.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_interleaved_rotary_keeps_pairs_together_and_heads_prune(tracer):
+    """``x[..., 1::2]`` pinned its whole dim as a strided slice, and with it (through the
+    reshape into heads) every head: Helium, GLM, ERNIE 4.5, Cohere and GPT-J kept all their
+    heads. A slice of every k-th position over the whole dim now factors it into ``(D / k,
+    k)`` and reads the outer factor: heads prune, a q/k head-dim unit is a pair ``(2j, 2j +
+    1)``, and the step is pinned."""
+    model = _RotateEveryTwo(untraceable=tracer == "export").eval()
+    x = (torch.randn(2, 5, 16),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith(tracer)
+    assert result.report.exact is True and not result.report.repairs
+    assert tuple(result.model.get_parameter("q.weight").shape) == (2 * 8, 16)  # 2 of 4 heads
+    _runs_at_batch(result.model, x, 3)
+    def first_unit(g: ChannelGroup) -> list[int]:
+        member = next(m for m in g.members if m.param == "q.weight" and m.dim == 0)
+        return np.sort(member.positions[member.units == member.units.min()]).tolist()
+
+    units = {tuple(first_unit(g)): g for g in _groups_of(result.analysis, "q.weight", 0)}
+    assert (0, 1, 2, 3, 4, 5, 6, 7) in units  # a head
+    qk_dims = [units[(0, 1, 8, 9, 16, 17, 24, 25)]]  # a pair, in every head
+    assert not qk_dims[0].pinned.any()
+    assert any(m.param == "k.weight" for m in qk_dims[0].members)
+    steps = [g for g in _groups_of(result.analysis, "q.weight", 0) if g.size == 2]
+    assert steps and all(g.pinned.all() for g in steps)
+    assert any("step of the strided slice" in r for g in steps for r in g.pin_reasons)
+    # removing pairs (the head-dim factor) is exact too, and the odd slice still reads odd dims
+    plan = build_plan(result.analysis, {qk_dims[0].id: np.array([1, 2])})
+    assert plan.removed["q.weight"][0][:4] == [2, 3, 4, 5]
+    pruned = secateurs.apply_plan(model, x, plan)
+    ok, diff = secateurs.verify_mask_equivalence(model, pruned, plan, x)
+    assert ok, diff
+
+
+def test_a_strided_slice_over_part_of_a_dim_stays_pinned():
+    model = _RotateEveryTwo(odd=True).eval()
+    analysis = secateurs.passes.prune.analyze(model, (torch.randn(2, 5, 16),))
+    dims = [g for g in _groups_of(analysis, "q.weight", 0) if g.size == 8]  # the head dims
+    assert dims and all(g.pinned.all() for g in dims)
+    assert any("strided slice" in r for g in dims for r in g.pin_reasons)
+
+
+def test_gptj_rotary_lookalike_prunes_heads_under_partial_and_grouped_rotary():
+    _, _, result = _prune("gptj_rotary", 0.5)
+    shapes = {n: tuple(p.shape) for n, p in result.model.named_parameters()}
+    assert shapes["blocks.0.attn.out_proj.weight"] == (32, 2 * 16)  # GPT-J: rotary_dim 8 of 16
+    assert shapes["blocks.1.attn.q_proj.weight"] == (2 * 8, 32)  # Helium: 4 q heads over 2 kv
+    assert shapes["blocks.1.attn.k_proj.weight"] == (1 * 8, 32)
 
 
 class _PickChannel(torch.nn.Module):
