@@ -49,6 +49,19 @@ def test_ignore_keeps_channels():
     assert result.plan.removed
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ignore_takes_the_callers_module_objects(inplace):
+    """Torch-Pruning's ``ignored_layers=[model.fc]``: the module objects are the caller's, and
+    ``prune`` works on a copy — it looked them up in the copy and said "not part of the
+    model"."""
+    model, x = _resnet()
+    result = secateurs.prune(model, x, ratio=0.5, ignore=[model.conv1], inplace=inplace)
+    assert not any(k.startswith("conv1.") for k in result.plan.removed)
+    assert result.plan.removed
+    with pytest.raises(secateurs.InputError, match="not part of the model"):
+        secateurs.prune(model, x, ignore=[torch.nn.Linear(2, 2)])
+
+
 def test_wrong_input_shape_is_clear_and_model_untouched():
     model, _ = _resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -364,6 +364,53 @@ def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         before = (node.target, node.args, node.kwargs)
         _apply_node(gm, node, consts)
         code_changed |= before != (node.target, node.args, node.kwargs)
+    if plan.removed:
+        code_changed |= _views_as_reshapes(gm)
     if code_changed:
         gm.recompile()
     return gm
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    """The node's output is a view of an input (its schema says so)."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and bool(schema.returns) and \
+        schema.returns[0].alias_info is not None
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return node.op == "call_method" and str(node.target).endswith("_")
+    return schema.is_mutable
+
+
+def _views_as_reshapes(gm: torch.fx.GraphModule) -> bool:
+    """``aten.view`` becomes ``aten.reshape`` (the same view wherever a view is possible, a copy
+    elsewhere) unless something downstream writes through the alias. torch.export records a
+    ``.contiguous()`` that was a no-op at trace time as nothing, so a graph is specialised to
+    its traced strides: once a head dim shrinks, sdpa may pick another kernel (CPU flash
+    attention needs equal q and v head dims) whose output ``transpose(1, 2)`` is no longer
+    contiguous, and Llama's ``.transpose(1, 2).contiguous().view(B, T, -1)`` would fail in the
+    pruned model only."""
+    changed = False
+    view = torch.ops.aten.view.default
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not view:
+            continue
+        stack, seen, writes = [node], set(), False
+        while stack and not writes:
+            cur = stack.pop()
+            for user in cur.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if _mutates(user):
+                    writes = True
+                    break
+                if _aliases(user):
+                    stack.append(user)
+        if not writes:
+            node.target = torch.ops.aten.reshape.default
+            changed = True
+    return changed

@@ -602,6 +602,10 @@ _CALLS["stochastic_depth"] = _first_only("dropout")
 _CALLS["to"] = _first_only("cast")
 _CALLS["type"] = _first_only("cast")
 _CALLS["type_as"] = _first_only("cast")
+_CALLS["real"] = _first_only("cast")  # a complex tensor's parts: same positions
+_CALLS["imag"] = _first_only("cast")
+_CALLS["view_as_complex"] = lambda n, b: ("complex_view", [n.args[0]], {"to": "complex"})
+_CALLS["view_as_real"] = lambda n, b: ("complex_view", [n.args[0]], {"to": "real"})
 for _op in ("add", "sub", "rsub", "mul", "div", "true_divide", "maximum", "minimum", "where",
             "masked_fill", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or",
             "logical_not", "atan2", "fmod", "remainder", "floor_divide",

@@ -1309,6 +1309,22 @@ def _stack(ctx: RuleContext) -> list[Labels | None]:
     return [out]
 
 
+@_register("complex_view")
+def _complex_view(ctx: RuleContext) -> list[Labels | None]:
+    """``view_as_complex`` (``to="complex"``): the last dim, of size 2, becomes the real and
+    imaginary parts of one element and is pinned; the other dims pass. ``view_as_real`` adds
+    such a dim back, pinned too. Meta's Llama rotary (``view_as_complex(x.reshape(..., -1,
+    2)) * freqs_cis``, then ``view_as_real(...).flatten(3)``) thereby keeps each pair ``(2j,
+    2j + 1)`` one unit, and the heads prune."""
+    x = ctx.ins[0]
+    assert x is not None
+    reason = f"real and imaginary parts in {ctx.where}"
+    if ctx.node.attrs["to"] == "complex":
+        ctx.space.pin(x[-1], reason)
+        return [list(x[:-1])]
+    return [list(x) + [ctx.space.fresh(2, pin=reason)]]
+
+
 def _repeat_interleave_rewrite(node: Node, keep: dict[str, Any], count: Count) -> dict[str, Any]:
     return {"repeats": count(keep["copy"])}
 

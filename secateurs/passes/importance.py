@@ -104,9 +104,15 @@ def member_scores(group: ChannelGroup, ctx: ScoreContext,
     return stack.sum(0)
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor to score: a complex one (Meta's Llama ``freqs_cis``) by its modulus."""
+    t = t.detach()
+    return t.abs().float() if t.is_complex() else t.float()
+
+
 def _reduce_except(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]):
     dims = [d for d in range(t.dim()) if d != dim]
-    v = fn(t.detach().float())
+    v = fn(_real(t))
     return v.sum(dim=dims) if dims else v
 
 
@@ -126,7 +132,7 @@ def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
     hit = cache.get((key, dim))
     if hit is not None:
         return hit
-    x = t.detach()
+    x = _real(t) if t.is_complex() else t.detach()
     out: dict[int, Any]
     if x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS and (x.dim() == 1 or dim < 2):
         a = x.reshape(x.shape[0], -1).numpy()
@@ -199,7 +205,7 @@ def bn_scale(group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
     bns = [m for m in group.members if m.dim == 0 and is_batchnorm_weight(m.param, ctx.tensors)]
     if not bns:
         return CRITERIA["l2"](group, ctx)
-    return member_scores(group, ctx, lambda m, t: t.detach().float().abs(), bns)
+    return member_scores(group, ctx, lambda m, t: _real(t).abs(), bns)
 
 
 bn_scale.__name__ = "bn_scale"
@@ -252,7 +258,7 @@ def fisher(group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         f = fisher_diag.get(m.param)
         if f is None or f.shape != t.shape:
             return None
-        w = t.detach().float()
+        w = _real(t)
         return _reduce_except(w * w * f.to(w.device, w.dtype) / 2, m.dim, lambda x: x)
 
     return member_scores(group, ctx, per_position)

@@ -623,7 +623,7 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
     timer.run("shapes", from_fx.propagate_shapes, gm, example_inputs)
     graph = timer.run("lower", from_fx.lower_graph_module, gm)
     analysis = timer.run("group_channels", group_channels, graph)
-    skip = _ignored_groups(analysis, work, ignore)
+    skip = _ignored_groups(analysis, model, ignore)  # the caller's modules, not the copy's
     ctx = score_context or ScoreContext(_tensors(gm), reduction=reduction)
     scores = timer.run("importance", lambda: {
         g.id: normalize(np.asarray(criterion(g, ctx), dtype=np.float64), normalization)
@@ -756,8 +756,12 @@ def _verify_batches(model: nn.Module, pruned: nn.Module, plan: Plan,
     args = from_fx._as_tuple(prep.example_inputs)
     ref, run = _eval(zero_plan_slices(model, plan)), _eval(pruned)  # one zeroed copy for both
     with torch.no_grad():
-        ok, diff = compare_outputs(flat_outputs(ref(*args)), flat_outputs(run(*args)),
-                                   1e-4, 1e-5)
+        want = flat_outputs(ref(*args))
+        try:
+            got = flat_outputs(run(*args))
+        except Exception:  # noqa: BLE001 - a pruned model that fails to run is a failed check
+            return False, float("inf"), args
+        ok, diff = compare_outputs(want, got, 1e-4, 1e-5)
         more = None if prep.tracer == "export (static shapes)" else _one_more_sample(args)
         if not ok or more is None:
             return ok, diff, args

@@ -34,6 +34,11 @@ right (issue 11, "Real-world coverage"); the code is written here from the patte
   and a Helium/GLM-style block rotating whole heads the same way under grouped-query
   attention. The strided slices factor the head dim into pairs ``(2j, 2j + 1)``: heads prune,
   the pairs stay together.
+* ``meta_llama`` — Meta's reference Llama (and torchtitan's) rotary in complex numbers:
+  ``view_as_complex(x.float().reshape(..., -1, 2)) * freqs_cis`` then
+  ``view_as_real(...).flatten(3).type_as(x)``, ``freqs_cis`` from ``torch.polar``; grouped
+  query heads by ``repeat_kv`` and a ``transpose(1, 2).contiguous().view(B, T, -1)`` output,
+  which torch.export records without the ``contiguous``.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ __all__ = ["UnbindAttention", "FusedKVAttention", "UnbindViT", "RelPosAttention"
            "UnrollNet", "repeat_kv", "MultiQueryAttention", "QKNormAttention",
            "InterleaveGQAAttention", "MQADecoder", "TorchvisionEncoderBlock", "TorchAttentionViT",
            "EinsumAttention", "EinsumViT", "FalconAttention", "FalconDecoder",
-           "rotate_every_two", "InterleavedRotaryAttention", "RotaryDecoder", "ENTRIES"]
+           "rotate_every_two", "InterleavedRotaryAttention", "RotaryDecoder",
+           "ComplexRotaryAttention", "MetaLlama", "ENTRIES"]
 
 
 class _Mlp(nn.Module):
@@ -751,6 +757,77 @@ class RotaryDecoder(nn.Module):
         return self.lm_head(self.ln_f(self.blocks(self.embed(ids))))
 
 
+class ComplexRotaryAttention(nn.Module):
+    """Meta's reference Llama attention: ``wq``/``wk``/``wv``/``wo``, rotary applied to pairs
+    as complex numbers, kv heads repeated by ``repeat_kv``, sdpa, and the output gathered by
+    ``.transpose(1, 2).contiguous().view(B, T, -1)``."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        angles = torch.outer(torch.arange(t, device=x.device).float(), self.inv_freq)
+        freqs_cis = torch.polar(torch.ones_like(angles), angles).view(1, t, 1, -1)
+        xq = self.wq(x).view(b, t, self.heads, self.head_dim)
+        xk = self.wk(x).view(b, t, self.kv_heads, self.head_dim)
+        xv = self.wv(x).view(b, t, self.kv_heads, self.head_dim)
+        rot = []
+        for z in (xq, xk):
+            zc = torch.view_as_complex(z.float().reshape(b, t, z.shape[2], -1, 2))
+            rot.append(torch.view_as_real(zc * freqs_cis).flatten(3).type_as(z))
+        q, k, v = (z.transpose(1, 2) for z in (rot[0], rot[1], xv))
+        n_rep = self.heads // self.kv_heads
+        a = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep),
+                                           is_causal=True)
+        return self.wo(a.transpose(1, 2).contiguous().view(b, t, -1))
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _MetaBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(dim)
+        self.attention = ComplexRotaryAttention(dim, heads, kv_heads)
+        self.ffn_norm = RMSNorm(dim)
+        self.feed_forward = _SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class MetaLlama(nn.Module):
+    """Two blocks of Meta's reference Llama (4 query heads over 2 kv heads, head dim 8)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.layers = nn.Sequential(*(_MetaBlock(dim, 4, 2, 64) for _ in range(2)))
+        self.norm = RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(self.layers(self.tok_embeddings(ids))))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="vit_unbind",
@@ -823,5 +900,13 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="interleaved rotary (GPT-J rotate_every_two over rotary_dim < head_dim, "
                     "repeat_interleave sin/cos; Helium-style whole-head rotation with GQA)",
         tags=_TAGS | {"sdpa", "gqa", "decoder", "rotary"},
+    ),
+    ZooModel(
+        name="meta_llama",
+        build=seeded_build(MetaLlama),
+        example_inputs=seeded_randint(64, 2, 8),
+        description="Meta reference Llama: complex rotary (view_as_complex * polar freqs_cis, "
+                    "view_as_real.flatten), repeat_kv GQA, transpose.contiguous.view output",
+        tags=_TAGS | {"sdpa", "gqa", "decoder", "rotary", "rmsnorm"},
     ),
 )

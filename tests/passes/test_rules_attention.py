@@ -4,6 +4,8 @@ the units that can go must go, and what stays pinned says why."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -500,6 +502,98 @@ def test_gptj_rotary_lookalike_prunes_heads_under_partial_and_grouped_rotary():
     assert shapes["blocks.0.attn.out_proj.weight"] == (32, 2 * 16)  # GPT-J: rotary_dim 8 of 16
     assert shapes["blocks.1.attn.q_proj.weight"] == (2 * 8, 32)  # Helium: 4 q heads over 2 kv
     assert shapes["blocks.1.attn.k_proj.weight"] == (1 * 8, 32)
+
+
+class _ComplexRotary(torch.nn.Module):
+    """Meta's reference Llama rotary, written as there: ``view_as_complex(x.float().reshape(
+    *x.shape[:-1], -1, 2))`` (the star-unpacked shape is not FX-traceable: torch.export),
+    times a complex ``freqs_cis`` buffer, ``view_as_real(...).flatten(3)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wq, self.wk, self.wv = (torch.nn.Linear(16, 4 * 8, bias=False) for _ in range(3))
+        self.wo = torch.nn.Linear(4 * 8, 16, bias=False)
+        angles = torch.outer(torch.arange(5).float(), 1.0 / 100 ** (torch.arange(4) / 4))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, 4, 8) for p in (self.wq, self.wk, self.wv))
+        cis = self.freqs_cis[:t].view(1, t, 1, 4)
+        q, k = (torch.view_as_real(torch.view_as_complex(
+            z.float().reshape(*z.shape[:-1], -1, 2)) * cis).flatten(3).type_as(z) for z in (q, k))
+        a = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(a.transpose(1, 2).contiguous().view(b, t, -1))
+
+
+def test_complex_rotary_prunes_heads_through_view_as_complex():
+    """``view_as_complex``/``view_as_real`` had no rule: opaque, so Meta's Llama (and
+    torchtitan's, Llama 4's) kept every head. The real/imaginary dim is pinned, pairs and heads
+    prune, and the complex ``freqs_cis`` follows the pairs (scored by its modulus)."""
+    model = _ComplexRotary().eval()
+    x = (torch.randn(2, 5, 16),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "casting complex values to real" while scoring
+        result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export")
+    assert result.report.exact is True and not result.report.repairs
+    assert tuple(result.model.get_parameter("wq.weight").shape) == (2 * 8, 16)
+    _runs_at_batch(result.model, x, 3)
+    pinned = [r for g in result.analysis.groups for r in g.pin_reasons]
+    assert any("real and imaginary parts" in r for r in pinned)
+
+
+class _ViewAfterSdpa(torch.nn.Module):
+    """Llama's ``a.transpose(1, 2).contiguous().view(B, T, -1)`` after sdpa, through
+    torch.export (a Python loop over a size). At trace time CPU flash attention returns its
+    output in ``[B, T, H, D]`` memory, so the ``contiguous`` is a no-op and export records
+    none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 4 * 8) for _ in range(3))
+        self.o = torch.nn.Linear(4 * 8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        for _ in range(x.shape[-1] // 16):
+            x = x * 1.0
+        q, k, v = (p(x).view(b, t, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(a.transpose(1, 2).contiguous().view(b, t, -1))
+
+
+def test_a_pruned_value_head_dim_does_not_break_a_view_export_specialised_to_strides():
+    """With the query heads and head dims kept (``ignore``), the value head dim prunes 8 -> 4;
+    sdpa then runs the math kernel, whose output ``transpose(1, 2)`` is not contiguous, and the
+    exported ``view`` (its ``contiguous`` dropped) failed in the pruned model only — returned
+    by ``prune`` without ``verify``. The apply now writes ``aten.view`` as ``aten.reshape``."""
+    model = _ViewAfterSdpa().eval()
+    x = (torch.randn(2, 5, 16),)
+    result = secateurs.prune(model, x, ratio=0.5, ignore=[model.q])
+    assert result.report.tracer.startswith("export")
+    assert tuple(result.model.get_parameter("o.weight").shape) == (16, 4 * 4)
+    with torch.no_grad():
+        result.model(*x)
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
+    ops = {n.target for n in result.model.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.view.default not in ops
+
+
+def test_a_pruned_model_that_fails_to_run_is_a_failed_check_the_net_repairs(monkeypatch):
+    """Without the reshape rewrite, the pruned model raises at the example: ``verify`` used to
+    fail the whole prune with that error; it is a failed check, and the net pins the group."""
+    from secateurs.graph import fx_apply
+
+    monkeypatch.setattr(fx_apply, "_views_as_reshapes", lambda gm: False)
+    model = _ViewAfterSdpa().eval()
+    x = (torch.randn(2, 5, 16),)
+    result = secateurs.prune(model, x, ratio=0.5, ignore=[model.q], verify=True)
+    assert result.report.exact is True and result.report.repairs
+    with torch.no_grad():
+        result.model(*x)
 
 
 class _PickChannel(torch.nn.Module):
