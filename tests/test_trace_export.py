@@ -152,3 +152,70 @@ def test_verify_also_checks_one_more_sample() -> None:
     assert ok
     _Prep.tracer = "export (static shapes)"  # the pruned program runs at the example only
     assert _verify_batches(model, _RightAtTwo(model), plan, _Prep())[0]
+
+
+def test_alibi_slopes_computed_in_the_forward_are_folded_and_follow_the_heads() -> None:
+    """torch.export records BLOOM/MPT's ``pow(base, arange(1, 1 + heads))``: a source whose
+    positions no rule may slice (``arange(n)`` is not ``arange(n + 1)[:n]`` for every function
+    of it), so the heads it is added to were pinned. Folded into a constant, it is sliced with
+    the heads: each surviving head keeps its own slope."""
+    from secateurs import zoo
+    from secateurs.passes.plan import Plan
+    from secateurs.zoo.attention_wild import alibi_slopes
+
+    entry = zoo.get("alibi_decoder")
+    model, x = entry.build(), entry.example_inputs()
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer == "export"
+    assert result.report.exact is True and not result.report.repairs
+    dense_in = result.model.get_parameter("h.0.self_attention.dense.weight").shape[1]
+    assert dense_in == 3 * 8  # 3 of 6 heads
+    gone = set(result.plan.removed["h.0.self_attention.dense.weight"][1])
+    kept = [h for h in range(6) if h * 8 not in gone]
+    folded = [b for n, b in result.model.named_buffers() if n.startswith("_secateurs_const_")
+              and b.is_floating_point() and b.numel() == 3]
+    assert len(folded) == 1
+    assert torch.allclose(folded[0].flatten(), alibi_slopes(6, torch.device("cpu"))[kept])
+    for batch in (1, 3):
+        xb = torch.randint(0, 64, (batch, 8))
+        ok, diff = verify_mask_equivalence(model, result.model, result.plan, xb)
+        assert ok, (batch, diff)
+    # a saved plan names the folded constants; a fresh trace folds them the same way
+    again = secateurs.apply_plan(model, x, Plan.from_json(result.plan.to_json()))
+    with torch.no_grad():
+        assert torch.equal(again(*x), result.model(*x))
+
+
+class _Written(nn.Module):
+    """``zeros(4)`` written into in place, an ``arange`` over the run-time batch, a literal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.zeros(4)
+        acc.add_(x.sum(0))
+        rows = torch.arange(x.shape[0]).float()[:, None]
+        scale = torch.exp(torch.arange(4) * -0.5)
+        return self.fc(x * scale) + acc + rows
+
+
+def test_fold_leaves_written_and_input_dependent_tensors_alone() -> None:
+    from secateurs.graph.fx_fold import fold_constant_sources
+    from secateurs.graph.fx_lower import call_key
+
+    model = _Written().eval()
+    x = torch.randn(3, 4)
+    gm = torch.export.export(model, (x,), dynamic_shapes=(
+        {0: torch.export.Dim("b", min=2)},)).module()
+    with torch.no_grad():
+        want = gm(x)
+    assert fold_constant_sources(gm) == 1  # the exp(arange) table only
+    keys = {call_key(n) for n in gm.graph.nodes if n.op == "call_function"}
+    assert "zeros" in keys  # written into: stays a factory call
+    assert "arange" in keys  # over the run-time batch: stays
+    assert "exp" not in keys
+    with torch.no_grad():
+        assert torch.equal(gm(x), want)
+        gm(torch.randn(5, 4))

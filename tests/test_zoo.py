@@ -107,6 +107,7 @@ OUTPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "falcon_fused": (2, 8, 64),
     "gptj_rotary": (2, 8, 64),
     "meta_llama": (2, 8, 64),
+    "alibi_decoder": (2, 8, 64),
     "tv_vit_mha": (2, 10),
     "einsum_vit": (2, 10),
 }

@@ -38,6 +38,7 @@ from secateurs.graph.fx_lower import (  # noqa: F401 - re-exported
     call_key,
     lower_graph_module,
 )
+from secateurs.graph.fx_fold import fold_constant_sources
 from secateurs.graph.fx_shapes import _SHAPE_FNS, propagate_shapes  # noqa: F401 - re-exported
 from secateurs.graph.fx_trace import _as_tuple, trace  # noqa: F401 - re-exported
 from secateurs.graph.ir import ChannelGraph
@@ -53,11 +54,23 @@ def from_fx(model: nn.Module, example_inputs: Any,
     """Trace (a copy of) ``model``, propagate shapes and lower to the channel graph."""
     if copy_model:
         model = copy.deepcopy(model)
-    gm, how = trace(model, example_inputs)
+    gm, how = trace_folded(model, example_inputs)
     propagate_shapes(gm, example_inputs)
     graph = lower_graph_module(gm)
     log.debug("channel graph (%s):\n%s", how, graph.summary())
     return graph, gm, how
+
+
+def trace_folded(model: nn.Module, example_inputs: Any) -> tuple[torch.fx.GraphModule, str]:
+    """``trace``, then the tensors the graph computes from constants alone folded into
+    constants (``fx_fold``: ALiBi slopes, frequency tables), so their dims can follow the
+    channels they meet. Every trace a plan is made on or applied to goes through here (the HF
+    path, which applies plans to the HF module itself, traces without it)."""
+    gm, how = trace(model, example_inputs)
+    n = fold_constant_sources(gm)
+    if n:
+        log.info("folded %d tensor(s) computed from constants alone into constants", n)
+    return gm, how
 
 
 def example_signature(example_inputs: Any) -> Sequence[Any]:

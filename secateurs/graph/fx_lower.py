@@ -21,7 +21,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from secateurs.graph.fx_trace import _fetch_attr
-from secateurs.graph.ir import ChannelGraph, Node, Value, take
+from secateurs.graph.ir import ChannelGraph, Node, Value, is_trace_constant, take
 
 log = logging.getLogger(__name__)
 
@@ -1076,7 +1076,7 @@ def constant_index(gm: torch.fx.GraphModule, arg: Any,
     obj = _fetch_attr(gm, str(arg.target), missing_ok=True)
     if state is None:
         state = {id(t) for t in gm.parameters()} | {id(t) for t in gm.buffers()}
-    if id(obj) in state:
+    if id(obj) in state and not is_trace_constant(str(arg.target)):  # fx_fold's are buffers
         return None
     if not isinstance(obj, torch.Tensor) or obj.ndim != 1 or not len(obj) or \
             obj.dtype not in (torch.int64, torch.int32):

@@ -14,11 +14,12 @@ shapes from shape propagation; ``shape is None`` marks a non-tensor value (an in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Value", "Node", "ChannelGraph", "take", "is_take"]
+__all__ = ["Value", "Node", "ChannelGraph", "take", "is_take", "is_trace_constant"]
 
 
 @dataclass
@@ -105,3 +106,13 @@ def take(positions: Any) -> tuple[str, tuple[int, ...]]:
 
 def is_take(item: Any) -> bool:
     return isinstance(item, tuple) and len(item) == 2 and item[0] == "take"
+
+
+# torch.fx's frozen tensor, torch.export's lifted literal, ``fx_fold``'s folded constant
+_TRACE_CONSTANT = re.compile(r"_tensor_constant\d+|lifted_tensor_\d+|_secateurs_const_\d+")
+
+
+def is_trace_constant(name: str) -> bool:
+    """A tensor that exists only in the traced program (computed from constants alone), not
+    one of the model's parameters or buffers."""
+    return bool(_TRACE_CONSTANT.fullmatch(name))

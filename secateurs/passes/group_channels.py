@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from secateurs.errors import TraceError
-from secateurs.graph.ir import ChannelGraph
+from secateurs.graph.ir import ChannelGraph, is_trace_constant
 from secateurs.passes.channel_rules import RuleContext, rule_for
 from secateurs.passes.labels import LabelSpace, Resolution
 
@@ -268,6 +268,13 @@ def _collect_groups(pd: ParamDims, res: Resolution) -> tuple[ChannelGroup, ...]:
         atoms = by_group[gstart[g]:gstart[g + 1]]
         pinned, lossy = pin_mask[atoms], lossy_mask[atoms]
         pin_reasons = tuple(dict.fromkeys(res.pin_reason[a] for a in atoms[pinned].tolist()))
+        if not pinned.all() and all(is_trace_constant(m.param) for m in members[g]):
+            # positions of tensors the program computes from constants alone (a folded mask,
+            # a position table) that meet no channel: removing them saves nothing, and where
+            # an op without a channel rule consumed them, nothing coupled them to the rest
+            pinned = np.ones(len(atoms), dtype=bool)
+            pin_reasons = (*pin_reasons, "positions of constants the traced program computes, "
+                           "coupled to no parameter: nothing to remove")
         lossy_reasons = tuple(dict.fromkeys(res.lossy_reason[a] for a in atoms[lossy].tolist()))
         groups.append(ChannelGroup(new_id, len(atoms), tuple(members[g]), pinned, lossy,
                                    pin_reasons, lossy_reasons, atoms))

@@ -105,7 +105,8 @@ def member_scores(group: ChannelGroup, ctx: ScoreContext,
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
-    """A float32 tensor to score: a complex one (Meta's Llama ``freqs_cis``) by its modulus."""
+    """A float32 tensor to score: a complex one (Meta's Llama ``freqs_cis``) by its modulus,
+    an integer one (a folded constant) by its values."""
     t = t.detach()
     return t.abs().float() if t.is_complex() else t.float()
 
@@ -132,7 +133,7 @@ def _lp_per_position(t: torch.Tensor, dim: int, p: int, cache: dict[Any, Any],
     hit = cache.get((key, dim))
     if hit is not None:
         return hit
-    x = _real(t) if t.is_complex() else t.detach()
+    x = t.detach() if t.is_floating_point() else _real(t)  # complex, integer constants
     out: dict[int, Any]
     if x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS and (x.dim() == 1 or dim < 2):
         a = x.reshape(x.shape[0], -1).numpy()

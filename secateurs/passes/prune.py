@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import logging
 import math
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +26,7 @@ from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
 from secateurs.graph.fx_lower import call_key
+from secateurs.graph.ir import is_trace_constant
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, Member, group_channels
 from secateurs.passes.importance import (
@@ -472,7 +472,6 @@ def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray],
     return tuple(rows)
 
 
-_TRACE_CONSTANT = re.compile(r"_tensor_constant\d+")  # torch.fx's name for a frozen tensor
 
 
 def zero_plan_slices(model: nn.Module, plan: Plan) -> nn.Module:
@@ -481,14 +480,16 @@ def zero_plan_slices(model: nn.Module, plan: Plan) -> nn.Module:
 
     A plan may also slice tensors that exist only in the traced program: ``symbolic_trace``
     freezes a tensor computed from constants alone (a timestep embedding's frequencies,
-    ``exp(-log(1e4) * arange(d) / d)``) into a ``_tensor_constantN`` attribute. The model
+    ``exp(-log(1e4) * arange(d) / d)``) into a ``_tensor_constantN`` attribute, and
+    ``graph.fx_fold`` does the same for what torch.export records (``_secateurs_const_N``:
+    ALiBi slopes). The model
     recomputes it on every call, so there is nothing to zero: the reference zeroes the model's
     own tensors only (the consumers' slices are zeroed, so the comparison still holds; it can
     only be stricter). Any other name the model lacks is an error (a plan made for another
     model)."""
     ref = copy.deepcopy(model)
     tensors = _tensors(ref)
-    unknown = [n for n in plan.removed if n not in tensors and not _TRACE_CONSTANT.fullmatch(n)]
+    unknown = [n for n in plan.removed if n not in tensors and not is_trace_constant(n)]
     if unknown:
         raise InputError(f"the plan removes slices of {unknown[:5]}, which the model does not "
                          f"have (was the plan made for another model?); the model's tensors "
@@ -619,7 +620,7 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
     criterion = get_criterion(importance)
     timer = StageTimer()
     work = model if inplace else timer.run("copy", copy_sharing_tensors, model)
-    gm, tracer = timer.run("trace", from_fx.trace, work, example_inputs)
+    gm, tracer = timer.run("trace", from_fx.trace_folded, work, example_inputs)
     timer.run("shapes", from_fx.propagate_shapes, gm, example_inputs)
     graph = timer.run("lower", from_fx.lower_graph_module, gm)
     analysis = timer.run("group_channels", group_channels, graph)
@@ -799,7 +800,7 @@ def _describe(analysis: Analysis) -> Callable[[int], str]:
 def _retrace(prep: Prepared) -> torch.fx.GraphModule:
     """A fresh traced copy of the caller's (unmodified) model for the net's trials, with
     the node names the analysis was made on."""
-    gm, _ = from_fx.trace(copy_sharing_tensors(prep.model), prep.example_inputs)
+    gm, _ = from_fx.trace_folded(copy_sharing_tensors(prep.model), prep.example_inputs)
     from_fx.propagate_shapes(gm, prep.example_inputs)
     if [n.name for n in gm.graph.nodes] != [n.name for n in prep.gm.graph.nodes]:
         raise SecateursError("re-tracing the model for the safety net gave different node "
@@ -828,7 +829,7 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan,
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a secateurs.Plan, got {type(plan).__name__}")
     work = model if inplace else copy_sharing_tensors(model)
-    gm, _ = from_fx.trace(work, example_inputs)
+    gm, _ = from_fx.trace_folded(work, example_inputs)
     from_fx.propagate_shapes(gm, example_inputs)
     failure = FxNet(gm, None, from_fx._as_tuple(example_inputs)).plan_runs(plan)
     if failure is not None:  # checked before anything is sliced (inplace stays intact)

@@ -39,9 +39,17 @@ right (issue 11, "Real-world coverage"); the code is written here from the patte
   ``view_as_real(...).flatten(3).type_as(x)``, ``freqs_cis`` from ``torch.polar``; grouped
   query heads by ``repeat_kv`` and a ``transpose(1, 2).contiguous().view(B, T, -1)`` output,
   which torch.export records without the ``contiguous``.
+* ``alibi_decoder`` — BLOOM/MPT ALiBi: per-head slopes computed inside the forward from the
+  head count (``pow(base, arange(1, 1 + closest_power_of_2))``, extra slopes for 6 heads),
+  times the positions ``(mask.cumsum(-1) - 1) * mask``, reshaped to ``[B * H, 1, T]`` and
+  added by ``baddbmm``; BLOOM's fused ``view(B, T, H, 3, D)`` query/key/value; a Python branch
+  on the sequence length sends it through torch.export, which records the factories (the
+  slopes are folded into a constant and follow the heads).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +65,8 @@ __all__ = ["UnbindAttention", "FusedKVAttention", "UnbindViT", "RelPosAttention"
            "InterleaveGQAAttention", "MQADecoder", "TorchvisionEncoderBlock", "TorchAttentionViT",
            "EinsumAttention", "EinsumViT", "FalconAttention", "FalconDecoder",
            "rotate_every_two", "InterleavedRotaryAttention", "RotaryDecoder",
-           "ComplexRotaryAttention", "MetaLlama", "ENTRIES"]
+           "ComplexRotaryAttention", "MetaLlama", "alibi_slopes", "AlibiAttention",
+           "AlibiDecoder", "ENTRIES"]
 
 
 class _Mlp(nn.Module):
@@ -828,6 +837,84 @@ class MetaLlama(nn.Module):
         return self.output(self.norm(self.layers(self.tok_embeddings(ids))))
 
 
+def alibi_slopes(heads: int, device: torch.device) -> torch.Tensor:
+    """ALiBi's geometric slopes, one per head, computed from the head count (as BLOOM's
+    ``_get_alibi_slopes`` does, with torch ops, so a traced program records them)."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), device=device)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, device=device, dtype=torch.int32))
+    if closest != heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), device=device)
+        rest = min(closest, heads - closest)
+        odd = torch.arange(1, 1 + 2 * rest, 2, device=device, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra, odd)], dim=0)
+    return slopes
+
+
+class AlibiAttention(nn.Module):
+    """BLOOM's attention: fused ``query_key_value`` viewed ``(B, T, H, 3, D)``, scores by
+    ``alibi.baddbmm(q, k^T)`` over ``B * H`` rows, a causal mask, ``dense`` output."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.query_key_value = nn.Linear(dim, 3 * dim)
+        self.dense = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.query_key_value(x).view(b, t, self.heads, 3, self.head_dim)
+        q, k, v = (fused[..., i, :].transpose(1, 2).reshape(b * self.heads, t, self.head_dim)
+                   for i in range(3))
+        scores = alibi.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=self.head_dim ** -0.5)
+        scores = scores.view(b, self.heads, t, t).masked_fill(mask, torch.finfo(x.dtype).min)
+        probs = scores.softmax(-1).view(b * self.heads, t, t)
+        ctx = torch.bmm(probs, v).view(b, self.heads, t, self.head_dim).transpose(1, 2)
+        return self.dense(ctx.reshape(b, t, self.heads * self.head_dim))
+
+
+class _AlibiBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(dim)
+        self.self_attention = AlibiAttention(dim, heads)
+        self.post_attention_layernorm = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim, 4 * dim)
+
+    def forward(self, x: torch.Tensor, alibi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), alibi, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class AlibiDecoder(nn.Module):
+    """Embedding, two ALiBi blocks of 6 heads (slopes for a head count that is no power of
+    two), final norm, lm head."""
+
+    def __init__(self, vocab: int = 64, dim: int = 48, heads: int = 6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.word_embeddings = nn.Embedding(vocab, dim)
+        self.h = nn.ModuleList(_AlibiBlock(dim, heads) for _ in range(2))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        if t > 1:  # a branch on a size: torch.fx cannot trace it, torch.export can
+            causal = torch.arange(t, device=ids.device)[None, :] > \
+                torch.arange(t, device=ids.device)[:, None]
+        else:
+            causal = torch.zeros(1, 1, dtype=torch.bool, device=ids.device)
+        attention = torch.ones_like(ids)
+        positions = ((attention.cumsum(-1) - 1) * attention)[:, None, :]
+        alibi = alibi_slopes(self.heads, ids.device)[..., None] * positions
+        alibi = alibi.reshape(b * self.heads, 1, t)
+        x = self.word_embeddings(ids)
+        for block in self.h:
+            x = block(x, alibi, causal)
+        return self.lm_head(self.ln_f(x))
+
+
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="vit_unbind",
@@ -908,5 +995,13 @@ ENTRIES: tuple[ZooModel, ...] = (
         description="Meta reference Llama: complex rotary (view_as_complex * polar freqs_cis, "
                     "view_as_real.flatten), repeat_kv GQA, transpose.contiguous.view output",
         tags=_TAGS | {"sdpa", "gqa", "decoder", "rotary", "rmsnorm"},
+    ),
+    ZooModel(
+        name="alibi_decoder",
+        build=seeded_build(AlibiDecoder),
+        example_inputs=seeded_randint(64, 2, 8),
+        description="BLOOM/MPT ALiBi slopes computed in the forward (pow(base, arange), 6 "
+                    "heads), baddbmm over B*H rows, fused view(B, T, H, 3, D) qkv; torch.export",
+        tags=_TAGS | {"fused-qkv", "decoder", "alibi", "fx-untraceable"},
     ),
 )

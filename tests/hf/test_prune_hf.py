@@ -189,3 +189,37 @@ def test_a_hybrid_config_gets_its_attention_head_counts() -> None:
     assert cfg.num_attention_heads == attn.q_proj.out_features // hd == 2
     assert cfg.num_key_value_heads == attn.k_proj.out_features // hd == 1
     assert cfg.mamba_n_heads == 4  # the Mamba heads are not the attention's
+
+
+def test_generic_prune_of_bloom_folds_the_alibi_slopes_and_prunes_heads() -> None:
+    """``secateurs.prune`` on an HF BLOOM (torch.export): the ALiBi slopes, computed in the
+    forward from the head count, pinned every head ("created by source 'arange'"). Folded
+    into a constant they follow the heads; the folded positions of its attention-mask
+    arithmetic, which meet no parameter, stay pinned with that reason (the net had to catch
+    them being pruned on their own)."""
+    import secateurs
+
+    m = tiny_model("bloom")
+    ids = example_inputs(m)["input_ids"] if isinstance(example_inputs(m), dict) else \
+        example_inputs(m)[0]
+
+    class LM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.m(ids, attention_mask=torch.ones_like(ids)).logits
+
+    model = LM().eval()
+    result = secateurs.prune(model, (ids,), ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    qkv = result.model.get_parameter("m.transformer.h.0.self_attention.query_key_value.weight")
+    dense = result.model.get_parameter("m.transformer.h.0.self_attention.dense.weight")
+    heads, hd = m.config.n_head, m.config.hidden_size // m.config.n_head
+    assert dense.shape[1] == heads // 2 * hd and qkv.shape[0] == 3 * heads // 2 * hd
+    reasons = [r for g in result.analysis.groups for r in g.pin_reasons]
+    assert any("coupled to no parameter" in r for r in reasons)
+    assert not any("created by source" in r for g in result.analysis.groups
+                   if any("query_key_value" in mm.param for mm in g.members)
+                   for r in g.pin_reasons)
