@@ -260,11 +260,13 @@ class IterativeResult(SizeRatios):
 
 
 
-def _prunable_units(model: nn.Module, example_inputs: Any) -> int:
+def _prunable_units(model: nn.Module, example_inputs: Any, allow_lossy: bool = False) -> int:
+    """Units ``prune`` may remove (as ``select_units`` counts them): unpinned units of groups
+    wider than one whose removal is exact, or of any group under ``allow_lossy``."""
     from secateurs.passes.prune import analyze
 
     return sum(g.prunable for g in analyze(model, example_inputs).groups
-               if g.size > 1 and not g.is_lossy)
+               if g.size > 1 and (allow_lossy or not g.removal_is_lossy))
 
 
 def iterative_prune(model: nn.Module, example_inputs: Any, target_ratio: float | None = None,
@@ -289,7 +291,8 @@ def iterative_prune(model: nn.Module, example_inputs: Any, target_ratio: float |
     steps = []
     targets = []
     macs0 = params0 = 0
-    units0 = _prunable_units(model, example_inputs) if target_ratio is not None else 0
+    lossy = bool(prune_kwargs.get("allow_lossy", False))
+    units0 = _prunable_units(model, example_inputs, lossy) if target_ratio is not None else 0
     for k, f in enumerate(fractions):
         if context_fn is not None:
             prune_kwargs["score_context"] = context_fn(current)
@@ -303,7 +306,7 @@ def iterative_prune(model: nn.Module, example_inputs: Any, target_ratio: float |
             assert target_ratio is not None
             goal = target_ratio * f
             targets.append(goal)
-            units = _prunable_units(current, example_inputs)
+            units = _prunable_units(current, example_inputs, lossy)
             step_ratio = 1.0 - (1.0 - goal) * units0 / units if units else 0.0
             res = prune(current, example_inputs, min(max(step_ratio, 0.0), MAX_RATIO),
                         importance, **prune_kwargs)

@@ -275,3 +275,22 @@ def test_target_macs_traces_the_model_once(monkeypatch) -> None:
     result = prune(model, x, target_macs=0.6)
     assert len(calls) == 1
     assert abs(result.report.macs_kept - 0.6) <= 0.05 * 0.6
+
+
+def test_iterative_ratio_counts_the_units_prune_may_remove() -> None:
+    """The step ratios are scaled by the prunable units left; they were counted without lossy
+    groups even under ``allow_lossy=True`` (and without groups whose lossy units are all
+    pinned, which ``prune`` does remove from), so the steps' ratios did not compose to the
+    target."""
+    from secateurs import zoo
+    from secateurs.passes.prune import analyze
+    from secateurs.passes.schedule import _prunable_units
+
+    entry = zoo.get("vit")
+    model, x = entry.build(), entry.example_inputs()
+    groups = [g for g in analyze(model, x).groups if g.size > 1]
+    exact = sum(g.prunable for g in groups if not g.removal_is_lossy)
+    everything = sum(g.prunable for g in groups)
+    assert everything > exact
+    assert _prunable_units(model, x) == exact
+    assert _prunable_units(model, x, allow_lossy=True) == everything
