@@ -20,6 +20,7 @@ import torch.fx
 from torch import nn
 
 from secateurs.errors import PlanError
+from secateurs.graph.fx_fold import written_through
 from secateurs.graph.fx_lower import _SIGS, _node_shape, call_key
 from secateurs.graph.fx_modules import prune_multihead_attention
 from secateurs.graph.fx_trace import _fetch_attr
@@ -371,20 +372,6 @@ def apply_plan_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     return gm
 
 
-def _aliases(node: torch.fx.Node) -> bool:
-    """The node's output is a view of an input (its schema says so)."""
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and bool(schema.returns) and \
-        schema.returns[0].alias_info is not None
-
-
-def _mutates(node: torch.fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return node.op == "call_method" and str(node.target).endswith("_")
-    return schema.is_mutable
-
-
 def _views_as_reshapes(gm: torch.fx.GraphModule) -> bool:
     """``aten.view`` becomes ``aten.reshape`` (the same view wherever a view is possible, a copy
     elsewhere) unless something downstream writes through the alias. torch.export records a
@@ -398,19 +385,7 @@ def _views_as_reshapes(gm: torch.fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not view:
             continue
-        stack, seen, writes = [node], set(), False
-        while stack and not writes:
-            cur = stack.pop()
-            for user in cur.users:
-                if user in seen:
-                    continue
-                seen.add(user)
-                if _mutates(user):
-                    writes = True
-                    break
-                if _aliases(user):
-                    stack.append(user)
-        if not writes:
+        if not written_through(node):
             node.target = torch.ops.aten.reshape.default
             changed = True
     return changed

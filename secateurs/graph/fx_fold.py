@@ -31,7 +31,7 @@ import torch.fx
 from secateurs.graph.fx_lower import call_key
 from secateurs.graph.fx_trace import _fetch_attr
 
-__all__ = ["fold_constant_sources", "FOLD_PREFIX", "MAX_NUMEL"]
+__all__ = ["fold_constant_sources", "written_through", "FOLD_PREFIX", "MAX_NUMEL"]
 
 FOLD_PREFIX = "_secateurs_const_"
 MAX_NUMEL = 1 << 16
@@ -68,7 +68,9 @@ def _aliases(node: torch.fx.Node) -> bool:
     return bool(schema.returns) and schema.returns[0].alias_info is not None
 
 
-def _written_through(node: torch.fx.Node) -> bool:
+def written_through(node: torch.fx.Node) -> bool:
+    """Something downstream of ``node``, through ops whose output aliases their input, writes
+    into it."""
     stack, seen = [node], {node}
     while stack:
         cur = stack.pop()
@@ -123,7 +125,7 @@ def fold_constant_sources(gm: torch.fx.GraphModule) -> int:
                 value.numel() > MAX_NUMEL or value.is_meta:
             continue
         outside = [u for u in node.users if u not in values]
-        if not outside or _written_through(node):
+        if not outside or written_through(node):
             continue
         name = f"{FOLD_PREFIX}{folded}"
         while hasattr(gm, name):
