@@ -85,6 +85,12 @@ def _zoo() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                     dict(gqa, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                          sliding_window=16, layer_types=["sliding_attention", "full_attention"])),
+        # complex rotary (view_as_complex / view_as_real), a dense and a MoE layer, chunked
+        # attention and a no-rope layer
+        "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                        dict(gqa, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                             intermediate_size_mlp=96, interleave_moe_layer_step=2,
+                             attention_chunk_size=4, no_rope_layers=[1, 0])),
         "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                         dict(gqa, num_key_value_heads=4, n_routed_experts=4,
                              num_experts_per_tok=2, moe_intermediate_size=32,

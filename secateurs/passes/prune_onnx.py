@@ -239,7 +239,10 @@ def _dynamic_batch(model: onnx.ModelProto) -> bool:
     return bool(dims) and all(len(d) and not d[0].HasField("dim_value") for d in dims)
 
 
-def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0) -> dict[str, np.ndarray]:
+def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0,
+           low: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs at the analysed shapes: floats standard normal, integers in ``[low, low +
+    2)`` (token ids, indices), bools half true."""
     rng = np.random.default_rng(seed)
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     feeds = {}
@@ -251,8 +254,32 @@ def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0) -> dict[st
         elif dtype == np.bool_:
             feeds[name] = rng.random(shape) < 0.5
         else:
-            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+            feeds[name] = rng.integers(low, low + 2, size=shape).astype(dtype)
     return feeds
+
+
+def _finite_feeds(model: onnx.ModelProto, analysis: Analysis
+                  ) -> tuple[dict[str, np.ndarray], str | None]:
+    """Check inputs at which the original's float outputs are finite: the contract compares
+    numbers, and NaN equals nothing. Token id 0 is often a padding id some exported graphs
+    turn into NaN (a dynamo export of HF Helium: every output NaN wherever an id is 0, where
+    eager PyTorch gives numbers), so integers move to ``[1, 3)``, then other seeds. Returns the
+    feeds and, if none were finite, a note saying the check is blind there."""
+    first = None
+    for seed, low in ((0, 0), (0, 1), (1, 1), (2, 2)):
+        feeds = _feeds(model, analysis, seed, low)
+        first = first or feeds
+        try:
+            outs = _run(model, feeds)
+        except Exception:  # noqa: BLE001 - the checks themselves report a model ORT refuses
+            return first, None
+        if all(np.isfinite(o).all() for o in map(np.asarray, outs)
+               if np.issubdtype(o.dtype, np.floating)):
+            return feeds, None
+    return first, ("the original model's outputs are not finite (NaN or inf) at every check "
+                   "input tried (random floats, integers from 0, 1 and 2): where both models "
+                   "give NaN at the same positions the check counts them equal, and says "
+                   "nothing about those positions")
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -292,10 +319,13 @@ def verify_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: Plan,
         e, g = np.asarray(e), np.asarray(g)
         if e.shape != g.shape:
             return False, float("inf")
-        if np.issubdtype(e.dtype, np.floating):
-            diff = float(np.abs(e - g).max()) if e.size else 0.0
+        if np.issubdtype(e.dtype, np.floating):  # NaN where both are NaN counts as equal
+            nan = np.isnan(e)
+            if (nan != np.isnan(g)).any():
+                return False, float("inf")
+            diff = float(np.abs(e - g)[~nan].max()) if (~nan).any() else 0.0
             worst = max(worst, diff)
-            ok &= bool(np.allclose(e, g, rtol=rtol, atol=atol))
+            ok &= bool(np.allclose(e, g, rtol=rtol, atol=atol, equal_nan=True))
         else:
             ok &= bool(np.array_equal(e, g))
     return ok, worst
@@ -364,8 +394,9 @@ def prune_onnx(model_or_path: Any, ratio: float | None = None,
     # the safety net (passes/repair.py): the plan must check and run under ONNX Runtime
     lossy = frozenset(g.id for g in analysis.groups if g.is_lossy) if allow_lossy \
         else frozenset()
-    feeds = _feeds(model, analysis)
     macs = count_macs(graph, lambda v: graph.values[v].shape)
+    feeds, blind = _finite_feeds(model, analysis) if verify or macs <= ORT_TRIAL_MACS \
+        else (_feeds(model, analysis), None)
     # the net applies to and verifies against the untied form (the plan's tensor names are
     # its own, so neither the apply nor the reference unties again: no copy of the weights per
     # trial); copies the plan left equal to their source are shared again after each apply.
@@ -377,6 +408,8 @@ def prune_onnx(model_or_path: Any, ratio: float | None = None,
     net = OnnxNet(model, analysis, feeds, apply, _run, verify_onnx, meta,
                   dynamic_batch=_dynamic_batch(model), exclude_exact=lossy,
                   use_ort=verify or macs <= ORT_TRIAL_MACS)
+    if blind:
+        net.notes.append(blind)
     if untied:
         net.notes.append(f"{len(untied)} per-channel vector(s) the exporter had deduplicated "
                          "across layers were given one copy per reader (e.g. "

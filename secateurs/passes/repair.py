@@ -672,17 +672,21 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
 
 def compare_outputs(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor],
                     rtol: float, atol: float) -> tuple[bool, float]:
-    """``allclose`` over paired outputs (equal for non-float ones); the max abs diff."""
+    """``allclose`` over paired outputs (equal for non-float ones; NaN equal to NaN at the same
+    positions, and a NaN on one side only a difference of inf); the max abs diff."""
     if len(expected) != len(got):
         return False, float("inf")
     worst, ok = 0.0, True
     for e, g in zip(expected, got):
         if e.shape != g.shape:
             return False, float("inf")
-        if e.is_floating_point():
-            diff = (e - g).abs()
+        if e.is_floating_point():  # NaN where both are NaN counts as equal
+            nan = torch.isnan(e)
+            if not torch.equal(nan, torch.isnan(g)):
+                return False, float("inf")
+            diff = (e - g).abs()[~nan]
             worst = max(worst, float(diff.max()) if diff.numel() else 0.0)
-            ok &= bool(torch.allclose(e, g, rtol=rtol, atol=atol))
+            ok &= bool(torch.allclose(e, g, rtol=rtol, atol=atol, equal_nan=True))
         else:
             ok &= bool(torch.equal(e, g))
     return ok, worst
