@@ -786,6 +786,89 @@ def _as_list(v: Any) -> list[Any]:
 # ---------------------------------------------------------------- the lowering
 
 
+# Consumers that read a run-time size as a size (the pruned size is the right one there).
+_SIZE_CONSUMERS = {
+    "view", "reshape", "_unsafe_view", "expand", "broadcast_to", "repeat", "unflatten",
+    "flatten", "new_zeros", "new_ones", "new_empty", "zeros", "ones", "empty", "arange",
+    "rand", "randn", "randint", "split", "chunk", "split_with_sizes", "tensor_split", "narrow",
+    "slice", "select", "getitem", "index", "layer_norm", "permute", "transpose", "movedim",
+    "interpolate", "pad", "constant_pad_nd", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
+    "_assert", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size", "roll",
+    "unfold", "zeros_like", "ones_like", "empty_like", "reshape_as", "view_as", "expand_as"}
+_SIZE_READS = {"size", "sym_size", "numel", "sym_numel"}
+
+
+def size_values(gm: torch.fx.GraphModule
+                ) -> list[tuple[torch.fx.Node, torch.fx.Node, list[int], torch.fx.Node]]:
+    """Run-time sizes the graph uses as *values*: ``(read, tensor, dims, reader)`` for each size
+    read (``x.size(d)``, ``x.shape[d]``, ``aten.sym_size``, ``x.numel()``) that reaches, through
+    Python scalar arithmetic, a consumer other than a shape argument — an attention scale
+    ``q.size(-1) ** -0.5`` multiplied into the scores or passed as sdpa's ``scale``, a mean
+    spelled ``x.sum() / x.numel()``. Removing positions of such a dim changes the value in the
+    pruned model only, so the rule pins the dim (``size_value``). ``torch.export`` bakes a
+    static size into the graph as a literal (the original's value), so this matters for FX
+    graphs and symbolic dims."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        key = call_key(node)
+        x, dims = None, None
+        if key in _SIZE_READS and node.args and isinstance(node.args[0], torch.fx.Node):
+            x = node.args[0]
+            d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            rank = len(_node_shape(x) or ())
+            dims = list(range(rank)) if d is None or key in ("numel", "sym_numel") \
+                else [int(d) % max(rank, 1)]
+        elif key == "getattr" and len(node.args) > 1 and node.args[1] == "shape" and \
+                isinstance(node.args[0], torch.fx.Node):
+            x = node.args[0]
+            dims = list(range(len(_node_shape(x) or ())))
+        shape = _node_shape(x) if x is not None else None
+        if not isinstance(shape, tuple) or not dims:
+            continue
+        reader = _value_reader(node)
+        if reader is not None:
+            out.append((node, x, _read_dims(node, dims, len(shape)), reader))
+    return out
+
+
+def _read_dims(node: torch.fx.Node, dims: list[int], rank: int) -> list[int]:
+    """The dims a whole-shape read (``x.shape``, ``x.size()``) hands on through one integer
+    subscript (``x.shape[-1]``); all of them otherwise."""
+    users = list(node.users)
+    if len(dims) > 1 and users and all(call_key(u) == "getitem" and len(u.args) > 1 and
+                                       isinstance(u.args[1], int) for u in users):
+        return sorted({int(u.args[1]) % rank for u in users})
+    return dims
+
+
+def _value_reader(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The first consumer, through Python scalar nodes (no tensor output), that takes the size
+    as a value rather than as a shape argument; None if every use is a shape argument."""
+    stack, seen = [node], {node}
+    while stack:
+        cur = stack.pop()
+        for user in cur.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "output":
+                return user
+            if user.op not in ("call_function", "call_method"):
+                continue
+            key = call_key(user)
+            if _node_shape(user) is None or not isinstance(_node_shape(user), tuple | list) \
+                    or key in ("getattr",):
+                stack.append(user)  # a Python scalar (or a size tuple) computed from it
+            elif key in _SIZE_CONSUMERS or key in _SIZE_READS:
+                continue
+            else:
+                return user
+    return None
+
+
 class _Lowering:
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
@@ -858,6 +941,12 @@ class _Lowering:
                 flat: list[Any] = []
                 _flatten_args(n.args, flat)
                 outputs = [r for r in (self.ref(a) for a in flat) if r is not None]
+        for read, x, dims, reader in size_values(self.gm):
+            if self.ref(x) is not None:
+                self.nodes.append(Node(read.name, "size_value", [self.ref(x)], [],
+                                       {"dims": dims, "reader": f"{call_key(reader)} "
+                                                                f"'{reader.name}'"},
+                                       call_key(read)))
         return ChannelGraph(self.values, self.nodes, inputs, outputs, frontend="fx")
 
     def lower_module(self, n: torch.fx.Node) -> None:

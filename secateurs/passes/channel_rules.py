@@ -1309,6 +1309,21 @@ def _stack(ctx: RuleContext) -> list[Labels | None]:
     return [out]
 
 
+@_register("size_value")
+def _size_value(ctx: RuleContext) -> list[Labels | None]:
+    """A run-time size of these dims is used as a value (``fx_lower.size_values``: an
+    attention scale ``q.size(-1) ** -0.5``, a mean as ``x.sum() / x.numel()``): removing
+    positions would change that value in the pruned model only, so the dims are pinned."""
+    x = ctx.ins[0]
+    assert x is not None
+    for d in ctx.node.attrs["dims"]:
+        if d < len(x):
+            ctx.space.pin(x[d], f"its run-time size ({ctx.where}) is used as a value by "
+                          f"{ctx.node.attrs['reader']}, as in an attention scale "
+                          "q.size(-1) ** -0.5: removing positions would change it")
+    return []
+
+
 @_register("complex_view")
 def _complex_view(ctx: RuleContext) -> list[Labels | None]:
     """``view_as_complex`` (``to="complex"``): the last dim, of size 2, becomes the real and

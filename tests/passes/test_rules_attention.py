@@ -4,6 +4,7 @@ the units that can go must go, and what stays pinned says why."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -594,6 +595,48 @@ def test_a_pruned_model_that_fails_to_run_is_a_failed_check_the_net_repairs(monk
     assert result.report.exact is True and result.report.repairs
     with torch.no_grad():
         result.model(*x)
+
+
+class _ScaleFromSize(torch.nn.Module):
+    """Attention scaled by its run-time head size, as timm's ``Attention2d`` (MobileNetV4)
+    writes it: ``q.size(-1) ** -0.5``, ``/ math.sqrt(q.size(-1))`` or sdpa's ``scale=``; the
+    heads' count ``C // 2`` in the reshape is a size read used as a size only."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.qkv, self.proj = torch.nn.Linear(16, 3 * 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.mode == "pow":
+            a = ((q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5).softmax(-1) @ v
+        elif self.mode == "sqrt":
+            a = ((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))).softmax(-1) @ v
+        else:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v,
+                                                                 scale=q.shape[-1] ** -0.5)
+        return self.proj(a.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("mode", ["pow", "sqrt", "sdpa"])
+def test_a_size_read_as_a_value_pins_its_dim(mode):
+    """``q.size(-1) ** -0.5`` in an FX graph is computed from the pruned size in the pruned
+    model: with the q/k head dim pruned the scale changed, and ``prune`` without ``verify``
+    returned a model that differed from the zeroed original (0.02-0.04) with no repair. The
+    size read as a value pins the head dim; the heads still prune."""
+    model = _ScaleFromSize(mode).eval()
+    x = (torch.randn(2, 5, 16),)
+    result = secateurs.prune(model, x, ratio=0.5)
+    assert not result.report.repairs
+    for batch in (2, 3):
+        xb = (torch.randn(batch, 5, 16),)
+        ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, xb)
+        assert ok, (batch, diff)
+    reasons = [r for g in result.analysis.groups for r in g.pin_reasons]
+    assert any("run-time size" in r and "used as a value" in r for r in reasons), reasons
+    assert result.model.get_parameter("proj.weight").shape[1] == 8  # one of 2 heads went
 
 
 class _PickChannel(torch.nn.Module):
