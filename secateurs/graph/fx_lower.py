@@ -875,6 +875,8 @@ class _Lowering:
         self.values: dict[str, Value] = {}
         self.nodes: list[Node] = []
         self.alias: dict[str, str] = {}
+        # ``xs[::-1]``, ``xs[1:]`` of a multi-output node: the outputs it holds, in order
+        self.tuples: dict[str, list[str]] = {}
         self.names = {id(t): n for n, t in gm.named_parameters(remove_duplicate=False)}
         self.kinds = {id(t): "parameter" for t in gm.parameters()}
         for n, t in gm.named_buffers(remove_duplicate=False):
@@ -939,7 +941,7 @@ class _Lowering:
                 self.lower_call(n)
             elif n.op == "output":
                 flat: list[Any] = []
-                _flatten_args(n.args, flat)
+                _flatten_args(self.expand_tuples(n.args), flat)
                 outputs = [r for r in (self.ref(a) for a in flat) if r is not None]
         for read, x, dims, reader in size_values(self.gm):
             if self.ref(x) is not None:
@@ -993,7 +995,7 @@ class _Lowering:
             return
         if shape is None:
             return
-        b = bind(n, key)
+        b = self.expand_tuples(bind(n, key))
         if key in ("narrow", "select", "slice"):
             self.emit(n, "index", [b["input"]], {"items": _slice_items(key, b, _ndim(b["input"]))},
                       key)
@@ -1004,12 +1006,27 @@ class _Lowering:
             return
         lower = _CALLS.get(key)
         if lower is None:
-            operands = [a for a in _flat(n.args) + _flat(n.kwargs) if isinstance(a, torch.fx.Node)]
+            operands = [a for a in _flat(self.expand_tuples([n.args, n.kwargs]))
+                        if isinstance(a, torch.fx.Node | _ParamRef)]
             self.emit(n, "opaque", operands, {"reason": f"no channel rule for '{key}'"}, key)
             return
         if key in ("addmm", "baddbmm"):
             return self.emit_addmm(n, b, key)
-        op, operands, attrs = lower(n, b)
+        try:
+            op, operands, attrs = lower(n, b)
+        except (TypeError, ValueError):
+            # a literal the rule reads (conv ``groups``, GroupNorm's ``num_groups``, split
+            # sizes, a normalized shape) is computed at run time (CondConv's ``groups * B``,
+            # ``num_groups=C // 4``): the op is opaque, its channels stay
+            runtime = [a for a in _flat(n.args) + _flat(n.kwargs)
+                       if isinstance(a, torch.fx.Node) and not isinstance(_node_shape(a), tuple)]
+            if not runtime:
+                raise
+            operands = [a for a in _flat(self.expand_tuples([n.args, n.kwargs]))
+                        if isinstance(a, _ParamRef) or
+                        isinstance(a, torch.fx.Node) and isinstance(_node_shape(a), tuple)]
+            op, attrs = "opaque", {"reason": f"an argument of '{key}' is computed at run time "
+                                             f"('{runtime[0].name}')"}
         self.emit(n, op, operands, attrs, key)
 
     def lower_aten_index(self, n: torch.fx.Node) -> None:
@@ -1036,12 +1053,28 @@ class _Lowering:
         a negative ``i`` (``xs[-1]``: Res2Net, EdgeNeXt) counts from the end."""
         base = self.alias.get(src.name, src.name)
         idx = n.args[1]
-        if isinstance(idx, int) and idx < 0:
-            shapes = _node_shape(src)
-            count = len(shapes) if isinstance(shapes, list) else \
-                next(i for i in range(1 << 20) if f"{base}.{i}" not in self.values)
-            idx += count
-        self.alias[n.name] = f"{base}.{idx}"
+        if isinstance(idx, int) and idx >= 0 and src.name not in self.tuples:
+            self.alias[n.name] = f"{base}.{idx}"
+            return
+        shapes = _node_shape(src)
+        count = len(shapes) if isinstance(shapes, list) else \
+            next(i for i in range(1 << 20) if f"{base}.{i}" not in self.values)
+        names = self.tuples.get(src.name) or [f"{base}.{i}" for i in range(count)]
+        if isinstance(idx, slice):  # Res2Net-style ``xs[1:]``, ``xs[::-1]``
+            self.tuples[n.name] = names[idx]
+        elif isinstance(idx, int):
+            self.alias[n.name] = names[idx]
+
+    def expand_tuples(self, args: Any) -> Any:
+        """``args`` with every sliced multi-output (``self.tuples``) replaced by the list of
+        the outputs it holds (as names ``ref`` resolves)."""
+        if isinstance(args, torch.fx.Node) and args.name in self.tuples:
+            return [_ParamRef(name) for name in self.tuples[args.name]]
+        if isinstance(args, (list, tuple)):
+            return type(args)(self.expand_tuples(a) for a in args)
+        if isinstance(args, dict):
+            return {k: self.expand_tuples(v) for k, v in args.items()}
+        return args
 
     def emit_addmm(self, n: torch.fx.Node, b: dict[str, Any], key: str) -> None:
         mid = f"{n.name}__mm"

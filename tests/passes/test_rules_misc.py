@@ -753,3 +753,50 @@ def test_weight_norm_and_bool_masks_have_rules(dim):
     result = secateurs.prune(model, x, ratio=0.5, verify=True, allow_lossy=True)
     assert result.report.tracer.startswith("export") and not result.report.repairs
     assert result.model.get_parameter("fc1.weight").shape[0] == 16
+
+
+class _RuntimeArgs(torch.nn.Module):
+    """Op arguments computed from a run-time size: ``group_norm(y, C // 4)`` (its groups
+    follow C), ``layer_norm(y, y.shape[-1:])``, CondConv's ``conv2d(groups=G * B)``, a split
+    by ``C // 2`` whose pieces are then reversed (``xs[::-1]``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+        self.w = torch.nn.Parameter(torch.randn(16, 1, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        b, c = y.shape[0], y.shape[1]
+        if self.mode == "group_norm":
+            y = torch.nn.functional.group_norm(y, c // 4)
+        elif self.mode == "layer_norm":
+            t = y.permute(0, 2, 3, 1)
+            y = torch.nn.functional.layer_norm(t, t.shape[-1:]).permute(0, 3, 1, 2)
+        elif self.mode == "condconv":
+            w = self.w.repeat(b, 1, 1, 1)
+            y = torch.nn.functional.conv2d(y.reshape(1, b * c, *y.shape[2:]), w, padding=1,
+                                           groups=c * b).reshape(b, c, *y.shape[2:])
+        else:
+            y = torch.cat(torch.split(y, c // 2, dim=1)[::-1], 1)
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("mode", ["group_norm", "layer_norm", "condconv", "split_reversed"])
+def test_arguments_computed_at_run_time_pin_or_prune_never_crash(mode):
+    """These raised TypeError inside the lowering ("int() argument must be ... not 'Node'",
+    "'Node' object is not iterable"): an op whose literal argument is computed at run time
+    is opaque now, a size read as GroupNorm's group count pins its dim, and a sliced tuple
+    of split outputs is the list of outputs it holds (the reversed split had lost its inputs,
+    and only the net kept the plan from crashing)."""
+    model = _RuntimeArgs(mode).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    for batch in (1, 3):
+        xb = (torch.randn(batch, 3, 8, 8),)
+        ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, xb)
+        assert ok, (batch, diff)
+    if mode == "split_reversed":
+        assert result.report.macs_after < 0.75 * result.report.macs_before
