@@ -113,11 +113,13 @@ def _reads_batch(node: torch.fx.Node, depth: int = 6) -> bool:
 
 
 def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
-                   channels: Sequence[int] = ()) -> Any:
+                   channels: Sequence[int] = (), infer: bool = True) -> Any:
     """Replace the integer sizes; a size computed at run time (``x.size(2)`` of another
     tensor, ``C // heads``) becomes the new constant where its dim shrank or is a channel dim
     (``channels``: its size may follow another tensor's pruned width even where this dim
-    kept its own, e.g. ``view(B, T, heads, C // heads)`` with C pruned and head dims not)."""
+    kept its own, e.g. ``view(B, T, heads, C // heads)`` with C pruned and head dims not).
+    ``infer``: a view's one shrunk run-time size may be -1 (inferred); a factory's may not
+    (``torch.ones(y.shape[1])``: -1 is no size)."""
     if isinstance(seq, torch.fx.Node):
         return _rewrite_shape_node(seq, new, old, channels)
     out = []
@@ -148,7 +150,7 @@ def _rewrite_shape(seq: Any, new: list[int], old: Any = None,
             out.append(v)
     # such a size may fold the batch into the pruned dim (SAM's ``b * heads`` windows):
     # a constant holds at the traced batch only, -1 (inferred) at every batch
-    if len(shrunk) == 1 and not any(isinstance(v, int) and v == -1 for v in seq):
+    if infer and len(shrunk) == 1 and not any(isinstance(v, int) and v == -1 for v in seq):
         out[shrunk[0]] = -1
     return type(seq)(out) if isinstance(seq, tuple) else out
 
@@ -271,11 +273,11 @@ def _apply_factory(node: torch.fx.Node, key: str, shape: list[int]) -> None:
     args = list(node.args)
     old = _node_shape(node)  # a run-time size (the batch) stays where its dim kept its size
     if len(args) > at and isinstance(args[at], (list, tuple)):
-        args[at] = _rewrite_shape(args[at], shape, old)
+        args[at] = _rewrite_shape(args[at], shape, old, infer=False)
     elif key in ("full", "new_full"):
         return
     else:
-        args[at:] = _rewrite_shape(args[at:], shape, old)
+        args[at:] = _rewrite_shape(args[at:], shape, old, infer=False)
     node.args = tuple(args)
 
 

@@ -800,3 +800,29 @@ def test_arguments_computed_at_run_time_pin_or_prune_never_crash(mode):
         assert ok, (batch, diff)
     if mode == "split_reversed":
         assert result.report.macs_after < 0.75 * result.report.macs_before
+
+
+class _OnesOfRuntimeWidth(torch.nn.Module):
+    def __init__(self, method: bool) -> None:
+        super().__init__()
+        self.method = method
+        self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        ones = y.new_ones(y.shape[1]) if self.method else torch.ones(y.shape[1])
+        return self.c2(y * ones.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_a_factory_sized_by_a_run_time_width_gets_a_size_not_minus_one(method):
+    """``torch.ones(y.shape[1])`` had its shrunk run-time size rewritten to -1 (right for a
+    view, which infers it; no size for a factory): the pruned model failed, and the net kept
+    the channels."""
+    model = _OnesOfRuntimeWidth(method).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    result = secateurs.prune(model, x, ratio=0.5)
+    assert not result.report.repairs
+    assert result.model.get_parameter("c1.weight").shape[0] == 8
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
