@@ -146,6 +146,9 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "addmm": ("input", "mat1", "mat2"), "baddbmm": ("input", "batch1", "batch2"),
     "interpolate": ("input", "size", "scale_factor"),
     "roll": ("input", "shifts", "dims"), "pad": ("input", "pad", "mode", "value"),
+    "cumsum": ("input", "dim", "dtype"), "cumprod": ("input", "dim", "dtype"),
+    "cummax": ("input", "dim"), "cummin": ("input", "dim"), "logcumsumexp": ("input", "dim"),
+    "flip": ("input", "dims"), "fliplr": ("input",), "flipud": ("input",),
     "pixel_shuffle": ("input", "upscale_factor"), "pixel_unshuffle": ("input", "downscale_factor"),
 }
 
@@ -540,6 +543,28 @@ def _roll(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "roll", [x], {"dims": _dims(dims, _ndim(x)) or None}
 
 
+def _cumulative(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    x = b.get("input", node.args[0])
+    dim = b.get("dim")
+    if not isinstance(dim, int):
+        return "opaque", [x], {"reason": "a cumulative op over a dim unknown at trace time"}
+    return "cumulative", [x], {"dim": dim % max(_ndim(x), 1)}
+
+
+def _flip(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    x = b.get("input", node.args[0])
+    key = call_key(node)
+    if key in ("fliplr", "flipud"):
+        return "flip", [x], {"dims": [1 if key == "fliplr" else 0]}
+    dims = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else b.get("dims")
+    if isinstance(dims, (list, tuple)) and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if dims is None or isinstance(dims, torch.fx.Node) or \
+            any(not isinstance(d, int) for d in _as_list(dims)):
+        return "opaque", [x], {"reason": "flip over dims unknown at trace time"}
+    return "flip", [x], {"dims": _dims(list(_as_list(dims)), _ndim(x))}
+
+
 def _pixel_shuffle(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     """``F.pixel_shuffle(x, r)`` / ``F.pixel_unshuffle(x, r)``: channel ``c * r * r + i * r + j``
     <-> channel ``c`` at sub-pixel ``(i, j)``."""
@@ -669,6 +694,11 @@ _CALLS.update({
     "max_pool1d": _pool, "max_pool2d": _pool, "max_pool3d": _pool,
     "max_pool1d_with_indices": _pool, "max_pool2d_with_indices": _pool,
     "interpolate": _resize, "upsample_nearest2d": _resize, "upsample_bilinear2d": _resize,
+    "upsample_bicubic2d": _resize, "upsample_nearest1d": _resize, "upsample_linear1d": _resize,
+    "upsample_nearest3d": _resize, "upsample_trilinear3d": _resize,
+    "cumsum": _cumulative, "cumprod": _cumulative, "cummax": _cumulative,
+    "cummin": _cumulative, "logcumsumexp": _cumulative,
+    "flip": _flip, "fliplr": _flip, "flipud": _flip,
     "scaled_dot_product_attention": _sdpa,
     "arange": _source, "zeros": _source, "ones": _source, "full": _source, "empty": _source,
     "rand": _source, "randn": _source, "tensor": _source, "zeros_like": _like,
@@ -794,6 +824,8 @@ _SIZE_CONSUMERS = {
     "slice", "select", "getitem", "index", "layer_norm", "permute", "transpose", "movedim",
     "interpolate", "pad", "constant_pad_nd", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
     "adaptive_max_pool1d", "adaptive_max_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
+    "upsample_bicubic2d", "upsample_nearest1d", "upsample_linear1d", "upsample_nearest3d",
+    "upsample_trilinear3d",
     "_assert", "_assert_async", "_assert_scalar", "sym_constrain_range_for_size", "roll",
     "unfold", "zeros_like", "ones_like", "empty_like", "reshape_as", "view_as", "expand_as"}
 _SIZE_READS = {"size", "sym_size", "numel", "sym_numel"}

@@ -954,6 +954,30 @@ def _reduce(ctx: RuleContext) -> list[Labels | None]:
     return [out] + [out for _ in ctx.out_shapes[1:]]
 
 
+@_register("cumulative")
+def _cumulative(ctx: RuleContext) -> list[Labels | None]:
+    """``cumsum``/``cumprod``/``cummax`` along ``dim``: every output position mixes the input
+    positions up to it, so that dim is lossy (a removed position that is not zero in the
+    masked model, or a zero in a product, reaches the later ones); the other dims, channels
+    of a cumulative sum over tokens included, pass through."""
+    x, shape = ctx.ins[0], ctx.in_shapes[0]
+    assert x is not None and shape is not None
+    d = int(ctx.node.attrs["dim"]) % len(x)
+    if shape[d] > 1:
+        ctx.space.mark_lossy(x[d], f"{ctx.where} accumulates along this dim")
+    return [list(x)] + [list(x) for _ in ctx.out_shapes[1:]]
+
+
+@_register("flip")
+def _flip(ctx: RuleContext) -> list[Labels | None]:
+    """``flip`` reverses the positions of ``dims``: the output's labels are the input's in
+    reverse order there (a removed channel goes from both ends' view alike), the rest pass."""
+    x = ctx.ins[0]
+    assert x is not None
+    dims = {int(d) % len(x) for d in ctx.node.attrs["dims"]}
+    return [[vec[::-1].copy() if d in dims else vec for d, vec in enumerate(x)]]
+
+
 @_register("weight_norm")
 def _weight_norm(ctx: RuleContext) -> list[Labels | None]:
     """``torch._weight_norm(v, g, dim)`` (``nn.utils.weight_norm``: wav2vec2/HuBERT/WavLM's

@@ -10,7 +10,7 @@ from torch import nn
 from secateurs.zoo._common import ZooModel, seeded_build, seeded_randn
 
 __all__ = [
-    "CumsumNet",
+    "GluNet",
     "SqueezeExcite",
     "GroupNormUNet",
     "ResolutionAdaptiveNet",
@@ -28,20 +28,20 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-class CumsumNet(nn.Module):
-    """CNN with a cumulative sum over the channel dim between two convs.
+class GluNet(nn.Module):
+    """CNN with an op that has no channel rule between two convs.
 
-    ``torch.cumsum(x, dim=1)`` mixes every channel into all later ones, so no channel of
-    ``mix_in``'s output or ``mix_out``'s input can be removed without changing the result; a
-    pruner that has no rule for it must pin those channels. The stem and the residual tail are
-    ordinary and prunable.
+    ``F.glu(x, dim=1)`` gates channel ``i`` by channel ``i + C / 2``; without a rule for it, no
+    channel of ``mix_in``'s output or ``mix_out``'s input may be removed, so a pruner must pin
+    those channels (``cumsum`` played this part until it got a rule of its own). The stem and
+    the residual tail are ordinary and prunable.
     """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = _conv_bn_relu(3, 16)
         self.mix_in = nn.Conv2d(16, 16, 1)
-        self.mix_out = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.mix_out = nn.Conv2d(8, 32, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(32)
         self.tail = nn.Sequential(
             _conv_bn_relu(32, 24), nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32)
@@ -51,7 +51,7 @@ class CumsumNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         x = self.mix_in(x)
-        x = torch.cumsum(x, dim=1)
+        x = F.glu(x, dim=1)
         x = F.relu(self.bn(self.mix_out(x)))
         x = F.relu(x + self.tail(x))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -202,9 +202,10 @@ class ResidualMLP(nn.Module):
 ENTRIES: tuple[ZooModel, ...] = (
     ZooModel(
         name="unsupported_op",
-        build=seeded_build(CumsumNet),
+        build=seeded_build(GluNet),
         example_inputs=seeded_randn(1, 3, 32, 32),
-        description="CNN with torch.cumsum over channels between two convs; prunable stem and tail",
+        description="CNN with F.glu over channels (no channel rule) between two convs; "
+                    "prunable stem and tail",
         tags=frozenset({"cnn", "residual", "batchnorm", "unsupported-op"}),
     ),
     ZooModel(

@@ -826,3 +826,45 @@ def test_a_factory_sized_by_a_run_time_width_gets_a_size_not_minus_one(method):
     assert result.model.get_parameter("c1.weight").shape[0] == 8
     ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
     assert ok, diff
+
+
+class _FlipCumsum(torch.nn.Module):
+    """``y + y.flip(1)`` over channels, a cumulative sum over tokens (channels pass), a bicubic
+    resize behind a Python loop (torch.export: ``upsample_bicubic2d``)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cumsum":  # x: [B, T, 8]
+            return self.fc2(torch.relu(self.fc1(x)).cumsum(1))
+        y = self.c1(x)
+        if self.mode == "flip":
+            y = y + y.flip(1)
+        else:
+            for _ in range(x.shape[-1] // 8):
+                y = y * 1.0
+            y = F.interpolate(y, scale_factor=2, mode="bicubic")
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("mode", ["flip", "cumsum", "bicubic"])
+def test_flip_cumsum_and_bicubic_resize_have_rules(mode):
+    """These were opaque (``no channel rule for 'flip'``/``'cumsum'``/``'upsample_bicubic2d'``):
+    every channel they touched was pinned. ``flip`` reverses the labels (channel ``i`` and
+    ``C - 1 - i`` go together under ``y + y.flip(1)``), a cumulative op marks only its own
+    dim lossy, a bicubic resize is a resize."""
+    model = _FlipCumsum(mode).eval()
+    x = (torch.randn(2, 5, 8),) if mode == "cumsum" else (torch.randn(2, 3, 8, 8),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.exact is True and not result.report.repairs
+    first = "fc1.weight" if mode == "cumsum" else "c1.weight"
+    assert result.model.get_parameter(first).shape[0] == 8
+    if mode == "flip":  # the kept channels are closed under i -> 15 - i
+        gone = set(result.plan.removed["c1.weight"][0])
+        assert all((15 - i) in gone for i in gone)
+    reasons = [r for g in result.analysis.groups for r in g.pin_reasons]
+    assert not any("no channel rule" in r for r in reasons), reasons
