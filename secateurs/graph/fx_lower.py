@@ -565,6 +565,18 @@ def _flip(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     return "flip", [x], {"dims": _dims(list(_as_list(dims)), _ndim(x))}
 
 
+def _unfold(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
+    """``x.unfold(dim, size, step)`` (and ``aten.unfold``): sliding windows along one dim;
+    ``F.unfold`` (a function of the same name) is im2col."""
+    x = node.args[0] if node.args else b.get("input")
+    if node.op == "call_function" and node.target is torch.nn.functional.unfold:
+        return "im2col", [x], {}
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dimension")
+    if not isinstance(dim, int):
+        return "opaque", [x], {"reason": "unfold over a dim unknown at trace time"}
+    return "windows", [x], {"dim": dim % max(_ndim(x), 1)}
+
+
 def _pixel_shuffle(node: torch.fx.Node, b: dict[str, Any]) -> Lowered:
     """``F.pixel_shuffle(x, r)`` / ``F.pixel_unshuffle(x, r)``: channel ``c * r * r + i * r + j``
     <-> channel ``c`` at sub-pixel ``(i, j)``."""
@@ -699,6 +711,9 @@ _CALLS.update({
     "cumsum": _cumulative, "cumprod": _cumulative, "cummax": _cumulative,
     "cummin": _cumulative, "logcumsumexp": _cumulative,
     "flip": _flip, "fliplr": _flip, "flipud": _flip,
+    "unfold": _unfold, "im2col": lambda n, b: ("im2col", [n.args[0]], {}),
+    "fold": lambda n, b: ("col2im", [n.args[0]], {}),
+    "col2im": lambda n, b: ("col2im", [n.args[0]], {}),
     "scaled_dot_product_attention": _sdpa,
     "arange": _source, "zeros": _source, "ones": _source, "full": _source, "empty": _source,
     "rand": _source, "randn": _source, "tensor": _source, "zeros_like": _like,
@@ -787,6 +802,10 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         return "resize", [], {"spatial": max(_ndim(x) - 2, 1)}
     if isinstance(mod, (nn.Flatten, nn.Unflatten)):
         return "reshape", [], {}
+    if isinstance(mod, nn.Unfold):
+        return "im2col", [], {}
+    if isinstance(mod, nn.Fold):
+        return "col2im", [], {}
     if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
         if mod.dim is None:
             return "opaque", [], {"reason": "Softmax without an explicit dim"}

@@ -1476,6 +1476,53 @@ def _pixel_shuffle(ctx: RuleContext) -> list[Labels | None]:
     return [list(x[:-3]) + [channel] + spatial]
 
 
+@_register("windows")
+def _windows(ctx: RuleContext) -> list[Labels | None]:
+    """``Tensor.unfold(dim, size, step)``: ``dim`` becomes the window index and a new last dim
+    the position inside a window (HaloNet's blocked keys/values over the spatial dims): both
+    pinned, ``dim`` too (the windows overlap); every other dim, channels and heads included,
+    passes through."""
+    x, out_shape = ctx.ins[0], ctx.out_shapes[0]
+    assert x is not None and out_shape is not None
+    d = int(ctx.node.attrs["dim"]) % len(x)
+    reason = f"windows of {ctx.where}"
+    ctx.space.pin(x[d], reason)
+    out = list(x)
+    out[d] = ctx.space.fresh(out_shape[d], pin=reason)
+    return [out + [ctx.space.fresh(out_shape[-1], pin=reason)]]
+
+
+@_register("im2col")
+def _im2col(ctx: RuleContext) -> list[Labels | None]:
+    """``F.unfold`` / ``nn.Unfold`` (im2col): ``[B, C, *spatial] -> [B, C * K, L]`` with ``K``
+    the kernel's positions, channel-major: an output column block is the composite (channel,
+    kernel position), so removing a channel removes its ``K`` rows (VOLO's outlook attention
+    over unfolded values); the kernel positions and the ``L`` window dim are pinned."""
+    x, out_shape = ctx.ins[0], ctx.out_shapes[0]
+    assert x is not None and out_shape is not None
+    k = out_shape[-2] // max(len(x[1]), 1)
+    reason = f"kernel window of {ctx.where}"
+    for vec in x[2:]:
+        ctx.space.pin(vec, reason)
+    cols = ctx.space.compose(x[1], ctx.space.fresh(k, pin=reason))
+    return [[x[0], cols, ctx.space.fresh(out_shape[-1], pin=f"windows of {ctx.where}")]]
+
+
+@_register("col2im")
+def _col2im(ctx: RuleContext) -> list[Labels | None]:
+    """``F.fold`` / ``nn.Fold`` (col2im), the inverse: ``[B, C * K, L] -> [B, C, *spatial]``,
+    the column dim factored as (channel, kernel position); the channel passes, the rest is
+    pinned (overlapping windows are summed)."""
+    x, out_shape = ctx.ins[0], ctx.out_shapes[0]
+    assert x is not None and out_shape is not None
+    c = out_shape[1]
+    reason = f"kernel window of {ctx.where}"
+    channel, kernel = ctx.space.factor(x[1], [c, len(x[1]) // max(c, 1)])
+    ctx.space.pin(kernel, reason)
+    ctx.space.pin(x[2], f"windows of {ctx.where}")
+    return [[x[0], channel] + [ctx.space.fresh(s, pin=reason) for s in out_shape[2:]]]
+
+
 @_register("gather")
 def _gather(ctx: RuleContext) -> list[Labels | None]:
     """``out[..i..] = x[..index[..i..]..]`` along ``dim``: which positions of ``x`` are read is

@@ -868,3 +868,49 @@ def test_flip_cumsum_and_bicubic_resize_have_rules(mode):
         assert all((15 - i) in gone for i in gone)
     reasons = [r for g in result.analysis.groups for r in g.pin_reasons]
     assert not any("no channel rule" in r for r in reasons), reasons
+
+
+class _Windows(torch.nn.Module):
+    """Sliding windows: HaloNet's ``x.unfold(2, s, s).unfold(3, s, s)`` blocks, ``F.unfold`` /
+    ``F.fold`` and ``nn.Unfold`` / ``nn.Fold`` (im2col / col2im), and VOLO's outlook-style
+    per-window linear over unfolded values; ``untraceable`` sends it through torch.export."""
+
+    def __init__(self, mode: str, untraceable: bool) -> None:
+        super().__init__()
+        self.mode, self.untraceable = mode, untraceable
+        self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+        self.unfold, self.fold = torch.nn.Unfold(3, padding=1), torch.nn.Fold((8, 8), 3, padding=1)
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c1(x)
+        for _ in range(x.shape[-1] // 8 if self.untraceable else 0):
+            y = y * 1.0
+        if self.mode == "blocks":
+            w = y.unfold(2, 2, 2).unfold(3, 2, 2)  # [B, C, 4, 4, 2, 2]
+            y = w.mean((-1, -2)).repeat_interleave(2, -1).repeat_interleave(2, -2)
+        elif self.mode == "functional":
+            y = F.fold(F.unfold(y, 3, padding=1), (8, 8), 3, padding=1)
+        else:
+            b = y.shape[0]
+            v = self.unfold(y).reshape(b, 16, 9, 64).permute(0, 3, 2, 1)  # [B, L, K, C]
+            y = self.fold(self.lin(v).permute(0, 3, 2, 1).reshape(b, 16 * 9, 64))
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize("mode", ["blocks", "functional", "outlook"])
+def test_unfold_and_fold_pass_channels(mode, untraceable):
+    """``unfold``/``fold``/``nn.Unfold``/``nn.Fold`` were opaque: HaloNet's and VOLO's heads
+    and value channels were pinned. Windows and kernel positions are pinned; channels pass
+    (im2col's columns are (channel, kernel position))."""
+    model = _Windows(mode, untraceable).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    result = secateurs.prune(model, x, ratio=0.5, verify=True)
+    assert result.report.tracer.startswith("export" if untraceable else "fx")
+    assert result.report.exact is True and not result.report.repairs
+    assert result.model.get_parameter("c1.weight").shape[0] == 8
+    for batch in (1, 3):
+        xb = (torch.randn(batch, 3, 8, 8),)
+        ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, xb)
+        assert ok, (batch, diff)
