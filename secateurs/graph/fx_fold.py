@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from secateurs.graph.fx_lower import call_key
+from secateurs.graph.fx_lower import call_key, first_user
 from secateurs.graph.fx_trace import _fetch_attr
 
 __all__ = ["fold_constant_sources", "written_through", "FOLD_PREFIX", "MAX_NUMEL"]
@@ -71,18 +71,8 @@ def _aliases(node: torch.fx.Node) -> bool:
 def written_through(node: torch.fx.Node) -> bool:
     """Something downstream of ``node``, through ops whose output aliases their input, writes
     into it."""
-    stack, seen = [node], {node}
-    while stack:
-        cur = stack.pop()
-        for user in cur.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if _writes(user):
-                return True
-            if _aliases(user):
-                stack.append(user)
-    return False
+    return first_user(node, lambda u: "hit" if _writes(u) else
+                      "follow" if _aliases(u) else "skip") is not None
 
 
 def fold_constant_sources(gm: torch.fx.GraphModule) -> int:

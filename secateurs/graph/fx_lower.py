@@ -895,29 +895,39 @@ def _read_dims(node: torch.fx.Node, dims: list[int], rank: int) -> list[int]:
     return dims
 
 
-def _value_reader(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The first consumer, through Python scalar nodes (no tensor output), that takes the size
-    as a value rather than as a shape argument; None if every use is a shape argument."""
+def first_user(node: torch.fx.Node,
+               classify: Callable[[torch.fx.Node], str]) -> torch.fx.Node | None:
+    """Depth first over the users of ``node``: ``classify(user)`` says ``"hit"`` (return it),
+    ``"follow"`` (walk on through its users) or ``"skip"``; the first hit, or None."""
     stack, seen = [node], {node}
     while stack:
-        cur = stack.pop()
-        for user in cur.users:
+        for user in stack.pop().users:
             if user in seen:
                 continue
             seen.add(user)
-            if user.op == "output":
+            verdict = classify(user)
+            if verdict == "hit":
                 return user
-            if user.op not in ("call_function", "call_method"):
-                continue
-            key = call_key(user)
-            if _node_shape(user) is None or not isinstance(_node_shape(user), tuple | list) \
-                    or key in ("getattr",):
-                stack.append(user)  # a Python scalar (or a size tuple) computed from it
-            elif key in _SIZE_CONSUMERS or key in _SIZE_READS:
-                continue
-            else:
-                return user
+            if verdict == "follow":
+                stack.append(user)
     return None
+
+
+def _as_value(user: torch.fx.Node) -> str:
+    if user.op == "output":
+        return "hit"
+    if user.op not in ("call_function", "call_method"):
+        return "skip"
+    key = call_key(user)
+    if not isinstance(_node_shape(user), tuple | list) or key == "getattr":
+        return "follow"  # a Python scalar (or a size tuple) computed from it
+    return "skip" if key in _SIZE_CONSUMERS or key in _SIZE_READS else "hit"
+
+
+def _value_reader(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The first consumer, through Python scalar nodes (no tensor output), that takes the size
+    as a value rather than as a shape argument; None if every use is a shape argument."""
+    return first_user(node, _as_value)
 
 
 class _Lowering:
