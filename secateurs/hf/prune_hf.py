@@ -444,9 +444,10 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
     check = verify and not on_meta
     net_pins: dict[int, Repair] = {}
     notes: list[str] = []
+    outer: set[int] | None = None  # outer head factors kept whole after a failed check
     while True:
-        removed, dims_removed = select_hf(hfa, scores, active, skip=set(net_pins),
-                                          **select_kw)
+        removed, dims_removed = select_hf(hfa, scores, active,
+                                          skip=set(net_pins) | (outer or set()), **select_kw)
         if safety_net and removed:
             t = time.perf_counter()
             removed, dims_removed = _safety_net(
@@ -478,6 +479,14 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
         bad = _failing_kinds(model, hfa, scores, active, select_kw, kinds, args, drop, plan,
                              hd_before, ratios, importance, criterion, uniform, target_macs,
                              problem, moe)
+        if "heads" in bad and outer is None:
+            outer = _outer_head_factors(hfa)
+            if outer:  # once: heads within the outer factors instead of whole ones
+                notes.append("heads: removing whole outer head factors (CodeGen's "
+                             "model-parallel shards of its fused qkv) made a model the HF "
+                             "code reads differently; heads were removed within every one "
+                             "of them instead")
+                continue
         for k, why in bad.items():
             failed[k] = why
             active[k] = 0.0
@@ -610,6 +619,16 @@ def _plan(hfa: HFAnalysis, removed: dict[int, np.ndarray], dims_removed: int, dr
         if i0 != i1:
             hf["mlp_sizes"] = sorted(set(map(tuple, hf["mlp_sizes"])) | {(i0, i1)})
     return plan
+
+
+def _outer_head_factors(hfa: HFAnalysis) -> set[int]:
+    """The outer factor of every channel space the heads groups factor (CodeGen's shard of a
+    (shard, head-in-shard) head index): keeping them whole leaves the ratio to the inner
+    factors, which remove heads uniformly within each outer unit."""
+    from secateurs.passes.prune import factor_spaces
+
+    spaces, _ = factor_spaces(hfa.analysis, [u.gid for u in hfa.of_kind("heads")])
+    return {sp[0] for sp in spaces if len(sp) > 1}
 
 
 def _failing_kinds(model: nn.Module, hfa: HFAnalysis, scores: dict[int, np.ndarray],

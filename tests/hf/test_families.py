@@ -36,9 +36,6 @@ HEADS_BLOCKED = {
     # expand, qwen3/gemma3's per-head q/k norms and swin's bias table prune their heads now)
     "olmoe": "lossy",  # q/k RMSNorm over all heads at once: removing a head is lossy by nature
     "bloom": "",  # ALiBi slopes from arange over the head count
-    # qkv interleaved over 4 hard-coded model-parallel shards: removing whole shards needs
-    # mp_num changed, which the HF layer does not express; the safety net refuses the apply
-    "codegen": "not applied",
     "deepseek_v3": "multi-head latent attention",  # MLA left whole by the HF layer
     "convnext": "no heads",  # no attention at all: the report says so
     "resnet": "no heads",
@@ -167,3 +164,16 @@ def test_interleaved_rotary_pairs_are_head_dims_not_heads():
     m, _, r, _ = _family("gptj")
     cfg = m.config
     assert r.report["heads"].units == cfg.n_layer * cfg.n_head
+
+
+def test_codegen_heads_go_within_its_model_parallel_shards():
+    """CodeGen interleaves its fused qkv over ``mp_num = 4`` hard-coded shards; the heads
+    space factors as (shard, head in shard) and the ratio took whole shards first, which the
+    HF code (``local_dim = embed_dim // mp_num``) cannot read: the check failed and heads were
+    left out. The retry keeps the outer factor whole: every shard loses the same heads."""
+    m, x, r, _ = _family("codegen")
+    assert r.verified and r.report["heads"].removed > 0
+    assert r.model.config.n_head == m.config.n_head // 2
+    assert any("model-parallel shards" in n for n in r.notes)
+    ref = zero_plan_slices(m, r.plan)
+    assert torch.allclose(output_tensor(r.model, x), output_tensor(ref, x), atol=1e-5)
