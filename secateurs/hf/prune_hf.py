@@ -180,6 +180,16 @@ def _heads_per_unit(hfa: HFAnalysis, mine: list[Any], pinned: list[Any]) -> dict
     return out
 
 
+def _free_head_spaces(hfa: HFAnalysis, mine: list[Any]) -> list[tuple[int, ...]]:
+    """Heads spaces factored into several free heads groups (CodeGen's (shard, head in
+    shard)): counted as heads, the product of their sizes, not as units of each factor."""
+    from secateurs.passes.prune import factor_spaces
+
+    free = {u.gid for u in mine}
+    spaces, _ = factor_spaces(hfa.analysis, sorted(free))
+    return [sp for sp in spaces if len(sp) > 1 and all(g in free for g in sp)]
+
+
 def _kind_report(hfa: HFAnalysis, kind: str, ratio: float, removed: dict[int, np.ndarray],
                  allow_lossy: bool, dims_removed: int, head_dim: int,
                  failed: dict[str, str]) -> KindReport:
@@ -198,11 +208,20 @@ def _kind_report(hfa: HFAnalysis, kind: str, ratio: float, removed: dict[int, np
         per = _heads_per_unit(hfa, mine, pinned) if kind == "heads" else {}
         covered = {g for g in per.get("covered", ())}
         weight = {gid: m for gid, m in per.items() if gid != "covered"}
-        counted = [(u, weight.get(u.gid, 1)) for u in mine] + \
+        spaces = _free_head_spaces(hfa, mine) if kind == "heads" else []
+        inside = {g for sp in spaces for g in sp}
+        counted = [(u, weight.get(u.gid, 1)) for u in mine if u.gid not in inside] + \
             [(u, 1) for u in pinned if u.gid not in covered]
         asked = sum(int(math.floor(ratio * u.size * w)) for u, w in counted)
-        got = sum(len(removed.get(u.gid, ())) * weight.get(u.gid, 1) for u in mine)
+        got = sum(len(removed.get(u.gid, ())) * weight.get(u.gid, 1) for u in mine
+                  if u.gid not in inside)
         units = sum(u.size * w for u, w in counted)
+        for sp in spaces:  # (shard, head in shard): a head is one unit of every factor
+            total = math.prod(groups[g].size for g in sp)
+            kept = math.prod(groups[g].size - len(removed.get(g, ())) for g in sp)
+            asked += int(math.floor(ratio * total))
+            got += total - kept
+            units += total
         pinned = [u for u in pinned if u.gid not in covered or got < asked]
     if kind in failed:
         reasons.append(f"not applied: the model pruned this way {failed[kind]}")

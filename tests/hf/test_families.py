@@ -174,6 +174,9 @@ def test_codegen_heads_go_within_its_model_parallel_shards():
     m, x, r, _ = _family("codegen")
     assert r.verified and r.report["heads"].removed > 0
     assert r.model.config.n_head == m.config.n_head // 2
+    heads = r.report["heads"]  # counted as heads (shard x head in shard), not factor units
+    assert heads.units == m.config.n_layer * m.config.n_head
+    assert heads.removed == heads.asked == heads.units // 2 and not heads.reasons
     assert any("model-parallel shards" in n for n in r.notes)
     ref = zero_plan_slices(m, r.plan)
     assert torch.allclose(output_tensor(r.model, x), output_tensor(ref, x), atol=1e-5)
