@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from secateurs.graph.fx_fold import fold_constant_sources
 from secateurs.graph.fx_lower import (  # noqa: F401 - re-exported
     _SHAPE_KEY,
     _SIGS,
@@ -38,7 +39,6 @@ from secateurs.graph.fx_lower import (  # noqa: F401 - re-exported
     call_key,
     lower_graph_module,
 )
-from secateurs.graph.fx_fold import fold_constant_sources
 from secateurs.graph.fx_shapes import _SHAPE_FNS, propagate_shapes  # noqa: F401 - re-exported
 from secateurs.graph.fx_trace import _as_tuple, trace  # noqa: F401 - re-exported
 from secateurs.graph.ir import ChannelGraph
