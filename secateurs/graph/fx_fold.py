@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from secateurs.graph.fx_lower import call_key, first_user
+from secateurs.graph.fx_lower import RANDOM_CALLS, call_key, first_user
 from secateurs.graph.fx_trace import _fetch_attr
 
 __all__ = ["fold_constant_sources", "written_through", "FOLD_PREFIX", "MAX_NUMEL"]
@@ -40,10 +40,8 @@ MAX_NUMEL = 1 << 16
 # it is a tensor constant already, and folding it alone would only rename it
 _FACTORIES = {"arange", "linspace", "logspace", "tensor", "scalar_tensor", "zeros", "ones",
               "full", "eye"}
-_RANDOM = {"rand", "randn", "randint", "randperm", "bernoulli", "multinomial", "normal",
-           "uniform", "exponential", "geometric", "cauchy", "log_normal", "poisson",
-           "native_dropout", "dropout", "empty", "empty_like", "empty_strided", "rand_like",
-           "randn_like", "randint_like"}
+# random draws, and uninitialised memory, are never constants
+_NOT_CONSTANT = RANDOM_CALLS | {"dropout", "empty", "empty_like", "empty_strided"}
 _HARMLESS_INPLACE = {"detach"}  # torch.export's ``detach_`` after ``lift_fresh_copy``
 
 
@@ -91,9 +89,13 @@ def fold_constant_sources(gm: torch.fx.GraphModule) -> int:
             continue
         key = call_key(node)
         inputs = node.all_input_nodes
-        if key in _RANDOM or any(i not in values for i in inputs):
+        if key in _NOT_CONSTANT or any(i not in values for i in inputs):
             continue
         if not inputs and key not in _FACTORIES:
+            continue
+        traced = node.meta.get("val")  # torch.export's record: never build a large constant
+        if isinstance(traced, torch.Tensor) and isinstance(traced.numel(), int) and \
+                traced.numel() > MAX_NUMEL:
             continue
         args = torch.fx.node.map_arg(node.args, lambda n: values[n])
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])

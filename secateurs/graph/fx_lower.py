@@ -835,6 +835,13 @@ def _as_list(v: Any) -> list[Any]:
 # ---------------------------------------------------------------- the lowering
 
 
+# Calls that draw random numbers (``verify`` refuses a forward with them; ``fx_fold`` never
+# folds them).
+RANDOM_CALLS = {"rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
+                "randperm", "bernoulli", "multinomial", "normal", "uniform", "exponential",
+                "geometric", "cauchy", "log_normal", "poisson", "native_dropout"}
+
+
 # Consumers that read a run-time size as a size (the pruned size is the right one there).
 _SIZE_CONSUMERS = {
     "view", "reshape", "_unsafe_view", "expand", "broadcast_to", "repeat", "unflatten",

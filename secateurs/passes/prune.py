@@ -25,7 +25,7 @@ from torch import nn
 from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
-from secateurs.graph.fx_lower import call_key
+from secateurs.graph.fx_lower import RANDOM_CALLS, call_key
 from secateurs.graph.ir import is_trace_constant
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, Member, group_channels
@@ -710,9 +710,6 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
     return PruneResult(pruned, plan, report, analysis)
 
 
-_RANDOM_CALLS = {"rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
-                 "randperm", "bernoulli", "multinomial", "normal", "uniform", "exponential",
-                 "geometric", "cauchy", "log_normal", "poisson", "native_dropout"}
 _DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
              "dropout1d", "dropout2d", "dropout3d"}
 
@@ -726,7 +723,7 @@ def random_nodes_fx(gm: torch.fx.GraphModule) -> list[str]:
         if n.op not in ("call_function", "call_method"):
             continue
         key = call_key(n)
-        if key in _RANDOM_CALLS:
+        if key in RANDOM_CALLS:
             found.append(f"{key} '{n.name}'")
         elif key in _DROPOUTS:
             train = n.kwargs.get("training", n.kwargs.get("train",
