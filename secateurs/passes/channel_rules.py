@@ -273,6 +273,11 @@ def _conv(ctx: RuleContext) -> list[Labels | None]:
     ctx.keep["in"], ctx.keep["out"] = x_c, out_c
     out_shape = ctx.out_shapes[0]
     assert out_shape is not None
+    # a kernel window mixes neighbouring positions: the input's spatial dims stay whole too
+    # (they are another op's output when a Linear's output is reshaped to a map: DCGAN's
+    # Dense -> Reshape -> ConvTranspose)
+    for vec in x[2:]:
+        sp.pin(vec, f"spatial dim of {ctx.where}")
     spatial = [sp.fresh(s, pin=f"spatial dim of {ctx.where}") for s in out_shape[2:]]
     return [[x[0], out_c] + spatial]
 
@@ -300,8 +305,9 @@ def _batch_norm(ctx: RuleContext) -> list[Labels | None]:
     cd = _channel_dim(ctx)
     c = x[cd]
     for p in ctx.ins[1:]:
-        if p is not None:
-            ctx.space.unify(c, p[0])
+        # per channel ([C]), or per position (``[C, H, W]``: ONNX's ``spatial=0``, opset < 9)
+        for j, vec in enumerate(p or ()):
+            ctx.space.unify(x[cd + j], vec)
     instance = ctx.node.op == "instance_norm"
     if ctx.node.attrs.get("batch_stats", instance):
         for d, (vec, size) in enumerate(zip(x, shape)):
@@ -1340,6 +1346,9 @@ def _size_value(ctx: RuleContext) -> list[Labels | None]:
     positions would change that value in the pruned model only, so the dims are pinned."""
     x = ctx.ins[0]
     assert x is not None
+    for d, vec in enumerate(x):
+        if d not in ctx.node.attrs["dims"]:
+            ctx.space.unread(vec)
     for d in ctx.node.attrs["dims"]:
         if d < len(x):
             ctx.space.pin(x[d], f"its run-time size ({ctx.where}) is used as a value by "
@@ -1420,6 +1429,14 @@ def _rnn(ctx: RuleContext) -> list[Labels | None]:
     x, weights, state = ctx.ins[0], ctx.ins[1:1 + n], ctx.ins[1 + n:]
     for labels in state:
         ctx.pin_all(labels, hidden)
+    if x is not None and len(x) >= 2:
+        # every step's state depends on the steps before it: time steps stay whole (a
+        # sequence reshaped from a Linear's output, Dense -> Reshape -> LSTM)
+        seq = 1 if len(x) == 3 and (a.get("batch_first") or a.get("layout") == 1) else 0
+        ctx.space.pin(x[seq], f"time steps of {ctx.where} (recurrent)")
+        if not a.get("sequence_output", True):  # ONNX: Y has a directions dim
+            for vec in x[:-1]:
+                ctx.space.pin(vec, f"batch of {ctx.where} (its outputs add a directions dim)")
     unfollowed = a.get("unfollowed")
     if x is None or not weights or weights[0] is None:  # e.g. a PackedSequence input
         unfollowed = f"input of {ctx.where} is not a plain tensor"
@@ -1463,6 +1480,8 @@ def _pixel_shuffle(ctx: RuleContext) -> list[Labels | None]:
     assert x is not None and out_shape is not None
     r = int(ctx.node.attrs["factor"])
     c_first = ctx.node.attrs.get("order", "crd") == "crd"
+    for vec in x[-2:]:  # every input position moves to another output position
+        ctx.space.pin(vec, f"spatial dim of {ctx.where}")
     spatial = [ctx.space.fresh(s, pin=f"spatial dim of {ctx.where}") for s in out_shape[-2:]]
     sub_reason = f"sub-pixel position of {ctx.where}"
     if ctx.node.attrs.get("inverse"):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from secateurs.errors import TraceError
-from secateurs.graph.ir import ChannelGraph, is_trace_constant
+from secateurs.graph.ir import ChannelGraph, Node, is_trace_constant
 from secateurs.passes.channel_rules import RuleContext, rule_for
 from secateurs.passes.labels import LabelSpace, Resolution
 
@@ -174,6 +174,7 @@ def group_channels(graph: ChannelGraph) -> Analysis:
             out_shapes=[graph.values[o].shape for o in node.outputs],
             space=space,
         )
+        mark = space.mark()
         try:
             outs = rule_for(node.op).propagate(ctx)
         except (ValueError, IndexError, KeyError, AssertionError) as exc:
@@ -187,6 +188,7 @@ def group_channels(graph: ChannelGraph) -> Analysis:
                 raise TraceError(f"channel rule for {node.describe()} produced labels of shape "
                                  f"{got} for '{out_name}' of shape {shape}")
             labels[out_name] = lab
+        _pin_unmapped(node, ins, outs, space, mark)
         keep[node.name] = ctx.keep
     for name in graph.outputs:
         for vec in labels.get(name, []):
@@ -196,6 +198,30 @@ def group_channels(graph: ChannelGraph) -> Analysis:
     groups = _collect_groups(pd, res)
     log.debug("analysis: %d labels, %d groups", space.count, len(groups))
     return Analysis(graph, groups, res, labels, keep, pd.values, pd)
+
+
+def _pin_unmapped(node: Node, ins: list[list[np.ndarray] | None],
+                  outs: list[list[np.ndarray] | None], space: LabelSpace,
+                  mark: tuple[int, ...]) -> None:
+    """Every input dim must be accounted for by its rule: passed to an output, unified,
+    factored, pinned, marked lossy, or noted as unread. A dim the rule said nothing about
+    would be a free group that this op consumes in a way no rule describes (a conv's input
+    spatial dims were one: a row of a map reshaped from a Linear could be removed, and the
+    conv then ran on a smaller map); it is pinned, naming the op. A node whose outputs are all
+    empty reads nothing."""
+    out_vecs = [v for lab in outs if lab for v in lab]
+    if not any(ins) or outs and all(lab is not None and any(len(v) == 0 for v in lab)
+                                    for lab in outs):
+        return
+    touched = space.touched_since(mark)
+    if out_vecs:
+        touched = np.union1d(touched, np.concatenate(out_vecs))
+    for i, lab in enumerate(ins):
+        for d, vec in enumerate(lab or ()):
+            if len(vec) > 1 and not np.isin(vec, touched).any():
+                space.pin(vec, f"{node.describe()} reads dim {d} of operand {i} in a way "
+                          f"its channel rule does not map (kept whole; please report the "
+                          f"model)")
 
 
 def _param_dims(graph: ChannelGraph, labels: dict[str, list[np.ndarray]]) -> ParamDims:

@@ -54,6 +54,8 @@ class LabelSpace:
         self.roots: list[np.ndarray] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.lossy: list[tuple[np.ndarray, str]] = []
+        # labels a rule accounted for without a constraint (``unify(a, a)``, :meth:`unread`)
+        self._noted: list[np.ndarray] = []
         # (first label, where): labels from ``first`` on were made by ``where`` (for messages)
         self.origins: list[tuple[int, str]] = []
 
@@ -106,6 +108,7 @@ class LabelSpace:
         if len(a) != len(b):
             raise ValueError(f"cannot unify label vectors of lengths {len(a)} and {len(b)}")
         if a is b:
+            self._noted.append(a)
             return
         self._edges.append((a, b))
 
@@ -123,6 +126,27 @@ class LabelSpace:
 
     def mark_lossy(self, labels: np.ndarray, reason: str) -> None:
         self.lossy.append((labels, reason))
+
+    def unread(self, labels: np.ndarray) -> None:
+        """A rule's input dim whose values the op does not read (a size taken for a shape
+        argument only): accounted for, constrained by nothing."""
+        self._noted.append(labels)
+
+    def mark(self) -> tuple[int, ...]:
+        """Where the records stand now, for :meth:`touched_since`."""
+        return (len(self._edges), len(self._comp_id), len(self.roots), len(self.births),
+                len(self.pins), len(self.lossy), len(self._noted))
+
+    def touched_since(self, mark: tuple[int, ...]) -> np.ndarray:
+        """Every label a record made after ``mark`` names (unified, composed, born, pinned,
+        marked lossy or noted unread), sorted and unique: what a rule did with the labels it
+        was given (``group_channels`` pins an input dim a rule left out of all of them)."""
+        e, c, r, b, p, l_, n = mark
+        parts = [v for a, bb in self._edges[e:] for v in (a, bb)]
+        parts += self._comp_a[c:] + self._comp_b[c:] + self.roots[r:] + self.births[b:]
+        parts += [v for v, _ in self.pins[p:]] + [v for v, _ in self.lossy[l_:]]
+        parts += self._noted[n:]
+        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
     def resolve(self) -> Resolution:
         return _resolve(self)

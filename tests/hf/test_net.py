@@ -27,7 +27,15 @@ torch.set_num_threads(1)
 
 
 def _broken_add(monkeypatch) -> None:
-    monkeypatch.setitem(channel_rules.RULES, "add", channel_rules.RULES["relu"])
+    """``add`` as a unary op that claims not to read its second operand (so
+    ``group_channels``'s check of unmapped dims lets the wrong rule through)."""
+    def propagate(ctx):
+        for labels in ctx.ins[1:]:
+            for vec in labels or ():
+                ctx.space.unread(vec)
+        return channel_rules.RULES["relu"].propagate(ctx)
+
+    monkeypatch.setitem(channel_rules.RULES, "add", channel_rules.Rule(propagate))
 
 
 def test_broken_rule_is_repaired_and_the_model_runs(monkeypatch):

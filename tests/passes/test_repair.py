@@ -26,7 +26,10 @@ from secateurs.passes.repair import Failure, FxNet, Trial, find_culprits, repair
 
 def _no_unify_second(ctx):
     """A wrong elementwise rule: the output follows the first operand, the second operand's
-    channels are never unified with it."""
+    channels are never unified with it (the rule claims the op does not read them, so
+    ``group_channels``'s own check of unmapped dims lets it through)."""
+    for vec in ctx.ins[1] or ():
+        ctx.space.unread(vec)
     return [ctx.ins[0]]
 
 
