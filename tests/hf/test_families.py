@@ -83,9 +83,12 @@ def test_pruned_model_is_mask_equivalent_and_reloads_identically(tmp_path, famil
     save_pretrained(r, tmp_path / "m")
     back = from_pretrained_pruned(tmp_path / "m")
     assert type(back).__name__ == type(m).__name__
-    assert torch.equal(output_tensor(back, x), got)
-    shapes = {n: tuple(p.shape) for n, p in r.model.named_parameters()}
-    assert {n: tuple(p.shape) for n, p in back.named_parameters()} == shapes
+    # identical tensors; the outputs equal up to the kernels' rounding (a tensor read from a
+    # safetensors file may sit at another memory alignment, which picks another CPU code path)
+    mine, theirs = r.model.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.allclose(output_tensor(back, x), got, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -180,3 +183,11 @@ def test_codegen_heads_go_within_its_model_parallel_shards():
     assert any("model-parallel shards" in n for n in r.notes)
     ref = zero_plan_slices(m, r.plan)
     assert torch.allclose(output_tensor(r.model, x), output_tensor(ref, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ZOO)
+def test_tiny_model_output_is_alive(family):
+    """Every check above compares outputs: a tiny model whose output is ~0 (HF's std-0.02 init
+    in a deep narrow CNN) would pass them all whatever the plan did."""
+    m = tiny_model(family)
+    assert float(output_tensor(m, example_inputs(m)).std()) > 1e-3
