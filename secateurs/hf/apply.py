@@ -102,24 +102,32 @@ def attention_snapshot(model: nn.Module, hidden: int, head_dim: int) -> list[_At
         if not hd:
             continue
         kids = [(n, c) for n, c in mod.named_children() if _is_proj(c)]
-        outs = [n for n, c in kids if _in_features(c) == nq * hd and out_features(c) == hidden]
+        # a two-tower model (SigLIP, CLIP, BLIP) has no hidden size of its own: each tower's
+        # attention reads its own config's
+        width = hidden_size(getattr(mod, "config", None)) or hidden
+        outs = [n for n, c in kids if _in_features(c) == nq * hd and out_features(c) == width]
         # hidden == nq * hd makes q/k/v and the output projection look alike: the output is
         # the one named like it (o_proj, out_proj, dense, c_proj, wo); unnamed, only when its
         # shape says it (nq * hd != hidden)
         named = [n for n in outs if n.lower() in ("o", "wo", "dense", "c_proj", "o_proj",
-                                                   "out_proj", "out_lin", "fc_out", "proj")
+                                                   "out_proj", "out_lin", "fc_out", "proj", "projection")
                  or n.lower().startswith("out")]
-        unnamed = outs if len(outs) == 1 and nq * hd != hidden else []
+        unnamed = outs if len(outs) == 1 and nq * hd != width else []
         output = (named or unnamed or [None])[0]
         widths = (nq * hd, nkv * hd, (nq + 2 * nkv) * hd, 2 * nkv * hd)
-        inputs = [n for n, c in kids if n != output and _in_features(c) == hidden and
+        inputs = [n for n, c in kids if n != output and _in_features(c) == width and
                   out_features(c) in widths]
         if not inputs and not output:
             # a stage width of its own (MobileViT's hidden_sizes, no config hidden size): the
-            # projections that all read one width and write head widths
+            # projections that all read one width and write head widths; one alone must be a
+            # fused q/k/v (a lone ``out_proj`` of ``nn.MultiheadAttention``, whose q/k/v is a
+            # packed parameter, is not an input)
             local = {_in_features(c) for n, c in kids if out_features(c) in widths}
-            if len(local) == 1:
-                inputs = [n for n, c in kids if out_features(c) in widths]
+            found = [n for n, c in kids if out_features(c) in widths]
+            fused = len(found) == 1 and \
+                out_features(dict(kids)[found[0]]) == (nq + 2 * nkv) * hd
+            if len(local) == 1 and (len(found) > 1 or fused):
+                inputs = found
         if inputs or output:
             out.append(_Attention(name, nq, nkv, hd, inputs, output))
     return out

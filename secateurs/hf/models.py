@@ -127,6 +127,15 @@ def _zoo() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "siglip_vision": ("SiglipVisionConfig", "SiglipVisionModel",
                           dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=96, image_size=16, patch_size=4)),
+        # two towers under one config without a hidden size of its own, and an
+        # nn.MultiheadAttention pooling head
+        "siglip": ("SiglipConfig", "SiglipModel",
+                   dict(text_config=dict(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=96,
+                                         max_position_embeddings=64),
+                        vision_config=dict(hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=96,
+                                           image_size=16, patch_size=4))),
         "swin": ("SwinConfig", "SwinModel",
                  dict(image_size=32, patch_size=4, embed_dim=32, depths=[2, 2],
                       num_heads=[2, 4], window_size=4, mlp_ratio=2.0)),
@@ -206,6 +215,9 @@ def example_inputs(model_or_family: Any, batch: int = 2, seq: int = 8,
         return (torch.randn(batch, 3, size, size, generator=g),)
     if family in AUDIO:
         return (torch.randn(batch, AUDIO[family], generator=g),)
+    if family == "siglip":  # (input_ids, pixel_values)
+        return (torch.randint(0, 128, (batch, seq), generator=g),
+                torch.randn(batch, 3, 16, 16, generator=g))
     vocab = 128 if isinstance(model_or_family, str) else model_or_family.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     if family == "t5":

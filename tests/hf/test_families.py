@@ -53,7 +53,8 @@ BLOCKED: dict[str, str] = {}  # (T5's binary torch.min got its rule in the rule 
 NAMED = ("gptj", "bloom", "clip_vision", "siglip_vision", "gpt_neox", "stablelm", "distilbert",
          "modernbert", "gpt_bigcode", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3",
          "falcon", "cohere", "qwen3", "gemma3", "phi3", "swin", "convnext", "resnet", "t5",
-         "deberta_v2", "albert", "gemma2", "mobilenet_v2", "regnet", "wav2vec2", "mobilevit")
+         "deberta_v2", "albert", "gemma2", "mobilenet_v2", "regnet", "wav2vec2", "mobilevit",
+         "siglip")
 FAMILIES = [f if f in NAMED else pytest.param(f, marks=pytest.mark.slow) for f in ZOO]
 
 
