@@ -171,3 +171,39 @@ def test_dropout_in_eval_mode_is_deterministic():
     x = torch.randn(2, 8, 16)
     result = secateurs.prune(_RandomMasking("eval").eval(), (x,), ratio=0.5, verify=True)
     assert result.report.exact is True
+
+
+class _MaskRouted(nn.Module):
+    """Tokens routed by a boolean mask (a sparse MoE's dispatch): the routed width depends on
+    the data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(8, 1)
+        self.expert = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = x[self.gate(x)[:, 0] > 0]
+        return x.index_add(0, torch.nonzero(self.gate(x)[:, 0] > 0)[:, 0], self.expert(routed))
+
+
+def test_a_data_dependent_size_is_a_trace_error_not_a_bad_input():
+    """The model runs on its inputs: saying "does not run on example inputs" (as FakeTensor's
+    refusal of ``nonzero`` once read) would send the user after the wrong problem."""
+    model, x = _MaskRouted().eval(), torch.randn(6, 8)
+    model(x)
+    with pytest.raises(secateurs.TraceError, match="depends on the data"):
+        secateurs.prune(model, x, ratio=0.5)
+
+
+class _MaskRoutedExportOnly(_MaskRouted):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:  # a branch on a size: symbolic_trace refuses, torch.export traces
+            return super().forward(x)
+        return x
+
+
+def test_an_unbacked_size_in_an_exported_graph_is_a_trace_error():
+    model, x = _MaskRoutedExportOnly().eval(), torch.randn(6, 8)
+    with pytest.raises(secateurs.TraceError, match="depends on the data"):
+        secateurs.prune(model, x, ratio=0.5)

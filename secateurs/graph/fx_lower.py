@@ -18,8 +18,10 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from secateurs.errors import TraceError
 from secateurs.graph.fx_trace import _fetch_attr
 from secateurs.graph.ir import ChannelGraph, Node, Value, is_trace_constant, take
 
@@ -43,6 +45,20 @@ def _shape_of(meta: Any) -> Any:
 
 
 def _node_shape(node: torch.fx.Node) -> Any:
+    try:
+        return _recorded_shape(node)
+    except GuardOnDataDependentSymNode:
+        where = node.meta.get("stack_trace", "").strip().splitlines()[-2:]
+        raise TraceError(
+            f"node '{node.name}' ({node.target}) has a size that depends on the data "
+            f"(torch.export recorded an unbacked size: routing tokens by a boolean mask, "
+            f"nonzero, .item()); channel groups need static sizes: make the forward "
+            f"index with fixed shapes (an HF MoE: a grouped_mm/batched_mm experts "
+            f"implementation where the model has one){': ' + ' '.join(w.strip() for w in where) if where else ''}"
+        ) from None
+
+
+def _recorded_shape(node: torch.fx.Node) -> Any:
     if _SHAPE_KEY in node.meta:
         return _shape_of(node.meta[_SHAPE_KEY])
     if "val" in node.meta:

@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from secateurs.errors import InputError
+from secateurs.errors import InputError, TraceError
 from secateurs.graph.fx_lower import _SHAPE_KEY, _module_lowering, call_key
 from secateurs.graph.fx_trace import _as_tuple, _first_line
 
@@ -54,10 +54,36 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Any) -> None:
         fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         ShapeProp(gm, mode).propagate(*fake)
     except Exception as exc:  # noqa: BLE001 - ShapeProp wraps the failing node's error
+        if _data_dependent(exc):
+            raise TraceError(
+                f"the traced graph has a size or value that depends on the data "
+                f"({_first_line(exc)}): channel groups need static sizes; make the forward "
+                f"free of .item() and of indexing by boolean masks (an HF MoE: a "
+                f"grouped_mm/batched_mm experts implementation where the model has one)"
+            ) from exc
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise InputError(f"the model does not run on example inputs of shapes {shapes}: "
                          f"{_first_line(exc)}. Pass inputs the model accepts "
                          f"(--input-shape on the CLI).") from exc
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it wraps) is FakeTensor's refusal of a data-dependent
+    result (``.item()``, ``nonzero``) rather than the model failing on its inputs."""
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+    )
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException,
+                            GuardOnDataDependentSymNode)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # Shape shortcuts: output shapes computed instead of run. On ``meta`` most ops run Python
