@@ -683,6 +683,9 @@ QUANTIZED_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QL
                   "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention",
                   "MatMulNBits", "MatMulBnb4"}
 _CONTROL_FLOW_OPS = {"Loop", "If", "Scan"}
+# the most elements an initializer read by post-processing may have (an NMS threshold, the
+# class ids of a classifier, a shape); a larger one is a weight
+_TAIL_CONSTANT = 1024
 
 
 def _unknown_shape_advice(domain: str, op: str) -> str:
@@ -809,6 +812,38 @@ class _Lowering:
                       {"reason": f"output(s) {left} of {node.op_type} '{self.onnx_name}' have "
                                  f"no channel rule"}, suffix="rest")
 
+    def weighty(self, name: str) -> bool:
+        """An initializer larger than a post-processing constant (thresholds, class ids, a
+        shape): a weight, whatever its type (a quantized model's int8 ones)."""
+        init = self.inits.get(name)
+        return init is not None and int(np.prod(init.dims)) > _TAIL_CONSTANT
+
+    def shapeless_tail(self, names: list[str]) -> tuple[set[int], str]:
+        """The nodes downstream of a value whose shape is set at run time (the boxes kept by a
+        detector's ``NonMaxSuppression``, ``NonZero``, a scikit-learn pipeline's ``ZipMap``
+        maps), when none of them reads a weight: post-processing, kept as is. Every value they
+        read from the network is pinned (an opaque node), so the network before them prunes
+        and they see the same values. A tail that reads a weight, or a run-time size in the
+        middle of the network (a quantized model's ``QLinearConv`` outputs, ORT's own ops,
+        control flow), is left to the lowering, which names the value and what to do.
+        Returns the node indices and the first such node, for the pins' reason."""
+        tail: set[int] = set()
+        values: set[str] = set()
+        first = ""
+        for k, node in enumerate(self.graph.node):
+            outs = [o for o in node.output if o]
+            reads = set(node.input) | set(_subgraph_names(node))
+            if values & reads or any(o not in self.consts and _static(self.shapes.get(o)) is None
+                                     for o in outs):
+                if node.op_type in QUANTIZED_OPS | _ORT_INTERNAL_OPS | _CONTROL_FLOW_OPS or \
+                        node.domain in _ORT_INTERNAL_DOMAINS or \
+                        any(self.is_param(i) or self.weighty(i) for i in reads if i):
+                    return set(), ""
+                tail.add(k)
+                values.update(outs)
+                first = first or f"{node.op_type} '{names[k]}'"
+        return tail, first
+
     def lower(self) -> ChannelGraph:
         names = onnx_node_names(self.graph)
         used = {i for n in self.graph.node for i in list(n.input) + _subgraph_names(n)} \
@@ -825,6 +860,7 @@ class _Lowering:
         fused = {d.norm: d for d in group_norm_decompositions(self.graph, self.shapes,
                                                                 self.tensor_value)}
         inner = {i for d in fused.values() for i in (d.split, d.instance_norm)}
+        tail, first = self.shapeless_tail(names)
         for k, (node, name) in enumerate(zip(self.graph.node, names)):
             outs = [o for o in node.output if o]
             if outs and all(o in self.consts for o in outs):
@@ -832,6 +868,16 @@ class _Lowering:
             if k in inner:
                 continue  # lowered with its group norm
             self.onnx_name, self.onnx_op = name, node.op_type
+            if k in tail:
+                ins = [i for i in list(node.input) + _subgraph_names(node)
+                       if i and _static(self.shapes.get(i)) is not None or i in self.inits]
+                for out in outs:
+                    self.values.setdefault(out, Value(out, None))
+                self.nodes.append(Node(name, "opaque", [self.ref(i) for i in dict.fromkeys(ins)],
+                                       outs, {"reason": f"read by post-processing whose sizes "
+                                                        f"are set at run time (from {first})"},
+                                       f"ONNX {node.op_type}"))
+                continue
             if k in fused:
                 self.emit("group_norm", [fused[k].x, None, None], [node.output[0]],
                           {"num_groups": fused[k].groups})

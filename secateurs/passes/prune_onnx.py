@@ -72,7 +72,7 @@ from secateurs.passes.prune import (
     group_rows,
     select_units,
 )
-from secateurs.passes.repair import OnnxNet, Repair, conclude, repair
+from secateurs.passes.repair import OnnxNet, Repair, compare_outputs, conclude, repair
 
 __all__ = ["analyze_onnx", "prune_onnx", "OnnxPruneResult", "verify_onnx", "ORT_ROUND_TO",
            "load_model"]
@@ -311,30 +311,31 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.nda
     return out
 
 
+def _as_array(output: Any) -> np.ndarray:
+    """An ORT output as an array: a sequence of maps (scikit-learn's ``ZipMap``
+    probabilities) as its values, one row per map in key order."""
+    if isinstance(output, list) and output and all(isinstance(m, dict) for m in output):
+        return np.array([[m[k] for k in sorted(m)] for m in output])
+    return np.asarray(output)
+
+
 def verify_onnx(original: onnx.ModelProto, pruned: onnx.ModelProto, plan: Plan,
                 feeds: Mapping[str, np.ndarray], rtol: float = 1e-4,
                 atol: float = 1e-5) -> tuple[bool, float]:
     """The correctness contract under ONNX Runtime: the original with the plan's slices
     zeroed gives the same outputs as the pruned model."""
-    expected = _run(zero_plan_slices_onnx(original, plan), feeds)
-    got = _run(pruned, feeds)
+    expected = [_as_array(e) for e in _run(zero_plan_slices_onnx(original, plan), feeds)]
+    got = [_as_array(g) for g in _run(pruned, feeds)]
     if len(expected) != len(got):
         return False, float("inf")
-    worst, ok = 0.0, True
+    numeric = []
     for e, g in zip(expected, got):
-        e, g = np.asarray(e), np.asarray(g)
-        if e.shape != g.shape:
+        if e.dtype.kind in "biuf":
+            numeric.append((torch.from_numpy(np.ascontiguousarray(e)),
+                            torch.from_numpy(np.ascontiguousarray(g))))
+        elif e.shape != g.shape or not np.array_equal(e, g):  # strings: equal or not
             return False, float("inf")
-        if np.issubdtype(e.dtype, np.floating):  # NaN where both are NaN counts as equal
-            nan = np.isnan(e)
-            if (nan != np.isnan(g)).any():
-                return False, float("inf")
-            diff = float(np.abs(e - g)[~nan].max()) if (~nan).any() else 0.0
-            worst = max(worst, diff)
-            ok &= bool(np.allclose(e, g, rtol=rtol, atol=atol, equal_nan=True))
-        else:
-            ok &= bool(np.array_equal(e, g))
-    return ok, worst
+    return compare_outputs([e for e, _ in numeric], [g for _, g in numeric], rtol, atol)
 
 
 def _apply_folded(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
