@@ -1203,6 +1203,13 @@ def _slice_items(shape: Shape, starts: np.ndarray, ends: np.ndarray, axes: np.nd
 @_reg("Slice")
 def _lower_slice(lw: _Lowering, node: onnx.NodeProto) -> None:
     shape = lw.shape(node.input[0])
+    a = _attrs(node)
+    if "starts" in a:  # Slice-1 (opset < 10): constant bounds as attributes, step 1
+        starts, ends = np.asarray(a["starts"], np.int64), np.asarray(a["ends"], np.int64)
+        axes = np.asarray(a.get("axes", range(len(starts))), np.int64)
+        items = _slice_items(shape, starts, ends, axes, np.ones(len(starts), np.int64))
+        lw.emit("index", [node.input[0]], _first_out(node), {"items": items})
+        return
     ins = list(node.input) + [""] * (5 - len(node.input))
     starts, ends = lw.const(ins[1]), lw.const(ins[2])
     if starts is None or ends is None or (ins[3] and lw.const(ins[3]) is None) or \

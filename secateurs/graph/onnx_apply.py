@@ -1017,11 +1017,18 @@ def _rewrite_group_norm_decomposition(node: onnx.NodeProto, consts: Mapping[str,
 
 
 def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> None:
-    starts, ends = io.value(node.input[1]), io.value(node.input[2])
-    if starts is None or ends is None:
-        raise PlanError(f"Slice '{node.name}' has bounds computed at run time")
+    attrs = _attr(node, "starts") is not None  # Slice-1 (opset < 10): bounds as attributes
+    if attrs:
+        starts = np.asarray(_attr(node, "starts"), np.int64)
+        ends = np.asarray(_attr(node, "ends"), np.int64)
+        axes_in = _attr(node, "axes")
+        axes_in = None if axes_in is None else np.asarray(axes_in, np.int64)
+    else:
+        starts, ends = io.value(node.input[1]), io.value(node.input[2])
+        if starts is None or ends is None:
+            raise PlanError(f"Slice '{node.name}' has bounds computed at run time")
+        axes_in = io.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     starts, ends = starts.reshape(-1).copy(), ends.reshape(-1).copy()
-    axes_in = io.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     axes = np.arange(len(starts)) if axes_in is None else axes_in.reshape(-1)
     # ``from_onnx`` writes a one-position slice as ``int, None`` (a pinned index and the kept
     # axis): one entry per input dim again.
@@ -1037,6 +1044,10 @@ def _rewrite_slice(node: onnx.NodeProto, items: list[Any], io: _Constants) -> No
         starts[k] = 0 if it.start is None else it.start
         if it.stop is not None:
             ends[k] = it.stop
+    if attrs:
+        _set_int_attr(node, "starts", [int(v) for v in starts])
+        _set_int_attr(node, "ends", [int(v) for v in ends])
+        return
     io.write(node, 1, starts)
     io.write(node, 2, ends)
 

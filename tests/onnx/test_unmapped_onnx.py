@@ -92,3 +92,31 @@ def test_onnx_batch_norm_spatial_0_follows_every_position():
     np.testing.assert_allclose(_run(result.model, feeds),
                                _run(zero_plan_slices_onnx(model, result.plan), feeds),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_slice_1_bounds_as_attributes():
+    """Slice before opset 10 (the classic Model Zoo and Caffe2 files) carries starts/ends/axes
+    as attributes: a channel slice prunes like the input form, and its bounds are rewritten
+    (it was opaque: "bounds computed at run time", every channel through it pinned)."""
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], kernel_shape=[3, 3],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["a"]),
+             # the first 24 of 32 channels, rows and columns 1..14
+             helper.make_node("Slice", ["a"], ["s"], axes=[1, 2, 3], starts=[0, 1, 1],
+                              ends=[24, 15, 15]),
+             helper.make_node("Conv", ["s", "w1"], ["out"], kernel_shape=[1, 1])]
+    model = make_model(nodes, {"x": [1, 3, 16, 16]}, {"out": [1, 6, 14, 14]},
+                       [init("w0", rand(32, 3, 3, 3)), init("w1", rand(6, 24, 1, 1))])
+    model.opset_import[0].version = 9
+    onnx.checker.check_model(model, full_check=True)
+    result = secateurs.prune_onnx(model, ratio=0.5, round_to=1)
+    assert not result.report.repairs
+    dims = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    (crop,) = [n for n in result.model.graph.node if n.op_type == "Slice"]
+    bounds = {a.name: list(a.ints) for a in crop.attribute}
+    assert len(crop.input) == 1 and dims["w1"][1] < 24 and dims["w0"][0] < 32
+    assert bounds["ends"][0] - bounds["starts"][0] == dims["w1"][1]
+    feeds = {"x": np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    np.testing.assert_allclose(_run(result.model, feeds),
+                               _run(zero_plan_slices_onnx(model, result.plan), feeds),
+                               rtol=1e-4, atol=1e-5)
