@@ -66,7 +66,7 @@ from secateurs.hf.net import HFNet, describe_group
 from secateurs.hf.rotary import check_head_dim_pruning
 from secateurs.hf.select import fit_ratio, macs, select_hf
 from secateurs.passes.calibration import call_batch
-from secateurs.passes.cost import SizeRatios
+from secateurs.passes.cost import SizeRatios, node_macs
 from secateurs.passes.importance import CRITERIA, ScoreContext, normalize
 from secateurs.passes.plan import Plan, build_plan
 from secateurs.passes.repair import Repair, repair
@@ -512,6 +512,7 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
         log.warning("prune_hf(%s): %s left out: %s", type(model).__name__, sorted(bad),
                     "; ".join(f"{k} {v}" for k, v in bad.items()))
     macs_before, macs_after = macs(analysis, removed)
+    macs_after += _expert_macs_change(analysis, removed, plan.meta["hf"].get("moe"))
     if drop:  # blocks: scale the per-layer share of MACs (approximate, reported as such)
         macs_after = int(macs_after * (1 - len(drop) / len(block_list(model)[1])))
     report = {k: _kind_report(hfa, k, r, removed, allow_lossy, dims_removed, hd_before, failed)
@@ -528,6 +529,37 @@ def prune_hf(model: nn.Module, example_inputs: Any, ratio: float | None = None, 
                          verified=check and not inplace,
                          repairs=tuple(net_pins[g] for g in sorted(net_pins)),
                          notes=tuple(notes))
+
+
+def _expert_macs_change(analysis: Any, removed: dict[int, np.ndarray],
+                        moe: dict[str, Any] | None) -> int:
+    """The MACs the routed experts' narrower width saves, which the channel groups do not
+    hold (``moe.select_moe`` slices the experts' weights itself): every ``grouped_mm`` (the
+    experts' projections, one row per routed token) shrinks by the kept width, and every
+    router (a Linear of a MoE block writing one logit per expert) by the experts kept.
+    Removing experts leaves the routed rows, top-k per token, as they were."""
+    moe = moe or {}
+    i0, i1 = moe.get("inter", (0, 0))
+    e0, e1 = moe.get("experts", (0, 0))
+    blocks = tuple(f"{b}." for b in moe.get("blocks", ()))
+    graph = analysis.graph
+    gone = analysis.removed_atoms(removed)
+    change = 0
+    for node in graph.nodes:
+        if node.op == "grouped_mm" and i0:
+            kept = i1 / i0
+        elif node.op == "linear" and e0 and len(node.inputs) > 1 and node.inputs[1]:
+            w = graph.values[node.inputs[1]]
+            if not (w.param and w.param.startswith(blocks) and w.shape and w.shape[0] == e0):
+                continue
+            kept = e1 / e0
+        else:
+            continue
+        before = node_macs(node, lambda v: graph.values[v].shape)
+        after = node_macs(node, lambda v: analysis.new_shape(v, gone)
+                          if v in analysis.labels else graph.values[v].shape)
+        change += round(before * kept) - after
+    return change
 
 
 def _safety_net(model: nn.Module, hfa: HFAnalysis, args: tuple[Any, ...],

@@ -11,7 +11,7 @@ import numpy as np
 
 from secateurs.errors import InputError
 from secateurs.hf.classify import HFAnalysis, UnitGroup
-from secateurs.passes.cost import count_macs
+from secateurs.passes.cost import count_macs, node_macs
 from secateurs.passes.group_channels import Analysis
 from secateurs.passes.prune import select_units
 
@@ -103,10 +103,24 @@ def _select_across_layers(hfa: HFAnalysis, scores: dict[int, np.ndarray],
 def fit_ratio(hfa: HFAnalysis, scores: dict[int, np.ndarray], ratios: dict[str, float],
                free: tuple[str, ...], target: float, select_kw: dict[str, Any]) -> float:
     """Bisect one ratio shared by the ``free`` kinds so the pruned model keeps at most
-    ``target`` of the MACs (the closest such ratio; discrete head counts make it a step)."""
+    ``target`` of the MACs (the closest such ratio; discrete head counts make it a step).
+    The routed experts (``grouped_mm``, sliced by the MoE selection after this) are counted
+    at the ``mlp`` ratio's width."""
+    analysis = hfa.analysis
+    graph = analysis.graph
+    routed = [n for n in graph.nodes if n.op == "grouped_mm"]
+    experts = sum(node_macs(n, lambda v: graph.values[v].shape) for n in routed)
+
     def kept(r: float) -> float:
-        removed, _ = select_hf(hfa, scores, {**ratios, **{k: r for k in free}}, **select_kw)
-        before, after = macs(hfa.analysis, removed)
+        chosen = {**ratios, **{k: r for k in free}}
+        removed, _ = select_hf(hfa, scores, chosen, **select_kw)
+        before, after = macs(analysis, removed)
+        if routed:
+            gone = analysis.removed_atoms(removed)
+            counted = sum(node_macs(n, lambda v: analysis.new_shape(v, gone)
+                                    if v in analysis.labels else graph.values[v].shape)
+                          for n in routed)
+            after += round(experts * (1.0 - chosen.get("mlp", 0.0))) - counted
         return after / max(before, 1)
 
     lo, hi = 0.0, 0.99
