@@ -78,6 +78,12 @@ def _zoo() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                       dict(gqa, head_dim=16, num_experts=4, num_experts_per_tok=2,
                            moe_intermediate_size=32)),
+        # softmax routing with a [1, E] correction bias in a MoeStatics submodule, a shared
+        # expert, a dense first layer
+        "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                         dict(gqa, head_dim=16, moe_num_experts=4, moe_k=2,
+                              moe_intermediate_size=32, moe_num_shared_experts=1,
+                              moe_layer_start_index=1)),
         "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
                   dict(_LM, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)),
         "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",

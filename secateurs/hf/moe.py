@@ -67,6 +67,7 @@ class MoeBlock:
     width: tuple[tuple[str, int, str], ...]  # (tensor, dim, layout: cat|interleaved|plain)
     expert_tensors: tuple[str, ...]  # every tensor of the experts module, expert dim 0
     groups: int  # routing groups (DeepSeek n_group): experts must divide into them
+    router_dims: tuple[int, ...] = ()  # the expert dim of each router tensor (0, or 1 of [1, E])
 
 
 def _int(mod: nn.Module, *names: str) -> int | None:
@@ -150,10 +151,10 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
             int(down.shape[1 if _transposed(experts, hidden) else 2])
             if down is not None else 0)
         prefix = f"{name}." if name else ""
-        rt = tuple(f"{prefix}{router_name}.{n}" for n, t in
-                   list(router.named_parameters(recurse=False)) +
-                   list(router.named_buffers(recurse=False))
-                   if n != "weight" and t.dim() == 1 and t.shape[0] == e)
+        per_expert = [(f"{prefix}{router_name}.{n}", t.dim() - 1) for n, t in
+                      list(router.named_parameters()) + list(router.named_buffers())
+                      if n != "weight" and _per_expert(t, e)]
+        rt = tuple(n for n, _ in per_expert)
         width = tuple((f"{prefix}experts.{n}", d, lay) for n, d, lay in
                       _width_dims(experts, e, inter, hidden))
         tensors = tuple(f"{prefix}experts.{n}" for n, t in
@@ -162,7 +163,8 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
                         if t.dim() >= 1 and t.shape[0] == e)
         found.append(MoeBlock(name, f"{prefix}{router_name}", f"{prefix}{router_name}.weight",
                               rt, f"{prefix}experts", e, int(k), inter, width, tensors,
-                              _int(router, "num_group", "n_group") or 1))
+                              _int(router, "num_group", "n_group") or 1,
+                              tuple(d for _, d in per_expert)))
     return found
 
 
@@ -193,8 +195,11 @@ def expert_slices(block: MoeBlock, experts: np.ndarray) -> dict[str, dict[int, l
     if not len(experts):
         return {}
     idx = sorted(int(i) for i in experts)
-    names = (block.router_weight, *block.router_tensors, *block.expert_tensors)
-    return {n: {0: idx} for n in names}
+    names = (block.router_weight, *block.expert_tensors)
+    out = {n: {0: idx} for n in names}
+    for n, d in zip(block.router_tensors, block.router_dims or (0,) * len(block.router_tensors)):
+        out[n] = {d: idx}  # [E], or [1, E] (ERNIE 4.5's MoeStatics): the last dim
+    return out
 
 
 def merge_slices(into: dict[str, dict[int, list[int]]],
@@ -554,13 +559,18 @@ def expert_reference(model: nn.Module, plan: Plan) -> nn.Module:
     return ref
 
 
+def _per_expert(t: torch.Tensor, e: int) -> bool:
+    """A router tensor indexed by expert: ``[E]``, or ``[1, E]`` (ERNIE 4.5's correction bias
+    in a ``MoeStatics`` submodule)."""
+    return t.dim() >= 1 and int(t.shape[-1]) == e and all(int(s) == 1 for s in t.shape[:-1])
+
+
 def _mask_router(router: nn.Module, idx: list[int]) -> None:
     e = int(router.weight.shape[0])
     with torch.no_grad():
-        for n, t in list(router.named_buffers(recurse=False)) + \
-                list(router.named_parameters(recurse=False)):
-            if n.endswith("correction_bias") and t.dim() == 1 and t.shape[0] == e:
-                t[idx] = float("-inf")
+        for n, t in list(router.named_buffers()) + list(router.named_parameters()):
+            if n.endswith("correction_bias") and _per_expert(t, e):
+                t[..., idx] = float("-inf")
     mask = torch.zeros(e)
     mask[idx] = float("-inf")
     inner = router.forward

@@ -31,7 +31,7 @@ torch.set_num_threads(1)
 # 3-D experts as recent transformers write them: concatenated gate_up (Mixtral, Qwen3-MoE),
 # transposed + interleaved + biases (GPT-OSS), shared expert (Qwen2-MoE), dense first layer
 # and sigmoid router with correction bias (DeepSeek-V3), OLMoE, PhiMoE (its own router)
-MOE = ("mixtral", "gpt_oss", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v3")
+MOE = ("mixtral", "gpt_oss", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v3", "ernie4_5_moe")
 
 
 @functools.cache
@@ -52,6 +52,9 @@ def test_experts_and_widths_pruned_reference_equal_and_reload(tmp_path, family):
         assert b1.inter == b0.inter // 2
         for name in b1.expert_tensors:
             assert r.model.get_parameter(name).shape[0] == b1.num_experts
+        for name in b1.router_tensors:  # biases, [E] or [1, E] (ERNIE 4.5's MoeStatics)
+            t = dict(r.model.named_parameters()) | dict(r.model.named_buffers())
+            assert t[name].shape[-1] == b1.num_experts
     assert r.report["experts"].removed == 2 * len(before)
     assert r.report["mlp"].removed >= len(before) * (before[0].inter // 2)
     assert r.verified
@@ -62,7 +65,7 @@ def test_experts_and_widths_pruned_reference_equal_and_reload(tmp_path, family):
     back = from_pretrained_pruned(tmp_path / "m")
     cfg = back.config
     assert min(v for k, v in vars(cfg).items() if k in ("num_experts", "num_local_experts",
-                                                         "n_routed_experts")) \
+                                                         "n_routed_experts", "moe_num_experts")) \
         == before[0].num_experts - 2
     assert torch.equal(output_tensor(back, x), got)
 
