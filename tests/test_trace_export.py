@@ -37,6 +37,22 @@ def test_export_fallback_prunes_a_model_that_runs_at_other_batches() -> None:
         assert ok, (batch, diff)
 
 
+def test_an_exported_program_says_which_sizes_it_fixed() -> None:
+    """Only the batch stays symbolic under torch.export: the report says the pruned program
+    runs at the example's other sizes, and for a Hugging Face model points to prune_hf."""
+    result = secateurs.prune(_ChunkList().eval(), torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert any("other sizes [(3, 8, 8)]" in n for n in result.report.notes)
+    assert not any("prune_hf" in n for n in result.report.notes)
+    pytest.importorskip("transformers")
+    from secateurs.hf.models import example_inputs, tiny_model
+
+    lm = tiny_model("llama")
+    result = secateurs.prune(lm, example_inputs(lm), ratio=0.5)
+    assert any("other sizes [(8,)]" in n for n in result.report.notes)
+    assert any("secateurs.hf.prune_hf prunes the model itself" in n
+               for n in result.report.notes)
+
+
 def test_batch_dims_only_when_inputs_share_a_batch() -> None:
     a, b = torch.randn(2, 3), torch.randn(2, 5)
     assert fx_trace._batch_dims((a, b)) is not None

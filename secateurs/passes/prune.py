@@ -639,6 +639,17 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
         prep.notes.append("the program torch.export traced refuses batch 1, and so does the "
                           "pruned one (a batch-1 example keeps batch 1; torch.export may then "
                           "fix the batch)")
+    if tracer.startswith("export"):
+        sizes = [tuple(a.shape[1:]) for a in from_fx._as_tuple(example_inputs)
+                 if isinstance(a, torch.Tensor)]
+        if tracer != "export (static shapes)" and any(sizes):
+            prep.notes.append(f"torch.export keeps only the batch symbolic: the pruned "
+                              f"program runs at the example's other sizes {sizes} only "
+                              f"(image size, sequence length)")
+        if type(model).__module__.startswith("transformers."):
+            prep.notes.append("a Hugging Face model: secateurs.hf.prune_hf prunes the model "
+                              "itself (any batch and sequence length, its config updated, "
+                              "save_pretrained) instead of its traced program")
     return prep
 
 
