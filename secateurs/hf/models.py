@@ -84,6 +84,9 @@ def _zoo() -> dict[str, tuple[str, str, dict[str, Any]]]:
                          dict(gqa, head_dim=16, moe_num_experts=4, moe_k=2,
                               moe_intermediate_size=32, moe_num_shared_experts=1,
                               moe_layer_start_index=1)),
+        # the router's [E, H] weight in a Linear child (gate.wg), a shared MLP
+        "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                           dict(gqa, head_dim=16, num_experts=4, moe_topk=2)),
         "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
                   dict(_LM, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)),
         "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",

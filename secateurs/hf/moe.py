@@ -136,24 +136,22 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
             continue
         router_name = next((r for r in ("gate", "router")
                             if isinstance(getattr(mod, r, None), nn.Module)
-                            and isinstance(getattr(getattr(mod, r), "weight", None),
-                                           torch.Tensor)
-                            and getattr(mod, r).weight.dim() == 2
-                            and getattr(mod, r).weight.shape[0] == e), None)
+                            and _router_weight(getattr(mod, r), e) is not None), None)
         if router_name is None:
             continue
         router = getattr(mod, router_name)
+        weight_name, weight = _router_weight(router, e)  # type: ignore[misc]
         k = _int(router, "top_k", "num_experts_per_tok") or _int(mod, "top_k") or \
             _int(getattr(model, "config", None), "num_experts_per_tok") or 1
         down = params.get("down_proj")
-        hidden = int(router.weight.shape[1])
+        hidden = int(weight.shape[1])
         inter = _int(experts, "intermediate_dim", "intermediate_size", "expert_dim") or (
             int(down.shape[1 if _transposed(experts, hidden) else 2])
             if down is not None else 0)
         prefix = f"{name}." if name else ""
         per_expert = [(f"{prefix}{router_name}.{n}", t.dim() - 1) for n, t in
                       list(router.named_parameters()) + list(router.named_buffers())
-                      if n != "weight" and _per_expert(t, e)]
+                      if n != weight_name and _per_expert(t, e)]
         rt = tuple(n for n, _ in per_expert)
         width = tuple((f"{prefix}experts.{n}", d, lay) for n, d, lay in
                       _width_dims(experts, e, inter, hidden))
@@ -161,7 +159,7 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
                         list(experts.named_parameters(recurse=False)) +
                         list(experts.named_buffers(recurse=False))
                         if t.dim() >= 1 and t.shape[0] == e)
-        found.append(MoeBlock(name, f"{prefix}{router_name}", f"{prefix}{router_name}.weight",
+        found.append(MoeBlock(name, f"{prefix}{router_name}", f"{prefix}{router_name}.{weight_name}",
                               rt, f"{prefix}experts", e, int(k), inter, width, tensors,
                               _int(router, "num_group", "n_group") or 1,
                               tuple(d for _, d in per_expert)))
@@ -559,6 +557,18 @@ def expert_reference(model: nn.Module, plan: Plan) -> nn.Module:
     return ref
 
 
+def _router_weight(router: nn.Module, e: int) -> tuple[str, torch.Tensor] | None:
+    """The router's ``[E, H]`` weight, its own or its one Linear child's (HunYuan-MoE's
+    ``gate.wg``), with its name in the router."""
+    own = getattr(router, "weight", None)
+    if isinstance(own, torch.Tensor):
+        return ("weight", own) if own.dim() == 2 and own.shape[0] == e else None
+    kids = [(n, c) for n, c in router.named_children() if isinstance(c, nn.Linear)]
+    if len(kids) == 1 and kids[0][1].weight.shape[0] == e:
+        return f"{kids[0][0]}.weight", kids[0][1].weight
+    return None
+
+
 def _per_expert(t: torch.Tensor, e: int) -> bool:
     """A router tensor indexed by expert: ``[E]``, or ``[1, E]`` (ERNIE 4.5's correction bias
     in a ``MoeStatics`` submodule)."""
@@ -566,7 +576,9 @@ def _per_expert(t: torch.Tensor, e: int) -> bool:
 
 
 def _mask_router(router: nn.Module, idx: list[int]) -> None:
-    e = int(router.weight.shape[0])
+    own = getattr(router, "weight", None)
+    e = int((own if isinstance(own, torch.Tensor) else next(
+        c.weight for c in router.children() if isinstance(c, nn.Linear))).shape[0])
     with torch.no_grad():
         for n, t in list(router.named_buffers()) + list(router.named_parameters()):
             if n.endswith("correction_bias") and _per_expert(t, e):

@@ -31,7 +31,8 @@ torch.set_num_threads(1)
 # 3-D experts as recent transformers write them: concatenated gate_up (Mixtral, Qwen3-MoE),
 # transposed + interleaved + biases (GPT-OSS), shared expert (Qwen2-MoE), dense first layer
 # and sigmoid router with correction bias (DeepSeek-V3), OLMoE, PhiMoE (its own router)
-MOE = ("mixtral", "gpt_oss", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v3", "ernie4_5_moe")
+MOE = ("mixtral", "gpt_oss", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v3", "ernie4_5_moe",
+       "hunyuan_v1_moe")
 
 
 @functools.cache
