@@ -420,7 +420,9 @@ def prune_onnx(model_or_path: Any, ratio: float | None = None,
     if untied:
         net.notes.append(f"{len(untied)} per-channel vector(s) the exporter had deduplicated "
                          "across layers were given one copy per reader (e.g. "
-                         f"'{next(iter(untied))}'), so unrelated layers prune independently")
+                         f"'{next(iter(untied))}'), so layers that only shared such a vector "
+                         "prune independently (readers that share weights stay coupled "
+                         "through them, and copies left equal are shared again)")
     quantized = [n.op_type for n in model.graph.node
                  if n.op_type in ("QuantizeLinear", "DequantizeLinear") or
                  n.op_type in QUANTIZED_OPS]
