@@ -1167,6 +1167,11 @@ def _lower_softmax(lw: _Lowering, node: onnx.NodeProto) -> None:
     lw.emit("softmax", [node.input[0]], _first_out(node), {"dim": axis})
 
 
+@_reg("LRN")
+def _lower_lrn(lw: _Lowering, node: onnx.NodeProto) -> None:
+    lw.emit("local_response_norm", [node.input[0]], _first_out(node), {"dim": 1})
+
+
 @_reg("Concat")
 def _lower_concat(lw: _Lowering, node: onnx.NodeProto) -> None:
     lw.emit("cat", [i for i in node.input if i], _first_out(node),

@@ -128,6 +128,7 @@ _SIGS: dict[str, tuple[str, ...]] = {
     "index_add": ("input", "dim", "index", "source"),
     "index_copy": ("input", "dim", "index", "source"),
     "softmax": ("input", "dim"), "log_softmax": ("input", "dim"),
+    "local_response_norm": ("input", "size", "alpha", "beta", "k"),
     "normalize": ("input", "p", "dim"),
     "cat": ("tensors", "dim"), "concat": ("tensors", "dim"), "concatenate": ("tensors", "dim"),
     "split": ("input", "split_size", "dim"), "chunk": ("input", "chunks", "dim"),
@@ -677,6 +678,7 @@ _CALLS.update({
     "conv_transpose1d": _conv, "conv_transpose2d": _conv, "conv_transpose3d": _conv,
     "batch_norm": _batch_norm, "instance_norm": _batch_norm,
     "layer_norm": _layer_norm, "rms_norm": _layer_norm, "group_norm": _group_norm,
+    "local_response_norm": lambda node, b: ("local_response_norm", [b["input"]], {"dim": 1}),
     "softmax": _softmax, "log_softmax": _softmax, "_softmax": _softmax, "normalize": _normalize,
     "cat": _cat, "concat": _cat, "concatenate": _cat,
     "split": _split, "chunk": _split, "split_with_sizes": _split, "tensor_split": _split,
@@ -822,6 +824,8 @@ def _module_lowering(mod: nn.Module, x: Any) -> tuple[str, list[str], dict[str, 
         return "im2col", [], {}
     if isinstance(mod, nn.Fold):
         return "col2im", [], {}
+    if isinstance(mod, nn.LocalResponseNorm):
+        return "local_response_norm", [], {"dim": 1}
     if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
         if mod.dim is None:
             return "opaque", [], {"reason": "Softmax without an explicit dim"}

@@ -1008,8 +1008,10 @@ def _weight_norm(ctx: RuleContext) -> list[Labels | None]:
     return [list(v)]
 
 
-@_register("softmax")
+@_register("softmax", "local_response_norm")
 def _softmax(ctx: RuleContext) -> list[Labels | None]:
+    """Normalises over ``dim`` (softmax; LRN over a window of neighbouring channels, AlexNet /
+    GoogLeNet): that dim is lossy to remove, every other dim passes."""
     x, shape = ctx.ins[0], ctx.in_shapes[0]
     assert x is not None and shape is not None
     dim = int(ctx.node.attrs["dim"]) % len(x)

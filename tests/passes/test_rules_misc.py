@@ -914,3 +914,29 @@ def test_unfold_and_fold_pass_channels(mode, untraceable):
         xb = (torch.randn(batch, 3, 8, 8),)
         ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, xb)
         assert ok, (batch, diff)
+
+
+def test_local_response_norm_is_lossy_over_channels_only():
+    """AlexNet/GoogLeNet's LRN normalises each channel by its neighbours: its channels are
+    lossy (kept under exact pruning, with that reason), its spatial dims pass; it was opaque,
+    "no channel rule"."""
+    class _Lrn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.lrn = nn.Conv2d(3, 16, 3, padding=1), nn.LocalResponseNorm(5)
+            self.c2, self.c3 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.c2(self.lrn(torch.relu(self.c1(x)))))
+            return F.local_response_norm(self.c3(y), 3)
+
+    model, x = _Lrn().eval(), torch.randn(2, 3, 8, 8)
+    analysis = secateurs.analyze(model, x)
+    assert any("local_response_norm" in r for r in _reasons(analysis, "c1.weight", "lossy"))
+    result = secateurs.prune(model, x, ratio=0.5)
+    assert result.model.c2.out_channels == 8  # between the two LRNs: free
+    assert result.model.c1.out_channels == 16
+    ok, diff = secateurs.verify_mask_equivalence(model, result.model, result.plan, x)
+    assert ok, diff
+    lossy = secateurs.prune(model, x, ratio=0.5, allow_lossy=True)
+    assert lossy.model.c1.out_channels == 8
