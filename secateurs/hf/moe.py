@@ -32,6 +32,7 @@ L2 norm of the expert's output on that token; the score is the mean over the rou
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 from dataclasses import dataclass, field
@@ -261,16 +262,29 @@ def expert_scores(model: nn.Module, blocks: list[MoeBlock], batches: list[Any],
     def hook_for(b: MoeBlock):
         experts = model.get_submodule(b.experts)
         router = model.get_submodule(b.router)
+        weight = model.get_parameter(b.router_weight)
         sigmoid = any(n.endswith("e_score_correction_bias") for n in b.router_tensors)
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             h = args[0].reshape(-1, args[0].shape[-1])
             logits, index = _router_output(out, b.num_experts, h.shape[0])
+            prob = None
+            if logits is not None and index is None:
+                # scores without indices (Llama 4: sigmoid gate weights, 0 off the top-k):
+                # the top-k of the router's own logits, the gate weights as the probability
+                own = torch.nn.functional.linear(h.float(), weight.float())
+                index = own.topk(b.top_k, dim=-1).indices
+                items = out if isinstance(out, (tuple, list)) else (out,)
+                prob = next((t.float() for t in items if isinstance(t, torch.Tensor)
+                             and t.shape == own.shape and t.is_floating_point()
+                             and int((t != 0).sum()) == index.numel()
+                             and bool((t.gather(1, index) != 0).all())), None)
             if logits is None or index is None:
                 raise InputError(f"MoE router '{b.router}' ({type(router).__name__}) returns "
                                  "no (logits, top-k indices) pair; use "
                                  "expert_importance='random'")
-            prob = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
+            if prob is None:
+                prob = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
             for e in range(b.num_experts):
                 tok = (index == e).any(-1).nonzero().flatten()
                 if not len(tok):
@@ -278,8 +292,7 @@ def expert_scores(model: nn.Module, blocks: list[MoeBlock], batches: list[Any],
                 counts[b.name][e] += len(tok)
                 if criterion == "frequency":
                     continue
-                ones = torch.ones(len(tok), 1, dtype=h.dtype)
-                y = experts(h[tok], torch.full((len(tok), 1), e, dtype=index.dtype), ones)
+                y = _expert_output(experts, b.num_experts, e, h[tok], index.dtype)
                 norm = y.float().norm(dim=-1)
                 sums[b.name][e] += float((prob[tok, e] * norm).sum())
         return router.register_forward_hook(hook)
@@ -295,6 +308,22 @@ def expert_scores(model: nn.Module, blocks: list[MoeBlock], batches: list[Any],
     if criterion == "frequency":
         return counts
     return {n: np.where(counts[n] > 0, sums[n] / np.maximum(counts[n], 1), 0.0) for n in sums}
+
+
+def _expert_output(experts: nn.Module, n: int, e: int, x: torch.Tensor,
+                   index_dtype: torch.dtype) -> torch.Tensor:
+    """Expert ``e``'s output on tokens ``x`` by the experts module's own forward: transformers'
+    interface ``(hidden, top_k_index, top_k_weights)`` with every token routed to ``e`` at
+    weight 1, or Llama 4's batched ``forward(hidden)`` over ``[experts * tokens, H]`` (the
+    tokens in ``e``'s block, zeros elsewhere)."""
+    params = [p for p in inspect.signature(experts.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) >= 3:
+        ones = torch.ones(len(x), 1, dtype=x.dtype)
+        return experts(x, torch.full((len(x), 1), e, dtype=index_dtype), ones)
+    blocks = x.new_zeros(n, *x.shape)
+    blocks[e] = x
+    return experts(blocks.reshape(-1, x.shape[-1])).reshape(n, *x.shape)[e]
 
 
 def experts_to_remove(block: MoeBlock, asked: int, scores: np.ndarray) -> np.ndarray:

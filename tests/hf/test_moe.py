@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 # transposed + interleaved + biases (GPT-OSS), shared expert (Qwen2-MoE), dense first layer
 # and sigmoid router with correction bias (DeepSeek-V3), OLMoE, PhiMoE (its own router)
 MOE = ("mixtral", "gpt_oss", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v3", "ernie4_5_moe",
-       "hunyuan_v1_moe")
+       "hunyuan_v1_moe", "llama4_text")
 
 
 @functools.cache
