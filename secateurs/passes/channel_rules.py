@@ -430,6 +430,8 @@ def _concat(ctx: RuleContext) -> list[Labels | None]:
             if d != dim:
                 ctx.space.unify(first[d], lab[d])
     out = list(first)
+    for lab, _ in ins:
+        ctx.space.note(lab[dim])  # copied into the output end to end
     out[dim] = np.concatenate([lab[dim] for lab, _ in ins])
     return [out]
 
@@ -1350,7 +1352,7 @@ def _size_value(ctx: RuleContext) -> list[Labels | None]:
     assert x is not None
     for d, vec in enumerate(x):
         if d not in ctx.node.attrs["dims"]:
-            ctx.space.unread(vec)
+            ctx.space.note(vec)
     for d in ctx.node.attrs["dims"]:
         if d < len(x):
             ctx.space.pin(x[d], f"its run-time size ({ctx.where}) is used as a value by "

@@ -204,7 +204,7 @@ def _pin_unmapped(node: Node, ins: list[list[np.ndarray] | None],
                   outs: list[list[np.ndarray] | None], space: LabelSpace,
                   mark: tuple[int, ...]) -> None:
     """Every input dim must be accounted for by its rule: passed to an output, unified,
-    factored, pinned, marked lossy, or noted as unread. A dim the rule said nothing about
+    factored, pinned, marked lossy, or noted (``LabelSpace.note``). A dim the rule said nothing about
     would be a free group that this op consumes in a way no rule describes (a conv's input
     spatial dims were one: a row of a map reshaped from a Linear could be removed, and the
     conv then ran on a smaller map); it is pinned, naming the op. A node whose outputs are all
@@ -213,12 +213,22 @@ def _pin_unmapped(node: Node, ins: list[list[np.ndarray] | None],
     if not any(ins) or outs and all(lab is not None and any(len(v) == 0 for v in lab)
                                     for lab in outs):
         return
-    touched = space.touched_since(mark)
-    if out_vecs:
-        touched = np.union1d(touched, np.concatenate(out_vecs))
+    # by identity first (a dim passed on, or a view of it used): most rules, at no cost
+    seen: set[int] = set()
+    for arr in space.arrays_since(mark) + out_vecs:
+        while arr is not None and id(arr) not in seen:
+            seen.add(id(arr))
+            arr = arr.base
+    touched: np.ndarray | None = None
     for i, lab in enumerate(ins):
         for d, vec in enumerate(lab or ()):
-            if len(vec) > 1 and not np.isin(vec, touched).any():
+            if len(vec) <= 1 or id(vec) in seen:
+                continue
+            if touched is None:  # copies (fancy-indexed, repeated): by label
+                touched = space.touched_since(mark)
+                if out_vecs:
+                    touched = np.union1d(touched, np.concatenate(out_vecs))
+            if not np.isin(vec, touched).any():
                 space.pin(vec, f"{node.describe()} reads dim {d} of operand {i} in a way "
                           f"its channel rule does not map (kept whole; please report the "
                           f"model)")

@@ -54,7 +54,7 @@ class LabelSpace:
         self.roots: list[np.ndarray] = []
         self.pins: list[tuple[np.ndarray, str]] = []
         self.lossy: list[tuple[np.ndarray, str]] = []
-        # labels a rule accounted for without a constraint (``unify(a, a)``, :meth:`unread`)
+        # labels a rule accounted for without a constraint (``unify(a, a)``, :meth:`note`)
         self._noted: list[np.ndarray] = []
         # (first label, where): labels from ``first`` on were made by ``where`` (for messages)
         self.origins: list[tuple[int, str]] = []
@@ -87,6 +87,7 @@ class LabelSpace:
 
     def compose(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Composite labels of the row-major flattening of ``a × b``."""
+        self._noted += (a, b)  # the rule's own arrays, for ``arrays_since``
         if len(a) == 1:
             return b.copy()
         if len(b) == 1:
@@ -127,9 +128,10 @@ class LabelSpace:
     def mark_lossy(self, labels: np.ndarray, reason: str) -> None:
         self.lossy.append((labels, reason))
 
-    def unread(self, labels: np.ndarray) -> None:
-        """A rule's input dim whose values the op does not read (a size taken for a shape
-        argument only): accounted for, constrained by nothing."""
+    def note(self, labels: np.ndarray) -> None:
+        """A rule accounts for an input dim without a constraint: it copies the labels into
+        an output (a concat's pieces), or the op does not read the values (a size taken for a
+        shape argument only)."""
         self._noted.append(labels)
 
     def mark(self) -> tuple[int, ...]:
@@ -137,9 +139,17 @@ class LabelSpace:
         return (len(self._edges), len(self._comp_id), len(self.roots), len(self.births),
                 len(self.pins), len(self.lossy), len(self._noted))
 
+    def arrays_since(self, mark: tuple[int, ...]) -> list[np.ndarray]:
+        """The label arrays records made after ``mark`` hold (unified, composed, born, pinned,
+        marked lossy, noted): the cheap check of what a rule did, by identity."""
+        e, _c, r, b, p, l_, n = mark
+        out = [v for a, bb in self._edges[e:] for v in (a, bb)]
+        out += self.roots[r:] + self.births[b:] + self._noted[n:]
+        return out + [v for v, _ in self.pins[p:]] + [v for v, _ in self.lossy[l_:]]
+
     def touched_since(self, mark: tuple[int, ...]) -> np.ndarray:
         """Every label a record made after ``mark`` names (unified, composed, born, pinned,
-        marked lossy or noted unread), sorted and unique: what a rule did with the labels it
+        marked lossy or noted), sorted and unique: what a rule did with the labels it
         was given (``group_channels`` pins an input dim a rule left out of all of them)."""
         e, c, r, b, p, l_, n = mark
         parts = [v for a, bb in self._edges[e:] for v in (a, bb)]

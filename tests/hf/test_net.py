@@ -32,7 +32,7 @@ def _broken_add(monkeypatch) -> None:
     def propagate(ctx):
         for labels in ctx.ins[1:]:
             for vec in labels or ():
-                ctx.space.unread(vec)
+                ctx.space.note(vec)
         return channel_rules.RULES["relu"].propagate(ctx)
 
     monkeypatch.setitem(channel_rules.RULES, "add", channel_rules.Rule(propagate))

@@ -29,7 +29,7 @@ def _no_unify_second(ctx):
     channels are never unified with it (the rule claims the op does not read them, so
     ``group_channels``'s own check of unmapped dims lets it through)."""
     for vec in ctx.ins[1] or ():
-        ctx.space.unread(vec)
+        ctx.space.note(vec)
     return [ctx.ins[0]]
 
 
