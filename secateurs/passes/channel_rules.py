@@ -120,7 +120,9 @@ def _source(ctx: RuleContext) -> list[Labels | None]:
         out = [ctx.space.fresh(s) for s in ctx.out_shapes[0]]
         ctx.keep["out"] = out
         return [out]
-    reason = f"created by {ctx.where}"
+    reason = (f"created by {ctx.where}: a tensor the forward makes whose values differ by "
+              f"position (an arange, ALiBi slopes from the head count, a random or literal "
+              f"tensor), so its positions stay")
     return [None if s is None else ctx.fresh_dims(s, reason) for s in ctx.out_shapes]
 
 

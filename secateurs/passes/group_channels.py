@@ -152,7 +152,9 @@ def group_channels(graph: ChannelGraph) -> Analysis:
         if value.param is not None:
             labels[value.name] = [space.fresh(s, root=False) for s in value.shape]
         elif value.kind == "constant":
-            labels[value.name] = [space.fresh(s, pin=f"constant '{value.name}'")
+            labels[value.name] = [space.fresh(s, pin=f"constant '{value.name}' (a tensor the "
+                                                    f"traced program holds as data, not a "
+                                                    f"parameter: its positions stay)")
                                   for s in value.shape]
     keep: dict[str, dict[str, Any]] = {}
     for node in graph.nodes:
