@@ -271,6 +271,36 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
         return onnx.load(str(out))
 
 
+def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> onnx.ModelProto:
+    """``model`` at a default-domain opset its QDQ form is valid in: Q/DQ exist from opset 10
+    and take a per-channel ``axis`` from 13. ORT's quantizer writes them at the input's
+    opset, so an opset-11 model came out with ``DequantizeLinear(axis=...)`` that fails the
+    checker; older models are converted to 13 first (``onnx.version_converter``)."""
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                 0)
+    need = 13 if per_channel else 10
+    if opset >= need:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, 13)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter's own message says which op
+        why = "per-channel weights: DequantizeLinear's axis" if per_channel else \
+            "QuantizeLinear"
+        raise InputError(
+            f"INT8 QDQ needs ONNX opset >= {need} ({why}); the model is at opset {opset} and "
+            f"onnx's version converter cannot convert it ({_first_line(exc)}): re-export it "
+            f"at opset 13 or newer") from None
+    return converted
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
 def _fp16(model: onnx.ModelProto, exclude: Iterable[str]) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -345,7 +375,7 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
     else:
         batches, source = list(calibration), "data"
     reader = BatchReader(batches)
-    out = _int8(model, reader, profile, per_channel, exclude)
+    out = _int8(_opset_for_qdq(model, per_channel), reader, profile, per_channel, exclude)
     _check(out, "the int8 QDQ model")
     return QuantizeResult(out, "int8", profile, per_channel, len(reader), source,
                           _quantized_nodes(out), _op_counts(out))

@@ -207,3 +207,33 @@ def test_int8_of_a_graph_whose_shape_inputs_are_initializers(vit) -> None:
     result = quantize_onnx(model, calibration=calibration_batches(model, samples, 4))
     assert result.quantized_nodes
     assert _relative_error(model, result.model, samples) < 0.2
+
+
+def test_int8_of_an_old_opset_model_is_converted_first() -> None:
+    """ORT's quantizer writes Q/DQ at the input's opset: an opset-11 model came out with a
+    per-channel ``DequantizeLinear(axis=...)``, which needs 13, and failed the checker. The
+    model is converted to 13 first."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+         for n, s in (("w1", (16, 3, 3, 3)), ("w2", (16, 16, 3, 3)), ("fc", (5, 16)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 5])], w)
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=7)
+    samples = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    result = quantize_onnx(old, "int8", calibration=calibration_batches(old, samples))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.model.opset_import[0].version >= 13
+    assert _relative_error(old, result.model, samples) < 0.1
+    per_tensor = quantize_onnx(old, "int8", per_channel=False,
+                               calibration=calibration_batches(old, samples))
+    onnx.checker.check_model(per_tensor.model, full_check=True)
