@@ -279,12 +279,16 @@ def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> onnx.ModelProto
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")),
                  0)
     need = 13 if per_channel else 10
-    if opset >= need:
+    if opset >= need and model.ir_version >= 4:
         return model
     from onnx import version_converter
 
     try:
-        converted = version_converter.convert_version(model, 13)
+        converted = version_converter.convert_version(model, max(opset, 13))
+        # IR < 4 lists every initializer as a graph input too; the quantizer's new scales and
+        # zero points are not, which the checker refuses ("in initializer but not in graph
+        # input"): opset 13 is IR 7 anyway
+        converted.ir_version = max(converted.ir_version, 7)
         onnx.checker.check_model(converted)
     except Exception as exc:  # noqa: BLE001 - the converter's own message says which op
         why = "per-channel weights: DequantizeLinear's axis" if per_channel else \
