@@ -185,9 +185,12 @@ def _check_something_removed(result: object, args: argparse.Namespace) -> None:
     if removed is not None and not removed:
         at = (f"--target-latency {args.target_latency}" if args.target_latency is not None
               else f"--ratio {0.5 if args.ratio is None else args.ratio}")
+        widths = "" if args.round_to is not None or not str(args.model).endswith(".onnx") \
+            else ("; on an ONNX model groups narrower than ONNX Runtime's kernel widths stay "
+                  "whole by default: --round-to 1 removes units one at a time")
         raise InputError(f"nothing to prune in '{args.model}' at {at}: every "
                          "channel group is pinned, ignored or too small to lose a unit "
-                         "(see 'secateurs analyze'); nothing was written")
+                         f"(see 'secateurs analyze'){widths}; nothing was written")
 
 
 def _score_context(args: argparse.Namespace, model: object, example: tuple) -> object:

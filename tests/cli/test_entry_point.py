@@ -181,6 +181,9 @@ BAD_INPUTS = [
     (["prune", "zoo:nonexistent"], "nonexistent"),
     (["prune", "trunc.onnx", "-o", "p.onnx"], "trunc.onnx"),
     (["prune", SPEC, "--ratio", "0.01", "-o", "p.pt2"], "nothing to prune"),
+    # a 32-wide layer at 0.4 keeps 32 under ONNX Runtime's kernel widths: say how to go lower
+    (["prune", "mlp.onnx", "--ratio", "0.4", "--input-shape", "x=1,8", "-o", "p.onnx"],
+     "--round-to 1 removes units one at a time"),
     (["analyze", "nope.py:make"], "nope.py"),
     (["inspect", "nope.onnx"], "not found"),
     (["inspect", "random.onnx"], "random.onnx"),
