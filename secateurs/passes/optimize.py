@@ -289,8 +289,11 @@ def _record(state: _State, stage: str, model: Any, details: dict[str, Any] | Non
 
 def _load(state: _State) -> None:
     from secateurs.passes.prune_onnx import load_model
+    from secateurs.passes.quantize import unique_node_names
 
     model, _ = load_model(state.source)
+    # the same graph; ONNX Runtime refuses one where two nodes share a name
+    model = unique_node_names(model)
     src = str(state.source) if isinstance(state.source, (str, os.PathLike)) else "ModelProto"
     if state.options["calibration"] is not None:
         # real inputs: checks and latency run on data, not on noise outside its range

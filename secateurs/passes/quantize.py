@@ -300,6 +300,29 @@ def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> onnx.ModelProto
     return converted
 
 
+def unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with no two nodes of one name (ONNX allows it, ONNX Runtime refuses to load
+    it: "two nodes with same node name", inside the quantizer's calibration): a repeated
+    name gets a suffix, on a copy."""
+    names = [n.name for n in model.graph.node]
+    if len(set(filter(None, names))) == len([n for n in names if n]):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    seen: set[str] = set(names)
+    first: set[str] = set()
+    for node in out.graph.node:
+        if not node.name or node.name not in first:
+            first.add(node.name)
+            continue
+        k = 1
+        while f"{node.name}_{k}" in seen:
+            k += 1
+        node.name = f"{node.name}_{k}"
+        seen.add(node.name)
+    return out
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
@@ -379,7 +402,8 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
     else:
         batches, source = list(calibration), "data"
     reader = BatchReader(batches)
-    out = _int8(_opset_for_qdq(model, per_channel), reader, profile, per_channel, exclude)
+    out = _int8(unique_node_names(_opset_for_qdq(model, per_channel)), reader, profile,
+                per_channel, exclude)
     _check(out, "the int8 QDQ model")
     return QuantizeResult(out, "int8", profile, per_channel, len(reader), source,
                           _quantized_nodes(out), _op_counts(out))

@@ -258,3 +258,17 @@ def test_int8_of_an_ir3_model_whose_initializers_are_inputs() -> None:
     result = quantize_onnx(old, "int8", calibration=calibration_batches(old, samples))
     onnx.checker.check_model(result.model, full_check=True)
     assert _relative_error(old, result.model, samples) < 0.1
+
+
+def test_int8_of_a_model_with_repeated_node_names(resnet) -> None:
+    """ONNX allows two nodes of one name; ONNX Runtime refuses to load such a model, which
+    failed inside the quantizer's calibration. The names are made unique on a copy."""
+    model = onnx.ModelProto()
+    model.CopyFrom(resnet)
+    for node in model.graph.node:
+        node.name = "node"
+    samples = _samples(model, 2)
+    result = quantize_onnx(model, "int8", calibration=calibration_batches(model, samples))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert len({n.name for n in result.model.graph.node}) == len(result.model.graph.node)
+    assert {n.name for n in model.graph.node} == {"node"}  # the input is left alone
