@@ -256,6 +256,8 @@ def _default_feeds(model: Any, input_shapes: Mapping[str, Sequence[int]] | None
                    ) -> dict[str, np.ndarray]:
     import onnx
 
+    from secateurs.passes.quantize import random_integers
+
     rng = np.random.default_rng(0)
     feeds = {}
     for inp in _graph_inputs(model):
@@ -270,7 +272,8 @@ def _default_feeds(model: Any, input_shapes: Mapping[str, Sequence[int]] | None
         shape = [d or 1 for d in dims]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[inp.name] = (rng.standard_normal(shape).astype(dtype)
-                           if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
+                           if np.issubdtype(dtype, np.floating)
+                           else random_integers(model, inp.name, shape, dtype, rng))
     return feeds
 
 

@@ -179,9 +179,25 @@ def _random_batches(model: onnx.ModelProto, n: int, seed: int = 0) -> list[dict[
             if np.issubdtype(dtype, np.floating):
                 feed[name] = rng.standard_normal(shape).astype(dtype)
             else:
-                feed[name] = np.zeros(shape, dtype=dtype)
+                feed[name] = random_integers(model, name, shape, dtype, rng)
         batches.append(feed)
     return batches
+
+
+def random_integers(model: onnx.ModelProto, name: str, shape: Sequence[int], dtype: Any,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Random values for integer input ``name``: token ids below the smallest table a
+    ``Gather`` reads with them (an embedding's rows), else 0 or 1 (a mask). Zeros, as these
+    once were, make an embedding model's output a constant: calibrated on them, an INT8 text
+    classifier came out answering the same for every input, and the check, on zeros too,
+    saw no difference."""
+    inits = {t.name: t for t in model.graph.initializer}
+    rows = [int(inits[n.input[0]].dims[int(next((a.i for a in n.attribute if a.name == "axis"),
+                                                0))])
+            for n in model.graph.node if n.op_type == "Gather" and len(n.input) > 1
+            and n.input[1] == name and n.input[0] in inits]
+    high = min(rows) if rows else 2
+    return rng.integers(0, max(high, 1), size=list(shape)).astype(dtype)
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
