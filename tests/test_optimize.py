@@ -131,6 +131,8 @@ def test_target_macs_on_onnx(resnet_onnx) -> None:
     ({"quantize": "fp16", "calibration": {"x": np.zeros((1, 3, 32, 32), np.float32)}},
      "only used by quantize='int8'"),
     ({"threads": 0}, "threads must be a positive integer"),
+    # a misspelt input name was ignored, and the run went on at other shapes
+    ({"prune": 0.5, "input_shapes": {"wrong": [1, 3, 32, 32]}}, "does not take as inputs"),
 ])
 def test_bad_options_fail_before_any_work(resnet_onnx, kwargs, message) -> None:
     with pytest.raises(InputError, match=message):

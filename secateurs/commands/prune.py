@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="loss for taylor/fisher: cross_entropy (default with labels), mse, "
                    "or path/to/file.py:fn with fn(output, labels) -> scalar")
     p.add_argument("--round-to", type=int, default=None,
-                   help="keep widths multiples of this (8/16 for tensor cores and SIMD; ONNX "
-                   "output defaults to 16, the ONNX Runtime CPU conv block measured here)")
+                   help="keep widths multiples of this (8/16 for tensor cores and SIMD); an "
+                   "ONNX model defaults to widths per op kind for ONNX Runtime's CPU kernels "
+                   "(narrow groups stay whole); 1 removes units one at a time")
     p.add_argument("--global", dest="global_pruning", action="store_true",
                    help="rank units across groups instead of within each group")
     p.add_argument("--allow-lossy", action="store_true",

@@ -260,6 +260,10 @@ def _default_feeds(model: Any, input_shapes: Mapping[str, Sequence[int]] | None
 
     rng = np.random.default_rng(0)
     feeds = {}
+    unknown = sorted(set(input_shapes or ()) - {i.name for i in _graph_inputs(model)})
+    if unknown:
+        raise InputError(f"input_shapes names {unknown}, which the model does not take as "
+                         f"inputs; its inputs: {[i.name for i in _graph_inputs(model)]}")
     for inp in _graph_inputs(model):
         tt = inp.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
