@@ -586,14 +586,14 @@ def expert_reference(model: nn.Module, plan: Plan) -> nn.Module:
     return ref
 
 
-def _router_weight(router: nn.Module, e: int) -> tuple[str, torch.Tensor] | None:
-    """The router's ``[E, H]`` weight, its own or its one Linear child's (HunYuan-MoE's
-    ``gate.wg``), with its name in the router."""
+def _router_weight(router: nn.Module, e: int | None = None) -> tuple[str, torch.Tensor] | None:
+    """The router's ``[E, H]`` weight (``E`` experts where given), its own or its one Linear
+    child's (HunYuan-MoE's ``gate.wg``), with its name in the router."""
     own = getattr(router, "weight", None)
     if isinstance(own, torch.Tensor):
-        return ("weight", own) if own.dim() == 2 and own.shape[0] == e else None
+        return ("weight", own) if own.dim() == 2 and e in (None, own.shape[0]) else None
     kids = [(n, c) for n, c in router.named_children() if isinstance(c, nn.Linear)]
-    if len(kids) == 1 and kids[0][1].weight.shape[0] == e:
+    if len(kids) == 1 and e in (None, kids[0][1].weight.shape[0]):
         return f"{kids[0][0]}.weight", kids[0][1].weight
     return None
 
@@ -605,9 +605,9 @@ def _per_expert(t: torch.Tensor, e: int) -> bool:
 
 
 def _mask_router(router: nn.Module, idx: list[int]) -> None:
-    own = getattr(router, "weight", None)
-    e = int((own if isinstance(own, torch.Tensor) else next(
-        c.weight for c in router.children() if isinstance(c, nn.Linear))).shape[0])
+    found = _router_weight(router)
+    assert found is not None, "moe_blocks found this router by its weight"
+    e = int(found[1].shape[0])
     with torch.no_grad():
         for n, t in list(router.named_buffers()) + list(router.named_parameters()):
             if n.endswith("correction_bias") and _per_expert(t, e):

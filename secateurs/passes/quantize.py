@@ -307,6 +307,8 @@ def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> onnx.ModelProto
         converted.ir_version = max(converted.ir_version, 7)
         onnx.checker.check_model(converted)
     except Exception as exc:  # noqa: BLE001 - the converter's own message says which op
+        from secateurs.graph.fx_trace import _first_line
+
         why = "per-channel weights: DequantizeLinear's axis" if per_channel else \
             "QuantizeLinear"
         raise InputError(
@@ -337,11 +339,6 @@ def unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
         node.name = f"{node.name}_{k}"
         seen.add(node.name)
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def _fp16(model: onnx.ModelProto, exclude: Iterable[str]) -> onnx.ModelProto:
