@@ -64,7 +64,7 @@ from secateurs.hf.moe import (
 )
 from secateurs.hf.net import HFNet, describe_group
 from secateurs.hf.rotary import check_head_dim_pruning
-from secateurs.hf.select import fit_ratio, macs, select_hf
+from secateurs.hf.select import fit_ratio, macs, pruned_shapes, select_hf
 from secateurs.passes.calibration import call_batch
 from secateurs.passes.cost import SizeRatios, node_macs
 from secateurs.passes.importance import CRITERIA, ScoreContext, normalize
@@ -543,7 +543,7 @@ def _expert_macs_change(analysis: Any, removed: dict[int, np.ndarray],
     e0, e1 = moe.get("experts", (0, 0))
     blocks = tuple(f"{b}." for b in moe.get("blocks", ()))
     graph = analysis.graph
-    gone = analysis.removed_atoms(removed)
+    after_shape = pruned_shapes(analysis, removed)
     change = 0
     for node in graph.nodes:
         if node.op == "grouped_mm" and i0:
@@ -556,9 +556,7 @@ def _expert_macs_change(analysis: Any, removed: dict[int, np.ndarray],
         else:
             continue
         before = node_macs(node, lambda v: graph.values[v].shape)
-        after = node_macs(node, lambda v: analysis.new_shape(v, gone)
-                          if v in analysis.labels else graph.values[v].shape)
-        change += round(before * kept) - after
+        change += round(before * kept) - node_macs(node, after_shape)
     return change
 
 

@@ -116,10 +116,8 @@ def fit_ratio(hfa: HFAnalysis, scores: dict[int, np.ndarray], ratios: dict[str, 
         removed, _ = select_hf(hfa, scores, chosen, **select_kw)
         before, after = macs(analysis, removed)
         if routed:
-            gone = analysis.removed_atoms(removed)
-            counted = sum(node_macs(n, lambda v: analysis.new_shape(v, gone)
-                                    if v in analysis.labels else graph.values[v].shape)
-                          for n in routed)
+            after_shape = pruned_shapes(analysis, removed)
+            counted = sum(node_macs(n, after_shape) for n in routed)
             after += round(experts * (1.0 - chosen.get("mlp", 0.0))) - counted
         return after / max(before, 1)
 
@@ -137,11 +135,18 @@ def fit_ratio(hfa: HFAnalysis, scores: dict[int, np.ndarray], ratios: dict[str, 
 
 
 
-def macs(analysis: Analysis, removed: dict[int, np.ndarray]) -> tuple[int, int]:
+def pruned_shapes(analysis: Analysis, removed: dict[int, np.ndarray]):
+    """The shape of every value of the analysis' graph once ``removed`` is gone."""
     graph = analysis.graph
     gone = analysis.removed_atoms(removed)
 
     def after(v: str):
         return analysis.new_shape(v, gone) if v in analysis.labels else graph.values[v].shape
 
-    return count_macs(graph, lambda v: graph.values[v].shape), count_macs(graph, after)
+    return after
+
+
+def macs(analysis: Analysis, removed: dict[int, np.ndarray]) -> tuple[int, int]:
+    graph = analysis.graph
+    return (count_macs(graph, lambda v: graph.values[v].shape),
+            count_macs(graph, pruned_shapes(analysis, removed)))
