@@ -226,6 +226,39 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its float ``Constant`` nodes of more than one element (weights some
+    exporters write as nodes) as initializers, on a copy: the same graph, and the quantizers
+    see them as weights (``onnxruntime.quantization`` quantizes initializers only: a weight
+    held in a node would be calibrated as an activation, per tensor)."""
+    def weight(node: onnx.NodeProto) -> bool:
+        return (node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+                and len(node.attribute) == 1 and node.attribute[0].name == "value"
+                and node.attribute[0].t.data_type in _FLOATS
+                and int(np.prod(node.attribute[0].t.dims)) > 1)
+
+    if not any(weight(n) for n in model.graph.node):
+        return model
+    out = _copy(model)
+    keep = []
+    for node in out.graph.node:
+        if weight(node):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            out.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    out.ir_version = max(out.ir_version, 4)  # initializers need not be graph inputs
+    return out
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+           onnx.TensorProto.DOUBLE)
+
+
 def _check_float(model: onnx.ModelProto) -> None:
     if not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer):
         raise InputError("the model has no float32 weights to quantize (already quantized or "
@@ -277,14 +310,74 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
             if foreign:
                 raise SecateursError(f"quantization's preparation emitted ops of domain(s) "
                                      f"{foreign}; expected plain ONNX")
+            prepared_model, kept_float = _around_quantizer_bugs(prepared_model, per_channel)
             quantize_static(
                 prepared_model, str(out), reader, quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=list(exclude) or None,
+                nodes_to_exclude=list(exclude) + kept_float or None,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+        if kept_float:  # after _quiet_libraries, which raises the root logger's level
+            log.warning("int8: %d node(s) kept in float, which ONNX Runtime's quantizer would "
+                        "get wrong (a grouped ConvTranspose with a bias, or a Gemm whose "
+                        "alpha/beta scale a tensor that is not its own constant): %s",
+                        len(kept_float), ", ".join(kept_float[:5]))
         return onnx.load(str(out))
+
+
+def _around_quantizer_bugs(model: onnx.ModelProto, per_channel: bool
+                           ) -> tuple[onnx.ModelProto, list[str]]:
+    """The prepared graph, rewritten (exactly) where ``onnxruntime.quantization`` 1.2x-1.3x
+    fails with an internal error, and the nodes it must leave in float:
+
+    * a ``Gemm`` bias ``C`` of shape ``[1, N]`` (scikit-learn's and onnxmltools' MLPs; also
+      ``MatMul -> Add`` that the preparation fused) makes the int32-bias scale check compare
+      a row with a scalar ("truth value of an array ... is ambiguous"). ``C`` is written as
+      ``[N]``: Gemm's output is ``[M, N]``, so both broadcast alike;
+    * a ``Gemm`` with ``alpha`` or ``beta`` other than 1 (onnxmltools, Keras converters)
+      comes out of the quantizer silently wrong (an MLP with alpha 0.5, beta 2: 38% relative
+      error, 0.4% with the factors folded). The factors are folded into the constant ``B`` /
+      ``C`` they scale (one float multiplication per weight); a node whose scaled operand is
+      not a constant read by it alone stays float (logged);
+    * a grouped ``ConvTranspose`` with a bias, per channel: its weight's channel axis holds
+      ``C_out / group`` channels, the bias ``C_out``, and the bias quantization fails to
+      broadcast them. Such a node stays float (logged).
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    readers = collections.Counter(i for n in model.graph.node for i in n.input)
+    outputs = {o.name for o in model.graph.output}
+
+    def own_constant(name: str) -> bool:
+        return name in inits and readers[name] == 1 and name not in outputs
+
+    kept_float: list[str] = []
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            attrs = {a.name: a for a in node.attribute}
+            for key, index in (("alpha", 1), ("beta", 2)):
+                if key not in attrs or attrs[key].f == 1.0 or len(node.input) <= index \
+                        or not node.input[index]:
+                    continue
+                if not own_constant(node.input[index]):
+                    kept_float.append(node.name)
+                    break
+                tensor = inits[node.input[index]]
+                scaled = numpy_helper.to_array(tensor) * np.float32(attrs[key].f)
+                tensor.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), tensor.name))
+                attrs[key].f = 1.0
+            if len(node.input) > 2 and own_constant(node.input[2]):
+                bias = inits[node.input[2]]
+                if len(bias.dims) == 2 and bias.dims[0] == 1:
+                    bias.dims[:] = [bias.dims[1]]  # the same values, row-major: only the dims
+        elif node.op_type == "ConvTranspose" and per_channel and len(node.input) > 2 \
+                and node.input[2]:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:
+                kept_float.append(node.name)
+    return model, kept_float
 
 
 def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> onnx.ModelProto:
@@ -398,6 +491,7 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
         raise InputError(f"int8 profile must be one of {PROFILES}, got {profile!r}")
     if not isinstance(model, onnx.ModelProto):
         raise InputError(f"quantize_onnx takes an onnx.ModelProto, got {type(model).__name__}")
+    model = constants_as_initializers(model)
     _check_float(model)
     names = {n.name for n in model.graph.node}
     unknown = sorted(set(exclude) - names)

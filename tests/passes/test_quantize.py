@@ -300,3 +300,91 @@ def test_random_calibration_of_a_text_model_draws_token_ids() -> None:
     assert set(np.unique(masks)) == {0, 1}  # read by no table: 0 or 1
     feeds = _default_feeds(model, None)
     assert feeds["ids"].dtype == np.int64 and len(np.unique(feeds["ids"])) > 1
+
+
+def _mlp(gemm_attrs: dict, bias_shape: tuple[int, ...], matmul_add: bool = False,
+         constant_nodes: bool = False) -> onnx.ModelProto:
+    """A two-layer MLP as scikit-learn / onnxmltools write it: Gemm (or MatMul -> Add) with
+    a ``[1, N]`` bias, optionally alpha/beta, optionally weights in Constant nodes."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    dims = [8, 32, 4]
+    nodes, inits, x = [], [], "x"
+    for i in range(2):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) * 0.4).astype(np.float32)
+        b = (rng.standard_normal(bias_shape[:-1] + (dims[i + 1],)) * 0.2).astype(np.float32)
+        for name, value in ((f"w{i}", w), (f"b{i}", b)):
+            if constant_nodes:
+                nodes.append(helper.make_node("Constant", [], [name],
+                                              value=numpy_helper.from_array(value, name)))
+            else:
+                inits.append(numpy_helper.from_array(value, name))
+        if matmul_add:
+            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                      helper.make_node("Add", [f"m{i}", f"b{i}"], [f"h{i}"])]
+        else:
+            nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"],
+                                          **gemm_attrs))
+        x = f"h{i}"
+        if i == 0:
+            nodes.append(helper.make_node("Tanh", [x], ["t0"]))
+            x = "t0"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [None, 8])], [helper.make_tensor_value_info(
+            x, TensorProto.FLOAT, [None, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("kind", ["alpha_beta", "row_bias_gemm", "row_bias_matmul_add",
+                                  "constant_nodes"])
+def test_int8_of_converter_mlps(kind) -> None:
+    """Converter idioms ORT's quantizer got wrong or crashed on (CLI sweep of session 11):
+    a Gemm with alpha/beta came out silently wrong (38% relative error on an onnxmltools MLP:
+    the factors are folded into its weights first); a ``[1, N]`` Gemm bias (also MatMul ->
+    Add, which the preparation fuses into Gemm) raised "truth value of an array ... is
+    ambiguous"; weights in Constant nodes were "no float32 weights"."""
+    model = {"alpha_beta": lambda: _mlp({"alpha": 0.5, "beta": 2.0}, (0,)),
+             "row_bias_gemm": lambda: _mlp({}, (1, 0)),
+             "row_bias_matmul_add": lambda: _mlp({}, (1, 0), matmul_add=True),
+             "constant_nodes": lambda: _mlp({}, (0,), constant_nodes=True)}[kind]()
+    before = model.SerializeToString()
+    rng = np.random.default_rng(4)
+    samples = {"x": rng.standard_normal((64, 8)).astype(np.float32)}
+    result = quantize_onnx(model, "int8", calibration=calibration_batches(model, samples))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert model.SerializeToString() == before  # the input is left alone
+    quantized_weights = {n.input[0] for n in result.model.graph.node
+                         if n.op_type == "DequantizeLinear"
+                         and n.input[0] in {t.name for t in result.model.graph.initializer}
+                         and n.input[0].startswith("w")}
+    assert len(quantized_weights) == 2, quantized_weights  # both weights int8, per channel
+    feeds = {"x": samples["x"][:16]}
+    ref, got = _run(model, feeds), _run(result.model, feeds)
+    assert np.linalg.norm(ref - got) / np.linalg.norm(ref) < 0.05
+
+
+def test_int8_keeps_a_grouped_conv_transpose_with_bias_in_float(caplog) -> None:
+    """Per channel, a grouped ConvTranspose's weight axis holds C_out / group channels and its
+    bias C_out: ORT's bias quantization failed "operands could not be broadcast" (a style
+    transfer net of the sweep). The node stays float; the rest is quantized."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 4, 3, 3)), ("wt", (8, 4, 2, 2)), ("bt", (8,)))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("ConvTranspose", ["r", "wt", "bt"], ["y"], name="up", group=2,
+                          kernel_shape=[2, 2], strides=[2, 2])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    samples = {"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)}
+    with caplog.at_level("WARNING"):
+        result = quantize_onnx(model, "int8", calibration=calibration_batches(model, samples))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert "up" in caplog.text and "kept in float" in caplog.text
+    assert "up" not in result.quantized_nodes and result.quantized_nodes  # the Conv is int8
+    assert _relative_error(model, result.model, samples) < 0.1
