@@ -36,8 +36,9 @@ def calibration() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def composed(resnet_onnx, calibration):
+    # round_to 16: the zoo's narrow widths stay whole under the default per-op-kind widths
     return optimize(resnet_onnx, prune=0.5, sparsify="2:4", quantize="int8",
-                    calibration=calibration, measure=False)
+                    calibration=calibration, round_to=16, measure=False)
 
 
 def _files(directory) -> list[str]:
@@ -183,8 +184,8 @@ def test_failed_save_commits_nothing(resnet_onnx, tmp_path, monkeypatch) -> None
     monkeypatch.setattr(pipeline, "render_plot", broken)
     (tmp_path / "keep.json").write_text("{}")
     with pytest.raises(SecateursError, match="stage 'save' failed"):
-        optimize(resnet_onnx, output=tmp_path / "out.onnx", report=tmp_path / "keep.json",
-                 plot=tmp_path / "p.png", measure=False)
+        optimize(resnet_onnx, sparsify="2:4", output=tmp_path / "out.onnx",
+                 report=tmp_path / "keep.json", plot=tmp_path / "p.png", measure=False)
     assert _files(tmp_path) == ["keep.json"] and (tmp_path / "keep.json").read_text() == "{}"
 
 
@@ -271,3 +272,68 @@ def test_measure_times_the_final_model_without_skip_layer_norm_fusion(post) -> N
     assert ("disabled_optimizers=['SkipLayerNormFusion']" in result.table()) == skip["disable"]
     assert json.loads(json.dumps(result.to_dict(), default=str))["stages"][-1]["details"][
         "skip_layer_norm"]["fused_ms"] == skip["fused_ms"]
+
+
+def test_no_stage_and_nothing_removed_are_errors(resnet_onnx, tmp_path) -> None:
+    """``optimize`` without a stage wrote a copy of its input, and a prune that removed
+    nothing exited 0 and wrote the model, where ``secateurs prune`` refuses both."""
+    out = tmp_path / "o.onnx"
+    with pytest.raises(InputError, match="no stage to run.*secateurs bench"):
+        optimize(resnet_onnx, output=out, measure=False)
+    # at 5% every group of the small zoo ResNet rounds back to its whole width
+    with pytest.raises(InputError, match=r"prune at prune=0.05 removes nothing.*"
+                       r"secateurs inspect.*round_to=1"):
+        optimize(resnet_onnx, prune=0.05, output=out, measure=False)
+    with pytest.raises(InputError, match="removes nothing.*secateurs analyze"):
+        optimize(zoo.get("resnet").build(), zoo.get("resnet").example_inputs(), prune=0.05,
+                 output=out, measure=False)
+    assert _files(tmp_path) == []
+    assert main(["optimize", resnet_onnx, "-o", str(out), "--no-measure"]) == 2
+
+
+def test_default_widths_agree_with_prune_onnx(resnet_onnx) -> None:
+    """``optimize --prune`` rounded every width to 16 while ``prune_onnx`` (and ``secateurs
+    prune`` on ONNX) chose widths per op kind: the same ratio made two different models (on
+    a Model Zoo ResNet 27% vs 57% of the MACs kept). Both now default to ``"auto"``; a torch
+    model gets the same widths policy through ``prune(round_to="auto")``."""
+    from secateurs.passes.prune_onnx import prune_onnx
+
+    got = optimize(resnet_onnx, prune=0.5, measure=False)
+    ref = prune_onnx(resnet_onnx, ratio=0.5)
+    assert got.models["prune"].SerializeToString() == ref.model.SerializeToString()
+    entry = zoo.get("resnet")
+    auto = secateurs.prune(entry.build(), entry.example_inputs(), 0.5, round_to="auto")
+    via = optimize(entry.build(), entry.example_inputs(), prune=0.5, measure=False)
+    assert via.stage("prune").details["macs_kept"] == pytest.approx(auto.report.macs_kept)
+    plain = secateurs.prune(entry.build(), entry.example_inputs(), 0.5)
+    assert auto.report.macs_kept > plain.report.macs_kept  # narrow conv groups stay whole
+    with pytest.raises(InputError, match="positive integer or 'auto'"):
+        secateurs.prune(entry.build(), entry.example_inputs(), 0.5, round_to="16")
+
+
+def test_classifier_with_zipmap_output(tmp_path) -> None:
+    """scikit-learn classifiers end in ``ZipMap`` (a sequence of maps); optimize's own check
+    failed on it ("float() argument ... 'dict'") although ``verify_onnx`` compared it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), n)
+             for n, s in (("w0", (4, 32)), ("b0", (32,)), ("w1", (32, 3)), ("b1", (3,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["m0"]),
+             helper.make_node("Add", ["m0", "b0"], ["a0"]),
+             helper.make_node("Relu", ["a0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "w1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Softmax", ["a1"], ["probabilities"], axis=1),
+             helper.make_node("ZipMap", ["probabilities"], ["output_probability"],
+                              domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2])]
+    maps = helper.make_sequence_type_proto(helper.make_map_type_proto(
+        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
+    graph = helper.make_graph(nodes, "skl", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [5, 4])], [helper.make_value_info("output_probability", maps)],
+        inits)
+    model = helper.make_model(graph, ir_version=8, opset_imports=[
+        helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    result = optimize(model, prune=0.5, round_to=1, measure=False)
+    assert result.stage("prune").details["mask_equivalent"] is True
+    assert 0 < result.stage("prune").max_abs_diff < 1  # probabilities, compared as rows

@@ -45,7 +45,9 @@ def register(subparsers: Any) -> None:
                    help="int8 calibration inputs: one array per model input, samples on dim 0")
     p.add_argument("--importance", default="l2", help="pruning criterion (default l2)")
     p.add_argument("--round-to", type=int, default=None,
-                   help="keep pruned widths multiples of this (default 16)")
+                   help="keep pruned widths multiples of this (default: widths per op kind "
+                   "for ONNX Runtime's CPU kernels, narrow groups whole, as 'secateurs prune' "
+                   "on an ONNX model; 1 removes units one at a time)")
     p.add_argument("--input-shape", action="append", metavar="[NAME=]SHAPE",
                    help="input shape, e.g. 1,3,224,224 (torch specs) or x=1,3,224,224 (ONNX "
                    "with symbolic dims)")

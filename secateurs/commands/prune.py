@@ -189,9 +189,10 @@ def _check_something_removed(result: object, args: argparse.Namespace) -> None:
         widths = "" if args.round_to is not None or not str(args.model).endswith(".onnx") \
             else ("; on an ONNX model groups narrower than ONNX Runtime's kernel widths stay "
                   "whole by default: --round-to 1 removes units one at a time")
+        see = "inspect" if str(args.model).endswith(".onnx") else "analyze"
         raise InputError(f"nothing to prune in '{args.model}' at {at}: every "
                          "channel group is pinned, ignored or too small to lose a unit "
-                         f"(see 'secateurs analyze'){widths}; nothing was written")
+                         f"(see 'secateurs {see}'){widths}; nothing was written")
 
 
 def _score_context(args: argparse.Namespace, model: object, example: tuple) -> object:

@@ -206,23 +206,41 @@ def _session(model: Any, threads: int = 1) -> Any:
 
 
 def _run(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(o) for o in _session(model).run(None, dict(feeds))]
+    from secateurs.passes.prune_onnx import _as_array
+
+    # a sequence of maps (scikit-learn's ZipMap) as one row of values per map
+    return [_as_array(o) for o in _session(model).run(None, dict(feeds))]
+
+
+def _numeric_pairs(a: Sequence[np.ndarray], b: Sequence[np.ndarray]
+                   ) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The numeric outputs paired as float64; ``None`` where the outputs do not match in
+    number or shape, or a non-numeric one (labels as strings) differs."""
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        return None
+    pairs = []
+    for x, y in zip(a, b):
+        if x.dtype.kind in "biuf" and y.dtype.kind in "biuf":
+            pairs.append((x.astype(np.float64), y.astype(np.float64)))
+        elif not np.array_equal(x, y):
+            return None
+    return pairs
 
 
 def _max_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    pairs = _numeric_pairs(a, b)
+    if pairs is None:
         return float("inf")
-    return max((float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
-                for x, y in zip(a, b) if x.size), default=0.0)
+    return max((float(np.abs(x - y).max()) for x, y in pairs if x.size), default=0.0)
 
 
 def _relative_l2(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
-    """``||ref - got|| / ||ref||`` over all float outputs together."""
-    if len(ref) != len(got) or any(x.shape != y.shape for x, y in zip(ref, got)):
+    """``||ref - got|| / ||ref||`` over all numeric outputs together."""
+    pairs = _numeric_pairs(ref, got)
+    if pairs is None:
         return float("inf")
-    num = sum(float(np.sum((x.astype(np.float64) - y.astype(np.float64)) ** 2))
-              for x, y in zip(ref, got))
-    den = sum(float(np.sum(x.astype(np.float64) ** 2)) for x in ref)
+    num = sum(float(np.sum((x - y) ** 2)) for x, y in pairs)
+    den = sum(float(np.sum(x ** 2)) for x, _ in pairs)
     return float(np.sqrt(num / den)) if den else float(np.sqrt(num))
 
 
@@ -337,9 +355,24 @@ def _prune_torch(state: _State) -> None:
     if result.report.exact is False:
         raise SecateursError(f"pruned model is not mask-equivalent to the input (max |diff| "
                              f"{result.report.max_abs_diff:.3g}); please report this model")
+    _check_something_removed(result.plan, opts, "secateurs analyze")
     model = _export_model(result.model, state.example_inputs)
     _record(state, "prune", model, _prune_details(result.report),
             _count_macs(model, state.feeds))
+
+
+def _check_something_removed(plan: Any, opts: Mapping[str, Any], analyze: str) -> None:
+    """A prune stage that removes nothing is an error, as in ``secateurs prune``: the user
+    asked for a smaller model, and a copy of the input is not one."""
+    if plan.removed:
+        return
+    at = next(f"{k}={opts[k]}" for k in ("prune", "target_macs", "target_latency")
+              if opts[k] is not None)
+    widths = ("; groups narrower than ONNX Runtime's kernel widths stay whole with "
+              "round_to='auto' (the default): round_to=1 (--round-to 1) removes units one at "
+              "a time") if opts["round_to"] == "auto" else ""
+    raise InputError(f"prune at {at} removes nothing: every channel group is pinned or too "
+                     f"small to lose a unit (see '{analyze}'){widths}; nothing was written")
 
 
 def _prune_details(report: Any) -> dict[str, Any]:
@@ -352,11 +385,9 @@ def _prune_onnx_at(state: _State, ratio: float | None,
     from secateurs.passes.prune_onnx import prune_onnx
 
     opts = state.options
-    kwargs: dict[str, Any] = {"importance": opts["importance"],
-                              "input_shapes": {k: list(v.shape) for k, v in state.feeds.items()}}
-    if opts["round_to"] is not None:
-        kwargs["round_to"] = opts["round_to"]
-    return prune_onnx(state.model, ratio=ratio, target_latency=target_latency, **kwargs)
+    return prune_onnx(state.model, ratio=ratio, target_latency=target_latency,
+                      importance=opts["importance"], round_to=opts["round_to"],
+                      input_shapes={k: list(v.shape) for k, v in state.feeds.items()})
 
 
 def _prune_onnx(state: _State) -> None:
@@ -367,6 +398,7 @@ def _prune_onnx(state: _State) -> None:
         result = _prune_onnx_at(state, state.options["prune"])
     else:
         result = _bisect_onnx(state, target)
+    _check_something_removed(result.plan, state.options, "secateurs inspect")
     state.progress(f"prune: checking mask-equivalence in ONNX Runtime "
                    f"(MACs kept {result.report.macs_kept:.1%})")
     from secateurs.passes.prune_onnx import _feeds, verify_onnx
@@ -589,7 +621,7 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
              target_macs: float | None = None, target_latency: float | None = None,
              sparsify: str | None = None,
              quantize: str | None = None, calibration: Any = None, profile: str = "ort",
-             importance: str = "l2", round_to: int | None = None,
+             importance: str = "l2", round_to: int | str | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None,
              output: str | os.PathLike[str] | None = None,
              report: str | os.PathLike[str] | None = None,
@@ -606,8 +638,9 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     ``passes.quantize``) or ``"fp16"``. ``calibration``: int8 calibration inputs, a mapping
     input name -> array with samples along dim 0, a list of feed dicts, or an ``.npz`` path;
     default: the example inputs (torch) or random inputs (ONNX), with a warning.
-    ``round_to``: default 16 (``ORT_ROUND_TO``: ORT's CPU conv block, a multiple of 8 for
-    tensor cores), for torch and ONNX input alike. ``output`` /
+    ``round_to``: default ``"auto"`` (widths per op kind for ONNX Runtime's CPU kernels,
+    ``passes/kernel_widths.py``: what ``prune_onnx`` and ``secateurs prune`` on an ONNX file
+    do), for torch and ONNX input alike; an integer is applied as given. ``output`` /
     ``report`` / ``plot``: written only after every stage passed. ``measure``: time every
     stage's model in ORT CPU (``threads``, ``repeats`` interleaved runs, median).
     ``progress``: receives one line per stage. With ONNX input and ``calibration``, the
@@ -632,10 +665,13 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     if isinstance(calibration, (str, os.PathLike)):
         inputs.append(calibration)
     paths = check_output_paths({"output": output, "report": report, "plot": plot}, inputs)
+    if all(opts[k] is None for k in ("prune", "target_macs", "target_latency", "sparsify",
+                                     "quantize")):
+        raise InputError("optimize has no stage to run: give prune (--prune RATIO), "
+                         "target_macs, target_latency, sparsify or quantize; 'secateurs bench' "
+                         "measures a model as it is")
     if round_to is None:
-        from secateurs.passes.prune_onnx import ORT_ROUND_TO
-
-        opts["round_to"] = ORT_ROUND_TO  # the output is ONNX, whatever the input
+        opts["round_to"] = "auto"  # the output is ONNX, whatever the input
     say = progress or (lambda _line: None)
     state = _State(model, example_inputs, opts, say)
     if is_torch:

@@ -192,15 +192,16 @@ def _plain(group: ChannelGroup) -> bool:
 
 
 def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: float,
-                 round_to: int | Callable[[ChannelGroup, int], int] | None = None,
+                 round_to: int | str | Callable[[ChannelGroup, int], int] | None = None,
                  global_pruning: bool = False,
                  allow_lossy: bool = False, skip: set[int] | None = None,
                  ratios: Mapping[int, float] | None = None,
                  min_units: int = 1,
                  target_latency: float | None = None) -> dict[int, np.ndarray]:
     """Choose the units to remove, per group (or ranked globally). ``round_to``: one
-    multiple for every plain channel group, or a policy ``(group, keep) -> keep`` that rounds
-    any group it chooses to (``passes/kernel_widths.py``).
+    multiple for every plain channel group, a policy ``(group, keep) -> keep`` that rounds
+    any group it chooses to, or ``"auto"``: the policy for ONNX Runtime's CPU kernels
+    (``kernel_widths.ort_cpu_widths``, widths per op kind).
 
     Per group, ``ratio`` (or the group's entry in ``ratios``) is the fraction of its prunable
     width removed (units a rule pins, such as Falcon's key and value slots next to its query
@@ -213,6 +214,10 @@ def select_units(analysis: Analysis, scores: Mapping[int, np.ndarray], ratio: fl
     ``target_latency`` (a fraction of the dense model's estimated ONNX Runtime CPU latency)
     replaces ``ratio`` by the smallest one whose selection meets it (``passes/latency.py``)."""
     skip = skip or set()
+    if round_to == "auto":
+        from secateurs.passes.kernel_widths import ort_cpu_widths
+
+        round_to = ort_cpu_widths(analysis)
     eligible: dict[int, np.ndarray] = {}
     for g in analysis.groups:
         if g.id in skip or g.size < 2 or g.id not in scores:
@@ -536,7 +541,7 @@ def verify_mask_equivalence(original: nn.Module, pruned: nn.Module, plan: Plan,
 
 
 def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
-          importance: str | Criterion = "l2", round_to: int | None = None,
+          importance: str | Criterion = "l2", round_to: int | str | None = None,
           ignore: Iterable[Any] = (), global_pruning: bool = False, allow_lossy: bool = False,
           verify: bool = False, inplace: bool = False,
           ratios: Mapping[str, float] | None = None, reduction: str = "sum",
@@ -550,7 +555,9 @@ def prune(model: nn.Module, example_inputs: Any, ratio: float = 0.5,
     to. ``target_macs`` (a fraction of the dense MACs to keep) replaces ``ratio`` by the one
     that meets it (``schedule.prune_to_macs``); ``target_latency`` (a fraction of the dense
     model's estimated ONNX Runtime CPU latency) by the smallest one whose selection meets it
-    (``passes/latency.py``). The caller's model is not modified unless ``inplace=True``.
+    (``passes/latency.py``). ``round_to``: kept widths are multiples of it (default: as the
+    ratio falls), or ``"auto"``: widths per op kind for ONNX Runtime's CPU kernels, as
+    ``prune_onnx`` does by default. The caller's model is not modified unless ``inplace=True``.
     """
     check_target_latency(target_latency, target_macs=target_macs)
     if target_macs is not None:
@@ -585,11 +592,12 @@ def check_target_latency(target: float | None, **others: Any) -> None:
                          f"{', '.join(given)}")
 
 
-def _check_options(ratios: Mapping[str, float] | None, round_to: int | None) -> None:
+def _check_options(ratios: Mapping[str, float] | None, round_to: int | str | None) -> None:
     for name, r in (ratios or {}).items():
         _check_ratio(f"ratios[{name!r}]", r)
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise InputError(f"round_to must be a positive integer, got {round_to!r}")
+    if round_to is not None and round_to != "auto" and (
+            isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise InputError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
 
 
 @dataclass
@@ -653,7 +661,7 @@ def prepare(model: nn.Module, example_inputs: Any, importance: str | Criterion =
     return prep
 
 
-def finish(prep: Prepared, ratio: float, *, round_to: int | None = None,
+def finish(prep: Prepared, ratio: float, *, round_to: int | str | None = None,
            global_pruning: bool = False, allow_lossy: bool = False,
            ratios: Mapping[str, float] | None = None, min_units: int = 1,
            verify: bool = False, target_latency: float | None = None) -> PruneResult:
