@@ -1,7 +1,10 @@
 """Sparsify: rewrite weights to unstructured, N:M or block (BSR) sparsity.
 
 Which weights, along which axis
-    Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` weight is a candidate. Hardware reads
+    Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` weight is a candidate, and
+    transformers' ``Conv1D`` (GPT-2: weight ``[in, out]``, groups along dim 0). Weights tied to
+    another kind of module (an ``lm_head`` and its embedding), parametrized weights and matrix
+    parameters no layer holds (MoE experts' ``[E, ...]`` weights) are reported as skipped. Hardware reads
     N:M groups along the *reduction* axis, so groups of ``M`` run along ``in`` of a Linear
     weight ``[out, in]`` and along ``C`` of a Conv weight ``[K, C, R, S]`` for each
     ``(k, r, s)``. Internally a weight is viewed as a 2-D matrix whose columns run along the
@@ -28,11 +31,12 @@ writing the sparse block out and keeping only the activations between blocks in 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +44,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from secateurs.errors import InputError
 from secateurs.passes.calibration import BoundArgs, StopForward, call_batch, run_hooked
@@ -111,6 +116,27 @@ def is_block_sparse(weight: torch.Tensor, block: int, min_zero_blocks: float = 0
 # --------------------------------------------------------------------------- layer views
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT-2-style models): a linear layer whose weight is
+    stored ``[in, out]`` and applied as ``x @ W + b``, so it reduces along dim 0."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") \
+        and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+
+
+def reduction_axis(module: nn.Module) -> int:
+    """The axis of ``module.weight`` its forward reduces over (where N:M groups run)."""
+    return 0 if _is_hf_conv1d(module) else 1
+
+
+def _module_2d(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` of ``module`` as ``[out, reduction]`` (see :func:`weight_to_2d`)."""
+    return weight.t() if _is_hf_conv1d(module) else weight_to_2d(weight)
+
+
+def _module_from_2d(module: nn.Module, w2: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    return w2.t().contiguous() if _is_hf_conv1d(module) else weight_from_2d(w2, shape)
+
+
 def weight_to_2d(weight: torch.Tensor) -> torch.Tensor:
     """Linear ``[out, in]`` as is; Conv ``[K, C, *k]`` as ``[K, prod(k)·C]`` in channel-last order."""
     if weight.dim() == 2:
@@ -154,6 +180,8 @@ def _conv_columns(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tenso
 def _layer_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return x.reshape(-1, module.in_features)
+    if _is_hf_conv1d(module):
+        return x.reshape(-1, module.weight.shape[0])
     return _conv_columns(module, x)  # type: ignore[arg-type]
 
 
@@ -210,7 +238,7 @@ class SparsityReport:
 
     @property
     def model_sparsity(self) -> float:
-        """Zeros introduced over all the model's parameters."""
+        """Zeros of the sparsified weights over all the model's parameters."""
         return self.total_zeros / self.model_params if self.model_params else 0.0
 
     @property
@@ -433,8 +461,34 @@ def _one_row(sample: Any, row: int = 0) -> Any:
     return sample[pick]
 
 
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Calibrate a Hugging Face decoder without its KV cache (``config.use_cache``, on by
+    default in every checkpoint): with it, every forward and every block replay appended its
+    keys and values to the cache the layers' kwargs hold, so padded batches failed ("size of
+    tensor a (16) must match ... b (8)") and later blocks were calibrated on stale K/V."""
+    configs = {id(c): c for m in model.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
+def _stateful(value: Any) -> bool:
+    """A cache object (transformers' ``DynamicCache`` & co) among a block's arguments: state a
+    replay would mutate."""
+    return any("Cache" in t.__name__ for t in type(value).__mro__)
+
+
 def _verify_chain(chain: _Chain, calls: Mapping[str, int],
                   owners: Mapping[str, set[int | None]]) -> _Chain | None:
+    if any(_stateful(v) for bound, _ in chain.captured
+           for v in (*bound.args, *bound.kwargs.values())):
+        return None  # replaying the blocks would grow the cache: prefix runs instead
     for name in calls:  # every call of a layer happens inside its own block (or outside all)
         if owners[name] - {chain._index(name)}:
             return None
@@ -540,34 +594,92 @@ def _kind(module: nn.Module) -> str:
 
 def _skip_reason(name: str, module: nn.Module, pattern: Pattern, method: str, min_numel: int) -> str | None:
     kind = _kind(module)
+    if not isinstance(module._parameters.get("weight"), nn.Parameter) or \
+            parametrize.is_parametrized(module, "weight"):
+        return (f"{kind} '{name}' computes its weight (weight_norm / spectral_norm or another "
+                "parametrization): a sparse copy would be recomputed away; remove the "
+                "parametrization first (torch.nn.utils.parametrize.remove_parametrizations)")
     weight = module.weight
     if isinstance(module, nn.Conv3d):
         return f"Conv3d '{name}' is not supported"
     if weight.numel() < min_numel:
         return f"{kind} '{name}' has {weight.numel()} weights, below min_numel={min_numel}"
-    is_conv = not isinstance(module, nn.Linear)
+    is_conv = not isinstance(module, nn.Linear) and not _is_hf_conv1d(module)
     if is_conv and module.groups != 1 and (pattern.kind != "unstructured" or method != "magnitude"):
         return f"Conv '{name}' has groups={module.groups} (grouped/depthwise): {pattern} along C does not apply"
     if pattern.kind == "nm":
-        size = weight.shape[1]
+        size = weight.shape[reduction_axis(module)]
         if size % pattern.m:
             dim = "C" if is_conv else "in_features"
-            return f"{'Conv' if is_conv else 'Linear'} '{name}' has {dim}={size}, not a multiple of {pattern.m}"
+            return f"{'Conv' if is_conv else kind} '{name}' has {dim}={size}, not a multiple of {pattern.m}"
     if pattern.kind == "bsr":
         if is_conv:
             return f"Conv '{name}': block sparsity applies to Linear layers only"
         b = pattern.block
         if weight.shape[0] % b or weight.shape[1] % b:
-            return f"Linear '{name}' has shape {tuple(weight.shape)}, not divisible into {b}x{b} blocks"
+            return f"{kind} '{name}' has shape {tuple(weight.shape)}, not divisible into {b}x{b} blocks"
     return None
 
 
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, _LAYER_TYPES) or _is_hf_conv1d(module)
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every module holding each parameter (a tied weight has several)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(
+                    (f"{name}.{pname}" if name else pname, module))
+    return owners
+
+
+def _tied_reason(name: str, module: nn.Module,
+                 owners: Mapping[int, list[tuple[str, nn.Module]]]) -> str | None:
+    """A weight tied to a module that is not a layer of the same kind (GPT-2's ``lm_head``
+    and its token embedding): sparsifying it would change the other use, unreported."""
+    param = module._parameters.get("weight")
+    others = [(n, m) for n, m in owners.get(id(param), []) if m is not module]
+    foreign = [(n, m) for n, m in others
+               if not _is_layer(m) or reduction_axis(m) != reduction_axis(module)]
+    if not foreign:
+        return None
+    other, owner = foreign[0]
+    return (f"{_kind(module)} '{name}' shares its weight with '{other}' ({type(owner).__name__}, "
+            "e.g. tied input embeddings): sparsifying it would zero that use too; untie the "
+            "weights first to sparsify it")
+
+
+def _dense_leftovers(model: nn.Module, prefix: str, handled: set[int]) -> list[SkippedLayer]:
+    """Matrix parameters no candidate layer holds (MoE experts' batched ``[E, ...]`` weights,
+    custom modules' ``weight``, RNN weights): listed as skipped, so the report says they stay
+    dense. Embedding tables, norms' vectors and ``[1, ...]`` tokens are not matrices of a GEMM."""
+    out, seen = [], set(handled)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        for pname, param in module._parameters.items():
+            if param is None or id(param) in seen or param.dim() < 2 or param.shape[0] < 2:
+                continue
+            seen.add(id(param))
+            what = ("batched expert weights (MoE) are not sparsified yet" if param.dim() == 3
+                    else "not an nn.Linear / Conv / Conv1D weight")
+            full = f"{prefix}{name}.{pname}" if name else f"{prefix}{pname}"
+            out.append(SkippedLayer(full, f"{type(module).__name__} parameter of shape "
+                                          f"{list(param.shape)}: {what}; left dense"))
+    return out
+
+
 def _resolve_ignore(model: nn.Module, ignore: Sequence[str]) -> set[str]:
-    modules = {name for name, _ in model.named_modules()}
-    params = {name for name, _ in model.named_parameters()}
+    modules = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    # a tied weight's second name too (lm_head.weight of GPT-2)
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     unknown = [x for x in ignore if x not in modules and x not in params]
     if unknown:
-        known = sorted(n for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES))[:8]
+        known = sorted(n for n, m in model.named_modules() if _is_layer(m))[:8]
         raise InputError(
             f"ignore names {unknown} not found in the model; give module or parameter names, e.g. {known}"
         )
@@ -653,7 +765,8 @@ class Sparsify:
             raise InputError(f"method={self.method!r} needs calibration=<iterable of model inputs>")
         ignore = _resolve_ignore(model, self.ignore)
         work = model if inplace else copy.deepcopy(model)
-        masks, layers, skipped = self._run(work, samples, pattern, ignore, prefix="")
+        with _no_kv_cache(work) if self.method != "magnitude" else contextlib.nullcontext():
+            masks, layers, skipped = self._run(work, samples, pattern, ignore, prefix="")
         report = SparsityReport(
             pattern=str(pattern), method=self.method, target_sparsity=self.target_sparsity,
             layers=tuple(layers), skipped=tuple(skipped),
@@ -671,19 +784,24 @@ class Sparsify:
         its layers are calibrated by one pass, as in the in-memory run of the whole chain."""
         candidates: dict[str, nn.Module] = {}
         skipped: list[SkippedLayer] = []
+        owners = _owners(model)
+        handled: set[int] = set()
         for name, module in model.named_modules():
-            if not isinstance(module, _LAYER_TYPES):
+            if not _is_layer(module):
                 continue
             full = (prefix + name).rstrip(".")
             pname = _param_name(prefix, name)
+            handled.update(id(p) for p in module.parameters())  # incl. a parametrization's
             if _ignored(full, ignore):
                 skipped.append(SkippedLayer(pname, "ignored by request"))
                 continue
-            reason = _skip_reason(full or "(root)", module, pattern, self.method, self.min_numel)
+            reason = _skip_reason(full or "(root)", module, pattern, self.method,
+                                  self.min_numel) or _tied_reason(full or "(root)", module, owners)
             if reason:
                 skipped.append(SkippedLayer(pname, reason))
                 continue
             candidates[name] = module
+        skipped += _dense_leftovers(model, prefix, handled)
 
         groups = [[name] for name in candidates]
         calls: dict[str, int] = {}
@@ -752,7 +870,7 @@ class Sparsify:
         for group in groups:
             if group[0] not in calls:
                 continue
-            acc = make(weight_to_2d(candidates[group[0]].weight).shape[1])
+            acc = make(_module_2d(candidates[group[0]], candidates[group[0]].weight).shape[1])
             accs.update({name: acc for name in group})
             hooked[group[0]] = candidates[group[0]]
         once = all(calls[name] == 1 for name in hooked)
@@ -770,7 +888,8 @@ class Sparsify:
         start = 0
         for name, scores in zip(names, flat):
             size = scores.numel()
-            out[name] = weight_to_2d(keep[start : start + size].reshape(candidates[name].weight.shape))
+            out[name] = _module_2d(candidates[name],
+                                   keep[start : start + size].reshape(candidates[name].weight.shape))
             start += size
         return out
 
@@ -779,7 +898,7 @@ class Sparsify:
         self, module: nn.Module, pattern: Pattern, global_keep: torch.Tensor | None, stats: Any
     ) -> torch.Tensor:
         weight = module.weight
-        w2 = weight_to_2d(weight.detach()).float()
+        w2 = _module_2d(module, weight.detach()).float()
         if global_keep is not None:
             keep2 = global_keep
             new2 = w2 * keep2
@@ -793,15 +912,15 @@ class Sparsify:
             opts = SparseGPTOptions(percdamp=self.percdamp, blocksize=self.obs_blocksize)
             new2, keep2 = sparsegpt_prune(w2, stats.hessian(), pattern, self.sparsity, opts)
         shape = tuple(weight.shape)
-        weight.copy_(weight_from_2d(new2, shape).to(weight.dtype))
-        return weight_from_2d(keep2.to(torch.bool), shape).cpu()
+        weight.copy_(_module_from_2d(module, new2, shape).to(weight.dtype))
+        return _module_from_2d(module, keep2.to(torch.bool), shape).cpu()
 
     @staticmethod
     def _layer_report(name: str, module: nn.Module, keep: torch.Tensor, pattern: Pattern) -> LayerSparsity:
         weight = module.weight.detach().cpu()
         zeros_where_masked = not bool(weight.ne(0).logical_and_(keep.logical_not()).any())
         if pattern.kind == "nm":
-            valid = is_nm_sparse(weight, pattern.n, pattern.m, axis=1)
+            valid = is_nm_sparse(weight, pattern.n, pattern.m, axis=reduction_axis(module))
         elif pattern.kind == "bsr":
             b = pattern.block
             keep_tiles = keep.reshape(keep.shape[0] // b, b, keep.shape[1] // b, b).any(dim=(1, 3))
@@ -811,7 +930,9 @@ class Sparsify:
             valid = True
         return LayerSparsity(
             name=name, kind=_kind(module), shape=tuple(weight.shape), numel=weight.numel(),
-            zeros=keep.numel() - int(keep.count_nonzero()), valid=valid and zeros_where_masked,
+            # the weight's zeros, not only the mask's: padding rows and SparseGPT's dead
+            # input columns were zero already
+            zeros=weight.numel() - int(weight.count_nonzero()), valid=valid and zeros_where_masked,
         )
 
 

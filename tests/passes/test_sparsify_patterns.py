@@ -223,3 +223,51 @@ def test_parse_pattern() -> None:
     assert parse_pattern("BSR", 32).block == 32
     assert str(parse_pattern("unstructured")) == "unstructured"
     assert Sparsify(pattern="1:4").target_sparsity == 0.75
+
+
+def test_parametrized_weights_are_skipped_with_the_reason() -> None:
+    """``weight_norm`` / ``spectral_norm`` recompute ``weight`` at every forward: the sparse
+    copy went into the recomputed tensor, so the layer stayed dense while the report said
+    50% (and its mask named no parameter). Such layers are skipped, saying why."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(32, 64)), nn.ReLU(),
+                          spectral_norm(nn.Linear(64, 16)), nn.ReLU(), nn.Linear(16, 8))
+    result = sparsify(model, "2:4")
+    assert [layer.name for layer in result.report.layers] == ["4.weight"]
+    skipped = {s.name: s.reason for s in result.report.skipped}
+    assert set(skipped) == {"0.weight", "2.weight"}
+    assert all("parametrization" in r for r in skipped.values())
+    assert result.report.total_zeros == int((result.model[4].weight == 0).sum())
+
+
+def test_zeros_reported_are_the_weights_zeros() -> None:
+    """``zeros`` counted the entries the mask dropped; a weight with zero rows already (an
+    embedding's padding row, SparseGPT's dead inputs) has more zeros than that."""
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.weight[:4] = 0  # 4 rows of 64 already zero
+    result = sparsify(model, "2:4")
+    layer = next(x for x in result.report.layers if x.name == "fc2.weight")
+    assert layer.zeros == int((result.model.fc2.weight == 0).sum()) > 48 * 64 // 2
+
+
+def test_matrix_parameters_outside_layers_are_reported_dense() -> None:
+    """A module that multiplies by its own matrix parameter (a router, an RNN, batched
+    experts) is not a Linear: the report lists it as left dense instead of leaving it out."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 16, 32))
+            self.cls = nn.Parameter(torch.randn(1, 1, 32))  # a token, not a GEMM weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bi,eoi->beo", x, self.w).sum(1) + self.cls[0, 0, :16].sum()
+
+    model = nn.Sequential(nn.Linear(8, 32), Experts(), nn.GRU(16, 16))
+    result = sparsify(model, "2:4")
+    skipped = {s.name: s.reason for s in result.report.skipped}
+    assert "batched expert weights" in skipped["1.w"]
+    assert "not an nn.Linear" in skipped["2.weight_ih_l0"]
+    assert "1.cls" not in skipped
