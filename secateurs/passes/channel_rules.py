@@ -422,9 +422,12 @@ def _index_add(ctx: RuleContext) -> list[Labels | None]:
 @_register("cat")
 def _concat(ctx: RuleContext) -> list[Labels | None]:
     """Concatenation: the output dim is the inputs' label vectors end to end (concat offsets
-    fall out); every other dim unifies across inputs."""
-    ins = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes) if lab is not None and shp]
+    fall out); every other dim unifies across inputs. A 1-D empty operand is skipped, as
+    ``torch.cat`` does (legacy: an empty cache ``torch.tensor([])`` joined with the first keys,
+    T5's attention with ``use_cache=True``)."""
     nd = len(ctx.out_shapes[0] or ())
+    ins = [(lab, shp) for lab, shp in zip(ctx.ins, ctx.in_shapes) if lab is not None and shp
+           and not (nd > 1 and tuple(shp) == (0,))]
     dim = int(ctx.node.attrs["dim"]) % nd
     first = ins[0][0]
     for lab, _ in ins[1:]:

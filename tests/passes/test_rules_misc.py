@@ -940,3 +940,21 @@ def test_local_response_norm_is_lossy_over_channels_only():
     assert ok, diff
     lossy = secateurs.prune(model, x, ratio=0.5, allow_lossy=True)
     assert lossy.model.c1.out_channels == 8
+
+
+def test_cat_onto_an_empty_cache_prunes_its_heads():
+    """HF T5 with ``use_cache=True`` joins its keys onto an empty cache: ``torch.cat`` skips a
+    1-D empty operand, and the rule failed "cannot unify label vectors of lengths 0 and 2"."""
+
+    class Cached(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k, self.o = nn.Linear(16, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            keys = torch.cat([x.new_zeros(0), self.k(x)], dim=-1)  # the empty cache first
+            return self.o(torch.relu(keys))
+
+    model, x = Cached().eval(), torch.randn(2, 16)
+    result = secateurs.prune(model, (x,), ratio=0.5, verify=True)
+    assert result.report.exact and result.model.k.out_features == 16

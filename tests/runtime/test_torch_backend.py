@@ -170,3 +170,234 @@ def test_grads_enabled_without_prune_is_the_unpruned_model_and_trains():
     assert tb.LAST_COMPILE.training and tb.LAST_COMPILE.removed_units == 0
     out.sum().backward()
     assert model.fc.weight.grad is not None if hasattr(model, "fc") else True
+
+
+# ---- found by the torch.compile sweep of session 12
+
+
+class _FrozenBatchNorm2d(nn.Module):
+    """As torchvision's: scale and shift held in buffers, not parameters."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.rand(n) + 0.5)
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n) * 0.1)
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + 1e-5).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class _FrozenBNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = _FrozenBatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        gate = x.mean((1, 2, 3), keepdim=True)  # zero on a zeros warm-up batch
+        h = torch.relu(self.bn1(self.c1(x))) * gate
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("options", [{}, {"verify": False}])
+def test_zero_conv_rows_are_not_dead_when_buffers_add_to_them(options):
+    """A conv with zero rows before a FrozenBatchNorm (scale/shift are buffers): the
+    channels carry the shift, but dead-channel removal looked at parameters only and removed
+    them (max diff 0.055); a zeros warm-up batch made the numeric check pass too."""
+    torch.manual_seed(0)
+    model = _FrozenBNNet().eval()
+    with torch.no_grad():
+        model.c1.weight[:4] = 0
+    compiled = _compile(model, **options)
+    x = torch.randn(2, 3, 16, 16) + 0.5
+    with torch.no_grad():
+        compiled(torch.zeros(2, 3, 16, 16))
+        assert torch.allclose(compiled(x), model(x), atol=1e-6)
+
+
+def test_dead_channel_removal_is_checked_on_more_than_the_first_input():
+    """zero rows followed by sigmoid: the channel is 0.5, not 0, downstream; on a zeros
+    first batch whose gate is zero the pruned graph looked exact."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.a(x)) * x.sum(-1, keepdim=True))
+
+    model = Gated().eval()
+    with torch.no_grad():
+        model.a.weight[:4] = 0
+        model.a.bias[:4] = 0
+    compiled = _compile(model)
+    with torch.no_grad():
+        compiled(torch.zeros(2, 8))
+        x = torch.randn(2, 8)
+        assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    assert tb.LAST_COMPILE.removed_units == 0 and tb.LAST_COMPILE.exact is False
+
+
+def test_dead_channels_with_dynamic_shapes():
+    """The numeric check ran the graphs on dynamo's SymInt inputs: "SymIntArrayRef expected
+    to contain only concrete integers" at the second batch size (every call with
+    dynamic=True)."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            return self.fc2(torch.relu(self.fc1(x)).reshape(b, n, 4, 8).reshape(b, n, 32))
+
+    torch.manual_seed(0)
+    model = M().eval()
+    with torch.no_grad():
+        model.fc1.weight[:8] = 0
+        model.fc1.bias[:8] = 0
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="secateurs", dynamic=dynamic,
+                                 options={"backend": "eager"})
+        with torch.no_grad():
+            for batch in (2, 3, 5):
+                x = torch.randn(batch, 4, 16)
+                assert torch.allclose(compiled(x), model(x), atol=1e-6)
+        removed = tb.LAST_COMPILE.removed
+        rows = next(v[0] for k, v in removed.items() if k.endswith("fc1_parameters_weight_"))
+        assert rows == list(range(8))
+
+
+def _zeroed(model, records, names):
+    """``model`` with every slice any compiled graph removed set to zero."""
+    import copy
+
+    masked = copy.deepcopy(model)
+    params = dict(masked.named_parameters())
+    for record in records:
+        for attr, dims in record.removed.items():
+            fqn = next(v for k, v in names.items() if attr.endswith(k))
+            for d, index in dims.items():
+                params[fqn].data.index_fill_(d, torch.tensor(index), 0.0)
+    return masked
+
+
+def _recording(records, **options):
+    def backend(gm, example_inputs):
+        fn = tb.secateurs_backend(gm, example_inputs, options={"backend": "eager", **options})
+        records.append(tb.LAST_COMPILE)
+        return fn
+    return backend
+
+
+def test_prune_is_one_mask_across_graph_breaks_and_recompiles():
+    """Each compiled graph chose its own channels: a Linear called on both sides of a graph
+    break kept its rows in one graph and lost them in the other; a call with and without an
+    optional kwarg (two graphs) removed different rows of the same weight. No masking of the
+    model reproduced the compiled program (0.019 / 0.2 off)."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.shared = nn.Linear(16, 32), nn.Linear(32, 32)
+            self.mid, self.out, self.g = nn.Linear(32, 32), nn.Linear(32, 8), nn.Linear(16, 32)
+
+        def forward(self, x, gate=None):
+            h = torch.relu(self.shared(torch.relu(self.inp(x))))
+            torch._dynamo.graph_break()
+            h = torch.relu(self.mid(h))
+            if gate is not None:
+                h = h * torch.sigmoid(self.g(gate))
+            return self.out(torch.relu(self.shared(h)))
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    names = {f"_modules_{a}_parameters_{p}_": f"{a}.{p}"
+             for a, mod in model.named_children() for p, _ in mod.named_parameters()}
+    records: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=_recording(records, prune=0.5))
+    x, gate = torch.randn(4, 16), torch.randn(4, 16)
+    with torch.no_grad():
+        y_plain = compiled(x)
+        y_gate = compiled(x, gate=gate)
+        assert len(records) >= 3 and sum(r.removed_units for r in records) > 0
+        masked = _zeroed(model, records, names)
+        assert torch.allclose(y_plain, masked(x), atol=1e-6)
+        assert torch.allclose(y_gate, masked(x, gate=gate), atol=1e-6)
+
+
+def test_train_mode_batchnorm_updates_the_models_statistics():
+    """BatchNorm recalibration (train mode under no_grad): the backend froze and cloned the
+    buffers, so the model's running statistics stopped updating (num_batches_tracked 0 or 1
+    against eager's 5). Such a graph is compiled untouched; with prune it is an error."""
+    import copy
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16 * 64, 4))
+
+    model = net()
+    eager = copy.deepcopy(model)
+    compiled = _compile(model)
+    model.train()
+    eager.train()
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i))
+            compiled(x)
+            eager(x)
+    assert int(model[1].num_batches_tracked) == 3
+    assert torch.allclose(model[1].running_mean, eager[1].running_mean)
+    compiled = _compile(net().train(), prune=0.3)
+    with torch.no_grad(), pytest.raises(Exception, match="updates the model's tensors in place"):
+        compiled(torch.randn(4, 3, 8, 8))
+
+
+def test_prune_leaves_dynamos_recompile_setting_alone_until_its_limit():
+    """One prune compile set dynamo's process-wide fail_on_recompile_limit_hit for good: an
+    unrelated model then raised at its recompile limit instead of falling back."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False):
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+        with torch.no_grad():
+            _compile(model, prune=0.3)(torch.randn(2, 8))
+        assert torch._dynamo.config.fail_on_recompile_limit_hit is False
+
+
+def test_compile_mode_reaches_the_inductor_downstream():
+    """torch.compile(mode=...) with this backend was refused as "unknown secateurs backend
+    options ['mode']"."""
+    assert tb.BackendOptions.parse({"mode": "max-autotune-no-cudagraphs"}).mode
+    with pytest.raises(InputError, match="configures the inductor downstream"):
+        tb.BackendOptions.parse({"mode": "reduce-overhead", "backend": "eager"})
+
+
+def test_prune_that_removes_nothing_from_a_graph_says_so():
+    """Graph breaks between every layer make each channel a graph output: prune=0.5 removed
+    nothing from any of the three graphs and said nothing ("never silently dense")."""
+
+    class Printing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            torch._dynamo.graph_break()
+            h = torch.relu(self.fc2(h))
+            torch._dynamo.graph_break()
+            return self.fc3(h)
+
+    compiled = _compile(Printing().eval(), prune=0.5)
+    with torch.no_grad(), pytest.warns(tb.DenseFallbackWarning, match="removed nothing"):
+        compiled(torch.randn(2, 16))
