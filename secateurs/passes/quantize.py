@@ -310,7 +310,8 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
             if foreign:
                 raise SecateursError(f"quantization's preparation emitted ops of domain(s) "
                                      f"{foreign}; expected plain ONNX")
-            prepared_model, kept_float = _around_quantizer_bugs(prepared_model, per_channel)
+            prepared_model, kept_float = _around_quantizer_bugs(prepared_model, per_channel,
+                                                                symmetric)
             quantize_static(
                 prepared_model, str(out), reader, quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
@@ -320,64 +321,201 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         if kept_float:  # after _quiet_libraries, which raises the root logger's level
             log.warning("int8: %d node(s) kept in float, which ONNX Runtime's quantizer would "
-                        "get wrong (a grouped ConvTranspose with a bias, or a Gemm whose "
-                        "alpha/beta scale a tensor that is not its own constant): %s",
+                        "get wrong (masked attention, multi-axis LayerNorm, "
+                        "grouped ConvTranspose with a bias, Gemm alpha/beta on a shared "
+                        "tensor; see passes/quantize.py): %s",
                         len(kept_float), ", ".join(kept_float[:5]))
         return onnx.load(str(out))
 
 
-def _around_quantizer_bugs(model: onnx.ModelProto, per_channel: bool
+def _around_quantizer_bugs(model: onnx.ModelProto, per_channel: bool, symmetric: bool = False
                            ) -> tuple[onnx.ModelProto, list[str]]:
     """The prepared graph, rewritten (exactly) where ``onnxruntime.quantization`` 1.2x-1.3x
-    fails with an internal error, and the nodes it must leave in float:
+    fails or writes a wrong model, and the nodes it must leave in float. Found by sweeps of
+    converter idioms (sessions 11-12; every case has a test in ``tests/passes/test_quantize.py``):
 
-    * a ``Gemm`` bias ``C`` of shape ``[1, N]`` (scikit-learn's and onnxmltools' MLPs; also
-      ``MatMul -> Add`` that the preparation fused) makes the int32-bias scale check compare
-      a row with a scalar ("truth value of an array ... is ambiguous"). ``C`` is written as
-      ``[N]``: Gemm's output is ``[M, N]``, so both broadcast alike;
-    * a ``Gemm`` with ``alpha`` or ``beta`` other than 1 (onnxmltools, Keras converters)
-      comes out of the quantizer silently wrong (an MLP with alpha 0.5, beta 2: 38% relative
-      error, 0.4% with the factors folded). The factors are folded into the constant ``B`` /
-      ``C`` they scale (one float multiplication per weight); a node whose scaled operand is
-      not a constant read by it alone stays float (logged);
-    * a grouped ``ConvTranspose`` with a bias, per channel: its weight's channel axis holds
-      ``C_out / group`` channels, the bias ``C_out``, and the bias quantization fails to
-      broadcast them. Such a node stays float (logged).
+    * **Gemm alpha/beta** other than 1 (onnxmltools, Keras converters): the quantizer's output
+      was silently wrong (an MLP with alpha 0.5, beta 2: 38% relative error; 0.4% folded). The
+      factors are folded into the constant ``B`` / ``C`` they scale; a factor on a tensor that
+      is not the node's own constant keeps the node float.
+    * **Gemm bias C not of shape [N]**: ``[1, N]`` (scikit-learn MLPs, ``MatMul -> Add`` the
+      preparation fused) and ``[]``/``[1]``/``[M, N]``/``[M, 1]`` crash the int32-bias check
+      ("truth value of an array is ambiguous", IndexError). ``[1, N]`` is written ``[N]``, a
+      scalar is broadcast to ``[N]``; any other ``C`` moves to an ``Add`` after the Gemm.
+    * **Masked attention** (BERT's ``+ (1 - m) * -1e4``, a causal ``-1e9`` matrix,
+      ``Where(mask, s, finfo.min / -inf)`` before ``Softmax``): one per-tensor scale spans
+      the mask value and the scores, so every score rounds to one level and attention becomes
+      uniform (54-84% error; NaN with -inf). The mask node and its Softmax stay float.
+    * **Clip with a lower bound above 0** (or an upper bound below 0) under uint8
+      activations: the quantizer drops it as a "removable activation", but the calibrated
+      range always includes 0, so values in ``[0, min)`` survive (41% error at min 1). It is
+      written ``Min(Max(x, min), max)`` (1.3%; excluding the Clip kept the conv before it
+      float too).
+    * **LayerNormalization over several axes** (scale ``[T, D]``) and a **grouped
+      ConvTranspose with a bias**, per channel: the bias quantization fails to broadcast.
+      They stay float.
     """
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
-    readers = collections.Counter(i for n in model.graph.node for i in n.input)
-    outputs = {o.name for o in model.graph.output}
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers = collections.Counter(i for n in graph.node for i in n.input)
+    outputs = {o.name for o in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
 
     def own_constant(name: str) -> bool:
         return name in inits and readers[name] == 1 and name not in outputs
 
+    def constant(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute \
+                and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+        found = next((a for a in node.attribute if a.name == name), None)
+        return default if found is None else onnx.helper.get_attribute_value(found)
+
     kept_float: list[str] = []
-    for node in model.graph.node:
+    after: dict[int, onnx.NodeProto] = {}  # id(node) -> a node to insert after it
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> the nodes instead
+    for node in graph.node:
         if node.op_type == "Gemm":
-            attrs = {a.name: a for a in node.attribute}
-            for key, index in (("alpha", 1), ("beta", 2)):
-                if key not in attrs or attrs[key].f == 1.0 or len(node.input) <= index \
-                        or not node.input[index]:
-                    continue
-                if not own_constant(node.input[index]):
-                    kept_float.append(node.name)
-                    break
-                tensor = inits[node.input[index]]
-                scaled = numpy_helper.to_array(tensor) * np.float32(attrs[key].f)
-                tensor.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), tensor.name))
-                attrs[key].f = 1.0
-            if len(node.input) > 2 and own_constant(node.input[2]):
-                bias = inits[node.input[2]]
-                if len(bias.dims) == 2 and bias.dims[0] == 1:
-                    bias.dims[:] = [bias.dims[1]]  # the same values, row-major: only the dims
-        elif node.op_type == "ConvTranspose" and per_channel and len(node.input) > 2 \
-                and node.input[2]:
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if group > 1:
+            if not _fold_gemm_factors(node, inits, own_constant):
                 kept_float.append(node.name)
-    return model, kept_float
+                continue
+            if len(node.input) > 2 and node.input[2] in inits:
+                added = _gemm_bias_as_vector(node, inits, own_constant, attr)
+                if added is not None:
+                    after[id(node)] = added
+        elif node.op_type == "ConvTranspose" and per_channel and len(node.input) > 2 \
+                and node.input[2] and attr(node, "group", 1) > 1:
+            kept_float.append(node.name)
+        elif node.op_type == "LayerNormalization" and per_channel and len(node.input) > 1 \
+                and node.input[1] in inits and len(inits[node.input[1]].dims) > 1:
+            kept_float.append(node.name)
+        elif node.op_type == "Clip" and not symmetric:
+            low = constant(node.input[1]) if len(node.input) > 1 and node.input[1] else \
+                np.float32(attr(node, "min", -np.inf))
+            high = constant(node.input[2]) if len(node.input) > 2 and node.input[2] else \
+                np.float32(attr(node, "max", np.inf))
+            if low is not None and high is not None and (
+                    float(np.max(low)) > 0 or float(np.min(high)) < 0):
+                replaced[id(node)] = _clip_as_max_min(node, low, high, graph)
+        elif node.op_type == "Softmax" and node.input[0] in producers:
+            masker = producers[node.input[0]]
+            if masker.op_type in ("Add", "Sub", "Where") and _large_constant_above(
+                    masker, producers, constant):
+                kept_float += [masker.name, node.name]
+    if after or replaced:
+        nodes = []
+        for node in graph.node:
+            nodes += replaced.get(id(node), [node])
+            if id(node) in after:
+                nodes.append(after[id(node)])
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model, list(dict.fromkeys(kept_float))
+
+
+def _clip_as_max_min(node: onnx.NodeProto, low: np.ndarray, high: np.ndarray,
+                     graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``Clip(x, low, high)`` as ``Min(Max(x, low), high)`` (the bounds as initializers): the
+    quantizer removes a Clip as a "removable activation" (the output quantizer's saturation
+    is meant to clip), which is wrong for a bound the calibrated range (which includes 0)
+    does not end at; Max/Min are kept, and the op before them stays int8."""
+    from onnx import numpy_helper
+
+    nodes, x = [], node.input[0]
+    for op, bound, unbounded in (("Max", low, -np.inf), ("Min", high, np.inf)):
+        if np.all(bound == unbounded):
+            continue
+        name = f"{node.name or node.output[0]}__secateurs_{op.lower()}"
+        graph.initializer.append(numpy_helper.from_array(
+            np.asarray(bound, dtype=np.float32), f"{name}_bound"))
+        nodes.append(onnx.helper.make_node(op, [x, f"{name}_bound"], [f"{name}_out"],
+                                           name=name))
+        x = f"{name}_out"
+    nodes[-1].output[0] = node.output[0]
+    return nodes
+
+
+def _fold_gemm_factors(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
+                       own_constant: Any) -> bool:
+    """Fold ``alpha`` into ``B`` and ``beta`` into ``C``; False where a factor scales a tensor
+    that is not the node's own constant (the node then stays float)."""
+    from onnx import numpy_helper
+
+    attrs = {a.name: a for a in node.attribute}
+    for key, index in (("alpha", 1), ("beta", 2)):
+        if key not in attrs or attrs[key].f == 1.0 or len(node.input) <= index \
+                or not node.input[index]:
+            continue
+        if not own_constant(node.input[index]):
+            return False
+        tensor = inits[node.input[index]]
+        scaled = numpy_helper.to_array(tensor) * np.float32(attrs[key].f)
+        tensor.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), tensor.name))
+        attrs[key].f = 1.0
+    return True
+
+
+def _gemm_bias_as_vector(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
+                         own_constant: Any, attr: Any) -> onnx.NodeProto | None:
+    """Make a constant Gemm bias ``[N]``; returns an ``Add`` to insert after the node where
+    ``C`` is per row (``[M, N]``, ``[M, 1]``) and so moves out of the Gemm."""
+    from onnx import numpy_helper
+
+    bias = inits[node.input[2]]
+    dims = list(bias.dims)
+    weight = inits.get(node.input[1])
+    n = None if weight is None or len(weight.dims) != 2 else \
+        int(weight.dims[0] if attr(node, "transB", 0) else weight.dims[1])
+    if n is not None and dims == [n]:
+        return None
+    if own_constant(bias.name) and len(dims) == 2 and dims[0] == 1 and (n is None or
+                                                                        dims[1] == n):
+        bias.dims[:] = [dims[1]]  # the same values, row-major: only the dims
+        return None
+    if own_constant(bias.name) and n is not None and int(np.prod(dims)) == 1:
+        value = numpy_helper.to_array(bias).reshape(())
+        bias.CopyFrom(numpy_helper.from_array(np.full([n], value, dtype=value.dtype),
+                                              bias.name))
+        return None
+    if attr(node, "beta", 1.0) != 1.0:
+        return None  # beta on a shared C: _fold_gemm_factors kept the node float
+    out = node.output[0]
+    node.output[0] = f"{out}__secateurs_without_bias"
+    del node.input[2]
+    return onnx.helper.make_node("Add", [node.output[0], bias.name], [out],
+                                 name=f"{node.name}__secateurs_bias")
+
+
+def _large_constant_above(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto],
+                          constant: Any, depth: int = 3, threshold: float = 1e3) -> bool:
+    """A constant of magnitude >= ``threshold`` (or not finite) among ``node``'s inputs and
+    their producers up to ``depth`` levels: an attention mask's ``-1e4``, ``-1e9``,
+    ``finfo.min`` or ``-inf``."""
+    frontier, seen = list(node.input), set()
+    for _ in range(depth):
+        nxt = []
+        for name in frontier:
+            if not name or name in seen:
+                continue
+            seen.add(name)
+            value = constant(name)
+            if value is not None:
+                if value.dtype.kind == "f" and value.size and (
+                        not np.isfinite(value).all() or float(np.abs(value).max()) >= threshold):
+                    return True
+                continue
+            if name in producers:
+                nxt += list(producers[name].input)
+        frontier = nxt
+    return False
 
 
 def _opset_for_qdq(model: onnx.ModelProto, per_channel: bool) -> onnx.ModelProto:

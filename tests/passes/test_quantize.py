@@ -388,3 +388,109 @@ def test_int8_keeps_a_grouped_conv_transpose_with_bias_in_float(caplog) -> None:
     assert "up" in caplog.text and "kept in float" in caplog.text
     assert "up" not in result.quantized_nodes and result.quantized_nodes  # the Conv is int8
     assert _relative_error(model, result.model, samples) < 0.1
+
+
+def _int8_error(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **kwargs) -> float:
+    """Relative L2 error of the INT8 model on its own calibration data (ranges cover it)."""
+    result = quantize_onnx(model, "int8", calibration=feeds, **kwargs)
+    onnx.checker.check_model(result.model, full_check=True)
+    ref = np.concatenate([_run(model, f) for f in feeds])
+    got = np.concatenate([_run(result.model, f) for f in feeds])
+    return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+
+
+def _graph(nodes, inputs, output_shape, inits, opset=13) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                             ir_version=8)
+
+
+@pytest.mark.parametrize("mask", ["bert", "where_inf"])
+def test_int8_of_masked_attention(mask) -> None:
+    """The masked scores (``+ (1 - m) * -1e4``, ``Where(causal, s, -inf)``) got one scale
+    spanning the mask value: every score rounded to one level, attention turned uniform (74%
+    error; 100% with -inf). The mask node and its Softmax stay float."""
+    from onnx import helper
+
+    rng = np.random.default_rng(6)
+    b, t, d = 2, 8, 16
+    inits = {n: (rng.standard_normal((d, d)) * 0.3).astype(np.float32) for n in "qkvo"}
+    inits["scale"] = np.float32(1 / np.sqrt(d))
+    node = helper.make_node
+    nodes = [node("MatMul", ["x", n], [f"{n}x"]) for n in "qkv"] + [
+        node("Transpose", ["kx"], ["kt"], perm=[0, 2, 1]),
+        node("MatMul", ["qx", "kt"], ["s0"]), node("Mul", ["s0", "scale"], ["s"])]
+    inputs = [("x", [b, t, d])]
+    if mask == "bert":
+        inputs.append(("m", [b, 1, t]))
+        inits.update(one=np.float32(1), big=np.float32(-1e4))
+        nodes += [node("Sub", ["one", "m"], ["im"]), node("Mul", ["im", "big"], ["am"]),
+                  node("Add", ["s", "am"], ["masked"], name="mask")]
+    else:
+        inits.update(causal=np.tril(np.ones((t, t), bool)), neg=np.float32(-np.inf))
+        nodes.append(node("Where", ["causal", "s", "neg"], ["masked"], name="mask"))
+    nodes += [node("Softmax", ["masked"], ["p"], axis=-1, name="softmax"),
+              node("MatMul", ["p", "vx"], ["h"]), node("MatMul", ["h", "o"], ["y"])]
+    model = _graph(nodes, inputs, [b, t, d], inits)
+    feeds = []
+    for _ in range(6):
+        feed = {"x": rng.standard_normal((b, t, d)).astype(np.float32)}
+        if mask == "bert":
+            feed["m"] = np.ones((b, 1, t), np.float32)
+            feed["m"][..., -2:] = 0
+        feeds.append(feed)
+    for profile in ("ort", "tensorrt"):
+        assert _int8_error(model, feeds, profile=profile) < 0.05
+
+
+@pytest.mark.parametrize("low", [0.2, 1.0])
+def test_int8_of_a_clip_above_zero(low) -> None:
+    """With uint8 activations the quantizer drops a Clip as a removable activation, which
+    does not clip at a lower bound above 0 (41% error at min 1): it is written Max/Min."""
+    from onnx import helper
+
+    rng = np.random.default_rng(7)
+    inits = {"w": (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32),
+             "lo": np.float32(low), "hi": np.float32(6.0)}
+    model = _graph([helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+                    helper.make_node("Clip", ["c", "lo", "hi"], ["y"])],
+                   [("x", [4, 8, 6, 6])], [4, 8, 6, 6], inits)
+    feeds = [{"x": rng.standard_normal((4, 8, 6, 6)).astype(np.float32)} for _ in range(6)]
+    assert _int8_error(model, feeds) < 0.05
+    quantized = quantize_onnx(model, "int8", calibration=feeds)
+    assert quantized.quantized_nodes  # the conv is still int8
+
+
+@pytest.mark.parametrize("bias_shape", [(1,), (), (4, 16), (4, 1)])
+def test_int8_of_gemm_biases_of_other_shapes(bias_shape) -> None:
+    """A Gemm bias C of shape [1], [], [M, N] or [M, 1] crashed ORT's int32-bias check."""
+    from onnx import helper
+
+    rng = np.random.default_rng(8)
+    inits = {"w": (rng.standard_normal((8, 16)) * 0.3).astype(np.float32),
+             "c": (rng.standard_normal(bias_shape) * 0.3).astype(np.float32)}
+    model = _graph([helper.make_node("Gemm", ["x", "w", "c"], ["y"])], [("x", [4, 8])],
+                   [4, 16], inits)
+    feeds = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(6)]
+    assert _int8_error(model, feeds) < 0.05
+
+
+def test_int8_of_a_layer_norm_over_two_axes() -> None:
+    """LayerNormalization with a [T, D] scale and bias crashed the per-channel bias
+    quantization; it stays float, the MatMul before it is int8."""
+    from onnx import helper
+
+    rng = np.random.default_rng(9)
+    inits = {"w": (rng.standard_normal((16, 16)) * 0.3).astype(np.float32),
+             "s": (1 + 0.3 * rng.standard_normal((10, 16))).astype(np.float32),
+             "b": (0.3 * rng.standard_normal((10, 16))).astype(np.float32)}
+    model = _graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                    helper.make_node("LayerNormalization", ["h", "s", "b"], ["y"], axis=1)],
+                   [("x", [4, 10, 16])], [4, 10, 16], inits, opset=17)
+    feeds = [{"x": rng.standard_normal((4, 10, 16)).astype(np.float32)} for _ in range(6)]
+    assert _int8_error(model, feeds) < 0.05
