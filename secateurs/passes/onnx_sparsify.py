@@ -6,7 +6,10 @@ Which initializer, which axis (the axis a runtime reduces over, where N:M groups
 * ``Gemm`` input 1: ``transB=1`` stores ``B[N, K]`` → axis 1; ``transB=0`` stores ``B[K, N]`` → axis 0;
 * ``MatMul`` input 1 of rank 2, ``B[K, N]``: axis 0.
 
-An initializer used by several nodes must agree on its axis, else it is skipped with the reason.
+An initializer used by several nodes must agree on its axis, and every other reader (a MatMul's
+first operand, a Gather table, a Transpose) skips it, with the reason; float matrices an
+op other than Gather reads in another role are listed as skipped too. Weights held in ``Constant`` nodes
+are made initializers first.
 The result is a new ``ModelProto`` (the input is never modified) that passes
 ``onnx.checker.check_model(full_check=True)``; files are written atomically.
 """
@@ -64,9 +67,38 @@ def onnx_weight_axes(graph: onnx.GraphProto) -> tuple[dict[str, tuple[str, int]]
             reasons[name] = f"initializer '{name}' is read along different axes by different nodes"
             continue
         axes.setdefault(name, found)
+    # every other use of a weight must see the same zeros as a weight: another role (MatMul's
+    # first operand, a Gather table tied to a Gemm, a Transpose) would read them along another
+    # axis, or change a use the report does not name
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name not in axes or name in reasons or (
+                    node.op_type in ("Conv", "Gemm", "MatMul") and index == 1):
+                continue
+            reasons[name] = (f"initializer '{name}' is also read by {node.op_type} "
+                             f"'{node.name}' (input {index}): its zeros would change that use, "
+                             "or not follow its reduction axis")
     for name in reasons:
         axes.pop(name, None)
+    # float matrices read in another role (ConvTranspose, MatMul's first operand, through a
+    # Transpose): said, not silently left dense; embedding tables (Gather) are not matrices a
+    # sparse kernel multiplies, as in the torch pass
+    for node in graph.node:
+        if node.op_type == "Gather":
+            continue
+        for index, name in enumerate(node.input):
+            init = inits.get(name)
+            if init is None or name in axes or name in reasons or len(init.dims) < 2 \
+                    or min(init.dims) < 2 or init.data_type not in _FLOAT_TYPES:
+                continue
+            reasons[name] = (f"{node.op_type} '{node.name}' reads '{name}' as input {index}: "
+                             "only the weight operand (input 1) of Conv/Gemm/MatMul is "
+                             "sparsified")
     return axes, reasons
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                onnx.TensorProto.DOUBLE)
 
 
 # N:M masks are row-local: computed this many elements at a time (scores are float64)
@@ -147,6 +179,9 @@ def sparsify_onnx_with_report(
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
         external = uses_external_data(model_or_path)
+        from secateurs.passes.quantize import constants_as_initializers
+
+        model = constants_as_initializers(model)  # weights some exporters write as nodes
     else:
         # By path (checked by path, > 2 GB models included); the loaded copy is ours to edit.
         # Large external tensors stay on disk; written to a file next to the output, each

@@ -104,3 +104,41 @@ def test_onnx_errors(tmp_path) -> None:
         sparsify_onnx(_model(), "2:4", ignore=("nope",))
     with pytest.raises(InputError, match="does not exist"):
         sparsify_onnx(tmp_path / "missing.onnx")
+
+
+def test_initializer_read_in_another_role_is_skipped_and_said():
+    """A weight that is also MatMul's first operand (reduces over its axis 1), a Gather table
+    tied to a Gemm, or read only through a Transpose: it was sparsified along axis 0 and
+    reported valid 2:4 (the other use is not, and an embedding changed unreported), or left
+    dense with no word. Weights in Constant nodes were not seen at all."""
+    from onnx import TensorProto, helper
+
+    from secateurs.passes.onnx_sparsify import sparsify_onnx_with_report
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+
+    def build(nodes, constant=False):
+        inits = [] if constant else [numpy_helper.from_array(w, "W")]
+        if constant:
+            nodes = [helper.make_node("Constant", [], ["W"],
+                                      value=numpy_helper.from_array(w, "W"))] + nodes
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    node = helper.make_node
+    both = build([node("MatMul", ["x", "W"], ["t"], name="b_use"),
+                  node("MatMul", ["W", "t"], ["y"], name="a_use")])
+    out, report = sparsify_onnx_with_report(both, "2:4")
+    assert not report.layers and "also read by MatMul 'a_use' (input 0)" in report.skipped[0].reason
+    assert np.array_equal(numpy_helper.to_array(out.graph.initializer[0]), w)
+    transposed = build([node("Transpose", ["W"], ["wt"], name="t"),
+                        node("MatMul", ["x", "wt"], ["y"])])
+    _, report = sparsify_onnx_with_report(transposed, "2:4")
+    assert not report.layers and "Transpose 't' reads 'W'" in report.skipped[0].reason
+    constant = build([node("MatMul", ["x", "W"], ["y"])], constant=True)
+    out, report = sparsify_onnx_with_report(constant, "2:4")
+    assert [layer.name for layer in report.layers] == ["W"] and report.all_valid
+    onnx.checker.check_model(out, full_check=True)
