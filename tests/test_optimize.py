@@ -337,3 +337,16 @@ def test_classifier_with_zipmap_output(tmp_path) -> None:
     result = optimize(model, prune=0.5, round_to=1, measure=False)
     assert result.stage("prune").details["mask_equivalent"] is True
     assert 0 < result.stage("prune").max_abs_diff < 1  # probabilities, compared as rows
+
+
+def test_int8_without_data_calibrates_at_the_checked_shapes(audio_onnx) -> None:
+    """With ONNX input and no calibration, int8 calibrated on random inputs with every
+    symbolic dim set to 1 (a text model on one token; an audio model whose first strided
+    conv needs 10 samples failed inside ORT's calibrator). It now calibrates at the shapes
+    the checks run at (``input_shapes``)."""
+    with pytest.raises(InputError, match="symbolic dims"):
+        optimize(audio_onnx, quantize="int8", measure=False)
+    result = optimize(audio_onnx, quantize="int8", input_shapes={"wave": [1, 400]},
+                      measure=False)
+    assert result.stage("quantize").details["calibration_source"] == "random"
+    assert 0 < result.stage("quantize").stage_diff < TOLERANCES["int8"]

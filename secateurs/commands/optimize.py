@@ -10,6 +10,9 @@ optional; the report table gives, per stage, size on disk, MACs, ONNX Runtime CP
 
 ``--quantize int8`` writes QDQ: ``--int8-profile ort`` (default: uint8 activations, ONNX
 Runtime CPU's fast path) or ``tensorrt`` (symmetric int8, what TensorRT builds).
+``--int8-weights auto`` (default) quantizes weights to 7 bits for the ort profile on an x86
+CPU without VNNI, where ONNX Runtime's uint8 x int8 kernels saturate; ``8`` for a VNNI/AMX
+or ARM target built elsewhere.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--int8-profile", choices=("ort", "tensorrt"), default="ort",
                    help="int8 activations: ort = uint8 (fast on ORT CPU), tensorrt = "
                    "symmetric int8 (default ort)")
+    p.add_argument("--int8-weights", choices=("auto", "8", "7"), default="auto",
+                   help="int8 weight bits: auto = 7 for the ort profile on an x86 CPU without "
+                   "VNNI (its kernels saturate), else 8 (default auto)")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="int8 calibration inputs: one array per model input, samples on dim 0")
     p.add_argument("--importance", default="l2", help="pruning criterion (default l2)")
@@ -95,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                       target_latency=args.target_latency,
                       sparsify=args.sparsify, quantize=args.quantize,
                       calibration=args.calibration, profile=args.int8_profile,
+                      reduce_range={"auto": None, "8": False, "7": True}[args.int8_weights],
                       importance=args.importance, round_to=args.round_to,
                       input_shapes=input_shapes, output=args.output, report=args.report,
                       plot=args.plot, measure=not args.no_measure, threads=args.threads,

@@ -192,9 +192,10 @@ class _State:
     outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     rows: list[StageRecord] = field(default_factory=list)
+    check_disabled: tuple[str, ...] = ()  # ORT transformers off when checking the int8 model
 
 
-def _session(model: Any, threads: int = 1) -> Any:
+def _session(model: Any, threads: int = 1, disabled: Sequence[str] = ()) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -202,14 +203,16 @@ def _session(model: Any, threads: int = 1) -> Any:
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+                                providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled))
 
 
-def _run(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def _run(model: Any, feeds: Mapping[str, np.ndarray],
+         disabled: Sequence[str] = ()) -> list[np.ndarray]:
     from secateurs.passes.prune_onnx import _as_array
 
     # a sequence of maps (scikit-learn's ZipMap) as one row of values per map
-    return [_as_array(o) for o in _session(model).run(None, dict(feeds))]
+    return [_as_array(o) for o in _session(model, disabled=disabled).run(None, dict(feeds))]
 
 
 def _numeric_pairs(a: Sequence[np.ndarray], b: Sequence[np.ndarray]
@@ -460,7 +463,7 @@ def _sparsify(state: _State) -> None:
 
 
 def _quantize(state: _State) -> None:
-    from secateurs.passes.quantize import quantize_onnx
+    from secateurs.passes.quantize import check_disabled_optimizers, quantize_onnx
 
     opts = state.options
     calibration = state.calibration
@@ -468,9 +471,17 @@ def _quantize(state: _State) -> None:
         calibration = [dict(state.feeds or {})]
         log.warning("int8 calibration on the example inputs only (one batch); pass "
                     "calibration=... for accurate ranges")
+    # random calibration at the shapes the checks run at (a symbolic sequence or time dim
+    # would otherwise calibrate at length 1)
+    shapes = {k: list(np.shape(v)) for k, v in (state.feeds or {}).items()}
     result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
-                           profile=opts["profile"])
+                           profile=opts["profile"], input_shapes=shapes or None,
+                           reduce_range=opts["reduce_range"])
     details = result.to_dict()
+    state.check_disabled = check_disabled_optimizers(result)
+    if state.check_disabled:
+        details["checked_as"] = ("QDQ semantics: this CPU's int8 kernels are not the target's "
+                                 "(ORT's QDQ fusion off for the check)")
     if opts["sparsify"] == "2:4":
         from secateurs.runtime.tensorrt import check_sparse_eligibility
 
@@ -495,15 +506,20 @@ def _check(state: _State) -> None:
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise SecateursError(f"the {stage} model fails onnx.checker: {exc}") from exc
-        out = _run(model, feeds)
+        out = _run(model, feeds, state.check_disabled if stage == "quantize" else ())
         state.outputs[stage] = out
         rel = 0.0 if previous is None else _relative_l2(previous, out)
         mode = state.details[stage].get("mode")
         if stage == "quantize" and rel > TOLERANCES[mode]:
+            hint = ("calibrate on real inputs (--calibration inputs.npz) or keep the "
+                    "sensitive nodes float (quantize_onnx(..., exclude=[...]))"
+                    if mode == "int8" else
+                    "a value past fp16's range (an activation above 65504, a large mask "
+                    "constant) or a precision-sensitive op; keep those nodes fp32 "
+                    "(quantize_onnx(..., 'fp16', exclude=[...])) or use int8")
             raise SecateursError(
                 f"the {mode} model's outputs differ from its float input by {rel:.1%} "
-                f"(relative L2 error; tolerance {TOLERANCES[mode]:.0%}); calibrate on real "
-                "inputs (--calibration inputs.npz) or exclude the sensitive nodes")
+                f"(relative L2 error; tolerance {TOLERANCES[mode]:.0%}): {hint}")
         state.details[stage]["stage_diff"] = rel
         previous = out
 
@@ -612,6 +628,9 @@ def _validate(opts: dict[str, Any]) -> None:
         raise InputError(f"int8 profile must be one of {PROFILES}, got {opts['profile']!r}")
     if opts["calibration"] is not None and opts["quantize"] != "int8":
         raise InputError("calibration data is only used by quantize='int8'")
+    if opts["reduce_range"] not in (None, True, False):
+        raise InputError(f"reduce_range must be None (auto), True or False, got "
+                         f"{opts['reduce_range']!r}")
     for key in ("threads", "repeats"):
         if not isinstance(opts[key], int) or opts[key] < 1:
             raise InputError(f"{key} must be a positive integer, got {opts[key]!r}")
@@ -621,7 +640,7 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
              target_macs: float | None = None, target_latency: float | None = None,
              sparsify: str | None = None,
              quantize: str | None = None, calibration: Any = None, profile: str = "ort",
-             importance: str = "l2", round_to: int | str | None = None,
+             reduce_range: bool | None = None, importance: str = "l2", round_to: int | str | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None,
              output: str | os.PathLike[str] | None = None,
              report: str | os.PathLike[str] | None = None,
@@ -638,6 +657,8 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     ``passes.quantize``) or ``"fp16"``. ``calibration``: int8 calibration inputs, a mapping
     input name -> array with samples along dim 0, a list of feed dicts, or an ``.npz`` path;
     default: the example inputs (torch) or random inputs (ONNX), with a warning.
+    ``reduce_range``: 7-bit int8 weights; default ``None``: on for the ``"ort"`` profile on an
+    x86 CPU without VNNI, whose kernels saturate otherwise (``quantize_onnx``).
     ``round_to``: default ``"auto"`` (widths per op kind for ONNX Runtime's CPU kernels,
     ``passes/kernel_widths.py``: what ``prune_onnx`` and ``secateurs prune`` on an ONNX file
     do), for torch and ONNX input alike; an integer is applied as given. ``output`` /
@@ -655,7 +676,7 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     opts: dict[str, Any] = {"prune": prune, "target_macs": target_macs,
                             "target_latency": target_latency, "sparsify": sparsify,
                             "quantize": quantize, "calibration": calibration,
-                            "profile": profile,
+                            "profile": profile, "reduce_range": reduce_range,
                             "importance": importance, "round_to": round_to,
                             "input_shapes": dict(input_shapes) if input_shapes else None,
                             "measure": measure, "threads": threads, "repeats": repeats,

@@ -51,7 +51,8 @@ import onnx
 from secateurs.errors import InputError, SecateursError
 
 __all__ = ["quantize_onnx", "QuantizeResult", "BatchReader", "load_calibration",
-           "calibration_batches", "MODES", "PROFILES"]
+           "calibration_batches", "vnni_missing", "check_disabled_optimizers", "MODES",
+           "PROFILES"]
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,11 @@ class QuantizeResult:
     calibration_source: str
     quantized_nodes: tuple[str, ...]
     op_counts: Mapping[str, int]
+    reduce_range: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "profile": self.profile, "per_channel": self.per_channel,
+                "reduce_range": self.reduce_range,
                 "calibration_batches": self.calibration_batches,
                 "calibration_source": self.calibration_source,
                 "quantized_nodes": len(self.quantized_nodes), "op_counts": dict(self.op_counts)}
@@ -169,13 +172,30 @@ def calibration_batches(model: onnx.ModelProto, samples: Mapping[str, np.ndarray
     return batches
 
 
-def _random_batches(model: onnx.ModelProto, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def _random_batches(model: onnx.ModelProto, n: int, seed: int = 0,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None
+                    ) -> list[dict[str, np.ndarray]]:
+    """``n`` random feeds at each input's static shape (``input_shapes`` where given; a
+    symbolic batch dim is 1). A symbolic dim past the batch is an error: 1 there calibrated
+    a text model on one token and crashed an audio model's convolutions."""
+    unknown = sorted(set(input_shapes or ()) - {name for name, _, _ in _input_infos(model)})
+    if unknown:
+        raise InputError(f"input_shapes names {unknown}, which the model does not take as "
+                         f"inputs; its inputs: {[name for name, _, _ in _input_infos(model)]}")
+    infos = []
+    for name, dtype, dims in _input_infos(model):
+        if input_shapes and name in input_shapes:
+            dims = [int(d) for d in input_shapes[name]]
+        elif any(d is None for d in dims[1:]):
+            raise InputError(f"int8 calibration without data: input '{name}' has symbolic "
+                             f"dims {dims}; pass calibration=... (real inputs, best) or "
+                             f"input_shapes={{'{name}': [...]}} for random ones")
+        infos.append((name, dtype, [d or 1 for d in dims]))
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(n):
         feed = {}
-        for name, dtype, dims in _input_infos(model):
-            shape = [d or 1 for d in dims]
+        for name, dtype, shape in infos:
             if np.issubdtype(dtype, np.floating):
                 feed[name] = rng.standard_normal(shape).astype(dtype)
             else:
@@ -283,7 +303,7 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel: bool,
-          exclude: Iterable[str]) -> onnx.ModelProto:
+          exclude: Iterable[str], reduce_range: bool = False) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -312,12 +332,13 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
                                      f"{foreign}; expected plain ONNX")
             prepared_model, kept_float = _around_quantizer_bugs(prepared_model, per_channel,
                                                                 symmetric)
+            excluded = _prepared_names(exclude, prepared_model)
             quantize_static(
                 prepared_model, str(out), reader, quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
+                per_channel=per_channel, reduce_range=reduce_range,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=list(exclude) + kept_float or None,
+                nodes_to_exclude=excluded + kept_float or None,
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
         if kept_float:  # after _quiet_libraries, which raises the root logger's level
             log.warning("int8: %d node(s) kept in float, which ONNX Runtime's quantizer would "
@@ -326,6 +347,59 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
                         "tensor; see passes/quantize.py): %s",
                         len(kept_float), ", ".join(kept_float[:5]))
         return onnx.load(str(out))
+
+
+def _prepared_names(exclude: Iterable[str], prepared: onnx.ModelProto) -> list[str]:
+    """The prepared graph's names for the nodes ``exclude`` names in the float graph. The
+    preparation's fusions rename what they fuse (``MatMul -> Add`` becomes the Gemm
+    ``<matmul>/MatMulAddFusion``, ORT >= 1.2x): matched by name, else by that prefix. Excluding
+    a fused node's old name once excluded nothing, silently."""
+    names = [n.name for n in prepared.graph.node]
+    present = set(names)
+    out = []
+    for name in exclude:
+        if name in present:
+            out.append(name)
+            continue
+        fused = [n for n in names if n.startswith(name + "/")]
+        if not fused:
+            log.warning("int8: excluded node '%s' was folded away by the preparation (a "
+                        "BatchNorm into its Conv, a constant); nothing of it is left to "
+                        "keep float", name)
+        out.extend(fused)
+    return out
+
+
+def vnni_missing() -> bool:
+    """Whether this is an x86-64 CPU without VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8), where
+    ONNX Runtime's U8S8 kernels multiply with ``vpmaddubsw``, whose 16-bit pair sums saturate
+    (255 * 127 * 2 > 32767). Read from ``/proc/cpuinfo``; ``False`` where that is absent."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    except OSError:
+        pass
+    return False
+
+
+def check_disabled_optimizers(result: QuantizeResult) -> tuple[str, ...]:
+    """ONNX Runtime graph transformers to turn off when checking ``result``'s outputs on this
+    machine: its QDQ fusion (``QDQSelectorActionTransformer``: the int8 CPU kernels) where
+    those kernels are not the target — the ``"tensorrt"`` profile, or full 8-bit weights on a
+    CPU without VNNI, whose kernels saturate where the target's do not. The graph then runs as
+    its Q/DQ semantics say (float ops on dequantized values), what TensorRT computes."""
+    if result.mode != "int8":
+        return ()
+    if result.profile == "tensorrt" or (vnni_missing() and not result.reduce_range):
+        return ("QDQSelectorActionTransformer",)
+    return ()
 
 
 def _around_quantizer_bugs(model: onnx.ModelProto, per_channel: bool, symmetric: bool = False
@@ -614,14 +688,20 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
                   calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
                   profile: str = "ort", per_channel: bool = True,
                   exclude: Iterable[str] = (), random_batches: int = 8,
-                  seed: int = 0) -> QuantizeResult:
+                  seed: int = 0, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  reduce_range: bool | None = None) -> QuantizeResult:
     """INT8 QDQ (``mode="int8"``) or fp16 (``"fp16"``) version of a float32 ONNX ``model``.
 
     ``calibration``: feed dicts (see :func:`calibration_batches`); ``None`` calibrates on
     ``random_batches`` standard-normal batches, with a warning: activation ranges from random
-    data rarely match real data, so pass real samples for accuracy. ``profile``: ``"ort"``
+    data rarely match real data, so pass real samples for accuracy; an input with symbolic
+    dims past the batch then needs its shape in ``input_shapes``. ``profile``: ``"ort"``
     (uint8 activations, fast on ONNX Runtime CPU) or ``"tensorrt"`` (symmetric int8, what
     TensorRT builds); see the module docstring. ``exclude``: node names left in float.
+    ``reduce_range``: 7-bit weights (``[-64, 64]``), which ONNX Runtime's U8S8 kernels need on
+    x86 CPUs without VNNI (their 16-bit pair sums saturate: on a zoo ViT 17% output error
+    where the QDQ graph itself makes 4%); ``None`` (default) turns it on for the ``"ort"``
+    profile on such a CPU (:func:`vnni_missing`), with a warning, and off elsewhere.
     """
     if mode not in MODES:
         raise InputError(f"quantize mode must be one of {MODES}, got {mode!r}")
@@ -643,12 +723,19 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
         log.warning("int8 calibration on %d random batches: pass real inputs "
                     "(calibration=..., --calibration inputs.npz) for accurate ranges",
                     random_batches)
-        batches, source = _random_batches(model, random_batches, seed), "random"
+        batches = _random_batches(model, random_batches, seed, input_shapes)
+        source = "random"
     else:
         batches, source = list(calibration), "data"
+    if reduce_range is None:
+        reduce_range = profile == "ort" and vnni_missing()
+        if reduce_range:
+            log.warning("int8: this CPU has no VNNI, where ONNX Runtime's uint8 x int8 "
+                        "kernels saturate; weights are quantized to 7 bits (reduce_range). "
+                        "For a VNNI/AMX target, pass reduce_range=False")
     reader = BatchReader(batches)
     out = _int8(unique_node_names(_opset_for_qdq(model, per_channel)), reader, profile,
-                per_channel, exclude)
+                per_channel, exclude, bool(reduce_range))
     _check(out, "the int8 QDQ model")
     return QuantizeResult(out, "int8", profile, per_channel, len(reader), source,
-                          _quantized_nodes(out), _op_counts(out))
+                          _quantized_nodes(out), _op_counts(out), bool(reduce_range))

@@ -43,10 +43,11 @@ def _samples(model: onnx.ModelProto, n: int = 16) -> dict[str, np.ndarray]:
     return {inp.name: rng.standard_normal((n, *shape[1:])).astype(np.float32)}
 
 
-def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], disabled=()) -> np.ndarray:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled))
     return sess.run(None, feeds)[0]
 
 
@@ -54,6 +55,13 @@ def _relative_error(a: onnx.ModelProto, b: onnx.ModelProto, samples: dict[str, n
     feeds = {k: v[:1] for k, v in samples.items()}
     ref, got = _run(a, feeds), _run(b, feeds)
     return float(np.abs(ref - got).max() / np.abs(ref).max())
+
+
+def _relative_l2(a: onnx.ModelProto, b: onnx.ModelProto, samples: dict[str, np.ndarray]) -> float:
+    n = len(next(iter(samples.values())))
+    ref, got = (np.concatenate([_run(m, {k: v[i:i + 1] for k, v in samples.items()})
+                                for i in range(n)]) for m in (a, b))
+    return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
 
 
 def _zero_points(model: onnx.ModelProto) -> list[np.ndarray]:
@@ -77,8 +85,10 @@ def test_int8_qdq_runs_close_to_float_and_leaves_input_alone(name, request) -> N
     # every Conv / Gemm / MatMul with a weight reads a dequantized int8 initializer
     weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
     assert len(result.quantized_nodes) >= len(weighted) > 0
-    # stated tolerance: 10% of the largest output (random weights, 16 random samples)
-    assert _relative_error(model, result.model, samples) < 0.1
+    # stated tolerance, relative L2 over the 16 samples: 5% (ResNet), 20% (ViT, optimize's
+    # int8 tolerance: random weights make its uint8 attention logits the coarse step; its QDQ
+    # graph emulated in float measures 10-12%)
+    assert _relative_l2(model, result.model, samples) < {"resnet": 0.05, "vit": 0.2}[name]
     # "ort" profile: uint8 activations, int8 weights
     zps = _zero_points(result.model)
     assert any(z.dtype == np.uint8 for z in zps)
@@ -392,10 +402,15 @@ def test_int8_keeps_a_grouped_conv_transpose_with_bias_in_float(caplog) -> None:
 
 def _int8_error(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], **kwargs) -> float:
     """Relative L2 error of the INT8 model on its own calibration data (ranges cover it)."""
+    from secateurs.passes.quantize import check_disabled_optimizers
+
     result = quantize_onnx(model, "int8", calibration=feeds, **kwargs)
     onnx.checker.check_model(result.model, full_check=True)
     ref = np.concatenate([_run(model, f) for f in feeds])
-    got = np.concatenate([_run(result.model, f) for f in feeds])
+    # as optimize checks it: the "tensorrt" profile by its Q/DQ semantics, not this CPU's
+    # int8 kernels
+    disabled = check_disabled_optimizers(result)
+    got = np.concatenate([_run(result.model, f, disabled) for f in feeds])
     return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
 
 
@@ -494,3 +509,84 @@ def test_int8_of_a_layer_norm_over_two_axes() -> None:
                    [("x", [4, 10, 16])], [4, 10, 16], inits, opset=17)
     feeds = [{"x": rng.standard_normal((4, 10, 16)).astype(np.float32)} for _ in range(6)]
     assert _int8_error(model, feeds) < 0.05
+
+
+def test_random_calibration_needs_the_shape_of_a_symbolic_dim(audio_onnx) -> None:
+    """Random calibration set every symbolic dim to 1: a text model calibrated on one token,
+    an audio model's first strided conv (kernel 10) failed inside ORT's calibrator."""
+    model = onnx.load(audio_onnx)
+    assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_param
+    with pytest.raises(InputError, match="symbolic dims.*input_shapes"):
+        quantize_onnx(model, "int8", random_batches=2)
+    with pytest.raises(InputError, match="does not take as inputs"):
+        quantize_onnx(model, "int8", random_batches=2, input_shapes={"audio": [1, 400]})
+    name = model.graph.input[0].name
+    result = quantize_onnx(model, "int8", random_batches=2, input_shapes={name: [1, 400]})
+    feeds = {name: np.random.default_rng(1).standard_normal((1, 400)).astype(np.float32)}
+    assert _run(result.model, feeds).shape == (1, 4)
+
+
+def _sign_matmul() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]], np.ndarray]:
+    """``x @ W`` with ``W`` of +-1 and ``x`` in [0, 1]: uint8 activations near 255 and int8
+    weights at +-127, the products whose pair sums overflow 16 bits."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = np.sign(rng.standard_normal((256, 64))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calibration = [{"x": rng.uniform(0, 1, (1, 256)).astype(np.float32)} for _ in range(8)]
+    return model, calibration, w
+
+
+def test_reduce_range_where_the_cpu_kernels_saturate() -> None:
+    """ONNX Runtime's x86 U8S8 kernels without VNNI (AVX2: this CI's AMD EPYC) sum pairs of
+    uint8 x int8 products in 16 bits, saturating (255 * 127 * 2 > 32767): the fused int8
+    model ran 25% off a QDQ graph whose own error is 0.6%, and a zoo ViT 18% where its graph
+    makes 10%. 7-bit weights (reduce_range) cannot saturate; the default turns them on for
+    the "ort" profile on such a CPU, and the result says so."""
+    from secateurs.passes.quantize import check_disabled_optimizers, vnni_missing
+
+    model, calibration, w = _sign_matmul()
+    x = np.random.default_rng(1).uniform(0, 1, (1, 256)).astype(np.float32)
+    ref = x @ w
+
+    def error(result, disabled=()) -> float:
+        got = _run(result.model, {"x": x}, disabled)
+        return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+    reduced = quantize_onnx(model, calibration=calibration, reduce_range=True)
+    assert reduced.reduce_range and reduced.to_dict()["reduce_range"] is True
+    weights = [numpy_helper.to_array(t) for t in reduced.model.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims]
+    assert weights and max(int(np.abs(q).max()) for q in weights) <= 64
+    assert error(reduced) < 0.02
+    auto = quantize_onnx(model, calibration=calibration)
+    assert auto.reduce_range is vnni_missing()
+    assert check_disabled_optimizers(reduced) == ()  # checked on this CPU's int8 kernels
+    # TensorRT's artifact keeps 8-bit weights and is checked by its Q/DQ semantics
+    trt = quantize_onnx(model, calibration=calibration, profile="tensorrt")
+    assert trt.reduce_range is False
+    assert check_disabled_optimizers(trt) == ("QDQSelectorActionTransformer",)
+    assert error(trt, check_disabled_optimizers(trt)) < 0.02
+    full = quantize_onnx(model, calibration=calibration, reduce_range=False)
+    if vnni_missing():  # what the default avoids, on this hardware
+        assert error(full) > 0.1
+        assert error(full, check_disabled_optimizers(full)) < 0.02
+
+
+def test_excluded_names_follow_the_preparations_fusions(vit) -> None:
+    """The preparation fuses ``MatMul -> Add`` into a Gemm named ``<matmul>/MatMulAddFusion``
+    (ONNX Runtime >= 1.2x); excluding the MatMul by its own name excluded nothing."""
+    matmuls = [n.name for n in vit.graph.node if n.op_type == "MatMul"]
+    result = quantize_onnx(vit, "int8", calibration=calibration_batches(vit, _samples(vit, 4)),
+                           exclude=matmuls)
+    fused = [n for n in result.quantized_nodes if n.endswith("/MatMulAddFusion")]
+    plain = quantize_onnx(vit, "int8", calibration=calibration_batches(vit, _samples(vit, 4)))
+    if not [n for n in plain.quantized_nodes if n.endswith("/MatMulAddFusion")]:
+        pytest.skip("this onnxruntime's preparation does not fuse MatMul -> Add")
+    assert fused == [] and not set(result.quantized_nodes) & set(matmuls)
