@@ -141,3 +141,31 @@ def test_calibration_file_shapes_are_checked(tmp_path, capsys):
                  "--calibration", str(tmp_path / "c.npz")]) == 2
     err = capsys.readouterr().err
     assert "samples of shape (3, 8, 8)" in err and "(3, 32, 32)" in err
+
+
+def test_file_factory_with_keyword_inputs(tmp_path, capsys):
+    """A factory returning ``(module, {"x": ..., "mask": ...})`` (a tokenizer's output) had
+    its dict passed as ``forward``'s first argument; it is placed by the signature now, for
+    prune and sparsify alike."""
+    src = tmp_path / "m.py"
+    src.write_text(
+        "import torch\n"
+        "class Masked(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)\n"
+        "    def forward(self, x, scale=None, mask=None):\n"
+        "        return self.fc2(torch.relu(self.fc1(x)) * mask)\n"
+        "def make():\n"
+        "    return Masked(), {'mask': torch.ones(2, 1), 'x': torch.randn(2, 8)}\n")
+    out = tmp_path / "p.pt"
+    assert main(["prune", f"{src}:make", "--ratio", "0.5", "--round-to", "1", "--verify",
+                 "-o", str(out)]) == 0
+    assert "exact" in capsys.readouterr().out
+    pruned = torch.load(str(out), weights_only=False)
+    assert pruned(torch.randn(2, 8), None, torch.ones(2, 1)).shape == (2, 4)
+    sparse = tmp_path / "s.pt"
+    assert main(["sparsify", f"{src}:make", "--pattern", "2:4", "--method", "wanda",
+                 "--min-numel", "1", "-o", str(sparse)]) == 0
+    state = torch.load(str(sparse), weights_only=False)["state_dict"]
+    assert float((state["fc1.weight"] == 0).float().mean()) == 0.5

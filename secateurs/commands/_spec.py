@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pickle
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def load_torch_spec(spec: str, shapes: list[tuple[int, ...]] | None = None,
     """Build the model a spec names and example inputs for it.
 
     ``zoo:NAME`` brings its own inputs; ``path/to/file.py:factory`` may return a module or a
-    ``(module, example_inputs)`` pair, or the file may define ``example_inputs()``;
+    ``(module, example_inputs)`` pair, or the file may define ``example_inputs()``; inputs
+    given as a dict of keyword arguments are placed by ``forward``'s signature;
     ``shapes`` (from ``--input-shape``) override them with random tensors.
     """
     shapes = shapes or []
@@ -101,6 +103,12 @@ def load_torch_spec(spec: str, shapes: list[tuple[int, ...]] | None = None,
             inputs = example()
         except Exception as exc:  # noqa: BLE001 - user code
             raise InputError(f"'{path}': example_inputs() raised {_one_line(exc)}") from exc
+    if isinstance(inputs, Mapping) or (inputs is not None and hasattr(inputs, "keys")):
+        # keyword inputs (a tokenizer's output): placed by forward's signature, as prune_hf
+        # does; passed as one positional dict they were forward(x={...})
+        from secateurs.hf.layout import positional_inputs
+
+        inputs = positional_inputs(built, inputs)
     if inputs is not None:
         return built, inputs if isinstance(inputs, tuple) else (inputs,)
     if require_inputs:

@@ -11,7 +11,7 @@ the weights are multiplied along:
 * ``MatMul`` with a constant ``B`` ``[..., K, N]``: axis -2 (the rows of B). A ``B`` produced
   by ``Transpose`` / ``DequantizeLinear`` / ``Identity`` of an initializer is followed back.
 
-``check_sparse_eligibility`` applies these rules with onnx + numpy only (no TensorRT, no GPU),
+``check_sparse_eligibility`` applies these rules without TensorRT or a GPU,
 with size thresholds chosen as follows (they are parameters):
 
 * reduction size ``>= 64`` and output size ``>= 64``: TensorRT's sparse kernels tile both
@@ -121,20 +121,18 @@ _NO_GPU = (
 
 
 def _nm_ok(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
-    """True when every run of ``m`` consecutive values along ``axis`` has at most ``n`` non-zeros.
+    """True when every run of ``m`` consecutive values along ``axis`` has at most ``n`` non-zeros
+    (``passes.sparsify.is_nm_sparse`` on the initializer's array; an axis length that is not a
+    multiple of ``m`` is not N:M)."""
+    import torch
 
-    The axis length must be a multiple of ``m`` (otherwise the pattern is undefined: False).
-    TODO: replace with ``secateurs.passes.sparsify.is_nm_sparse`` once it exists.
-    """
-    w = np.moveaxis(np.asarray(weight), axis, -1)
-    if w.shape[-1] % m:
-        return False
-    groups = w.reshape(*w.shape[:-1], w.shape[-1] // m, m)
-    return bool(np.all(np.count_nonzero(groups, axis=-1) <= n))
+    from secateurs.passes.sparsify import is_nm_sparse
+
+    return is_nm_sparse(torch.from_numpy(np.ascontiguousarray(weight)), n, m, axis)
 
 
 # --------------------------------------------------------------------------------------------
-# Eligibility (onnx + numpy only)
+# Eligibility (no TensorRT, no GPU)
 # --------------------------------------------------------------------------------------------
 
 
