@@ -241,8 +241,12 @@ def _dynamic_batch(model: onnx.ModelProto) -> bool:
 
 def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0,
            low: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs at the analysed shapes: floats standard normal, integers in ``[low, low +
-    2)`` (token ids, indices), bools half true."""
+    """Random inputs at the analysed shapes: floats standard normal, bools half true,
+    integers from ``low``: token ids over the embedding table a ``Gather`` reads them from,
+    other integers (masks, indices) ``low`` or ``low + 1`` (``quantize.random_integers``: one
+    rule for every check and calibration input)."""
+    from secateurs.passes.quantize import random_integers
+
     rng = np.random.default_rng(seed)
     types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     feeds = {}
@@ -254,7 +258,7 @@ def _feeds(model: onnx.ModelProto, analysis: Analysis, seed: int = 0,
         elif dtype == np.bool_:
             feeds[name] = rng.random(shape) < 0.5
         else:
-            feeds[name] = rng.integers(low, low + 2, size=shape).astype(dtype)
+            feeds[name] = random_integers(model, name, shape, dtype, rng, low)
     return feeds
 
 

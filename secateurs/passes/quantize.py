@@ -205,19 +205,22 @@ def _random_batches(model: onnx.ModelProto, n: int, seed: int = 0,
 
 
 def random_integers(model: onnx.ModelProto, name: str, shape: Sequence[int], dtype: Any,
-                    rng: np.random.Generator) -> np.ndarray:
-    """Random values for integer input ``name``: token ids below the smallest table a
-    ``Gather`` reads with them (an embedding's rows), else 0 or 1 (a mask). Zeros, as these
-    once were, make an embedding model's output a constant: calibrated on them, an INT8 text
-    classifier came out answering the same for every input, and the check, on zeros too,
-    saw no difference."""
+                    rng: np.random.Generator, low: int = 0) -> np.ndarray:
+    """Random values for integer input ``name``: token ids in ``[low, rows)`` below the
+    smallest table a ``Gather`` reads with them (an embedding's rows), else ``low`` or
+    ``low + 1`` (a mask, an index). Zeros, as these once were, make an embedding model's
+    output a constant: calibrated on them, an INT8 text classifier came out answering the same
+    for every input, and the check, on zeros too, saw no difference. ``low`` moves off id 0
+    (a padding id some exports turn into NaN)."""
     inits = {t.name: t for t in model.graph.initializer}
     rows = [int(inits[n.input[0]].dims[int(next((a.i for a in n.attribute if a.name == "axis"),
                                                 0))])
             for n in model.graph.node if n.op_type == "Gather" and len(n.input) > 1
             and n.input[1] == name and n.input[0] in inits]
-    high = min(rows) if rows else 2
-    return rng.integers(0, max(high, 1), size=list(shape)).astype(dtype)
+    if not rows:
+        return rng.integers(low, low + 2, size=list(shape)).astype(dtype)
+    high = max(min(rows), 1)
+    return rng.integers(low if low < high else 0, high, size=list(shape)).astype(dtype)
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -128,7 +128,10 @@ def _nm_ok(weight: np.ndarray, n: int, m: int, axis: int) -> bool:
 
     from secateurs.passes.sparsify import is_nm_sparse
 
-    return is_nm_sparse(torch.from_numpy(np.ascontiguousarray(weight)), n, m, axis)
+    array = np.ascontiguousarray(weight)
+    if not array.flags.writeable:  # a view of an initializer's bytes
+        array = array.copy()
+    return is_nm_sparse(torch.from_numpy(array), n, m, axis)
 
 
 # --------------------------------------------------------------------------------------------

@@ -391,3 +391,36 @@ def test_check_inputs_avoid_ids_at_which_the_original_is_not_finite() -> None:
     assert result.report.exact is True and not result.report.repairs
     assert result.report.macs_kept < 0.75
     assert not any("not finite" in n for n in result.report.notes)
+
+
+def test_check_inputs_draw_token_ids_over_the_embedding_table() -> None:
+    """prune_onnx's check fed token ids 0 and 1 only (two embedding rows for every position),
+    while calibration drew them over the table: one rule now (``random_integers``), ids over
+    the vocabulary, a mask input still 0/1, and ``low`` moving off the padding id 0."""
+    from onnx import TensorProto, helper
+
+    from secateurs.passes.prune_onnx import _feeds, analyze_onnx
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((50, 16)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+             helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["mf", "axes"], ["mu"]),
+             helper.make_node("Mul", ["e", "mu"], ["em"]),
+             helper.make_node("MatMul", ["em", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "axes"))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 64]),
+                     helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    analysis = analyze_onnx(model)
+    feeds = _feeds(model, analysis)
+    assert feeds["ids"].max() > 10 and feeds["ids"].max() < 50
+    assert set(np.unique(feeds["mask"])) <= {0, 1}
+    assert _feeds(model, analysis, low=1)["ids"].min() >= 1
+    result = prune_onnx(model, ratio=0.5, round_to=1, verify=True)
+    assert result.report.exact and result.report.macs_after < result.report.macs_before
