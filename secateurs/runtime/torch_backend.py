@@ -3,9 +3,10 @@
 Under dynamo the module's parameters and buffers arrive as *graph inputs* (placeholders whose
 source is ``L['self']._modules[...]._parameters['weight']``). For an inference graph the backend
 
-1. **freezes** them: each weight placeholder becomes a constant attribute of the graph (the
-   contract: weights are read once at compile time; change them and you must recompile, as with
-   Inductor's ``freezing``);
+1. **freezes** them: each weight placeholder becomes a constant attribute of the graph; every
+   call checks that the tensors dynamo passes are still the frozen ones, unchanged (identity
+   and ``_version``), and recompiles the graph on the current weights when one is not (an
+   optimizer step, ``load_state_dict``, a reassigned parameter), with a warning;
 2. **removes dead channel groups**: units of exact groups whose producing slices (parameters
    and buffers) are all zero, kept only when the pruned graph reproduces the original on the
    call's inputs and on random ones (an op between producer and reader may map 0 to
@@ -292,6 +293,57 @@ def secateurs_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         log.warning("secateurs backend: %s; compiled unpruned (dead channel removal only runs "
                     "on inference graphs: eval mode, torch.no_grad() / inference_mode)", why)
         return downstream(gm, example_inputs)
+    compiled, keep = _compile_frozen(gm, example_inputs, opts, record, downstream)
+    return _Refreezing(gm, example_inputs, opts, downstream, compiled, keep)
+
+
+class _Refreezing:
+    """The compiled frozen graph, rebuilt when a weight it froze changed since: dynamo passes
+    the model's own tensors at every call, and the frozen copies ignored them — after an
+    optimizer step, a ``load_state_dict`` (an in-place copy) or a reassigned parameter, the
+    compiled model silently answered with the old weights. Each call compares the tensors it
+    gets with those frozen (identity and ``_version``: ~0.3 us a tensor, 90 us a call for ResNet-50's 320) and refreezes, with
+    a fresh analysis, on a change."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                 opts: BackendOptions, downstream: Callable[..., Any],
+                 compiled: Callable[..., Any], keep: list[int]) -> None:
+        self.gm, self.opts, self.downstream = gm, opts, downstream
+        self._set(example_inputs, compiled, keep)
+
+    def _set(self, inputs: Sequence[Any], compiled: Callable[..., Any], keep: list[int]) -> None:
+        kept = set(keep)
+        self.compiled, self.keep = compiled, keep
+        self.frozen = [(i, inputs[i], inputs[i]._version) for i in range(len(inputs))
+                       if i not in kept and isinstance(inputs[i], torch.Tensor)]
+
+    def __call__(self, *args: Any) -> Any:
+        for i, tensor, version in self.frozen:
+            arg = args[i]
+            if arg is not tensor or arg._version != version:
+                self._refreeze(args)
+                break
+        return self.compiled(*[args[i] for i in self.keep])
+
+    def _refreeze(self, args: Sequence[Any]) -> None:
+        global LAST_COMPILE, _COMPILES
+        log.warning("secateurs backend: a weight changed since this graph was compiled "
+                    "(optimizer step, load_state_dict, new parameter); recompiling it on the "
+                    "current weights")
+        record = CompileRecord()
+        LAST_COMPILE = record
+        _COMPILES += 1
+        with torch.no_grad():
+            compiled, keep = _compile_frozen(self.gm, list(args), self.opts, record,
+                                             self.downstream)
+        self._set(args, compiled, keep)
+
+
+def _compile_frozen(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                    opts: BackendOptions, record: CompileRecord,
+                    downstream: Callable[..., Any]) -> tuple[Callable[..., Any], list[int]]:
+    """Freeze the weights, remove what the options say, compile downstream; the compiled
+    function and the positions of the inputs it takes."""
     frozen, keep = freeze_weights(gm, example_inputs)
     inputs = [example_inputs[i] for i in keep]
     concrete = [_concrete(x) for x in inputs]  # verify runs on ints, never on SymInts
@@ -303,7 +355,7 @@ def secateurs_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
             raise InputError(f"secateurs backend: cannot analyse the graph for "
                              f"options['prune']={opts.prune} ({exc})") from exc
         log.warning("secateurs backend: analysis failed (%s); compiling unpruned", exc)
-        return _call_with(downstream(frozen, inputs), keep)
+        return downstream(frozen, inputs), keep
     tensors = dict(frozen.named_parameters())
     tensors.update(frozen.named_buffers())
     originals: dict[str, torch.Tensor] = frozen.meta.get("secateurs_originals", {})
@@ -342,7 +394,7 @@ def secateurs_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     if opts.sparse:
         record.sparse_linears = _swap_semi_structured(frozen, opts)
     record.graph = frozen
-    return _call_with(downstream(frozen, inputs), keep)
+    return downstream(frozen, inputs), keep
 
 
 def _mutated_weights(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[str]:
@@ -588,9 +640,3 @@ def _same_outputs(a: torch.fx.GraphModule, b: torch.fx.GraphModule, inputs: list
             return False
     return True
 
-
-def _call_with(compiled: Callable[..., Any], keep: list[int]) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        return compiled(*[args[i] for i in keep])
-
-    return run

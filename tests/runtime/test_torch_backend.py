@@ -401,3 +401,51 @@ def test_prune_that_removes_nothing_from_a_graph_says_so():
     compiled = _compile(Printing().eval(), prune=0.5)
     with torch.no_grad(), pytest.warns(tb.DenseFallbackWarning, match="removed nothing"):
         compiled(torch.randn(2, 16))
+
+
+def test_changed_weights_are_refrozen_not_stale(caplog):
+    """The frozen copies ignored the tensors dynamo passes at each call: after an in-place
+    update (an optimizer step, ``load_state_dict``) or a reassigned parameter the compiled
+    model answered with the old weights — zeroed weights still gave 0.48. Dead channels that
+    came alive were still removed. Each call now checks identity and ``_version``, and a
+    change recompiles the graph on the current weights (a fresh analysis)."""
+    model, x = _with_dead_channels("resnet")
+    model.eval()
+    compiled = _compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+        assert tb.LAST_COMPILE.removed_units > 0
+        count = tb.compile_count()
+        # the dead channels come alive: removing them now would be a wrong program
+        fresh = zoo.get("resnet").build().eval()
+        model.load_state_dict(fresh.state_dict())
+        with caplog.at_level("WARNING"):
+            out = compiled(*x)
+        assert "a weight changed" in caplog.text
+        torch.testing.assert_close(out, model(*x), rtol=1e-4, atol=1e-5)
+        assert tb.compile_count() == count + 1 and tb.LAST_COMPILE.removed_units == 0
+        compiled(*x)
+        assert tb.compile_count() == count + 1  # unchanged weights: no recompile
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        conv.weight = nn.Parameter(conv.weight * 3)  # a reassigned parameter
+        torch.testing.assert_close(compiled(*x), model(*x), rtol=1e-4, atol=1e-5)
+
+
+def test_prune_after_a_weight_update_is_the_masked_current_model():
+    """With ``prune``, the graph recompiled after an in-place update removes units chosen on
+    the current weights and equals the current model with those slices zeroed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    names = {"_modules_0_parameters_weight_": "0.weight", "_modules_0_parameters_bias_": "0.bias",
+             "_modules_2_parameters_weight_": "2.weight", "_modules_2_parameters_bias_": "2.bias"}
+    records: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=_recording(records, prune=0.5))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        compiled(x)
+        model[0].weight.mul_(torch.rand(64, 1) * 4)  # other rows become the important ones
+        y = compiled(x)
+    last = tb.LAST_COMPILE
+    assert last is not records[-1] and last.removed_units > 0  # the recompile's record
+    assert torch.allclose(y, _zeroed(model, [last], names)(x), atol=1e-5)
