@@ -665,12 +665,78 @@ def _dense_leftovers(model: nn.Module, prefix: str, handled: set[int]) -> list[S
             if param is None or id(param) in seen or param.dim() < 2 or param.shape[0] < 2:
                 continue
             seen.add(id(param))
-            what = ("batched expert weights (MoE) are not sparsified yet" if param.dim() == 3
+            what = ("3-D weights outside a recognised MoE block (a router and an experts "
+                    "module) are not sparsified" if param.dim() == 3
                     else "not an nn.Linear / Conv / Conv1D weight")
             full = f"{prefix}{name}.{pname}" if name else f"{prefix}{pname}"
             out.append(SkippedLayer(full, f"{type(module).__name__} parameter of shape "
                                           f"{list(param.shape)}: {what}; left dense"))
     return out
+
+
+def _expert_weights(model: nn.Module, prefix: str, ignore: set[str], pattern: Pattern,
+                    method: str, global_: bool, min_numel: int
+                    ) -> tuple[list[tuple[str, nn.Parameter, int]], list[tuple[str, str]]]:
+    """MoE experts' batched 3-D weights (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``,
+    or transposed, as recent transformers store them; ``hf.moe.moe_blocks`` finds the blocks
+    and the width dim of each tensor) with the axis each expert's product reduces over — the
+    width dim for ``down_proj`` (it reads the intermediate), the other one for the projections
+    into it — and the ones left dense, with the reason. Magnitude only: a calibrated method
+    needs each expert's routed inputs."""
+    from secateurs.hf.moe import moe_blocks
+
+    out: list[tuple[str, nn.Parameter, int]] = []
+    skips: list[tuple[str, str]] = []
+    try:
+        blocks = moe_blocks(model)
+    except Exception:  # noqa: BLE001 - a model moe_blocks cannot read keeps the leftover report
+        return out, skips
+    for block in blocks:
+        widths = {name: dim for name, dim, _ in block.width}
+        for name in block.expert_tensors:
+            param = dict(model.named_parameters()).get(name)
+            if param is None or param.dim() != 3:
+                continue
+            full = prefix + name
+            why = None
+            if _ignored(full, ignore) or _ignored(prefix + block.experts, ignore):
+                why = "ignored by request"
+            elif name not in widths:
+                why = ("batched expert weights (MoE) whose layout cannot be told (hidden size "
+                       "equals the expert width): left dense")
+            elif method != "magnitude" or global_:
+                why = (f"batched expert weights (MoE) are sparsified by method='magnitude' "
+                       f"(per layer) only: {'a global threshold' if global_ else method} "
+                       "needs each expert's routed inputs; left dense")
+            elif pattern.kind == "bsr":
+                why = "batched expert weights (MoE) take N:M or unstructured patterns; left dense"
+            elif param.numel() < min_numel:
+                why = f"numel {param.numel()} < min_numel {min_numel}"
+            axis = widths.get(name, 1) if name.rsplit(".", 1)[-1].startswith("down") \
+                else 3 - widths.get(name, 1)
+            if why is None and pattern.kind == "nm" and param.shape[axis] % pattern.m:
+                why = (f"reduction dim {param.shape[axis]} is not a multiple of {pattern.m}; "
+                       "left dense")
+            if why:
+                skips.append((full, why))
+            else:
+                out.append((full, param, axis))
+    return out, skips
+
+
+@torch.no_grad()
+def _sparsify_experts(param: nn.Parameter, axis: int, pattern: Pattern,
+                      sparsity: float) -> torch.Tensor:
+    """Zero ``param`` (``[E, a, b]``) expert by expert, groups along ``axis``; the keep mask."""
+    keep = torch.empty(param.shape, dtype=torch.bool)
+    for e in range(param.shape[0]):
+        w = param[e].detach().float()
+        rows = w if axis == 2 else w.t()  # [out, in]: groups along the last dim
+        k = mask_from_scores(rows.abs(), pattern, sparsity)
+        k = k if axis == 2 else k.t()
+        param[e].mul_(k.to(param.dtype))
+        keep[e] = k.cpu()
+    return keep
 
 
 def _resolve_ignore(model: nn.Module, ignore: Sequence[str]) -> set[str]:
@@ -801,6 +867,11 @@ class Sparsify:
                 skipped.append(SkippedLayer(pname, reason))
                 continue
             candidates[name] = module
+        experts, expert_skips = _expert_weights(model, prefix, ignore, pattern, self.method,
+                                                self.global_, self.min_numel)
+        handled.update(id(p) for _, p, _ in experts)
+        handled.update(id(model.get_parameter(n[len(prefix):])) for n, _ in expert_skips)
+        skipped += [SkippedLayer(n, why) for n, why in expert_skips]
         skipped += _dense_leftovers(model, prefix, handled)
 
         groups = [[name] for name in candidates]
@@ -845,6 +916,16 @@ class Sparsify:
                 masks[_param_name(prefix, name)] = keep
                 layers.append(self._layer_report(_param_name(prefix, name), module, keep, pattern))
                 log.debug("sparsified %s%s: %.1f%% zeros", prefix, name, 100 * layers[-1].sparsity)
+        for full, param, axis in experts:
+            keep = _sparsify_experts(param, axis, pattern, self.sparsity)
+            masks[full] = keep
+            weight = param.detach().cpu()
+            valid = is_nm_sparse(weight, pattern.n, pattern.m, axis) if pattern.kind == "nm" \
+                else True
+            layers.append(LayerSparsity(
+                name=full, kind="experts", shape=tuple(weight.shape), numel=weight.numel(),
+                zeros=weight.numel() - int(weight.count_nonzero()),
+                valid=valid and not bool(weight.ne(0).logical_and_(~keep).any())))
         model.train(was_training)
         return masks, layers, skipped
 

@@ -92,15 +92,39 @@ def test_calibration_with_the_kv_cache_on(method) -> None:
     assert cached.config.use_cache is True and a.model.config.use_cache is True
 
 
-def test_moe_expert_weights_are_reported_as_left_dense() -> None:
+def test_moe_expert_weights_are_sparsified_along_each_experts_reduction_dim() -> None:
     """Mixtral's experts are 3-D parameters (``gate_up_proj [E, 2I, H]``) used by grouped
     matmuls, not Linears: they stayed dense while the report said "N sparsified, 0 skipped"
-    (model sparsity 0.087 for an implied 0.5). They are listed as skipped, with the reason."""
+    (model sparsity 0.087 for an implied 0.5), then were listed as left dense. Magnitude now
+    sparsifies them expert by expert, groups along what each product reduces over (H for
+    gate_up, I for down_proj; the other dims when transposed, GPT-OSS); a calibrated method
+    leaves them dense, saying why."""
+    from secateurs.hf.moe import moe_blocks
+    from secateurs.passes.sparsify import is_nm_sparse
+
+    for family in ("mixtral", "gpt_oss"):
+        model = tiny_model(family)
+        blocks = moe_blocks(model)
+        result = secateurs.sparsify(model, "2:4", min_numel=1)
+        layers = {layer.name: layer for layer in result.report.layers}
+        params = dict(result.model.named_parameters())
+        experts = [(n, b.inter) for b in blocks for n in b.expert_tensors if params[n].dim() == 3]
+        assert experts
+        for name, inter in experts:
+            weight = params[name].detach()
+            reduce = inter if name.endswith("down_proj") else model.config.hidden_size
+            axes = [d for d in (1, 2) if weight.shape[d] == reduce]
+            assert len(axes) == 1, (family, name, weight.shape)  # the tiny config tells them
+            assert is_nm_sparse(weight, 2, 4, axes[0]), (family, name)
+            assert layers[name].kind == "experts" and layers[name].valid
+            assert layers[name].sparsity == 0.5
+            assert result.masks[name].shape == weight.shape
+        batch = {"input_ids": torch.randint(0, 50, (1, 8))}
+        assert torch.isfinite(result.model(**batch).logits).all()
     model = tiny_model("mixtral")
-    result = secateurs.sparsify(model, "2:4")
-    skipped = {s.name: s.reason for s in result.report.skipped}
+    wanda = secateurs.sparsify(model, "2:4", method="wanda",
+                               calibration=[{"input_ids": torch.randint(0, 50, (1, 8))}])
+    skipped = {s.name: s.reason for s in wanda.report.skipped}
     experts = [n for n, p in model.named_parameters() if p.dim() == 3]
-    assert experts and all(n in skipped for n in experts)
-    assert all("batched expert weights (MoE)" in skipped[n] for n in experts)
-    for name in experts:
-        assert _zero_fraction(dict(result.model.named_parameters())[name]) == 0.0
+    assert all("method='magnitude'" in skipped[n] for n in experts)
+    assert all(_zero_fraction(dict(wanda.model.named_parameters())[n]) == 0.0 for n in experts)

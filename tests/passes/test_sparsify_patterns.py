@@ -268,6 +268,6 @@ def test_matrix_parameters_outside_layers_are_reported_dense() -> None:
     model = nn.Sequential(nn.Linear(8, 32), Experts(), nn.GRU(16, 16))
     result = sparsify(model, "2:4")
     skipped = {s.name: s.reason for s in result.report.skipped}
-    assert "batched expert weights" in skipped["1.w"]
+    assert "outside a recognised MoE block" in skipped["1.w"]
     assert "not an nn.Linear" in skipped["2.weight_ih_l0"]
     assert "1.cls" not in skipped
