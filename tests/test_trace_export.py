@@ -37,6 +37,33 @@ def test_export_fallback_prunes_a_model_that_runs_at_other_batches() -> None:
         assert ok, (batch, diff)
 
 
+def test_an_exported_pruned_model_takes_its_own_mode_and_refuses_the_other() -> None:
+    """torch.export's module refuses eval() outright; the pruned model accepts the mode it was
+    traced in (so .eval() and ONNX export work) and names why it cannot train."""
+    model = _ChunkList().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruned = secateurs.prune(model, x, ratio=0.5).model
+    assert pruned.eval() is pruned and not pruned.training
+    assert not any(m.training for m in pruned.modules())
+    with pytest.raises(NotImplementedError, match="traced by torch.export in eval mode"):
+        pruned.train()
+    from secateurs.runtime.onnx_export import export_onnx
+
+    assert export_onnx(pruned, x, exporter="torchscript").graph.node  # verified against torch
+    raw = torch.export.export(model, (x,)).module()  # flagged training, refuses eval()
+    assert export_onnx(raw, x, exporter="torchscript").graph.node
+
+
+def test_optimize_an_exported_model_to_int8() -> None:
+    """The pipeline's prune stage exports the pruned program to ONNX (it crashed on eval())."""
+    model = _ChunkList().eval()
+    result = secateurs.optimize(model, torch.randn(2, 3, 8, 8), prune=0.5, round_to=1,
+                                quantize="int8", measure=False)
+    assert [r.stage for r in result.stages] == ["input", "prune", "quantize"]
+    assert result.stage("prune").details["mask_equivalent"] is True
+    assert result.stage("prune").macs < result.stage("input").macs
+
+
 def test_an_exported_program_says_which_sizes_it_fixed() -> None:
     """Only the batch stays symbolic under torch.export: the report says the pruned program
     runs at the example's other sizes, and for a Hugging Face model points to prune_hf."""

@@ -10,6 +10,7 @@ import functools
 import inspect
 import logging
 import operator
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,6 +125,7 @@ def trace(model: nn.Module, example_inputs: Any,
         ep, symbolic = _export(model, args, dynamic_batch)
         gm = ep.module()
         _inline_wrapped_regions(gm)
+        _fixed_mode(gm, model.training)
     except Exception as exc:  # noqa: BLE001 - report both failures together
         raise TraceError(
             f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
@@ -148,6 +150,27 @@ def trace(model: nn.Module, example_inputs: Any,
                 "inputs at the batch you deploy, or make the forward traceable by torch.fx",
                 type(model).__name__, sizes)
     return gm, "export (static shapes)"
+
+
+def _fixed_mode(gm: torch.fx.GraphModule, training: bool) -> None:
+    """Let an exported program's module take ``eval()``/``train()`` to the mode it was traced
+    in (torch refuses both: ``Calling eval() is not supported yet``, so a pruned model's
+    ``.eval()`` crashed, as did exporting it to ONNX); the other mode is refused with the
+    reason, since dropout and BatchNorm behaviour are fixed in the graph."""
+    traced = "training" if training else "eval"
+
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        if bool(mode) != training:
+            raise NotImplementedError(
+                f"this program was traced by torch.export in {traced} mode and runs in it "
+                f"(dropout and BatchNorm behaviour are part of the graph): it cannot switch "
+                f"to {'training' if mode else 'eval'} mode; put the model in that mode "
+                f"before pruning")
+        return nn.Module.train(self, mode)
+
+    gm.train = types.MethodType(train, gm)  # type: ignore[method-assign]
+    gm.eval = types.MethodType(lambda self: self.train(False), gm)  # type: ignore[method-assign]
+    nn.Module.train(gm, training)
 
 
 def _refuses_batch_one(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> str | None:

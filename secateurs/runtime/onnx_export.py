@@ -29,6 +29,7 @@ used is recorded in the model's ``metadata_props`` (``secateurs.exporter``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
@@ -257,8 +258,14 @@ def export_onnx(
         raise InputError("export_onnx: every example input must be a torch.Tensor")
     was_training = model.training
     if was_training:
-        _log.warning("export_onnx: model is in training mode; exporting in eval mode")
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:
+            # torch.export's module refuses mode switches, which the exporters make; its mode
+            # is part of its graph, and a GraphModule copy (sharing the weights) takes them
+            model, was_training = copy.copy(model).eval(), False
+        else:
+            _log.warning("export_onnx: model is in training mode; exporting in eval mode")
     try:
         with torch.no_grad():
             expected = _flatten_outputs(model(*args))
