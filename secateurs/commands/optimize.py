@@ -12,7 +12,9 @@ optional; the report table gives, per stage, size on disk, MACs, ONNX Runtime CP
 Runtime CPU's fast path) or ``tensorrt`` (symmetric int8, what TensorRT builds).
 ``--int8-weights auto`` (default) quantizes weights to 7 bits for the ort profile on an x86
 CPU without VNNI, where ONNX Runtime's uint8 x int8 kernels saturate; ``8`` for a VNNI/AMX
-or ARM target built elsewhere.
+or ARM target built elsewhere. An int8 model further than 20% from its float input is
+refused with its noisiest activations and the nodes that keep them float: ``--keep-float``
+them, or ``--quantize-op-types MatMul`` for a transformer.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--int8-weights", choices=("auto", "8", "7"), default="auto",
                    help="int8 weight bits: auto = 7 for the ort profile on an x86 CPU without "
                    "VNNI (its kernels saturate), else 8 (default auto)")
+    p.add_argument("--keep-float", metavar="NODE,...", type=_names, default=[],
+                   help="node names the quantize stage leaves float (names of the pruned "
+                   "graph, as the int8 check's refusal lists its noisiest nodes)")
+    p.add_argument("--quantize-op-types", metavar="OP,...", type=_names, default=None,
+                   help="int8 only these ONNX op types, e.g. MatMul for a transformer whose "
+                   "residual Add/LayerNorm carry outliers (default: every type ORT quantizes)")
     p.add_argument("--calibration", metavar="FILE.npz",
                    help="int8 calibration inputs: one array per model input, samples on dim 0")
     p.add_argument("--importance", default="l2", help="pruning criterion (default l2)")
@@ -65,6 +73,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-measure", action="store_true", help="skip the latency stage")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give one or more comma-separated names")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                       sparsify=args.sparsify, quantize=args.quantize,
                       calibration=args.calibration, profile=args.int8_profile,
                       reduce_range={"auto": None, "8": False, "7": True}[args.int8_weights],
+                      keep_float=args.keep_float, quantize_op_types=args.quantize_op_types,
                       importance=args.importance, round_to=args.round_to,
                       input_shapes=input_shapes, output=args.output, report=args.report,
                       plot=args.plot, measure=not args.no_measure, threads=args.threads,

@@ -476,7 +476,9 @@ def _quantize(state: _State) -> None:
     shapes = {k: list(np.shape(v)) for k, v in (state.feeds or {}).items()}
     result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
                            profile=opts["profile"], input_shapes=shapes or None,
-                           reduce_range=opts["reduce_range"])
+                           reduce_range=opts["reduce_range"],
+                           exclude=_kept_float(state.model, opts["keep_float"]),
+                           op_types=opts["quantize_op_types"])
     details = result.to_dict()
     state.check_disabled = check_disabled_optimizers(result)
     if state.check_disabled:
@@ -501,6 +503,7 @@ def _check(state: _State) -> None:
 
     feeds = state.feeds or {}
     previous: list[np.ndarray] | None = None
+    previous_model = None
     for stage, model in state.models.items():
         try:
             onnx.checker.check_model(model, full_check=True)
@@ -511,17 +514,69 @@ def _check(state: _State) -> None:
         rel = 0.0 if previous is None else _relative_l2(previous, out)
         mode = state.details[stage].get("mode")
         if stage == "quantize" and rel > TOLERANCES[mode]:
-            hint = ("calibrate on real inputs (--calibration inputs.npz) or keep the "
-                    "sensitive nodes float (quantize_onnx(..., exclude=[...]))"
-                    if mode == "int8" else
+            hint = (_int8_hint(state, model, previous_model) if mode == "int8" else
                     "a value past fp16's range (an activation above 65504, a large mask "
                     "constant) or a precision-sensitive op; keep those nodes fp32 "
-                    "(quantize_onnx(..., 'fp16', exclude=[...])) or use int8")
+                    "(--keep-float NODE,..., optimize(..., keep_float=[...])) or use int8")
             raise SecateursError(
                 f"the {mode} model's outputs differ from its float input by {rel:.1%} "
                 f"(relative L2 error; tolerance {TOLERANCES[mode]:.0%}): {hint}")
         state.details[stage]["stage_diff"] = rel
-        previous = out
+        previous, previous_model = out, model
+
+
+NOISY_DB = 25.0  # an int8 activation noisier than this (~6% RMS error) is worth keeping float
+
+
+def _int8_hint(state: _State, model: Any, float_model: Any) -> str:
+    """What to do about an int8 model that failed its check: its noisiest activations (ONNX
+    Runtime's QDQ debugging, on the check inputs) and the nodes that keep them float."""
+    from secateurs.passes.quantize import activation_noise
+
+    advice = []
+    try:
+        noisy = activation_noise(model, state.feeds or {}, float_model, top=12)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the refusal
+        log.debug("int8 activation noise not measured: %s", exc)
+        noisy = []
+    # the worst three, and any other below NOISY_DB: the ones a rerun would name next
+    noisy = [n for i, n in enumerate(noisy) if i < 3 or n.sqnr_db < NOISY_DB]
+    if noisy:
+        listed = ", ".join((f"the output of '{n.producer}'" if n.producer else f"'{n.tensor}'")
+                           + f" {n.sqnr_db:.0f} dB" for n in noisy[:3])
+        more = len(noisy) - 3
+        if more > 0:
+            listed += f" and {more} more below {NOISY_DB:.0f} dB"
+        nodes = list(dict.fromkeys(name for n in noisy for name in n.nodes))
+        advice.append(f"its noisiest int8 activations are {listed} (signal-to-quantization-"
+                      f"noise; 8 bits over a range the values fill give ~40 dB): a few "
+                      f"outlier values set one range per tensor and round the rest coarsely. "
+                      f"Keep them float: --keep-float {','.join(nodes)} (optimize(..., "
+                      f"keep_float=[...]))")
+    else:
+        advice.append("keep the sensitive nodes float (--keep-float NODE,..., optimize(..., "
+                      "keep_float=[...]))")
+    if state.options["quantize_op_types"] is None:
+        advice.append("for a transformer, quantize only its MatMuls (--quantize-op-types "
+                      "MatMul): its residual Add/LayerNorm carry the outliers")
+    if state.calibration is None:
+        advice.append("calibrate on real inputs (--calibration inputs.npz): this ran on "
+                      + ("the example inputs (one batch)" if state.example_inputs is not None
+                         else "random inputs"))
+    return "; ".join(advice) + "; or use fp16"
+
+
+def _kept_float(model: Any, names: Sequence[str] | None) -> list[str]:
+    """``keep_float`` checked against the graph the quantize stage gets."""
+    if not names:
+        return []
+    present = {n.name for n in model.graph.node}
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        raise InputError(f"keep_float names {unknown[:5]} are not nodes of the graph the "
+                         f"quantize stage gets (the pruned/sparsified model; the int8 check's "
+                         f"refusal names nodes as it has them)")
+    return list(names)
 
 
 def _measure(state: _State) -> None:
@@ -628,6 +683,18 @@ def _validate(opts: dict[str, Any]) -> None:
         raise InputError(f"int8 profile must be one of {PROFILES}, got {opts['profile']!r}")
     if opts["calibration"] is not None and opts["quantize"] != "int8":
         raise InputError("calibration data is only used by quantize='int8'")
+    for key in ("keep_float", "quantize_op_types"):
+        value = opts[key]
+        if value is None:
+            continue
+        if isinstance(value, str) or not isinstance(value, Sequence) or not all(
+                isinstance(v, str) for v in value):
+            raise InputError(f"{key} takes a list of names, got {value!r}")
+        if value and opts["quantize"] is None:
+            raise InputError(f"{key} is only used by quantize='int8' or 'fp16'")
+    if opts["quantize_op_types"] is not None and opts["quantize"] != "int8":
+        raise InputError("quantize_op_types picks the op types int8 quantizes; fp16 converts "
+                         "every op (keep_float keeps nodes fp32)")
     if opts["reduce_range"] not in (None, True, False):
         raise InputError(f"reduce_range must be None (auto), True or False, got "
                          f"{opts['reduce_range']!r}")
@@ -640,7 +707,9 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
              target_macs: float | None = None, target_latency: float | None = None,
              sparsify: str | None = None,
              quantize: str | None = None, calibration: Any = None, profile: str = "ort",
-             reduce_range: bool | None = None, importance: str = "l2", round_to: int | str | None = None,
+             reduce_range: bool | None = None, keep_float: Sequence[str] = (),
+             quantize_op_types: Sequence[str] | None = None,
+             importance: str = "l2", round_to: int | str | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None,
              output: str | os.PathLike[str] | None = None,
              report: str | os.PathLike[str] | None = None,
@@ -659,6 +728,10 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     default: the example inputs (torch) or random inputs (ONNX), with a warning.
     ``reduce_range``: 7-bit int8 weights; default ``None``: on for the ``"ort"`` profile on an
     x86 CPU without VNNI, whose kernels saturate otherwise (``quantize_onnx``).
+    ``keep_float``: node names the quantize stage leaves float (names of the graph it gets,
+    the pruned and sparsified one; the int8 check's refusal lists its noisiest nodes).
+    ``quantize_op_types``: int8 only the op types to quantize (e.g. ``["MatMul"]`` for a
+    transformer whose residual stream carries outliers); default all.
     ``round_to``: default ``"auto"`` (widths per op kind for ONNX Runtime's CPU kernels,
     ``passes/kernel_widths.py``: what ``prune_onnx`` and ``secateurs prune`` on an ONNX file
     do), for torch and ONNX input alike; an integer is applied as given. ``output`` /
@@ -677,11 +750,15 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
                             "target_latency": target_latency, "sparsify": sparsify,
                             "quantize": quantize, "calibration": calibration,
                             "profile": profile, "reduce_range": reduce_range,
+                            "keep_float": keep_float, "quantize_op_types": quantize_op_types,
                             "importance": importance, "round_to": round_to,
                             "input_shapes": dict(input_shapes) if input_shapes else None,
                             "measure": measure, "threads": threads, "repeats": repeats,
                             "warmup": warmup}
     _validate(opts)
+    opts["keep_float"] = list(opts["keep_float"] or ())
+    if quantize_op_types is not None:
+        opts["quantize_op_types"] = list(quantize_op_types)
     inputs = [model] if isinstance(model, (str, os.PathLike)) else []
     if isinstance(calibration, (str, os.PathLike)):
         inputs.append(calibration)

@@ -52,7 +52,7 @@ from secateurs.errors import InputError, SecateursError
 
 __all__ = ["quantize_onnx", "QuantizeResult", "BatchReader", "load_calibration",
            "calibration_batches", "vnni_missing", "check_disabled_optimizers", "MODES",
-           "PROFILES"]
+           "PROFILES", "activation_noise", "ActivationNoise"]
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,14 @@ class QuantizeResult:
     quantized_nodes: tuple[str, ...]
     op_counts: Mapping[str, int]
     reduce_range: bool = False
+    op_types: tuple[str, ...] | None = None  # None: every type the quantizer handles
+    excluded: tuple[str, ...] = ()  # nodes the caller kept float
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "profile": self.profile, "per_channel": self.per_channel,
                 "reduce_range": self.reduce_range,
+                "op_types": None if self.op_types is None else list(self.op_types),
+                "excluded": list(self.excluded),
                 "calibration_batches": self.calibration_batches,
                 "calibration_source": self.calibration_source,
                 "quantized_nodes": len(self.quantized_nodes), "op_counts": dict(self.op_counts)}
@@ -101,6 +105,9 @@ class BatchReader:
 
     def rewind(self) -> None:
         self._it = iter(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -306,7 +313,8 @@ def _quiet_libraries() -> Iterator[None]:
 
 
 def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel: bool,
-          exclude: Iterable[str], reduce_range: bool = False) -> onnx.ModelProto:
+          exclude: Iterable[str], reduce_range: bool = False,
+          float_nodes: Sequence[str] = ()) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -336,6 +344,8 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
             prepared_model, kept_float = _around_quantizer_bugs(prepared_model, per_channel,
                                                                 symmetric)
             excluded = _prepared_names(exclude, prepared_model)
+            excluded += [n for n in _prepared_names(float_nodes, prepared_model, quiet=True)
+                         if n not in excluded]
             quantize_static(
                 prepared_model, str(out), reader, quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, reduce_range=reduce_range,
@@ -352,7 +362,8 @@ def _int8(model: onnx.ModelProto, reader: BatchReader, profile: str, per_channel
         return onnx.load(str(out))
 
 
-def _prepared_names(exclude: Iterable[str], prepared: onnx.ModelProto) -> list[str]:
+def _prepared_names(exclude: Iterable[str], prepared: onnx.ModelProto,
+                    quiet: bool = False) -> list[str]:
     """The prepared graph's names for the nodes ``exclude`` names in the float graph. The
     preparation's fusions rename what they fuse (``MatMul -> Add`` becomes the Gemm
     ``<matmul>/MatMulAddFusion``, ORT >= 1.2x): matched by name, else by that prefix. Excluding
@@ -365,12 +376,84 @@ def _prepared_names(exclude: Iterable[str], prepared: onnx.ModelProto) -> list[s
             out.append(name)
             continue
         fused = [n for n in names if n.startswith(name + "/")]
-        if not fused:
+        if not fused and not quiet:
             log.warning("int8: excluded node '%s' was folded away by the preparation (a "
                         "BatchNorm into its Conv, a constant); nothing of it is left to "
                         "keep float", name)
         out.extend(fused)
     return out
+
+
+@dataclass(frozen=True)
+class ActivationNoise:
+    """One quantized activation of an int8 QDQ model and the noise its int8 range adds:
+    ``sqnr_db``, signal-to-quantization-noise ratio of the tensor before vs after its
+    ``QuantizeLinear -> DequantizeLinear`` pair (higher is better; 8 bits over a range its
+    values fill give about 40 dB, a range a few outliers stretch gives a few dB).
+    ``nodes``: the float model's nodes to exclude to keep the tensor float (its producer
+    and the nodes that read it quantized)."""
+
+    tensor: str
+    sqnr_db: float
+    nodes: tuple[str, ...]
+    producer: str | None = None  # the float model's node that computes the tensor
+
+
+def activation_noise(qdq_model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                     float_model: onnx.ModelProto | None = None,
+                     top: int = 3) -> list[ActivationNoise]:
+    """The ``top`` noisiest quantized activations of ``qdq_model`` on ``feeds``, worst first,
+    measured with ONNX Runtime's QDQ debugging tools (``qdq_loss_debug``: every tensor and its
+    dequantized copy become outputs; graph optimisations off, so the pairs stay). Node names
+    are mapped back to ``float_model``'s (the preparation renames what it fuses) where given.
+    This is where an int8 model's error usually comes from: a per-tensor range that a few
+    outlier channels set (transformer FFN and attention outputs), which rounds the rest to a
+    handful of levels."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_signal_to_quantization_noice_ratio,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="secateurs-qdq-") as tmp, _quiet_libraries():
+        src, augmented = Path(tmp) / "qdq.onnx", Path(tmp) / "augmented.onnx"
+        onnx.save(qdq_model, src)
+        modify_model_output_intermediate_tensors(src, augmented)
+        acts = collect_activations(str(augmented), BatchReader([feeds]))
+    # (compute_activation_error needs the float model's activations too, ORT 1.32)
+    pairs = create_activation_matching(acts)
+    noisy = sorted((float(compute_signal_to_quantization_noice_ratio(p["pre_qdq"],
+                                                                     p["post_qdq"])), name)
+                   for name, p in pairs.items() if p.get("pre_qdq") and p.get("post_qdq"))
+    noisy = [(sqnr, name) for sqnr, name in noisy if np.isfinite(sqnr)]
+    producers = {o: n.name for n in qdq_model.graph.node for o in n.output}
+    readers: dict[str, list[str]] = collections.defaultdict(list)
+    for node in qdq_model.graph.node:
+        for name in node.input:
+            readers[name].append(node.name)
+    float_names = None if float_model is None else {n.name for n in float_model.graph.node}
+    out = []
+    for sqnr, tensor in noisy[:top]:
+        made = producers.get(tensor) or producers.get(tensor + "_QuantizeLinear_Input")
+        producer = _float_name(made, float_names) if made else None
+        names = [_float_name(n, float_names)
+                 for n in readers.get(tensor + "_DequantizeLinear_Output", [])]
+        nodes = tuple(dict.fromkeys(n for n in [producer, *names] if n))
+        out.append(ActivationNoise(tensor, sqnr, nodes, producer))
+    return out
+
+
+def _float_name(name: str, float_names: set[str] | None) -> str | None:
+    """``name`` of a prepared-graph node as the float graph names it: itself, or the longest
+    ``/``-prefix that is a float node (``<matmul>/MatMulAddFusion``); None if neither."""
+    if float_names is None or name in float_names:
+        return name
+    parts = name.split("/")
+    for end in range(len(parts) - 1, 0, -1):
+        if "/".join(parts[:end]) in float_names:
+            return "/".join(parts[:end])
+    return None
 
 
 def vnni_missing() -> bool:
@@ -692,7 +775,8 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
                   profile: str = "ort", per_channel: bool = True,
                   exclude: Iterable[str] = (), random_batches: int = 8,
                   seed: int = 0, input_shapes: Mapping[str, Sequence[int]] | None = None,
-                  reduce_range: bool | None = None) -> QuantizeResult:
+                  reduce_range: bool | None = None,
+                  op_types: Iterable[str] | None = None) -> QuantizeResult:
     """INT8 QDQ (``mode="int8"``) or fp16 (``"fp16"``) version of a float32 ONNX ``model``.
 
     ``calibration``: feed dicts (see :func:`calibration_batches`); ``None`` calibrates on
@@ -705,6 +789,11 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
     x86 CPUs without VNNI (their 16-bit pair sums saturate: on a zoo ViT 17% output error
     where the QDQ graph itself makes 4%); ``None`` (default) turns it on for the ``"ort"``
     profile on such a CPU (:func:`vnni_missing`), with a warning, and off elsewhere.
+    ``op_types``: int8 only, the op types of ``model`` to quantize (default: all ONNX
+    Runtime's quantizer can; the others are kept float like ``exclude``, by the float graph's
+    types, so a ``MatMul`` the preparation fuses with its bias ``Add`` is still one), e.g. ``("MatMul",)`` for a transformer
+    whose residual stream (``Add``, ``LayerNormalization``) carries outlier channels that one
+    int8 range per tensor cannot hold; :func:`activation_noise` finds such tensors.
     """
     if mode not in MODES:
         raise InputError(f"quantize mode must be one of {MODES}, got {mode!r}")
@@ -718,10 +807,21 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
     unknown = sorted(set(exclude) - names)
     if unknown:
         raise InputError(f"exclude names {unknown[:5]} are not nodes of the model")
+    op_types = None if op_types is None else list(dict.fromkeys(op_types))
+    if op_types is not None:
+        present = {n.op_type for n in model.graph.node}
+        if mode != "int8" or not op_types:
+            raise InputError("op_types picks the op types int8 quantizes: give one or more "
+                             "with mode='int8' (fp16 converts every op; exclude keeps nodes)")
+        missing = [t for t in op_types if t not in present]
+        if missing:
+            raise InputError(f"op_types {missing} are not op types of the model; it has "
+                             f"{sorted(present)}")
     if mode == "fp16":
         out = _fp16(model, exclude)
         _check(out, "the fp16 model")
-        return QuantizeResult(out, "fp16", None, False, 0, "none", (), _op_counts(out))
+        return QuantizeResult(out, "fp16", None, False, 0, "none", (), _op_counts(out),
+                              excluded=tuple(exclude))
     if calibration is None:
         log.warning("int8 calibration on %d random batches: pass real inputs "
                     "(calibration=..., --calibration inputs.npz) for accurate ranges",
@@ -737,8 +837,11 @@ def quantize_onnx(model: onnx.ModelProto, mode: str = "int8", *,
                         "kernels saturate; weights are quantized to 7 bits (reduce_range). "
                         "For a VNNI/AMX target, pass reduce_range=False")
     reader = BatchReader(batches)
-    out = _int8(unique_node_names(_opset_for_qdq(model, per_channel)), reader, profile,
-                per_channel, exclude, bool(reduce_range))
+    named = unique_node_names(_opset_for_qdq(model, per_channel))
+    by_type = [] if op_types is None else [n.name for n in named.graph.node
+                                           if n.op_type not in op_types]
+    out = _int8(named, reader, profile, per_channel, exclude, bool(reduce_range), by_type)
     _check(out, "the int8 QDQ model")
     return QuantizeResult(out, "int8", profile, per_channel, len(reader), source,
-                          _quantized_nodes(out), _op_counts(out), bool(reduce_range))
+                          _quantized_nodes(out), _op_counts(out), bool(reduce_range),
+                          None if op_types is None else tuple(op_types), tuple(exclude))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +14,7 @@ from secateurs import zoo
 from secateurs.errors import InputError
 from secateurs.passes.quantize import (
     BatchReader,
+    activation_noise,
     calibration_batches,
     load_calibration,
     quantize_onnx,
@@ -590,3 +593,119 @@ def test_excluded_names_follow_the_preparations_fusions(vit) -> None:
     if not [n for n in plain.quantized_nodes if n.endswith("/MatMulAddFusion")]:
         pytest.skip("this onnxruntime's preparation does not fuse MatMul -> Add")
     assert fused == [] and not set(result.quantized_nodes) & set(matmuls)
+
+
+class _OutlierMLP(torch.nn.Module):
+    """One hidden channel 500x the others (a transformer's outlier dimension), which the
+    output ignores: one int8 range per tensor rounds every other channel to zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(64, 1024), torch.nn.Linear(1024, 8)
+        with torch.no_grad():
+            self.a.weight[0] = 0
+            self.a.weight[0, 0] = 500
+            self.b.weight[:, 0] = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.fixture(scope="module")
+def outlier_mlp() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    model = export_onnx(_OutlierMLP().eval(), (x,), exporter="torchscript")
+    return model, {model.graph.input[0].name: x.numpy()}
+
+
+def _l2(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+
+
+def test_activation_noise_names_the_outlier_tensor_and_its_nodes(outlier_mlp) -> None:
+    model, feeds = outlier_mlp
+    q = quantize_onnx(model, "int8", calibration=[feeds], reduce_range=False)
+    assert _l2(_run(model, feeds), _run(q.model, feeds)) > 0.5  # the outlier ruins it
+    noise = activation_noise(q.model, feeds, model)
+    gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    worst = noise[0]
+    # the hidden activation: made by the first Gemm (its Relu folded in), read by the second
+    assert worst.producer == gemms[0] and set(worst.nodes) == set(gemms)
+    assert worst.sqnr_db < 25 and all(n.sqnr_db >= worst.sqnr_db for n in noise)
+    # the float model's names, so they can be excluded; doing so repairs the model
+    kept = quantize_onnx(model, "int8", calibration=[feeds], reduce_range=False,
+                         exclude=worst.nodes)
+    assert _l2(_run(model, feeds), _run(kept.model, feeds)) < 0.05
+    assert kept.excluded == tuple(worst.nodes)
+
+
+def test_op_types_quantize_only_those_ops(vit) -> None:
+    samples = _samples(vit, 4)
+    feeds = [{k: v[i:i + 1] for k, v in samples.items()} for i in range(4)]
+    q = quantize_onnx(vit, "int8", calibration=feeds, op_types=["MatMul"])
+    types = {n.name: n.op_type for n in vit.graph.node}
+    assert q.quantized_nodes and q.op_types == ("MatMul",)
+    # a MatMul the preparation fused with its bias Add (a Gemm) is still a MatMul
+    assert all(types.get(name.split("/MatMulAddFusion")[0]) == "MatMul"
+               for name in q.quantized_nodes), q.quantized_nodes
+    everything = quantize_onnx(vit, "int8", calibration=feeds)
+    assert set(q.quantized_nodes) < set(everything.quantized_nodes)
+    assert _relative_l2(vit, q.model, samples) < 0.2
+    with pytest.raises(InputError, match=r"op_types \['Matmul'\] are not op types"):
+        quantize_onnx(vit, "int8", calibration=feeds, op_types=["Matmul"])
+    with pytest.raises(InputError, match="mode='int8'"):
+        quantize_onnx(vit, "fp16", op_types=["MatMul"])
+
+
+def test_optimize_refuses_an_outlier_int8_model_naming_the_nodes_to_keep_float(
+        outlier_mlp, tmp_path) -> None:
+    from secateurs.errors import SecateursError
+    from secateurs.passes.optimize import TOLERANCES, optimize
+
+    model, feeds = outlier_mlp
+    out = tmp_path / "m.int8.onnx"
+    with pytest.raises(SecateursError) as info:
+        optimize(model, quantize="int8", calibration=feeds, reduce_range=False,
+                 measure=False, output=out)
+    message = str(info.value)
+    gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    assert "noisiest int8 activations are the output of" in message
+    assert f"--keep-float {gemms[0]},{gemms[1]}" in message
+    assert "--quantize-op-types MatMul" in message
+    assert "calibrate on real inputs" not in message  # it was calibrated on data
+    assert not out.exists()
+    # following the advice passes the check
+    result = optimize(model, quantize="int8", calibration=feeds, reduce_range=False,
+                      keep_float=gemms, measure=False, output=out)
+    assert result.stage("quantize").stage_diff < TOLERANCES["int8"] and out.exists()
+    with pytest.raises(InputError, match=r"keep_float names \['nope'\] are not nodes"):
+        optimize(model, quantize="int8", calibration=feeds, keep_float=["nope"],
+                 measure=False)
+    with pytest.raises(InputError, match="keep_float takes a list of names"):
+        optimize(model, quantize="int8", keep_float="a,b", measure=False)
+    with pytest.raises(InputError, match="quantize_op_types picks the op types int8"):
+        optimize(model, quantize="fp16", quantize_op_types=["MatMul"], measure=False)
+
+
+def test_cli_keep_float_and_quantize_op_types(outlier_mlp, tmp_path, capsys) -> None:
+    from secateurs.cli import main
+
+    model, feeds = outlier_mlp
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **feeds)
+    gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    base = ["optimize", str(tmp_path / "m.onnx"), "--quantize", "int8", "--int8-weights", "8",
+            "--calibration", str(tmp_path / "calib.npz"), "--no-measure", "--json"]
+    assert main(base) == 2  # refused, one line
+    assert f"--keep-float {','.join(gemms)}" in capsys.readouterr().err
+    assert main([*base, "--keep-float", ",".join(gemms)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    details = data["stages"][-1]["details"]
+    assert details["excluded"] == gemms and details["op_types"] is None
+    # only Gemm quantized: the outlier tensor still is (its two Gemms read and make it)
+    assert main([*base, "--quantize-op-types", "Gemm"]) == 2
+    assert "--quantize-op-types MatMul" not in capsys.readouterr().err  # already chosen
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--keep-float", ","])
+    assert exc.value.code == 2
