@@ -14,7 +14,8 @@ Runtime CPU's fast path) or ``tensorrt`` (symmetric int8, what TensorRT builds).
 CPU without VNNI, where ONNX Runtime's uint8 x int8 kernels saturate; ``8`` for a VNNI/AMX
 or ARM target built elsewhere. An int8 model further than 20% from its float input is
 refused with its noisiest activations and the nodes that keep them float: ``--keep-float``
-them, or ``--quantize-op-types MatMul`` for a transformer.
+them (``--keep-float auto`` does it, up to four rounds), or ``--quantize-op-types MatMul`` for
+a transformer.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--int8-weights", choices=("auto", "8", "7"), default="auto",
                    help="int8 weight bits: auto = 7 for the ort profile on an x86 CPU without "
                    "VNNI (its kernels saturate), else 8 (default auto)")
-    p.add_argument("--keep-float", metavar="NODE,...", type=_names, default=[],
+    p.add_argument("--keep-float", metavar="NODE,...|auto", type=_names, default=[],
                    help="node names the quantize stage leaves float (names of the pruned "
-                   "graph, as the int8 check's refusal lists its noisiest nodes)")
+                   "graph, as the int8 check's refusal lists its noisiest nodes); auto: "
+                   "keep the nodes that refusal names float and requantize until it passes")
     p.add_argument("--quantize-op-types", metavar="OP,...", type=_names, default=None,
                    help="int8 only these ONNX op types, e.g. MatMul for a transformer whose "
                    "residual Add/LayerNorm carry outliers (default: every type ORT quantizes)")
@@ -117,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
                       sparsify=args.sparsify, quantize=args.quantize,
                       calibration=args.calibration, profile=args.int8_profile,
                       reduce_range={"auto": None, "8": False, "7": True}[args.int8_weights],
-                      keep_float=args.keep_float, quantize_op_types=args.quantize_op_types,
+                      keep_float="auto" if args.keep_float == ["auto"] else args.keep_float,
+                      quantize_op_types=args.quantize_op_types,
                       importance=args.importance, round_to=args.round_to,
                       input_shapes=input_shapes, output=args.output, report=args.report,
                       plot=args.plot, measure=not args.no_measure, threads=args.threads,

@@ -474,12 +474,33 @@ def _quantize(state: _State) -> None:
     # random calibration at the shapes the checks run at (a symbolic sequence or time dim
     # would otherwise calibrate at length 1)
     shapes = {k: list(np.shape(v)) for k, v in (state.feeds or {}).items()}
-    result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
-                           profile=opts["profile"], input_shapes=shapes or None,
-                           reduce_range=opts["reduce_range"],
-                           exclude=_kept_float(state.model, opts["keep_float"]),
-                           op_types=opts["quantize_op_types"])
+    auto = opts["keep_float"] == "auto"
+    kept = [] if auto else _kept_float(state.model, opts["keep_float"])
+    rounds: list[dict[str, Any]] = []
+    while True:
+        result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
+                               profile=opts["profile"], input_shapes=shapes or None,
+                               reduce_range=opts["reduce_range"], exclude=kept,
+                               op_types=opts["quantize_op_types"])
+        if not auto:
+            break
+        # keep_float="auto": the check's own measure, and the nodes its refusal would name
+        feeds = state.feeds or {}
+        rel = _relative_l2(_run(state.model, feeds),
+                           _run(result.model, feeds, check_disabled_optimizers(result)))
+        rounds.append({"kept_float": len(kept), "diff": rel})
+        if rel <= TOLERANCES["int8"] or len(rounds) > AUTO_ROUNDS:
+            break
+        new = [n for n in _noisy_nodes(_noisiest(result.model, feeds, state.model))
+               if n not in kept]
+        if not new:
+            break
+        state.progress(f"  int8 {rel:.1%} off its float input: keeping {len(new)} more "
+                       f"node(s) float")
+        kept += new
     details = result.to_dict()
+    if auto:
+        details["keep_float_rounds"] = rounds
     state.check_disabled = check_disabled_optimizers(result)
     if state.check_disabled:
         details["checked_as"] = ("QDQ semantics: this CPU's int8 kernels are not the target's "
@@ -560,26 +581,43 @@ FRESH_DRAW_SEED = 20261207  # not the calibration's or the check inputs' seed
 NOISY_DB = 25.0  # an int8 activation noisier than this (~6% RMS error) is worth keeping float
 
 
+def _noisiest(model: Any, feeds: Mapping[str, np.ndarray], float_model: Any) -> list[Any]:
+    """The int8 model's activations worth keeping float: the worst three and any other below
+    ``NOISY_DB`` (the ones a rerun would name next), worst first; empty where ORT's QDQ
+    debugging cannot run on it."""
+    from secateurs.passes.quantize import activation_noise
+
+    try:
+        noisy = activation_noise(model, feeds, float_model, top=12)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the refusal
+        log.debug("int8 activation noise not measured: %s", exc)
+        return []
+    return [n for i, n in enumerate(noisy) if i < 3 or n.sqnr_db < NOISY_DB]
+
+
+def _noisy_nodes(noisy: Sequence[Any]) -> list[str]:
+    return list(dict.fromkeys(name for n in noisy for name in n.nodes))
+
+
+AUTO_ROUNDS = 4  # keep_float="auto": rounds of keeping the named nodes float
+
+
 def _int8_hint(state: _State, model: Any, float_model: Any) -> str:
     """What to do about an int8 model that failed its check: its noisiest activations (ONNX
     Runtime's QDQ debugging, on the check inputs) and the nodes that keep them float."""
-    from secateurs.passes.quantize import activation_noise
-
     advice = []
-    try:
-        noisy = activation_noise(model, state.feeds or {}, float_model, top=12)
-    except Exception as exc:  # noqa: BLE001 - a diagnosis must not hide the refusal
-        log.debug("int8 activation noise not measured: %s", exc)
-        noisy = []
-    # the worst three, and any other below NOISY_DB: the ones a rerun would name next
-    noisy = [n for i, n in enumerate(noisy) if i < 3 or n.sqnr_db < NOISY_DB]
+    rounds = state.details.get("quantize", {}).get("keep_float_rounds")
+    if rounds:
+        advice.append(f"keep_float='auto' kept {rounds[-1]['kept_float']} node(s) float in "
+                      f"{len(rounds) - 1} round(s) and it is still off")
+    noisy = _noisiest(model, state.feeds or {}, float_model)
     if noisy:
         listed = ", ".join((f"the output of '{n.producer}'" if n.producer else f"'{n.tensor}'")
                            + f" {n.sqnr_db:.0f} dB" for n in noisy[:3])
         more = len(noisy) - 3
         if more > 0:
             listed += f" and {more} more below {NOISY_DB:.0f} dB"
-        nodes = list(dict.fromkeys(name for n in noisy for name in n.nodes))
+        nodes = _noisy_nodes(noisy)
         advice.append(f"its noisiest int8 activations are {listed} (signal-to-quantization-"
                       f"noise; 8 bits over a range the values fill give ~40 dB): a few "
                       f"outlier values set one range per tensor and round the rest coarsely. "
@@ -715,13 +753,17 @@ def _validate(opts: dict[str, Any]) -> None:
         raise InputError(f"int8 profile must be one of {PROFILES}, got {opts['profile']!r}")
     if opts["calibration"] is not None and opts["quantize"] != "int8":
         raise InputError("calibration data is only used by quantize='int8'")
+    if opts["keep_float"] == "auto" and opts["quantize"] != "int8":
+        raise InputError("keep_float='auto' keeps the nodes int8 quantizes badly float; it "
+                         "needs quantize='int8'")
     for key in ("keep_float", "quantize_op_types"):
         value = opts[key]
-        if value is None:
+        if value is None or (key == "keep_float" and value == "auto"):
             continue
         if isinstance(value, str) or not isinstance(value, Sequence) or not all(
                 isinstance(v, str) for v in value):
-            raise InputError(f"{key} takes a list of names, got {value!r}")
+            raise InputError(f"{key} takes a list of names{' or auto' * (key == 'keep_float')}, "
+                         f"got {value!r}")
         if value and opts["quantize"] is None:
             raise InputError(f"{key} is only used by quantize='int8' or 'fp16'")
     if opts["quantize_op_types"] is not None and opts["quantize"] != "int8":
@@ -739,7 +781,7 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
              target_macs: float | None = None, target_latency: float | None = None,
              sparsify: str | None = None,
              quantize: str | None = None, calibration: Any = None, profile: str = "ort",
-             reduce_range: bool | None = None, keep_float: Sequence[str] = (),
+             reduce_range: bool | None = None, keep_float: Sequence[str] | str = (),
              quantize_op_types: Sequence[str] | None = None,
              importance: str = "l2", round_to: int | str | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -761,7 +803,10 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     ``reduce_range``: 7-bit int8 weights; default ``None``: on for the ``"ort"`` profile on an
     x86 CPU without VNNI, whose kernels saturate otherwise (``quantize_onnx``).
     ``keep_float``: node names the quantize stage leaves float (names of the graph it gets,
-    the pruned and sparsified one; the int8 check's refusal lists its noisiest nodes).
+    the pruned and sparsified one; the int8 check's refusal lists its noisiest nodes), or
+    ``"auto"``: int8 keeps the nodes that refusal would name float and requantizes, until
+    the check inputs are within the tolerance (at most ``AUTO_ROUNDS`` rounds; the report's
+    ``keep_float_rounds`` and ``excluded`` say what it did).
     ``quantize_op_types``: int8 only the op types to quantize (e.g. ``["MatMul"]`` for a
     transformer whose residual stream carries outliers); default all.
     ``round_to``: default ``"auto"`` (widths per op kind for ONNX Runtime's CPU kernels,
@@ -788,7 +833,8 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
                             "measure": measure, "threads": threads, "repeats": repeats,
                             "warmup": warmup}
     _validate(opts)
-    opts["keep_float"] = list(opts["keep_float"] or ())
+    if opts["keep_float"] != "auto":
+        opts["keep_float"] = list(opts["keep_float"] or ())
     if quantize_op_types is not None:
         opts["quantize_op_types"] = list(quantize_op_types)
     inputs = [model] if isinstance(model, (str, os.PathLike)) else []

@@ -706,6 +706,28 @@ def test_cli_keep_float_and_quantize_op_types(outlier_mlp, tmp_path, capsys) -> 
     # only Gemm quantized: the outlier tensor still is (its two Gemms read and make it)
     assert main([*base, "--quantize-op-types", "Gemm"]) == 2
     assert "--quantize-op-types MatMul" not in capsys.readouterr().err  # already chosen
+    assert main([*base, "--keep-float", "auto"]) == 0
+    details = json.loads(capsys.readouterr().out)["stages"][-1]["details"]
+    assert details["excluded"] == gemms and len(details["keep_float_rounds"]) == 2
     with pytest.raises(SystemExit) as exc:
         main([*base, "--keep-float", ","])
     assert exc.value.code == 2
+
+
+def test_optimize_keep_float_auto_follows_its_own_advice(outlier_mlp) -> None:
+    from secateurs.passes.optimize import TOLERANCES, optimize
+
+    model, feeds = outlier_mlp
+    gemms = [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    progress: list[str] = []
+    result = optimize(model, quantize="int8", calibration=feeds, reduce_range=False,
+                      keep_float="auto", measure=False, progress=progress.append)
+    quantize = result.stage("quantize")
+    rounds = quantize.details["keep_float_rounds"]
+    # round 0 is the plain int8 model, refused-level; round 1 keeps the two Gemms float
+    assert rounds[0]["kept_float"] == 0 and rounds[0]["diff"] > 0.5
+    assert rounds[-1]["kept_float"] == 2 and rounds[-1]["diff"] <= TOLERANCES["int8"]
+    assert quantize.details["excluded"] == gemms and quantize.stage_diff == rounds[-1]["diff"]
+    assert any("keeping 2 more node(s) float" in line for line in progress)
+    with pytest.raises(InputError, match="keep_float='auto' .* needs quantize='int8'"):
+        optimize(model, quantize="fp16", keep_float="auto", measure=False)

@@ -8,7 +8,9 @@ Variants, each the user's flow (follow what the refusal says):
 * ``int8-kept``       the same plus ``keep_float=`` the nodes its refusal named
                        (``--keep-float`` in the message);
 * ``int8-matmul``     ``quantize_op_types=["MatMul"]`` (residual Add / LayerNorm kept float);
-* ``int8-matmul-kept`` the same plus ``keep_float=`` the nodes its refusal named.
+* ``int8-matmul-kept`` the same plus ``keep_float=`` the nodes its refusal named;
+* ``int8-auto``, ``int8-matmul-auto``: ``keep_float="auto"`` (optimize follows its own advice,
+                       round after round, until the check passes).
 
 A refused variant records its error and the nodes it named. Accepted ones are judged on EVAL
 (no sentence shared with CALIB): relative L2 of the last hidden state and the cosine of the
@@ -103,7 +105,10 @@ def main() -> None:
     # (name, options, the refusal whose --keep-float nodes it adds)
     variants = [("int8", {}, None), ("int8-kept", {}, "int8"),
                 ("int8-matmul", {"quantize_op_types": ["MatMul"]}, None),
-                ("int8-matmul-kept", {"quantize_op_types": ["MatMul"]}, "int8-matmul")]
+                ("int8-matmul-kept", {"quantize_op_types": ["MatMul"]}, "int8-matmul"),
+                ("int8-auto", {"keep_float": "auto"}, None),
+                ("int8-matmul-auto", {"quantize_op_types": ["MatMul"], "keep_float": "auto"},
+                 None)]
     results: dict[str, dict] = {}
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,7 +128,9 @@ def main() -> None:
                 print(f"  refused: {str(exc)[:160]}...", flush=True)
                 continue
             models[name] = result.model
-            results[name] = {"options": options,
+            details = result.stage("quantize").details
+            results[name] = {"options": options, "kept_float": len(details["excluded"]),
+                             "keep_float_rounds": details.get("keep_float_rounds"),
                              "check_stage_diff": result.stage("quantize").stage_diff,
                              **_fidelity(float_model, result.model, held_out)}
             print(f"  {results[name]}", flush=True)
