@@ -476,24 +476,34 @@ def _quantize(state: _State) -> None:
     shapes = {k: list(np.shape(v)) for k, v in (state.feeds or {}).items()}
     auto = opts["keep_float"] == "auto"
     kept = [] if auto else _kept_float(state.model, opts["keep_float"])
+    op_types = opts["quantize_op_types"]
     rounds: list[dict[str, Any]] = []
     while True:
         result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
                                profile=opts["profile"], input_shapes=shapes or None,
                                reduce_range=opts["reduce_range"], exclude=kept,
-                               op_types=opts["quantize_op_types"])
+                               op_types=op_types)
         if not auto:
             break
-        # keep_float="auto": the check's own measure, and the nodes its refusal would name
+        # keep_float="auto": the check's own measure, and what its refusal would advise
         feeds = state.feeds or {}
         rel = _relative_l2(_run(state.model, feeds),
                            _run(result.model, feeds, check_disabled_optimizers(result)))
-        rounds.append({"kept_float": len(kept), "diff": rel})
+        rounds.append({"kept_float": len(kept), "op_types": op_types, "diff": rel})
         if rel <= TOLERANCES["int8"] or len(rounds) > AUTO_ROUNDS:
             break
         new = [n for n in _noisy_nodes(_noisiest(result.model, feeds, state.model))
                if n not in kept]
-        if not new:
+        stuck = len(rounds) > 1 and rel > AUTO_PROGRESS * rounds[-2]["diff"]
+        if (stuck or not new) and op_types is None and any(
+                n.op_type == "MatMul" for n in state.model.graph.node):
+            # no single activation is to blame (the error is many moderate ones adding up):
+            # the refusal's other advice, only the MatMuls in int8
+            op_types = ["MatMul"]
+            state.progress(f"  int8 {rel:.1%} off its float input, and keeping the noisiest "
+                           f"nodes float does not help: quantizing only its MatMuls")
+            continue
+        if stuck or not new:
             break
         state.progress(f"  int8 {rel:.1%} off its float input: keeping {len(new)} more "
                        f"node(s) float")
@@ -600,6 +610,7 @@ def _noisy_nodes(noisy: Sequence[Any]) -> list[str]:
 
 
 AUTO_ROUNDS = 4  # keep_float="auto": rounds of keeping the named nodes float
+AUTO_PROGRESS = 0.9  # a round that leaves more than 90% of the previous error did not help
 
 
 def _int8_hint(state: _State, model: Any, float_model: Any) -> str:
@@ -618,11 +629,14 @@ def _int8_hint(state: _State, model: Any, float_model: Any) -> str:
         if more > 0:
             listed += f" and {more} more below {NOISY_DB:.0f} dB"
         nodes = _noisy_nodes(noisy)
+        why = ("a few outlier values set one range per tensor and round the rest coarsely"
+               if noisy[0].sqnr_db < NOISY_DB else
+               "none is badly ranged: the error is many moderate ones adding up, which "
+               "keeping a few float may not fix")
         advice.append(f"its noisiest int8 activations are {listed} (signal-to-quantization-"
-                      f"noise; 8 bits over a range the values fill give ~40 dB): a few "
-                      f"outlier values set one range per tensor and round the rest coarsely. "
+                      f"noise; 8 bits over a range the values fill give ~40 dB): {why}. "
                       f"Keep them float: --keep-float {','.join(nodes)} (optimize(..., "
-                      f"keep_float=[...]))")
+                      f"keep_float=[...]), or --keep-float auto)")
     else:
         advice.append("keep the sensitive nodes float (--keep-float NODE,..., optimize(..., "
                       "keep_float=[...]))")
@@ -805,8 +819,9 @@ def optimize(model: Any, example_inputs: Any = None, *, prune: float | None = No
     ``keep_float``: node names the quantize stage leaves float (names of the graph it gets,
     the pruned and sparsified one; the int8 check's refusal lists its noisiest nodes), or
     ``"auto"``: int8 keeps the nodes that refusal would name float and requantizes, until
-    the check inputs are within the tolerance (at most ``AUTO_ROUNDS`` rounds; the report's
-    ``keep_float_rounds`` and ``excluded`` say what it did).
+    the check inputs are within the tolerance (at most ``AUTO_ROUNDS`` rounds); where a round
+    does not help, it quantizes only the MatMuls (the refusal's other advice). The report's
+    ``keep_float_rounds``, ``excluded`` and ``op_types`` say what it did.
     ``quantize_op_types``: int8 only the op types to quantize (e.g. ``["MatMul"]`` for a
     transformer whose residual stream carries outliers); default all.
     ``round_to``: default ``"auto"`` (widths per op kind for ONNX Runtime's CPU kernels,

@@ -435,7 +435,9 @@ def activation_noise(qdq_model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     float_names = None if float_model is None else {n.name for n in float_model.graph.node}
     out = []
     for sqnr, tensor in noisy[:top]:
-        made = producers.get(tensor) or producers.get(tensor + "_QuantizeLinear_Input")
+        # a quantized graph output: 'out' is the DequantizeLinear's, the op wrote
+        # 'out_QuantizeLinear_Input'
+        made = producers.get(tensor + "_QuantizeLinear_Input") or producers.get(tensor)
         producer = _float_name(made, float_names) if made else None
         names = [_float_name(n, float_names)
                  for n in readers.get(tensor + "_DequantizeLinear_Output", [])]
@@ -514,6 +516,10 @@ def _around_quantizer_bugs(model: onnx.ModelProto, per_channel: bool, symmetric:
     * **LayerNormalization over several axes** (scale ``[T, D]``) and a **grouped
       ConvTranspose with a bias**, per channel: the bias quantization fails to broadcast.
       They stay float.
+    * **A ConvTranspose weight tied with a Conv** (a tied autoencoder: ``conv_transpose2d(x,
+      enc.weight)``): one per-channel scale vector follows the Conv's axis 0 and the
+      ConvTranspose's bias quantization fails to broadcast (session 14, zoo
+      ``tied_autoencoder``). The ConvTranspose gets its own copy of the weight.
     """
     from onnx import numpy_helper
 
@@ -554,6 +560,14 @@ def _around_quantizer_bugs(model: onnx.ModelProto, per_channel: bool, symmetric:
         elif node.op_type == "ConvTranspose" and per_channel and len(node.input) > 2 \
                 and node.input[2] and attr(node, "group", 1) > 1:
             kept_float.append(node.name)
+        elif node.op_type == "ConvTranspose" and per_channel and len(node.input) > 1 \
+                and node.input[1] in inits and readers[node.input[1]] > 1:
+            # a weight tied with a Conv (autoencoders): its own copy, scaled on its own axis
+            tied = numpy_helper.to_array(inits[node.input[1]])
+            name = f"{node.input[1]}__secateurs_{node.name or node.output[0]}"
+            graph.initializer.append(numpy_helper.from_array(tied, name))
+            readers[node.input[1]] -= 1
+            node.input[1] = name
         elif node.op_type == "LayerNormalization" and per_channel and len(node.input) > 1 \
                 and node.input[1] in inits and len(inits[node.input[1]].dims) > 1:
             kept_float.append(node.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
@@ -633,6 +634,9 @@ def test_activation_noise_names_the_outlier_tensor_and_its_nodes(outlier_mlp) ->
     # the hidden activation: made by the first Gemm (its Relu folded in), read by the second
     assert worst.producer == gemms[0] and set(worst.nodes) == set(gemms)
     assert worst.sqnr_db < 25 and all(n.sqnr_db >= worst.sqnr_db for n in noise)
+    # a quantized graph output is named by the op that computes it, not its DequantizeLinear
+    out = next(n for n in noise if n.tensor == model.graph.output[0].name)
+    assert out.producer == gemms[1] and out.nodes == (gemms[1],)
     # the float model's names, so they can be excluded; doing so repairs the model
     kept = quantize_onnx(model, "int8", calibration=[feeds], reduce_range=False,
                          exclude=worst.nodes)
@@ -729,5 +733,21 @@ def test_optimize_keep_float_auto_follows_its_own_advice(outlier_mlp) -> None:
     assert rounds[-1]["kept_float"] == 2 and rounds[-1]["diff"] <= TOLERANCES["int8"]
     assert quantize.details["excluded"] == gemms and quantize.stage_diff == rounds[-1]["diff"]
     assert any("keeping 2 more node(s) float" in line for line in progress)
+    assert quantize.details["op_types"] is None  # the nodes sufficed
     with pytest.raises(InputError, match="keep_float='auto' .* needs quantize='int8'"):
         optimize(model, quantize="fp16", keep_float="auto", measure=False)
+
+
+def test_int8_of_a_conv_transpose_tied_to_a_conv_weight() -> None:
+    # conv_transpose2d(x, enc.weight): one initializer, channels on axis 0 for the Conv and
+    # axis 1 for the ConvTranspose; the quantizer's per-channel bias crashed on the tie
+    entry = zoo.get("tied_autoencoder")
+    model = export_onnx(entry.build(), entry.example_inputs(), exporter="torchscript")
+    weights = collections.Counter(i for n in model.graph.node for i in n.input[1:2])
+    assert max(weights.values()) == 2  # the tie is in the float graph
+    samples = _samples(model, 4)
+    feeds = [{k: v[i:i + 1] for k, v in samples.items()} for i in range(4)]
+    q = quantize_onnx(model, "int8", calibration=feeds, reduce_range=False)
+    types = {n.name: n.op_type for n in model.graph.node}
+    assert "ConvTranspose" in {types.get(n) for n in q.quantized_nodes}
+    assert _relative_l2(model, q.model, samples) < 0.05
