@@ -380,5 +380,7 @@ def test_keep_float_auto_quantizes_only_the_matmuls_where_keeping_nodes_does_not
     assert rounds[0]["diff"] > TOLERANCES["int8"] and rounds[0]["op_types"] is None
     assert rounds[-1]["op_types"] == ["MatMul"] == details["op_types"]
     assert result.stage("quantize").stage_diff == rounds[-1]["diff"] <= TOLERANCES["int8"]
+    assert (f"int8: {len(details['excluded'])} node(s) kept float (keep_float auto, "
+            f"{len(rounds) - 1} round(s)), only MatMul quantized") in result.table()
     with pytest.raises(SecateursError, match="--quantize-op-types MatMul"):
         optimize(entry.build(), entry.example_inputs(), quantize="int8", measure=False)

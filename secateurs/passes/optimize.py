@@ -134,6 +134,14 @@ class OptimizeResult:
                 "sessions with it disabled (onnxruntime.InferenceSession(..., "
                 "disabled_optimizers=['SkipLayerNormFusion']); secateurs bench "
                 "--disable-optimizer SkipLayerNormFusion measures it)")
+        quantized = next((r.details for r in self.stages if r.stage == "quantize"), {})
+        if quantized.get("excluded") or quantized.get("op_types"):
+            rounds = quantized.get("keep_float_rounds")
+            lines.append(
+                f"{quantized['mode']}: {len(quantized.get('excluded') or ())} node(s) kept float"
+                + (f" (keep_float auto, {len(rounds) - 1} round(s))" if rounds else "")
+                + (f", only {', '.join(quantized['op_types'])} quantized"
+                   if quantized.get("op_types") else ""))
         sparse = next((r.details.get("tensorrt_sparse") for r in self.stages
                        if r.details.get("tensorrt_sparse")), None)
         if sparse:
