@@ -471,7 +471,7 @@ def _sparsify(state: _State) -> None:
 
 
 def _quantize(state: _State) -> None:
-    from secateurs.passes.quantize import check_disabled_optimizers, quantize_onnx
+    from secateurs.passes.quantize import check_disabled_optimizers
 
     opts = state.options
     calibration = state.calibration
@@ -485,6 +485,33 @@ def _quantize(state: _State) -> None:
     auto = opts["keep_float"] == "auto"
     kept = [] if auto else _kept_float(state.model, opts["keep_float"])
     op_types = opts["quantize_op_types"]
+    with _each_warning_once(logging.getLogger("secateurs.passes.quantize")):
+        result, rounds = _quantize_rounds(state, calibration, shapes, auto, kept, op_types)
+    details = result.to_dict()
+    if auto:
+        details["keep_float_rounds"] = rounds
+    state.check_disabled = check_disabled_optimizers(result)
+    if state.check_disabled:
+        details["checked_as"] = ("QDQ semantics: this CPU's int8 kernels are not the target's "
+                                 "(ORT's QDQ fusion off for the check)")
+    if opts["sparsify"] == "2:4":
+        from secateurs.runtime.tensorrt import check_sparse_eligibility
+
+        eligibility = check_sparse_eligibility(result.model)
+        details["tensorrt_sparse"] = {"eligible": len(eligibility.eligible),
+                                      "total": len(eligibility.layers),
+                                      "layers": list(eligibility.eligible_names)}
+    _record(state, "quantize", result.model, details, state.macs[_last(state)])
+
+
+def _quantize_rounds(state: _State, calibration: Any, shapes: dict[str, list[int]],
+                     auto: bool, kept: list[str], op_types: list[str] | None
+                     ) -> tuple[Any, list[dict[str, Any]]]:
+    """One int8 quantization, or with ``keep_float='auto'`` the rounds that follow the
+    check's own advice (see ``optimize``); the last result and the rounds' record."""
+    from secateurs.passes.quantize import check_disabled_optimizers, quantize_onnx
+
+    opts = state.options
     rounds: list[dict[str, Any]] = []
     while True:
         result = quantize_onnx(state.model, opts["quantize"], calibration=calibration,
@@ -516,21 +543,28 @@ def _quantize(state: _State) -> None:
         state.progress(f"  int8 {rel:.1%} off its float input: keeping {len(new)} more "
                        f"node(s) float")
         kept += new
-    details = result.to_dict()
-    if auto:
-        details["keep_float_rounds"] = rounds
-    state.check_disabled = check_disabled_optimizers(result)
-    if state.check_disabled:
-        details["checked_as"] = ("QDQ semantics: this CPU's int8 kernels are not the target's "
-                                 "(ORT's QDQ fusion off for the check)")
-    if opts["sparsify"] == "2:4":
-        from secateurs.runtime.tensorrt import check_sparse_eligibility
+    return result, rounds
 
-        eligibility = check_sparse_eligibility(result.model)
-        details["tensorrt_sparse"] = {"eligible": len(eligibility.eligible),
-                                      "total": len(eligibility.layers),
-                                      "layers": list(eligibility.eligible_names)}
-    _record(state, "quantize", result.model, details, state.macs[_last(state)])
+
+@contextlib.contextmanager
+def _each_warning_once(logger: logging.Logger):
+    """Within the block, a message ``logger`` already gave is not given again: the rounds of
+    ``keep_float='auto'`` quantize up to ``AUTO_ROUNDS + 1`` times and would repeat every
+    warning of the quantizer (no VNNI, nodes kept float) each round."""
+    seen: set[str] = set()
+
+    def once(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in seen:
+            return False
+        seen.add(message)
+        return True
+
+    logger.addFilter(once)
+    try:
+        yield
+    finally:
+        logger.removeFilter(once)
 
 
 def _last(state: _State) -> str:

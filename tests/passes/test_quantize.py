@@ -738,6 +738,26 @@ def test_optimize_keep_float_auto_follows_its_own_advice(outlier_mlp) -> None:
         optimize(model, quantize="fp16", keep_float="auto", measure=False)
 
 
+def test_keep_float_auto_gives_each_quantizer_warning_once(outlier_mlp, caplog) -> None:
+    # every round quantizes again; its warnings (random calibration here) are the same each
+    # time and are given once
+    from secateurs.passes.optimize import optimize
+
+    model, _ = outlier_mlp
+    with caplog.at_level("WARNING", logger="secateurs.passes.quantize"):
+        result = optimize(model, quantize="int8", reduce_range=False, keep_float="auto",
+                          measure=False)
+    assert len(result.stage("quantize").details["keep_float_rounds"]) >= 2
+    messages = [r.getMessage() for r in caplog.records if r.name == "secateurs.passes.quantize"]
+    assert any("random batches" in m for m in messages)
+    assert len(messages) == len(set(messages)), messages
+    # the filter is gone after the stage: a later quantization warns again
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secateurs.passes.quantize"):
+        quantize_onnx(model, "int8", reduce_range=False)
+    assert any("random batches" in r.getMessage() for r in caplog.records)
+
+
 def test_int8_of_a_conv_transpose_tied_to_a_conv_weight() -> None:
     # conv_transpose2d(x, enc.weight): one initializer, channels on axis 0 for the Conv and
     # axis 1 for the ConvTranspose; the quantizer's per-channel bias crashed on the tie
