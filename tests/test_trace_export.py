@@ -1,5 +1,7 @@
 """The torch.export fallback keeps the batch symbolic, so a pruned model runs at any batch."""
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -52,6 +54,65 @@ def test_an_exported_pruned_model_takes_its_own_mode_and_refuses_the_other() -> 
     assert export_onnx(pruned, x, exporter="torchscript").graph.node  # verified against torch
     raw = torch.export.export(model, (x,)).module()  # flagged training, refuses eval()
     assert export_onnx(raw, x, exporter="torchscript").graph.node
+
+
+def _reloaded(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_an_exported_pruned_model_pickles_as_its_program() -> None:
+    """torch.save(result.model), what users of pruning tools do first, failed on every
+    export-traced model (torch's guard module and hooks are local functions); it stores the
+    re-exported program, which loads back with its symbolic batch, mode and pickling."""
+    model = _ChunkList().eval()
+    pruned = secateurs.prune(model, torch.randn(2, 3, 8, 8), ratio=0.5).model
+    back = _reloaded(pruned)
+    assert back is not pruned and not back.training
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in pruned.parameters())
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 8, 8)
+        assert torch.equal(back(x), pruned(x))
+    with pytest.raises(NotImplementedError, match="traced by torch.export in eval mode"):
+        back.train()
+    again = _reloaded(back)  # a reloaded model pickles again
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(again(x), pruned(x))
+    assert model(x).shape == again(x).shape  # the user's model untouched and still runs
+
+
+def test_a_pickled_program_keeps_its_batch_guard() -> None:
+    """Mamba's selective scan exports with a guard ``batch != 1``; the reloaded program keeps it
+    (refuses batch 1 with torch's guard message) rather than running unchecked."""
+    from secateurs import zoo
+
+    entry = zoo.get("mamba_ssm")
+    x = entry.example_inputs()
+    result = secateurs.prune(entry.build(), x, ratio=0.3)
+    assert result.report.tracer == "export (batch >= 2)"
+    back = _reloaded(result.model)
+    assert torch.equal(back(*x), result.model(*x))
+    one = tuple(a[:1] for a in x)
+    with pytest.raises(Exception, match="Guard failed"):
+        result.model(*one)
+    with pytest.raises(Exception, match="Guard failed"):
+        back(*one)
+
+
+def test_a_traced_pruned_model_with_string_annotations_pickles() -> None:
+    """``from __future__ import annotations`` (the zoo's modules) makes the forward's
+    annotations strings, which symbolic_trace copied into the generated code, and torch.save
+    failed with "'str' object has no attribute '__name__'"."""
+    from secateurs import zoo
+
+    entry = zoo.get("resnet")
+    x = entry.example_inputs()
+    result = secateurs.prune(entry.build(), x, ratio=0.5)
+    assert result.report.tracer == "fx"
+    back = _reloaded(result.model)
+    assert torch.equal(back(*x), result.model(*x))
 
 
 def test_optimize_an_exported_model_to_int8() -> None:

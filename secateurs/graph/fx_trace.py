@@ -327,3 +327,63 @@ def _first_line(exc: BaseException) -> str:
 def _on_meta(gm: nn.Module) -> bool:
     return any(t.is_meta for t in list(gm.parameters()) + list(gm.buffers()))
 
+
+
+# ---------------------------------------------------------------- pickling
+
+
+def picklable(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.GraphModule:
+    """Let ``torch.save(gm)`` work on a traced (pruned) module; returns ``gm``, changed in
+    place.
+
+    A ``symbolic_trace`` graph records the forward's type annotations on its placeholders, and
+    a string annotation (``from __future__ import annotations``) breaks the pickled code
+    (``'str' object has no attribute '__name__'``): annotations are cosmetic, so they go. An
+    exported program's module is not picklable at all (torch's input-guard module and its
+    forward hooks are local functions): pickling it re-exports the module and stores the
+    ``torch.export.save`` archive, which loads back as the same program, its guards, symbolic
+    batch and fixed train/eval mode included. The example inputs are kept on the module (as
+    ``_secateurs_example_inputs``) for that re-export."""
+    for node in gm.graph.nodes:
+        node.type = None
+    gm.recompile()
+    if _is_exported(gm):
+        gm._secateurs_example_inputs = tuple(  # type: ignore[attr-defined]
+            a.detach().clone() if isinstance(a, torch.Tensor) else a
+            for a in _as_tuple(example_inputs))
+        # each GraphModule has a class of its own: this changes how this module pickles only
+        type(gm).__reduce__ = _reduce_exported  # type: ignore[method-assign]
+    return gm
+
+
+def _is_exported(gm: torch.fx.GraphModule) -> bool:
+    from torch.export._unlift import _StatefulGraphModule
+
+    return isinstance(gm, _StatefulGraphModule)
+
+
+def _reduce_exported(gm: torch.fx.GraphModule) -> tuple[Any, tuple[Any, ...]]:
+    import io
+    import pickle
+
+    args = gm._secateurs_example_inputs  # type: ignore[attr-defined]
+    try:
+        ep, _ = _export(gm, args, dynamic_batch=True)
+        buffer = io.BytesIO()
+        torch.export.save(ep, buffer)
+    except Exception as exc:  # noqa: BLE001 - pickling wants a PicklingError
+        raise pickle.PicklingError(
+            f"cannot pickle this torch.export-traced module: re-exporting it failed "
+            f"({_first_line(exc)}); save its state_dict, or torch.export it yourself and "
+            f"torch.export.save the program") from exc
+    return _load_exported, (buffer.getvalue(), gm.training, args)
+
+
+def _load_exported(archive: bytes, training: bool, example_inputs: tuple[Any, ...]
+                   ) -> torch.fx.GraphModule:
+    """The module a pickled export-traced module was (see :func:`picklable`)."""
+    import io
+
+    gm = torch.export.load(io.BytesIO(archive)).module()
+    _fixed_mode(gm, training)
+    return picklable(gm, example_inputs)

@@ -26,6 +26,7 @@ from secateurs.errors import InputError, PlanError, SecateursError
 from secateurs.graph import from_fx
 from secateurs.graph.fx_apply import apply_plan_fx, tensor_slots
 from secateurs.graph.fx_lower import RANDOM_CALLS, call_key
+from secateurs.graph.fx_trace import picklable
 from secateurs.graph.ir import is_trace_constant
 from secateurs.passes.cost import SizeRatios, count_macs
 from secateurs.passes.group_channels import Analysis, ChannelGroup, Member, group_channels
@@ -726,6 +727,8 @@ def finish(prep: Prepared, ratio: float, *, round_to: int | str | None = None,
     conclude(report, verify, ok, diff, log, "prune")
     log.info("pruned: MACs kept %.1f%%, params kept %.1f%%", 100 * report.macs_kept,
              100 * report.params_kept)
+    if isinstance(pruned, torch.fx.GraphModule):
+        picklable(pruned, prep.example_inputs)
     return PruneResult(pruned, plan, report, analysis)
 
 
