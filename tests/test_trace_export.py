@@ -1,5 +1,6 @@
 """The torch.export fallback keeps the batch symbolic, so a pruned model runs at any batch."""
 
+import copy
 import io
 
 import pytest
@@ -80,6 +81,10 @@ def test_an_exported_pruned_model_pickles_as_its_program() -> None:
     again = _reloaded(back)  # a reloaded model pickles again
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(again(x), pruned(x))
+    copied = copy.deepcopy(pruned)  # and a copy, which keeps the mode rule too
+    assert torch.equal(_reloaded(copied)(x), pruned(x))
+    with pytest.raises(NotImplementedError, match="traced by torch.export in eval mode"):
+        copied.train()
     assert model(x).shape == again(x).shape  # the user's model untouched and still runs
 
 

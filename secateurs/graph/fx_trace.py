@@ -10,13 +10,13 @@ import functools
 import inspect
 import logging
 import operator
-import types
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.export._unlift import _StatefulGraphModule
 
 from secateurs.errors import InputError, TraceError
 
@@ -156,21 +156,44 @@ def _fixed_mode(gm: torch.fx.GraphModule, training: bool) -> None:
     """Let an exported program's module take ``eval()``/``train()`` to the mode it was traced
     in (torch refuses both: ``Calling eval() is not supported yet``, so a pruned model's
     ``.eval()`` crashed, as did exporting it to ONNX); the other mode is refused with the
-    reason, since dropout and BatchNorm behaviour are fixed in the graph."""
-    traced = "training" if training else "eval"
+    reason, since dropout and BatchNorm behaviour are fixed in the graph. The module becomes an
+    :class:`ExportedModule` (its class, not its instance dict, carries the rule, so a
+    ``copy.deepcopy`` keeps it)."""
+    gm.meta[_TRACED_TRAINING] = bool(training)
+    for refusal in ("train", "eval"):  # ExportedProgram.module() sets both on the instance
+        vars(gm).pop(refusal, None)
+    # every GraphModule has a class of its own (``GraphModuleImpl``); deriving it from
+    # ExportedModule instead, the generated forward is installed on the new class again
+    gm.__class__ = type("GraphModuleImpl", (ExportedModule,), {})
+    gm.recompile()
+    nn.Module.train(gm, training)
 
-    def train(self: nn.Module, mode: bool = True) -> nn.Module:
-        if bool(mode) != training:
+
+_TRACED_TRAINING = "secateurs_traced_training"
+_EXAMPLE_INPUTS = "secateurs_example_inputs"
+
+
+class ExportedModule(_StatefulGraphModule):
+    """The module of a program ``torch.export`` traced (``ExportedProgram.module()``), as
+    secateurs returns it: it takes the mode it was traced in and refuses the other with the
+    reason, and it pickles (see :func:`picklable`)."""
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        traced = self.meta.get(_TRACED_TRAINING)
+        if traced is not None and bool(mode) != traced:
             raise NotImplementedError(
-                f"this program was traced by torch.export in {traced} mode and runs in it "
-                f"(dropout and BatchNorm behaviour are part of the graph): it cannot switch "
-                f"to {'training' if mode else 'eval'} mode; put the model in that mode "
-                f"before pruning")
+                f"this program was traced by torch.export in "
+                f"{'training' if traced else 'eval'} mode and runs in it (dropout and "
+                f"BatchNorm behaviour are part of the graph): it cannot switch to "
+                f"{'training' if mode else 'eval'} mode; put the model in that mode before "
+                f"pruning")
         return nn.Module.train(self, mode)
 
-    gm.train = types.MethodType(train, gm)  # type: ignore[method-assign]
-    gm.eval = types.MethodType(lambda self: self.train(False), gm)  # type: ignore[method-assign]
-    nn.Module.train(gm, training)
+    def eval(self) -> ExportedModule:
+        return self.train(False)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _reduce_exported(self)
 
 
 def _refuses_batch_one(gm: torch.fx.GraphModule, args: tuple[Any, ...]) -> str | None:
@@ -342,31 +365,26 @@ def picklable(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.GraphMo
     exported program's module is not picklable at all (torch's input-guard module and its
     forward hooks are local functions): pickling it re-exports the module and stores the
     ``torch.export.save`` archive, which loads back as the same program, its guards, symbolic
-    batch and fixed train/eval mode included. The example inputs are kept on the module (as
-    ``_secateurs_example_inputs``) for that re-export."""
+    batch and fixed train/eval mode included. The example inputs are kept in the module's
+    ``meta`` for that re-export."""
     for node in gm.graph.nodes:
         node.type = None
     gm.recompile()
-    if _is_exported(gm):
-        gm._secateurs_example_inputs = tuple(  # type: ignore[attr-defined]
-            a.detach().clone() if isinstance(a, torch.Tensor) else a
-            for a in _as_tuple(example_inputs))
-        # each GraphModule has a class of its own: this changes how this module pickles only
-        type(gm).__reduce__ = _reduce_exported  # type: ignore[method-assign]
+    if isinstance(gm, ExportedModule):
+        gm.meta[_EXAMPLE_INPUTS] = tuple(a.detach().clone() if isinstance(a, torch.Tensor)
+                                         else a for a in _as_tuple(example_inputs))
     return gm
-
-
-def _is_exported(gm: torch.fx.GraphModule) -> bool:
-    from torch.export._unlift import _StatefulGraphModule
-
-    return isinstance(gm, _StatefulGraphModule)
 
 
 def _reduce_exported(gm: torch.fx.GraphModule) -> tuple[Any, tuple[Any, ...]]:
     import io
     import pickle
 
-    args = gm._secateurs_example_inputs  # type: ignore[attr-defined]
+    args = gm.meta.get(_EXAMPLE_INPUTS)
+    if args is None:
+        raise pickle.PicklingError(
+            "this torch.export-traced module has no example inputs to re-export it with; "
+            "save its state_dict, or torch.export it and torch.export.save the program")
     try:
         ep, _ = _export(gm, args, dynamic_batch=True)
         buffer = io.BytesIO()
