@@ -3,6 +3,7 @@ clearly, and a failed stage leaves no file behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -272,6 +273,26 @@ def test_measure_times_the_final_model_without_skip_layer_norm_fusion(post) -> N
     assert ("disabled_optimizers=['SkipLayerNormFusion']" in result.table()) == skip["disable"]
     assert json.loads(json.dumps(result.to_dict(), default=str))["stages"][-1]["details"][
         "skip_layer_norm"]["fused_ms"] == skip["fused_ms"]
+
+
+def test_the_table_says_when_int8_is_not_faster_than_its_float_input() -> None:
+    """A model this small spends more on its Q/DQ pairs than its int8 kernels save; where
+    the measured int8 model is not faster than the stage before, the table says so."""
+    from secateurs.passes.optimize import INT8_FASTER_MARGIN
+
+    x = torch.randn(2, 16, 64)
+    result = secateurs.optimize(_PostNorm(False).eval(), x, prune=0.5, quantize="int8",
+                                repeats=5)
+    q, before = result.stage("quantize"), result.stage("prune")
+    slow = q.latency_ms >= before.latency_ms * (1 - INT8_FASTER_MARGIN)
+    assert ("int8: not faster than its float input" in result.table()) == slow
+    # the rule on recorded latencies, both ways
+    for int8_ms, expect in ((1.0, True), (0.5, False)):
+        stages = tuple(dataclasses.replace(r, latency_ms=int8_ms) if r.stage == "quantize"
+                       else dataclasses.replace(r, latency_ms=1.0) for r in result.stages)
+        table = dataclasses.replace(result, stages=stages).table()
+        assert ("int8: not faster than its float input here (1.000 ms vs 1.000 ms)"
+                in table) == expect
 
 
 def test_no_stage_and_nothing_removed_are_errors(resnet_onnx, tmp_path) -> None:

@@ -113,6 +113,27 @@ class OptimizeResult:
             rows.append(row)
         return {"options": self.options, "stages": rows, "seconds": dict(self.seconds)}
 
+    def _int8_not_faster(self) -> str | None:
+        """The table's line where the int8 model is not faster than its float input (a small
+        model's Q/DQ pairs cost more than its int8 kernels save; a CPU without VNNI)."""
+        names = [r.stage for r in self.stages]
+        if "quantize" not in names:
+            return None
+        q = self.stages[names.index("quantize")]
+        before = self.stages[names.index("quantize") - 1]
+        if (q.details.get("mode") != "int8" or q.details.get("profile") != "ort"
+                or not q.latency_ms or not before.latency_ms
+                or q.latency_ms < before.latency_ms * (1 - INT8_FASTER_MARGIN)):
+            return None
+        from secateurs.passes.quantize import vnni_missing
+
+        why = ("this CPU has no VNNI/AMX int8 instructions" if vnni_missing() else
+               "the Q/DQ work around each quantized op costs what its int8 kernel saves on "
+               "a model this small")
+        return (f"int8: not faster than its float input here ({q.latency_ms:.3f} ms vs "
+                f"{before.latency_ms:.3f} ms): {why}; what it buys here is the size (where "
+                f"latency matters, ship the float model)")
+
     def table(self) -> str:
         base = self.stages[0]
         lines = [f"{'stage':<10}{'size':>11}{'x smaller':>10}{'MACs':>15}{'latency':>12}"
@@ -134,6 +155,9 @@ class OptimizeResult:
                 "sessions with it disabled (onnxruntime.InferenceSession(..., "
                 "disabled_optimizers=['SkipLayerNormFusion']); secateurs bench "
                 "--disable-optimizer SkipLayerNormFusion measures it)")
+        slow = self._int8_not_faster()
+        if slow:
+            lines.append(slow)
         quantized = next((r.details for r in self.stages if r.stage == "quantize"), {})
         if quantized.get("excluded") or quantized.get("op_types"):
             rounds = quantized.get("keep_float_rounds")
@@ -734,6 +758,7 @@ def _measure(state: _State) -> None:
             "disable": unfused < fused * (1 - SKIP_LAYER_NORM_MARGIN)}
 
 
+INT8_FASTER_MARGIN = 0.03  # int8 less than 3% faster than its float input is "not faster"
 SKIP_LAYER_NORM_FUSION = "SkipLayerNormFusion"
 SKIP_LAYER_NORM_MARGIN = 0.03  # advise turning the fusion off only past the noise
 
