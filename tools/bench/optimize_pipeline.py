@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,9 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_info  # noqa: E402
+
 from secateurs import zoo  # noqa: E402
 from secateurs.passes.optimize import optimize  # noqa: E402
 from secateurs.runtime.io import atomic_write_bytes  # noqa: E402
@@ -142,7 +144,7 @@ def main() -> None:
         print(line, file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {
-        "machine": {"cpu": platform.processor() or platform.machine(),
+        "machine": {"cpu": cpu_info(),
                     "onnxruntime": ort.__version__, "onnx": onnx.__version__,
                     "torch": torch.__version__, "threads": args.threads, "batch": 1},
         "method": __doc__, "models": {}}
