@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from machine import cpu_info  # noqa: E402  (tools/bench/machine.py)
 
 SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096)]
 BLOCKS = [16, 32, 64]
@@ -102,7 +103,7 @@ def main() -> int:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
-               "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "machine": platform.machine(), "cpu": cpu_info(), "cpus": os.cpu_count(),
                "results": rows, "crossover": crossover}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_info  # noqa: E402  (tools/bench/machine.py)
 from prune_speed import run_tp
 
 import secateurs
@@ -132,7 +133,7 @@ def main() -> int:
               f"(TP {tp_kept if tp_kept is None else round(tp_kept, 3)})  {ratio}", flush=True)
         print("   stages: " + ", ".join(f"{k} {v:.2f}" for k, v in result.report.seconds.items()),
               flush=True)
-    doc = {"machine": platform.processor() or platform.machine(), "threads": 1,
+    doc = {"machine": platform.processor() or platform.machine(), "cpu": cpu_info(), "threads": 1,
            "torch": torch.__version__, "repeats": args.repeats, "rows": rows,
            "scaling": [] if args.no_scaling else scaling(args.repeats)}
     out = Path(__file__).parent / "results" / "coverage_speed.json"

@@ -35,6 +35,8 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from machine import cpu_info  # noqa: E402  (tools/bench/machine.py)
+
 from secateurs import zoo  # noqa: E402
 from secateurs.graph.from_onnx import from_onnx  # noqa: E402
 from secateurs.passes.cost import count_macs  # noqa: E402
@@ -147,6 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: dict[str, Any] = {
+        "cpu": cpu_info(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "onnxruntime": ort.__version__, "onnx": onnx.__version__,
                     "default_round_to": ORT_ROUND_TO},

@@ -36,6 +36,8 @@ import torch.nn as nn
 from onnx import shape_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from machine import cpu_info  # noqa: E402  (tools/bench/machine.py)
+
 from secateurs.runtime.io import atomic_write_bytes  # noqa: E402
 from secateurs.runtime.onnx_export import export_onnx  # noqa: E402
 from secateurs.runtime.ort import compare  # noqa: E402
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_arch(name, build, example, Path(tmp), args.threads, args.batch,
                                       args.warmup, args.repeats))
     doc = {"benchmark": "ort_latency", "onnxruntime": ort.__version__, "torch": torch.__version__,
-           "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "machine": platform.machine(), "cpu": cpu_info(), "cpu_count": os.cpu_count(),
            "variants": {v[0]: {"width_divisor": v[1], "rounding": v[2]} for v in VARIANTS},
            "warmup": args.warmup, "repeats": args.repeats, "archs": results}
     atomic_write_bytes(args.out, (json.dumps(doc, indent=1) + "\n").encode())

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_info  # noqa: E402  (tools/bench/machine.py)
 
 import secateurs
 from secateurs import zoo
@@ -92,7 +93,7 @@ def main() -> int:
         print("   stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items()), flush=True)
     out = Path(__file__).parent / "results" / "prune_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"machine": platform.processor() or platform.machine(), "threads": 1,
+    doc = {"machine": platform.processor() or platform.machine(), "cpu": cpu_info(), "threads": 1,
            "torch": torch.__version__, "repeats": args.repeats, "rows": rows}
     out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {out}")

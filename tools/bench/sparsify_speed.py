@@ -30,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from machine import cpu_info  # noqa: E402  (tools/bench/machine.py)
 from torch import nn  # noqa: E402
 
 torch.set_num_threads(2)
@@ -281,7 +282,8 @@ def main() -> None:
     out = {"model": "all-MiniLM-L6-v2", "pattern": "2:4", "threads": torch.get_num_threads(),
            "repeats": args.repeats, "calibration_sentences": len(calib),
            "eval_sentences": len(eval_sentences()), "torch": torch.__version__,
-           "machine": platform.processor() or platform.machine(), "rows": rows}
+           "machine": platform.processor() or platform.machine(), "cpu": cpu_info(),
+           "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
