@@ -738,6 +738,42 @@ def test_optimize_keep_float_auto_follows_its_own_advice(outlier_mlp) -> None:
         optimize(model, quantize="fp16", keep_float="auto", measure=False)
 
 
+class _Chaotic(torch.nn.Module):
+    """tanh(3 * orthogonal) layers: every activation fills its int8 range (~41 dB), and each
+    layer multiplies the rounding error of the ones before it."""
+
+    def __init__(self, layers: int = 10, width: int = 64) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+        for layer in self.layers:
+            torch.nn.init.orthogonal_(layer.weight)
+            layer.weight.data *= 3.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_int8_refusal_says_when_no_activation_is_badly_ranged() -> None:
+    """The error is many moderate roundings compounding, not an outlier range: the refusal
+    names the noisiest activations but says keeping a few float may not fix it."""
+    from secateurs.errors import SecateursError
+    from secateurs.passes.optimize import NOISY_DB, optimize
+
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    model = export_onnx(_Chaotic().eval(), (x,), exporter="torchscript")
+    feeds = {model.graph.input[0].name: x.numpy()}
+    q = quantize_onnx(model, "int8", calibration=[feeds], reduce_range=False)
+    assert min(n.sqnr_db for n in activation_noise(q.model, feeds, model)) > NOISY_DB
+    with pytest.raises(SecateursError) as info:
+        optimize(model, quantize="int8", calibration=feeds, reduce_range=False, measure=False)
+    message = str(info.value)
+    assert "none is badly ranged: the error is many moderate ones adding up" in message
+    assert "outlier values" not in message and "--keep-float /" in message
+
+
 def test_keep_float_auto_gives_each_quantizer_warning_once(outlier_mlp, caplog) -> None:
     # every round quantizes again; its warnings (random calibration here) are the same each
     # time and are given once
