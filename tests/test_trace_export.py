@@ -103,6 +103,8 @@ def test_a_pruned_zoo_model_pickles(name: str, tracer: str) -> None:
     assert result.report.tracer == tracer
     back = _reloaded(result.model)
     assert torch.equal(back(*x), result.model(*x))
+    again = secateurs.apply_plan(entry.build(), x, result.plan)  # a saved plan's model too
+    assert torch.equal(_reloaded(again)(*x), result.model(*x))
     if tracer.startswith("export"):
         one = tuple(a[:1] for a in x)
         for module in (result.model, back):

@@ -856,4 +856,4 @@ def apply_plan(model: nn.Module, example_inputs: Any, plan: Plan,
                         "for another model or input shape? Make a new one with "
                         "secateurs.prune.")
     pruned = apply_plan_fx(gm, plan)
-    return pruned if inplace else unshare_tensors(pruned, model)
+    return picklable(pruned if inplace else unshare_tensors(pruned, model), example_inputs)
