@@ -462,19 +462,12 @@ def vnni_missing() -> bool:
     """Whether this is an x86-64 CPU without VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8), where
     ONNX Runtime's U8S8 kernels multiply with ``vpmaddubsw``, whose 16-bit pair sums saturate
     (255 * 127 * 2 > 32767). Read from ``/proc/cpuinfo``; ``False`` where that is absent."""
-    import platform
+    from secateurs.runtime.cpu import cpu_info
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    cpu = cpu_info()
+    if cpu.machine.lower() not in ("x86_64", "amd64") or not cpu.flags:
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
-    except OSError:
-        pass
-    return False
+    return not cpu.flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def check_disabled_optimizers(result: QuantizeResult) -> tuple[str, ...]:
