@@ -112,6 +112,22 @@ def test_a_pruned_zoo_model_pickles(name: str, tracer: str) -> None:
                 module(*one)
 
 
+def test_a_pickled_static_program_stays_static() -> None:
+    """CoaT from a batch-1 example exports at static shapes; its pickle is re-exported static
+    too (its graph has batch 1 baked in), so the reloaded program refuses batch 2 as the
+    pruned one does rather than running it."""
+    from secateurs import zoo
+
+    x = torch.randn(1, 3, 16, 16)
+    result = secateurs.prune(zoo.get("coat_conv_relpos").build(), (x,), ratio=0.3)
+    assert result.report.tracer == "export (static shapes)"
+    back = _reloaded(result.model)
+    assert torch.equal(back(x), result.model(x))
+    for module in (result.model, back):
+        with pytest.raises(Exception, match="Guard failed"):
+            module(torch.randn(2, 3, 16, 16))
+
+
 def test_optimize_an_exported_model_to_int8() -> None:
     """The pipeline's prune stage exports the pruned program to ONNX (it crashed on eval())."""
     model = _ChunkList().eval()

@@ -158,12 +158,9 @@ def save_model(model: torch.nn.Module, inputs: tuple, path: str,
         atomic_save_export(program, path)
         return note
     if isinstance(model, torch.fx.GraphModule):
-        # torch 2.13 cannot pickle a GraphModule whose placeholders carry a Tensor type
-        # annotation (the generated code imports it by a name it cannot resolve); the
-        # annotations are cosmetic, so drop them.
-        for node in model.graph.nodes:
-            node.type = None
-        model.recompile()
+        from secateurs.graph.fx_trace import picklable
+
+        picklable(model, inputs)  # prune's models are already; a GraphModule given as is too
     try:
         atomic_save_torch(model, path)
     except (AttributeError, TypeError, pickle.PicklingError) as exc:

@@ -126,6 +126,7 @@ def trace(model: nn.Module, example_inputs: Any,
         gm = ep.module()
         _inline_wrapped_regions(gm)
         _fixed_mode(gm, model.training)
+        gm.meta[_SYMBOLIC_BATCH] = bool(dynamic_batch and symbolic)  # how to re-export it
     except Exception as exc:  # noqa: BLE001 - report both failures together
         raise TraceError(
             f"cannot trace {type(model).__name__}: torch.fx.symbolic_trace failed with "
@@ -171,6 +172,7 @@ def _fixed_mode(gm: torch.fx.GraphModule, training: bool) -> None:
 
 _TRACED_TRAINING = "secateurs_traced_training"
 _EXAMPLE_INPUTS = "secateurs_example_inputs"
+_SYMBOLIC_BATCH = "secateurs_symbolic_batch"
 
 
 class ExportedModule(_StatefulGraphModule):
@@ -385,8 +387,11 @@ def _reduce_exported(gm: torch.fx.GraphModule) -> tuple[Any, tuple[Any, ...]]:
         raise pickle.PicklingError(
             "this torch.export-traced module has no example inputs to re-export it with; "
             "save its state_dict, or torch.export it and torch.export.save the program")
+    # the trace's batch rule: a program traced at static shapes is re-exported static (its
+    # graph has the example's batch baked in), a symbolic one symbolic
+    dynamic = bool(gm.meta.get(_SYMBOLIC_BATCH, False))
     try:
-        ep, _ = _export(gm, args, dynamic_batch=True)
+        ep, _ = _export(gm, args, dynamic_batch=dynamic)
         buffer = io.BytesIO()
         torch.export.save(ep, buffer)
     except Exception as exc:  # noqa: BLE001 - pickling wants a PicklingError
@@ -394,14 +399,15 @@ def _reduce_exported(gm: torch.fx.GraphModule) -> tuple[Any, tuple[Any, ...]]:
             f"cannot pickle this torch.export-traced module: re-exporting it failed "
             f"({_first_line(exc)}); save its state_dict, or torch.export it yourself and "
             f"torch.export.save the program") from exc
-    return _load_exported, (buffer.getvalue(), gm.training, args)
+    return _load_exported, (buffer.getvalue(), gm.training, args, dynamic)
 
 
-def _load_exported(archive: bytes, training: bool, example_inputs: tuple[Any, ...]
-                   ) -> torch.fx.GraphModule:
+def _load_exported(archive: bytes, training: bool, example_inputs: tuple[Any, ...],
+                   symbolic_batch: bool) -> torch.fx.GraphModule:
     """The module a pickled export-traced module was (see :func:`picklable`)."""
     import io
 
     gm = torch.export.load(io.BytesIO(archive)).module()
     _fixed_mode(gm, training)
+    gm.meta[_SYMBOLIC_BATCH] = symbolic_batch
     return picklable(gm, example_inputs)
